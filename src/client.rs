@@ -1,0 +1,104 @@
+//! The caller's side of the socket, as `tokend get` uses it: one request,
+//! one answer, with a timeout and a bound on what is read.
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::json;
+use zeroize::Zeroizing;
+
+use crate::protocol::ErrorBody;
+
+/// Answers longer than this are not tokend's.
+const MAX_ANSWER: u64 = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("tokend is not running at {} ({source})", path.display())]
+    NotRunning { path: PathBuf, source: io::Error },
+    #[error("failed to talk to tokend at {}: {source}", path.display())]
+    Io { path: PathBuf, source: io::Error },
+    #[error("tokend at {} sent an answer that is not protocol v1", .0.display())]
+    Garbled(PathBuf),
+    /// The daemon answered with an error.
+    #[error("{}", .0.message)]
+    Refused(ErrorBody),
+}
+
+/// A token as the daemon answered it. The whole answer line is kept for
+/// `--format json`.
+pub struct Token {
+    pub access_token: Zeroizing<String>,
+    pub token_type: String,
+    pub line: Zeroizing<String>,
+}
+
+/// Asks the daemon at `socket` for a token.
+pub fn get(
+    socket: &Path,
+    key: &str,
+    scopes: &[String],
+    timeout: Duration,
+) -> Result<Token, ClientError> {
+    let request = json!({"op": "get", "key": key, "scopes": scopes});
+    let line = Zeroizing::new(exchange(socket, &request.to_string(), timeout)?);
+    #[derive(Deserialize)]
+    struct Answer {
+        ok: bool,
+        access_token: Option<String>,
+        token_type: Option<String>,
+        error: Option<ErrorBody>,
+    }
+    let garbled = || ClientError::Garbled(socket.to_owned());
+    let answer: Answer = serde_json::from_str(&line).map_err(|_| garbled())?;
+    match answer {
+        Answer {
+            ok: true,
+            access_token: Some(access_token),
+            token_type,
+            ..
+        } => Ok(Token {
+            access_token: Zeroizing::new(access_token),
+            token_type: token_type.unwrap_or_else(|| "Bearer".into()),
+            line,
+        }),
+        Answer {
+            ok: false,
+            error: Some(error),
+            ..
+        } => Err(ClientError::Refused(error)),
+        _ => Err(garbled()),
+    }
+}
+
+/// Sends one request line and reads one answer line.
+fn exchange(socket: &Path, request: &str, timeout: Duration) -> Result<String, ClientError> {
+    let io_err = |source| ClientError::Io {
+        path: socket.to_owned(),
+        source,
+    };
+    let mut stream = UnixStream::connect(socket).map_err(|source| match source.kind() {
+        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => ClientError::NotRunning {
+            path: socket.to_owned(),
+            source,
+        },
+        _ => io_err(source),
+    })?;
+    stream.set_read_timeout(Some(timeout)).map_err(io_err)?;
+    stream.set_write_timeout(Some(timeout)).map_err(io_err)?;
+    stream
+        .write_all(format!("{request}\n").as_bytes())
+        .map_err(io_err)?;
+    let mut answer = String::new();
+    BufReader::new(stream.take(MAX_ANSWER))
+        .read_line(&mut answer)
+        .map_err(io_err)?;
+    if !answer.ends_with('\n') {
+        return Err(ClientError::Garbled(socket.to_owned()));
+    }
+    answer.pop();
+    Ok(answer)
+}

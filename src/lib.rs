@@ -1,0 +1,28 @@
+//! tokend holds OAuth 2.0 client credentials, keeps an access token fresh for
+//! every configured key and scope set, and hands tokens to local processes
+//! over a permission-checked Unix socket speaking line-delimited JSON.
+//!
+//! # Layout
+//! - [`config`]: the TOML file into typed, validated settings.
+//! - [`secret`]: client secrets and access tokens, wiped on drop, redacted in `Debug`.
+//! - [`scope`]: canonical scope sets.
+//! - [`issuer`]: the token-endpoint client and the parser of its answers.
+//! - [`cache`]: one token per (key, scope set), single-flight fetches.
+//! - [`protocol`]: socket protocol v1, pure encode and decode.
+//! - [`peer`]: the caller's kernel-recorded identity and the allow decision.
+//! - [`service`]: what each request means for this caller.
+//! - [`server`]: the socket, the accept loop, per-connection handlers and limits.
+//! - [`daemon`]: `tokend serve`: start-up, signals and shutdown.
+//! - [`client`]: `tokend get`'s side of the socket.
+
+pub mod cache;
+pub mod client;
+pub mod config;
+pub mod daemon;
+pub mod issuer;
+pub mod peer;
+pub mod protocol;
+pub mod scope;
+pub mod secret;
+pub mod server;
+pub mod service;

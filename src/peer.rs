@@ -1,0 +1,156 @@
+//! Who is calling: the credentials the kernel recorded when the caller
+//! connected, and the pure decision whether they may read a key.
+//!
+//! Identity comes only from `SO_PEERCRED` and `SO_PEERGROUPS`, never from
+//! a PID lookup in /proc, which a caller could race with PID reuse.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, RawFd};
+
+use nix::unistd::{Gid, Group, Uid, User};
+
+use crate::config::Acl;
+
+/// A connected caller as the kernel describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+    /// For log lines only: a PID can be reused, so it decides nothing.
+    pub pid: Option<i32>,
+    /// The primary group and every supplementary group.
+    pub gids: Vec<u32>,
+    /// The user name of `uid`, when the system knows one.
+    pub user: Option<String>,
+    /// The names of `gids` the system knows.
+    pub groups: Vec<String>,
+}
+
+/// May `caller` read a key guarded by `acl`? An empty list allows nobody,
+/// root included.
+#[must_use]
+pub fn allow(caller: &Caller, acl: &Acl) -> bool {
+    acl.uids.contains(&caller.uid)
+        || caller
+            .user
+            .as_ref()
+            .is_some_and(|name| acl.users.contains(name))
+        || caller.groups.iter().any(|name| acl.groups.contains(name))
+}
+
+/// Reads the peer's credentials from a connected Unix stream and resolves
+/// its names. The name look-ups may read /etc or ask NSS, so call this off
+/// the async runtime's worker threads.
+pub fn identify(socket: &impl AsFd) -> io::Result<Caller> {
+    let cred = nix::sys::socket::getsockopt(socket, nix::sys::socket::sockopt::PeerCredentials)
+        .map_err(io::Error::from)?;
+    let fd = socket.as_fd().as_raw_fd();
+    let (uid, gid) = (cred.uid(), cred.gid());
+    let mut gids = peer_groups(fd)?;
+    gids.push(gid);
+    gids.sort_unstable();
+    gids.dedup();
+    let user = User::from_uid(Uid::from_raw(uid))
+        .ok()
+        .flatten()
+        .map(|u| u.name);
+    let groups = gids
+        .iter()
+        .filter_map(|&g| Group::from_gid(Gid::from_raw(g)).ok().flatten())
+        .map(|g| g.name)
+        .collect();
+    Ok(Caller {
+        uid,
+        gid,
+        pid: (cred.pid() > 0).then_some(cred.pid()),
+        gids,
+        user,
+        groups,
+    })
+}
+
+/// The supplementary groups the peer had when it connected (Linux 4.13+).
+fn peer_groups(fd: RawFd) -> io::Result<Vec<u32>> {
+    const GID_SIZE: usize = std::mem::size_of::<libc::gid_t>();
+    let mut groups: Vec<libc::gid_t> = vec![0; 32];
+    // The kernel caps supplementary groups at NGROUPS_MAX (65536), so one
+    // retry with the size it reports is enough; three bound the loop anyway.
+    for _ in 0..3 {
+        let mut len = (groups.len() * GID_SIZE) as libc::socklen_t;
+        // SAFETY: `groups` is a live buffer of `len` bytes that the kernel
+        // fills with gid_t values and `len` reports how many bytes it wrote.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_PEERGROUPS,
+                groups.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        if rc == 0 {
+            groups.truncate(len as usize / GID_SIZE);
+            return Ok(groups);
+        }
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::ERANGE) {
+            return Err(err);
+        }
+        groups.resize(len as usize / GID_SIZE + 1, 0);
+    }
+    Err(io::Error::other("SO_PEERGROUPS kept growing"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn caller(uid: u32, user: Option<&str>, groups: &[&str]) -> Caller {
+        Caller {
+            uid,
+            gid: uid,
+            pid: Some(1),
+            gids: vec![uid],
+            user: user.map(str::to_owned),
+            groups: groups.iter().map(|g| g.to_string()).collect(),
+        }
+    }
+
+    fn acl(uids: &[u32], users: &[&str], groups: &[&str]) -> Acl {
+        Acl {
+            uids: uids.to_vec(),
+            users: users.iter().map(|u| u.to_string()).collect(),
+            groups: groups.iter().map(|g| g.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn empty_acl_allows_nobody_not_even_root() {
+        assert!(!allow(&caller(0, Some("root"), &["root"]), &Acl::default()));
+    }
+
+    #[test]
+    fn each_list_grants_on_its_own() {
+        let alice = caller(1001, Some("alice"), &["alice", "billing"]);
+        assert!(allow(&alice, &acl(&[1001], &[], &[])));
+        assert!(allow(&alice, &acl(&[], &["alice"], &[])));
+        assert!(allow(&alice, &acl(&[], &[], &["billing"])));
+        assert!(!allow(&alice, &acl(&[1002], &["bob"], &["ops"])));
+    }
+
+    #[test]
+    fn unnamed_caller_is_matched_by_uid_only() {
+        let ghost = caller(4242, None, &[]);
+        assert!(!allow(&ghost, &acl(&[], &["4242"], &["4242"])));
+        assert!(allow(&ghost, &acl(&[4242], &[], &[])));
+    }
+
+    #[test]
+    fn identifies_the_peer_of_a_socketpair() {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let me = identify(&a).unwrap();
+        assert_eq!(me.uid, nix::unistd::getuid().as_raw());
+        assert_eq!(me.pid, Some(std::process::id() as i32));
+        assert!(me.gids.contains(&nix::unistd::getgid().as_raw()));
+    }
+}

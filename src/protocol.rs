@@ -1,0 +1,483 @@
+//! Socket protocol v1: one JSON object per line in, one per line out.
+//!
+//! This module is pure: it turns request bytes into a [`Request`] and a
+//! [`Response`] into bytes. It knows nothing of sockets, caches or callers,
+//! so the daemon and `tokend get` share it and tests feed it byte literals.
+
+use std::fmt;
+
+use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde::{Deserialize, Serialize, Serializer};
+use serde_json::{Map, Value};
+
+use crate::secret::AccessToken;
+
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// A parsed request line. `id` is whatever JSON the caller sent, echoed back.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Request {
+    pub id: Option<Value>,
+    pub op: Op,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Op {
+    Ping,
+    /// `scopes` exactly as sent: canonicalising and checking them against
+    /// the key is the server's job.
+    Get {
+        key: String,
+        scopes: Vec<String>,
+    },
+    Keys,
+    Status,
+}
+
+/// The error codes of protocol v1. Callers match on these strings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    BadRequest,
+    UnknownOp,
+    UnknownKey,
+    Forbidden,
+    ScopeNotAllowed,
+    Unavailable,
+    TooLarge,
+    Busy,
+}
+
+/// An error answer's body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl ErrorBody {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> ErrorBody {
+        ErrorBody {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// A request that could not be turned into a [`Request`]. `id` is set when
+/// the line was a JSON object carrying one, so even errors can be matched to
+/// what the caller sent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecodeError {
+    pub id: Option<Value>,
+    pub error: ErrorBody,
+}
+
+/// One answer. The success bodies are flattened next to `"ok": true`.
+#[derive(Debug)]
+pub enum Response {
+    Pong,
+    Token(TokenAnswer),
+    Keys(Vec<KeyInfo>),
+    Status(Vec<KeyStatus>),
+    Error(ErrorBody),
+}
+
+#[derive(Debug, Serialize)]
+pub struct TokenAnswer {
+    pub key: String,
+    #[serde(serialize_with = "expose_token")]
+    pub access_token: AccessToken,
+    pub token_type: String,
+    pub expires_in: u64,
+    pub expires_at: String,
+    pub scopes: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct KeyInfo {
+    pub name: String,
+    pub scopes: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct KeyStatus {
+    pub name: String,
+    pub sets: Vec<SetStatus>,
+}
+
+/// The state of one cached (key, scope set). Never a token or a secret.
+#[derive(Debug, Serialize)]
+pub struct SetStatus {
+    pub scopes: Vec<String>,
+    /// `fresh`, `expired`, `fetching` or `failed`.
+    pub state: &'static str,
+    pub fetching: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_in: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_refresh: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+fn expose_token<S: Serializer>(token: &AccessToken, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(token.expose())
+}
+
+/// Parses one request line (without its `\n`; a trailing `\r` is ignored).
+pub fn decode(line: &[u8]) -> Result<Request, DecodeError> {
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let bad = |message: String| DecodeError {
+        id: None,
+        error: ErrorBody::new(ErrorCode::BadRequest, message),
+    };
+    if line.iter().all(u8::is_ascii_whitespace) {
+        return Err(bad("empty request: send one JSON object per line".into()));
+    }
+    let text = std::str::from_utf8(line).map_err(|e| {
+        bad(format!(
+            "request is not UTF-8 (bad byte at offset {})",
+            e.valid_up_to()
+        ))
+    })?;
+    // serde_json's own errors name only a position, never the input, so
+    // they are safe to send back.
+    let StrictValue(value) =
+        serde_json::from_str(text).map_err(|e| bad(format!("request is not valid JSON: {e}")))?;
+    let Value::Object(fields) = value else {
+        return Err(bad("request must be a JSON object".into()));
+    };
+    let id = fields.get("id").cloned();
+    interpret(&fields)
+        .map_err(|error| DecodeError {
+            id: id.clone(),
+            error,
+        })
+        .map(|op| Request { id, op })
+}
+
+fn interpret(fields: &Map<String, Value>) -> Result<Op, ErrorBody> {
+    let bad = |message: String| ErrorBody::new(ErrorCode::BadRequest, message);
+    let op = match fields.get("op") {
+        Some(Value::String(op)) => op.as_str(),
+        Some(_) => return Err(bad("field `op` must be a string".into())),
+        None => return Err(bad("missing field `op`".into())),
+    };
+    let allowed: &[&str] = match op {
+        "ping" | "keys" | "status" => &["op", "id"],
+        "get" => &["op", "id", "key", "scopes"],
+        _ => {
+            return Err(ErrorBody::new(
+                ErrorCode::UnknownOp,
+                format!(
+                    "unknown op {:?}: expected ping, get, keys or status",
+                    clip(op)
+                ),
+            ))
+        }
+    };
+    if let Some(extra) = fields.keys().find(|k| !allowed.contains(&k.as_str())) {
+        return Err(bad(format!(
+            "unknown field {:?} for op {op:?}",
+            clip(extra)
+        )));
+    }
+    Ok(match op {
+        "ping" => Op::Ping,
+        "keys" => Op::Keys,
+        "status" => Op::Status,
+        _ => Op::Get {
+            key: match fields.get("key") {
+                Some(Value::String(key)) => key.clone(),
+                Some(_) => return Err(bad("field `key` must be a string".into())),
+                None => return Err(bad("missing field `key`".into())),
+            },
+            scopes: scopes_field(fields.get("scopes"))?,
+        },
+    })
+}
+
+fn scopes_field(value: Option<&Value>) -> Result<Vec<String>, ErrorBody> {
+    let bad = || {
+        ErrorBody::new(
+            ErrorCode::BadRequest,
+            "field `scopes` must be an array of strings",
+        )
+    };
+    match value {
+        None => Ok(Vec::new()),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|item| item.as_str().map(str::to_owned).ok_or_else(bad))
+            .collect(),
+        Some(_) => Err(bad()),
+    }
+}
+
+/// Caller-supplied text quoted in an error: bounded so an answer never
+/// grows with the request.
+fn clip(s: &str) -> &str {
+    match s.char_indices().nth(64) {
+        Some((end, _)) => &s[..end],
+        None => s,
+    }
+}
+
+/// Serialises one answer as a line, `\n` included.
+pub fn encode(id: Option<&Value>, response: &Response) -> Vec<u8> {
+    #[derive(Serialize)]
+    struct Envelope<'a, T: Serialize> {
+        ok: bool,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<&'a Value>,
+        #[serde(flatten)]
+        body: T,
+    }
+    #[derive(Serialize)]
+    struct Pong {
+        protocol: u32,
+    }
+    #[derive(Serialize)]
+    struct Keys<'a, T> {
+        keys: &'a [T],
+    }
+    #[derive(Serialize)]
+    struct Failure<'a> {
+        error: &'a ErrorBody,
+    }
+    fn line<T: Serialize>(ok: bool, id: Option<&Value>, body: T) -> Vec<u8> {
+        let mut out = serde_json::to_vec(&Envelope { ok, id, body })
+            // Every type here serialises to a JSON object with string keys;
+            // serde_json can only fail on non-string map keys or a failing
+            // Serialize impl, neither of which exists here.
+            .unwrap_or_else(|_| br#"{"ok":false,"error":{"code":"bad_request","message":"internal encoding error"}}"#.to_vec());
+        out.push(b'\n');
+        out
+    }
+    match response {
+        Response::Pong => line(
+            true,
+            id,
+            Pong {
+                protocol: PROTOCOL_VERSION,
+            },
+        ),
+        Response::Token(answer) => line(true, id, answer),
+        Response::Keys(keys) => line(true, id, Keys { keys }),
+        Response::Status(keys) => line(true, id, Keys { keys }),
+        Response::Error(error) => line(false, id, Failure { error }),
+    }
+}
+
+/// A JSON value parsed with one rule serde_json leaves out: an object may
+/// not name a field twice. Depth is still bounded by serde_json's own
+/// recursion limit.
+struct StrictValue(Value);
+
+impl<'de> Deserialize<'de> for StrictValue {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(StrictVisitor).map(StrictValue)
+    }
+}
+
+struct StrictVisitor;
+
+impl<'de> Visitor<'de> for StrictVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Value, E> {
+        serde_json::Number::from_f64(v)
+            .map(Value::Number)
+            .ok_or_else(|| E::custom("number out of range"))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(StrictValue(item)) = seq.next_element()? {
+            items.push(item);
+        }
+        Ok(Value::Array(items))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut fields = Map::new();
+        while let Some(name) = map.next_key::<String>()? {
+            if fields.contains_key(&name) {
+                return Err(de::Error::custom(format_args!(
+                    "duplicate field {:?}",
+                    clip(&name)
+                )));
+            }
+            let StrictValue(value) = map.next_value()?;
+            fields.insert(name, value);
+        }
+        Ok(Value::Object(fields))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn code(line: &[u8]) -> ErrorCode {
+        decode(line).unwrap_err().error.code
+    }
+
+    #[test]
+    fn decodes_each_op() {
+        assert_eq!(decode(br#"{"op":"ping"}"#).unwrap().op, Op::Ping);
+        assert_eq!(decode(br#"{"op":"keys"}"#).unwrap().op, Op::Keys);
+        assert_eq!(decode(br#"{"op":"status"}"#).unwrap().op, Op::Status);
+        let get = decode(br#"{"op":"get","key":"payments","scopes":["vault","gateway"],"id":7}"#)
+            .unwrap();
+        assert_eq!(get.id, Some(json!(7)));
+        assert_eq!(
+            get.op,
+            Op::Get {
+                key: "payments".into(),
+                scopes: vec!["vault".into(), "gateway".into()]
+            }
+        );
+        let no_scopes = decode(b"{\"op\":\"get\",\"key\":\"k\"}\r").unwrap();
+        assert_eq!(
+            no_scopes.op,
+            Op::Get {
+                key: "k".into(),
+                scopes: vec![]
+            }
+        );
+    }
+
+    #[test]
+    fn any_json_id_is_kept() {
+        for id in [
+            json!("abc"),
+            json!(-3),
+            json!(u64::MAX),
+            json!(1.5),
+            json!({"a":[1,null]}),
+            json!(null),
+        ] {
+            let line = serde_json::to_vec(&json!({"op":"ping","id":id})).unwrap();
+            assert_eq!(decode(&line).unwrap().id, Some(id));
+        }
+    }
+
+    #[test]
+    fn malformed_lines_are_bad_requests() {
+        for line in [
+            &b""[..],
+            b"   ",
+            b"not json",
+            b"\xff\xfe{}",
+            b"{\"op\":\"ping\"\x00}",
+            b"[1,2]",
+            b"\"ping\"",
+            br#"{"op":7}"#,
+            br#"{"id":1}"#,
+            br#"{"op":"get"}"#,
+            br#"{"op":"get","key":5}"#,
+            br#"{"op":"get","key":"k","scopes":"vault"}"#,
+            br#"{"op":"get","key":"k","scopes":[1]}"#,
+            br#"{"op":"get","key":"k","scope":["vault"]}"#,
+            br#"{"op":"ping","op":"ping"}"#,
+            br#"{"op":"ping","id":{"a":1,"a":2}}"#,
+            br#"{"op":"ping","id":1e999}"#,
+            br#"{"op":"ping"} trailing"#,
+        ] {
+            assert_eq!(
+                code(line),
+                ErrorCode::BadRequest,
+                "{}",
+                String::from_utf8_lossy(line)
+            );
+        }
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_without_recursing() {
+        let line = vec![b'['; 100_000];
+        assert_eq!(code(&line), ErrorCode::BadRequest);
+    }
+
+    #[test]
+    fn unknown_op_keeps_the_id() {
+        let err = decode(br#"{"op":"fly","id":"x1"}"#).unwrap_err();
+        assert_eq!(err.error.code, ErrorCode::UnknownOp);
+        assert_eq!(err.id, Some(json!("x1")));
+        let err = decode(br#"{"op":"get","id":[2]}"#).unwrap_err();
+        assert_eq!(err.id, Some(json!([2])));
+    }
+
+    #[test]
+    fn error_text_does_not_echo_long_input() {
+        let long = "x".repeat(10_000);
+        let line = format!(r#"{{"op":"{long}"}}"#);
+        let err = decode(line.as_bytes()).unwrap_err();
+        assert!(err.error.message.len() < 200, "{}", err.error.message);
+    }
+
+    #[test]
+    fn encodes_answers_as_one_line() {
+        let id = json!(3);
+        assert_eq!(
+            encode(Some(&id), &Response::Pong),
+            b"{\"ok\":true,\"id\":3,\"protocol\":1}\n"
+        );
+        let err = encode(
+            None,
+            &Response::Error(ErrorBody::new(ErrorCode::ScopeNotAllowed, "no")),
+        );
+        assert_eq!(
+            err,
+            b"{\"ok\":false,\"error\":{\"code\":\"scope_not_allowed\",\"message\":\"no\"}}\n"
+        );
+        let token = Response::Token(TokenAnswer {
+            key: "payments".into(),
+            access_token: AccessToken::new("tok".into()),
+            token_type: "Bearer".into(),
+            expires_in: 10,
+            expires_at: "2026-11-25T10:00:00Z".into(),
+            scopes: vec!["gateway".into()],
+        });
+        let value: Value = serde_json::from_slice(&encode(None, &token)).unwrap();
+        assert_eq!(
+            value,
+            json!({"ok":true,"key":"payments","access_token":"tok","token_type":"Bearer",
+                   "expires_in":10,"expires_at":"2026-11-25T10:00:00Z","scopes":["gateway"]})
+        );
+        assert!(!format!("{token:?}").contains("tok\""));
+    }
+}

@@ -1,0 +1,197 @@
+//! What each request means: decoding it, deciding whether this caller may
+//! have what it asks for, and turning cache results into answers.
+//!
+//! Every token handout and every denial is logged here, with the key, the
+//! scope set and the caller's uid and pid, and never the token.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use serde_json::Value;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::cache::{GetError, TokenCache};
+use crate::config::{Config, KeyConfig};
+use crate::peer::{self, Caller};
+use crate::protocol::{
+    self, ErrorBody, ErrorCode, KeyInfo, KeyStatus, Op, Response, SetStatus, TokenAnswer,
+};
+use crate::scope::ScopeSet;
+
+/// The daemon's answering logic over its configuration and cache.
+pub struct Service {
+    config: Arc<Config>,
+    cache: TokenCache,
+    /// Cancelled at the shutdown deadline: a get still waiting on the
+    /// issuer then is answered `unavailable` rather than left hanging.
+    deadline: CancellationToken,
+}
+
+impl Service {
+    pub fn new(config: Arc<Config>, cache: TokenCache, deadline: CancellationToken) -> Service {
+        Service {
+            config,
+            cache,
+            deadline,
+        }
+    }
+
+    pub fn cache(&self) -> &TokenCache {
+        &self.cache
+    }
+
+    /// Answers one request line with one answer line.
+    pub async fn answer(&self, caller: &Caller, line: &[u8]) -> Vec<u8> {
+        let request = match protocol::decode(line) {
+            Ok(request) => request,
+            Err(e) => {
+                tracing::debug!(peer_uid = caller.uid, "bad request: {}", e.error.message);
+                return protocol::encode(e.id.as_ref(), &Response::Error(e.error));
+            }
+        };
+        let response = match request.op {
+            Op::Ping => Response::Pong,
+            Op::Keys => Response::Keys(self.keys(caller)),
+            Op::Status => Response::Status(self.status(caller)),
+            Op::Get { key, scopes } => {
+                match self.get(caller, &key, scopes, request.id.as_ref()).await {
+                    Ok(answer) => Response::Token(answer),
+                    Err(error) => Response::Error(error),
+                }
+            }
+        };
+        protocol::encode(request.id.as_ref(), &response)
+    }
+
+    fn readable<'a>(
+        &'a self,
+        caller: &'a Caller,
+    ) -> impl Iterator<Item = (&'a String, &'a KeyConfig)> {
+        self.config
+            .keys
+            .iter()
+            .filter(move |(_, key)| peer::allow(caller, &key.acl))
+    }
+
+    fn keys(&self, caller: &Caller) -> Vec<KeyInfo> {
+        self.readable(caller)
+            .map(|(name, key)| KeyInfo {
+                name: name.clone(),
+                scopes: key
+                    .scopes
+                    .as_ref()
+                    .map(|s| s.as_slice().to_vec())
+                    .unwrap_or_default(),
+            })
+            .collect()
+    }
+
+    fn status(&self, caller: &Caller) -> Vec<KeyStatus> {
+        self.readable(caller)
+            .map(|(name, _)| KeyStatus {
+                name: name.clone(),
+                sets: self
+                    .cache
+                    .status(name)
+                    .into_iter()
+                    .map(set_status)
+                    .collect(),
+            })
+            .collect()
+    }
+
+    async fn get(
+        &self,
+        caller: &Caller,
+        name: &str,
+        scopes: Vec<String>,
+        id: Option<&Value>,
+    ) -> Result<TokenAnswer, ErrorBody> {
+        let _ = id;
+        let Some(key) = self.config.keys.get(name) else {
+            tracing::info!(
+                key = name,
+                peer_uid = caller.uid,
+                peer_pid = caller.pid,
+                "denied: no such key"
+            );
+            return Err(ErrorBody::new(
+                ErrorCode::UnknownKey,
+                format!("no key named {name:?}"),
+            ));
+        };
+        if !peer::allow(caller, &key.acl) {
+            tracing::info!(
+                key = name,
+                peer_uid = caller.uid,
+                peer_pid = caller.pid,
+                "denied: caller is not on the key's allow lists"
+            );
+            return Err(ErrorBody::new(
+                ErrorCode::Forbidden,
+                format!("uid {} may not read key {name:?}", caller.uid),
+            ));
+        }
+        let scopes = ScopeSet::new(scopes)
+            .map_err(|e| ErrorBody::new(ErrorCode::BadRequest, e.to_string()))?;
+        let outside = key.scopes_not_allowed(&scopes);
+        if !outside.is_empty() {
+            tracing::info!(key = name, scopes = %scopes, peer_uid = caller.uid, peer_pid = caller.pid, "denied: scopes not allowed");
+            return Err(ErrorBody::new(
+                ErrorCode::ScopeNotAllowed,
+                format!("key {name:?} does not allow scopes {outside:?}"),
+            ));
+        }
+        let token = tokio::select! {
+            token = self.cache.get(name, &scopes) => token,
+            () = self.deadline.cancelled() => Err(GetError::ShuttingDown),
+        };
+        let token = token.map_err(|e| {
+            tracing::info!(key = name, scopes = %scopes, peer_uid = caller.uid, peer_pid = caller.pid, "no token to hand out: {e}");
+            let code = match e {
+                GetError::UnknownKey(_) => ErrorCode::UnknownKey,
+                GetError::Unavailable(_) | GetError::ShuttingDown => ErrorCode::Unavailable,
+            };
+            ErrorBody::new(code, e.to_string())
+        })?;
+        let remaining = token.remaining(Instant::now());
+        tracing::info!(key = name, scopes = %scopes, peer_uid = caller.uid, peer_pid = caller.pid, expires_in = remaining.as_secs(), "handed out a token");
+        Ok(TokenAnswer {
+            key: name.to_owned(),
+            access_token: token.access_token.clone(),
+            token_type: token.token_type.clone(),
+            expires_in: remaining.as_secs(),
+            expires_at: rfc3339(token.expires_at),
+            scopes: token.scopes.as_slice().to_vec(),
+        })
+    }
+}
+
+fn set_status(entry: crate::cache::EntryStatus) -> SetStatus {
+    let state = match (
+        entry.usable,
+        entry.fetching,
+        entry.expires_at,
+        &entry.last_error,
+    ) {
+        (true, _, _, _) => "fresh",
+        (false, true, _, _) => "fetching",
+        (false, false, Some(_), _) => "expired",
+        (false, false, None, _) => "failed",
+    };
+    SetStatus {
+        scopes: entry.scopes.as_slice().to_vec(),
+        state,
+        fetching: entry.fetching,
+        expires_at: entry.expires_at.map(rfc3339),
+        expires_in: entry.remaining.map(|r| r.as_secs()),
+        last_refresh: entry.last_refresh.map(rfc3339),
+        last_error: entry.last_error,
+    }
+}
+
+/// `2026-11-25T10:00:00Z`: whole seconds, UTC.
+pub fn rfc3339(time: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(time).to_string()
+}

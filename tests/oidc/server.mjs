@@ -1,0 +1,125 @@
+// oidc-provider based OAuth 2.0 authorization server for tokend interop tests.
+//
+// Usage: node server.mjs [PORT]        (PORT 0 or absent = pick a free port)
+//
+// Prints exactly one line to stdout once listening:  READY http://127.0.0.1:PORT
+// Everything else (oidc-provider notices, errors) goes to stderr.
+// Exits when stdin reaches EOF/closes, or on SIGTERM/SIGINT/SIGHUP, so a test
+// harness that dies (and thereby closes our stdin pipe) does not leak us.
+
+import { generateKeyPairSync } from 'node:crypto';
+import http from 'node:http';
+
+// oidc-provider writes some notices with console.info (stdout). stdout is
+// reserved for the READY line, so route every console output to stderr.
+for (const name of ['log', 'info', 'debug']) {
+  // eslint-disable-next-line no-console
+  console[name] = (...args) => console.error(...args);
+}
+
+const { default: Provider, errors } = await import('oidc-provider');
+
+const HOST = '127.0.0.1';
+const RESOURCE = 'urn:tokend:test';
+const RESOURCE_SCOPES = 'gateway vault fx';
+const ACCESS_TOKEN_TTL = 300;
+
+let server;
+let exiting = false;
+function shutdown(reason, code = 0) {
+  if (exiting) return;
+  exiting = true;
+  process.stderr.write(`oidc server: exiting (${reason})\n`);
+  if (server) {
+    server.closeAllConnections?.();
+    server.close();
+  }
+  // Do not wait for keep-alive sockets or anything else.
+  setImmediate(() => process.exit(code));
+}
+
+for (const sig of ['SIGTERM', 'SIGINT', 'SIGHUP']) {
+  process.on(sig, () => shutdown(sig));
+}
+process.stdin.on('end', () => shutdown('stdin EOF'));
+process.stdin.on('close', () => shutdown('stdin closed'));
+process.stdin.on('error', () => shutdown('stdin error'));
+process.stdin.resume(); // consume (and discard) anything written to stdin
+
+const portArg = process.argv[2] ?? '0';
+const port = Number(portArg);
+if (!Number.isInteger(port) || port < 0 || port > 65535) {
+  process.stderr.write(`oidc server: invalid port ${JSON.stringify(portArg)}\n`);
+  process.exit(2);
+}
+
+// Listen first so that the issuer can contain the real port when port 0 is used.
+let handler = (_req, res) => {
+  res.statusCode = 503;
+  res.end();
+};
+server = http.createServer((req, res) => handler(req, res));
+server.on('error', (err) => {
+  process.stderr.write(`oidc server: ${err.stack || err}\n`);
+  shutdown('server error', 1);
+});
+await new Promise((resolve) => server.listen(port, HOST, resolve));
+const issuer = `http://${HOST}:${server.address().port}`;
+
+// Fresh signing key per run (avoids the "development-only signing keys" path).
+const { privateKey } = generateKeyPairSync('rsa', { modulusLength: 2048 });
+const signingJwk = { ...privateKey.export({ format: 'jwk' }), kid: 'tokend-test-rs256', use: 'sig', alg: 'RS256' };
+
+const client = (client_id, client_secret, scope, method = 'client_secret_basic') => ({
+  client_id,
+  client_secret,
+  scope,
+  token_endpoint_auth_method: method,
+  grant_types: ['client_credentials'],
+  response_types: [],
+  redirect_uris: [],
+});
+
+const configuration = {
+  clients: [
+    client('tokend-plain', 'plain-secret-0123456789', 'gateway vault fx'),
+    client('tok:en+d%id with/space', 's3cr:et+with%percent and/slash', 'gateway vault'),
+    client('tokend-narrow', 'narrow-secret-42', 'gateway'),
+    client('tokend-post', 'post-secret-7', 'gateway', 'client_secret_post'),
+  ],
+  // Scopes listed here are "static": a client asking for one that is not in
+  // its own `scope` metadata gets invalid_scope. Unknown scopes are dropped.
+  scopes: ['openid', 'offline_access', ...RESOURCE_SCOPES.split(' ')],
+  jwks: { keys: [signingJwk] },
+  cookies: { keys: ['tokend-test-only-cookie-key'] }, // silences a warning; cookies are unused
+  ttl: { ClientCredentials: ACCESS_TOKEN_TTL },
+  features: {
+    devInteractions: { enabled: false },
+    clientCredentials: { enabled: true },
+    resourceIndicators: {
+      enabled: true,
+      // Requests without a `resource` parameter get tokens for RESOURCE.
+      defaultResource: () => RESOURCE,
+      getResourceServerInfo: (_ctx, resourceIndicator) => {
+        if (resourceIndicator !== RESOURCE) {
+          throw new errors.InvalidTarget();
+        }
+        return {
+          scope: RESOURCE_SCOPES,
+          audience: RESOURCE,
+          accessTokenTTL: ACCESS_TOKEN_TTL,
+          accessTokenFormat: 'jwt',
+          jwt: { sign: { alg: 'RS256' } },
+        };
+      },
+    },
+  },
+};
+
+const provider = new Provider(issuer, configuration);
+provider.on('server_error', (_ctx, err) => {
+  process.stderr.write(`oidc server: server_error: ${err.stack || err}\n`);
+});
+handler = provider.callback();
+
+process.stdout.write(`READY ${issuer}\n`);
