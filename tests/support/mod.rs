@@ -1,6 +1,5 @@
-//! Shared support for the integration tests: the loopback authorization
-//! server ([`issuer`]). Each test crate uses a different subset of the
-//! helpers, so unused ones must not warn.
+//! Test support: the loopback issuer and the daemon harness.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod daemon;
 pub mod issuer;

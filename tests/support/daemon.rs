@@ -1,0 +1,317 @@
+//! Runs the real `tokend` binary for integration tests.
+//!
+//! [`Daemon::start`] writes a config into a fresh temporary directory,
+//! starts `tokend serve` on it and waits for its "listening" log line (an
+//! event, not a sleep). Its stderr is collected; on drop the daemon is
+//! killed and, if the test is failing, its log is printed. [`Conn`] speaks
+//! the line protocol over the real socket. [`as_user`] runs a command under
+//! another uid, with that user's groups, as a real foreign caller.
+#![allow(dead_code, unreachable_pub)]
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader as AsyncBufReader};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::UnixStream;
+
+pub const TOKEND: &str = env!("CARGO_BIN_EXE_tokend");
+
+/// How long a test waits for any one event before it fails.
+pub const PATIENCE: Duration = Duration::from_secs(15);
+
+#[derive(Default)]
+struct Log {
+    text: Mutex<String>,
+    grew: Condvar,
+}
+
+pub struct Daemon {
+    child: Option<Child>,
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    pub config_path: PathBuf,
+    log: Arc<Log>,
+}
+
+impl Daemon {
+    /// Starts tokend with `keys` (TOML `[keys.*]` tables) and `daemon`
+    /// (extra `[daemon]` lines; the socket is set here).
+    pub fn start(daemon: &str, keys: &str) -> Daemon {
+        let dir = tempfile::tempdir().expect("temp dir");
+        // Foreign callers must be able to reach the socket inside.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod dir");
+        let socket = dir.path().join("tokend.sock");
+        let config_path = dir.path().join("tokend.toml");
+        let text = format!(
+            "[daemon]\nsocket = {:?}\n{daemon}\n\n{keys}\n",
+            socket.display().to_string()
+        );
+        write_private(&config_path, &text);
+        Daemon::start_with_config(dir, socket, config_path)
+    }
+
+    fn start_with_config(dir: tempfile::TempDir, socket: PathBuf, config_path: PathBuf) -> Daemon {
+        let mut child = Command::new(TOKEND)
+            .args(["serve", "--config"])
+            .arg(&config_path)
+            .env("RUST_LOG", "tokend=trace,info")
+            .env_remove("NOTIFY_SOCKET")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("failed to start tokend");
+        let log = Arc::new(Log::default());
+        let stderr = child.stderr.take().expect("piped stderr");
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let mut text = sink.text.lock().expect("log lock");
+                text.push_str(&line);
+                text.push('\n');
+                sink.grew.notify_all();
+            }
+        });
+        let mut daemon = Daemon {
+            child: Some(child),
+            dir,
+            socket,
+            config_path,
+            log,
+        };
+        daemon.wait_for_log(" listening ");
+        daemon
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    pub fn log(&self) -> String {
+        self.log.text.lock().expect("log lock").clone()
+    }
+
+    /// Blocks until the log contains `needle`; panics with the log after
+    /// [`PATIENCE`], or if the daemon exits first.
+    pub fn wait_for_log(&mut self, needle: &str) -> String {
+        let deadline = Instant::now() + PATIENCE;
+        let mut text = self.log.text.lock().expect("log lock");
+        loop {
+            if text.contains(needle) {
+                return text.clone();
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                panic!("tokend did not log {needle:?} within {PATIENCE:?}; log:\n{text}");
+            }
+            let exited = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            if let Some(status) = exited {
+                drop(text);
+                std::thread::sleep(Duration::from_millis(50)); // let the reader drain
+                panic!(
+                    "tokend exited ({status}) before logging {needle:?}; log:\n{}",
+                    self.log()
+                );
+            }
+            // Wake on each new line, and now and then to notice an exit.
+            let wait = (deadline - now).min(Duration::from_millis(200));
+            text = self.log.grew.wait_timeout(text, wait).expect("log lock").0;
+        }
+    }
+
+    pub async fn connect(&self) -> Conn {
+        Conn::open(&self.socket).await
+    }
+
+    /// One request on a fresh connection.
+    pub async fn call(&self, request: Value) -> Value {
+        self.connect().await.call(request).await
+    }
+
+    /// Sends `signal` and waits for the exit.
+    pub fn signal_and_wait(&mut self, signal: i32) -> (ExitStatus, Duration) {
+        let mut child = self.child.take().expect("running");
+        let sent = Instant::now();
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(child.id() as i32, signal) };
+        let status = child.wait().expect("wait for tokend");
+        (status, sent.elapsed())
+    }
+
+    /// Stops the daemon with SIGTERM, asserts a clean exit, and asserts its
+    /// log holds none of `secrets` (client secrets and tokens the test used).
+    pub fn stop_and_check_log<S: AsRef<str>>(mut self, secrets: &[S]) {
+        let (status, took) = self.signal_and_wait(libc::SIGTERM);
+        assert!(
+            status.success(),
+            "tokend exited with {status}; log:\n{}",
+            self.log()
+        );
+        assert!(
+            took < Duration::from_secs(5),
+            "tokend took {took:?} to stop"
+        );
+        // The reader thread may still hold the last lines for a moment.
+        std::thread::sleep(Duration::from_millis(100));
+        assert_log_clean(&self.log(), secrets);
+    }
+}
+
+pub fn assert_log_clean<S: AsRef<str>>(log: &str, secrets: &[S]) {
+    assert!(
+        !secrets.is_empty(),
+        "a log check needs something to look for"
+    );
+    for secret in secrets {
+        let secret = secret.as_ref();
+        assert!(!secret.is_empty());
+        assert!(
+            !log.contains(secret),
+            "the daemon's log contains a secret or token ({} bytes)",
+            secret.len()
+        );
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "---- tokend log ----\n{}---- end of tokend log ----",
+                self.log()
+            );
+        }
+    }
+}
+
+/// Writes `text` to `path` with mode 0600.
+pub fn write_private(path: &Path, text: &str) {
+    std::fs::write(path, text).expect("write file");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).expect("chmod file");
+}
+
+/// A client connection speaking protocol v1.
+pub struct Conn {
+    reader: AsyncBufReader<OwnedReadHalf>,
+    pub writer: OwnedWriteHalf,
+}
+
+impl Conn {
+    pub async fn open(socket: &Path) -> Conn {
+        let stream = UnixStream::connect(socket)
+            .await
+            .expect("connect to tokend");
+        let (read, writer) = stream.into_split();
+        Conn {
+            reader: AsyncBufReader::new(read),
+            writer,
+        }
+    }
+
+    pub async fn send_raw(&mut self, bytes: &[u8]) {
+        self.writer.write_all(bytes).await.expect("write to tokend");
+    }
+
+    /// The next answer line, parsed; panics on EOF or after [`PATIENCE`].
+    pub async fn recv(&mut self) -> Value {
+        let line = self
+            .recv_line()
+            .await
+            .expect("tokend closed the connection");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("answer is not JSON ({e}): {line:?}"))
+    }
+
+    /// The next raw line, or `None` at EOF.
+    pub async fn recv_line(&mut self) -> Option<String> {
+        let mut line = String::new();
+        let n = tokio::time::timeout(PATIENCE, self.reader.read_line(&mut line))
+            .await
+            .expect("no answer from tokend in time")
+            .expect("read from tokend");
+        (n > 0).then_some(line)
+    }
+
+    pub async fn call(&mut self, request: Value) -> Value {
+        let mut line = request.to_string();
+        line.push('\n');
+        self.send_raw(line.as_bytes()).await;
+        self.recv().await
+    }
+
+    /// Asserts the daemon closes the connection without another answer.
+    /// A reset counts as closed: the kernel resets a Unix stream whose
+    /// reader closed with our unread bytes still queued.
+    pub async fn expect_eof(&mut self) {
+        let mut line = String::new();
+        match tokio::time::timeout(PATIENCE, self.reader.read_line(&mut line)).await {
+            Ok(Ok(0)) => {}
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            Ok(Ok(_)) => panic!("expected tokend to close the connection, got {line:?}"),
+            Ok(Err(e)) => panic!("read from tokend: {e}"),
+            Err(_) => panic!("tokend did not close the connection within {PATIENCE:?}"),
+        }
+    }
+}
+
+/// A user the test-suite set-up (`scripts/test`) creates.
+pub struct TestUser {
+    pub name: &'static str,
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+}
+
+pub fn test_user(name: &'static str) -> TestUser {
+    let user = nix::unistd::User::from_name(name)
+        .expect("look up user")
+        .unwrap_or_else(|| {
+            panic!("test user {name} does not exist: run scripts/test, which creates it")
+        });
+    let cname = std::ffi::CString::new(name).expect("user name");
+    let groups = nix::unistd::getgrouplist(&cname, user.gid)
+        .expect("group list")
+        .into_iter()
+        .map(|g| g.as_raw())
+        .collect();
+    TestUser {
+        name,
+        uid: user.uid.as_raw(),
+        gid: user.gid.as_raw(),
+        groups,
+    }
+}
+
+/// `program` run as `uid`/`gid` with exactly `groups` as supplementary
+/// groups: a real caller the kernel reports under that identity.
+pub fn as_user(program: &str, uid: u32, gid: u32, groups: &[u32]) -> Command {
+    let mut command = Command::new(program);
+    let groups: Vec<libc::gid_t> = groups.to_vec();
+    // SAFETY: setgroups is async-signal-safe and touches only `groups`,
+    // which the closure owns; it runs in the child between fork and exec.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::setgroups(groups.len(), groups.as_ptr()) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    command.uid(uid).gid(gid);
+    command
+}
