@@ -4,13 +4,12 @@
 //! starts `tokend serve` on it and waits for its "listening" log line (an
 //! event, not a sleep). Its stderr is collected; on drop the daemon is
 //! killed and, if the test is failing, its log is printed. [`Conn`] speaks
-//! the line protocol over the real socket. [`as_user`] runs a command under
-//! another uid, with that user's groups, as a real foreign caller.
+//! the line protocol over the real socket. [`test_user`] looks up the users
+//! `scripts/test-setup` creates, for tests that run callers under other uids.
 #![allow(dead_code, unreachable_pub)]
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
@@ -44,7 +43,11 @@ impl Daemon {
     /// Starts tokend with `keys` (TOML `[keys.*]` tables) and `daemon`
     /// (extra `[daemon]` lines; the socket is set here).
     pub fn start(daemon: &str, keys: &str) -> Daemon {
-        let dir = tempfile::tempdir().expect("temp dir");
+        Daemon::start_in(tempfile::tempdir().expect("temp dir"), daemon, keys)
+    }
+
+    /// Like [`Daemon::start`], in `dir`, whose `tokend.sock` is the socket.
+    pub fn start_in(dir: tempfile::TempDir, daemon: &str, keys: &str) -> Daemon {
         // Foreign callers must be able to reach the socket inside.
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
             .expect("chmod dir");
@@ -295,23 +298,4 @@ pub fn test_user(name: &'static str) -> TestUser {
         gid: user.gid.as_raw(),
         groups,
     }
-}
-
-/// `program` run as `uid`/`gid` with exactly `groups` as supplementary
-/// groups: a real caller the kernel reports under that identity.
-pub fn as_user(program: &str, uid: u32, gid: u32, groups: &[u32]) -> Command {
-    let mut command = Command::new(program);
-    let groups: Vec<libc::gid_t> = groups.to_vec();
-    // SAFETY: setgroups is async-signal-safe and touches only `groups`,
-    // which the closure owns; it runs in the child between fork and exec.
-    unsafe {
-        command.pre_exec(move || {
-            if libc::setgroups(groups.len(), groups.as_ptr()) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    command.uid(uid).gid(gid);
-    command
 }

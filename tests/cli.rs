@@ -1,0 +1,362 @@
+//! The `tokend` command line: `get` and its formats and exit codes,
+//! `check` and its `FILE:LINE:COL: message` errors, `--help`, and the
+//! `socat` one-liner the README promises works without tokend's client.
+
+mod support;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Command;
+
+use serde_json::{json, Value};
+use support::cli::{run, tokend, Ran};
+use support::daemon::{write_private, Daemon};
+use support::issuer::{ClientSpec, Dialect, Issuer};
+
+const SECRET: &str = "cli-secret-5d4c3b";
+const FILE_SECRET: &str = "cli-file-secret-8a7b6c";
+
+async fn setup() -> (Issuer, Daemon) {
+    let issuer = Issuer::start(vec![ClientSpec::checkout(
+        "cli-client",
+        SECRET,
+        &["gateway", "vault", "fx"],
+    )])
+    .await;
+    let keys = format!(
+        r#"
+[keys.payments]
+token_url = "{}"
+client_id = "cli-client"
+client_secret = "{SECRET}"
+scopes = ["gateway", "vault", "fx"]
+allow_uids = [0]
+"#,
+        issuer.token_url(Dialect::Checkout)
+    );
+    let daemon = Daemon::start("", &keys);
+    (issuer, daemon)
+}
+
+fn secrets(issuer: &Issuer, secret: &str) -> Vec<String> {
+    let mut all = issuer.issued_tokens();
+    all.push(secret.to_owned());
+    all
+}
+
+fn get(daemon: &Daemon, args: &[&str]) -> Command {
+    let mut command = tokend();
+    command
+        .arg("get")
+        .args(args)
+        .arg("--socket")
+        .arg(&daemon.socket);
+    command
+}
+
+/// The single line on stdout of a successful run.
+fn line(ran: &Ran) -> &str {
+    assert_eq!(ran.code, Some(0), "{ran:?}");
+    assert!(ran.stderr.is_empty(), "{ran:?}");
+    let line = ran.stdout.strip_suffix('\n').expect("ends in a newline");
+    assert!(!line.contains('\n'), "{ran:?}");
+    line
+}
+
+#[tokio::test]
+async fn get_prints_token_header_or_json() {
+    let (issuer, daemon) = setup().await;
+    let token = line(&run(get(&daemon, &["payments"]), b"").await).to_owned();
+    assert_eq!(issuer.issued_tokens(), [token.as_str()]);
+
+    let ran = run(get(&daemon, &["payments", "--format", "header"]), b"").await;
+    assert_eq!(line(&ran), format!("Authorization: Bearer {token}"));
+
+    let ran = run(get(&daemon, &["payments", "--format", "json"]), b"").await;
+    let answer: Value = serde_json::from_str(line(&ran)).expect("JSON");
+    assert_eq!(answer["ok"], true, "{answer}");
+    assert_eq!(answer["key"], "payments", "{answer}");
+    assert_eq!(answer["access_token"], token.as_str(), "{answer}");
+    assert_eq!(answer["token_type"], "Bearer", "{answer}");
+    assert_eq!(
+        issuer.requests().len(),
+        1,
+        "all three were the cached token"
+    );
+    daemon.stop_and_check_log(&secrets(&issuer, SECRET));
+}
+
+#[tokio::test]
+async fn get_sends_every_scope_flag() {
+    let (issuer, daemon) = setup().await;
+    let args = [
+        "payments", "--scope", "vault", "--scope", "gateway", "--format", "json",
+    ];
+    let ran = run(get(&daemon, &args), b"").await;
+    let answer: Value = serde_json::from_str(line(&ran)).expect("JSON");
+    assert_eq!(answer["scopes"], json!(["gateway", "vault"]), "{answer}");
+    let requests = issuer.requests();
+    assert_eq!(requests.len(), 1);
+    assert_eq!(requests[0].param("scope"), Some("gateway vault"));
+    assert_eq!(
+        issuer.issued_tokens(),
+        [answer["access_token"].as_str().expect("token")]
+    );
+
+    // A scope the key does not allow is the daemon's refusal: exit 1.
+    let ran = run(get(&daemon, &["payments", "--scope", "admin"]), b"").await;
+    assert_eq!(ran.code, Some(1), "{ran:?}");
+    assert!(ran.stderr.contains("admin"), "{ran:?}");
+    assert!(ran.stdout.is_empty(), "{ran:?}");
+    daemon.stop_and_check_log(&secrets(&issuer, SECRET));
+}
+
+#[tokio::test]
+async fn get_takes_the_socket_from_tokend_socket() {
+    let (issuer, daemon) = setup().await;
+    let mut command = tokend();
+    command
+        .args(["get", "payments"])
+        .env("TOKEND_SOCKET", &daemon.socket);
+    let token = line(&run(command, b"").await).to_owned();
+    assert_eq!(issuer.issued_tokens(), [token]);
+
+    // --socket wins over the environment.
+    let mut command = get(&daemon, &["payments"]);
+    command.env("TOKEND_SOCKET", daemon.dir.path().join("elsewhere.sock"));
+    line(&run(command, b"").await);
+    daemon.stop_and_check_log(&secrets(&issuer, SECRET));
+}
+
+#[tokio::test]
+async fn get_unknown_key_exits_1_with_the_daemons_message() {
+    let (issuer, daemon) = setup().await;
+    let ran = run(get(&daemon, &["nosuch"]), b"").await;
+    assert_eq!(ran.code, Some(1), "{ran:?}");
+    assert_eq!(ran.stderr, "tokend: no key named \"nosuch\"\n");
+    assert!(ran.stdout.is_empty(), "{ran:?}");
+    assert!(issuer.requests().is_empty());
+    daemon.stop_and_check_log(&[SECRET]);
+}
+
+#[tokio::test]
+async fn get_without_a_daemon_exits_3() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    // Nothing at the path, and a socket file nobody listens on any more.
+    let missing = dir.path().join("missing.sock");
+    let stale = dir.path().join("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).expect("bind"));
+    assert!(stale.exists());
+    for path in [&missing, &stale] {
+        let mut command = tokend();
+        command.args(["get", "payments", "--socket"]).arg(path);
+        let ran = run(command, b"").await;
+        assert_eq!(ran.code, Some(3), "{ran:?}");
+        assert!(
+            ran.stderr.starts_with(&format!(
+                "tokend: tokend is not running at {} (",
+                path.display()
+            )),
+            "{ran:?}"
+        );
+        assert!(ran.stdout.is_empty(), "{ran:?}");
+    }
+}
+
+/// `tokend check` on `text` written to `dir/tokend.toml` with `mode`.
+async fn check(dir: &Path, text: &str, mode: u32) -> (Ran, String) {
+    let path = dir.join("tokend.toml");
+    write_private(&path, text);
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    let mut command = tokend();
+    command.args(["check", "--config"]).arg(&path);
+    (run(command, b"").await, path.display().to_string())
+}
+
+/// Asserts `check` failed with exactly one line, `FILE:LINE:COL: message`,
+/// and returns the message.
+async fn check_error(dir: &Path, text: &str, mode: u32, line: usize, col: usize) -> String {
+    let (ran, path) = check(dir, text, mode).await;
+    assert_eq!(ran.code, Some(1), "{ran:?}");
+    assert!(ran.stdout.is_empty(), "{ran:?}");
+    let prefix = format!("{path}:{line}:{col}: ");
+    let message = ran
+        .stderr
+        .strip_prefix(&prefix)
+        .and_then(|rest| rest.strip_suffix('\n'))
+        .unwrap_or_else(|| panic!("stderr is not one {prefix}message line: {ran:?}"));
+    assert!(!message.contains('\n'), "{ran:?}");
+    message.to_owned()
+}
+
+const KEY_HEAD: &str = "[keys.a]\ntoken_url = \"https://issuer.example/t\"\nclient_id = \"i\"\n";
+
+#[tokio::test]
+async fn check_accepts_a_valid_config() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let text = format!("{KEY_HEAD}client_secret = \"{SECRET}\"\nallow_uids = [0]\n");
+    let (ran, path) = check(dir.path(), &text, 0o600).await;
+    assert_eq!(ran.code, Some(0), "{ran:?}");
+    assert_eq!(ran.stdout, format!("{path}: ok (1 keys)\n"));
+    assert!(ran.stderr.is_empty(), "{ran:?}");
+
+    // Valid but unreadable by anyone: a warning, still exit 0.
+    let text = format!("{KEY_HEAD}client_secret = \"{SECRET}\"\n");
+    let (ran, _) = check(dir.path(), &text, 0o600).await;
+    assert_eq!(ran.code, Some(0), "{ran:?}");
+    assert!(ran.stderr.contains("nobody can read it"), "{ran:?}");
+}
+
+#[tokio::test]
+async fn check_errors_name_file_line_and_column() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let dir = dir.path();
+    let message = check_error(dir, "[daemon]\nsockett = \"/x\"\n", 0o600, 2, 1).await;
+    assert!(message.starts_with("unknown field `sockett`, expected one of `socket`"));
+    // Indented, in a key: the column counts.
+    let text = format!("{KEY_HEAD}  client_idd = \"x\"\nclient_secret = \"s\"\n");
+    let message = check_error(dir, &text, 0o600, 4, 3).await;
+    assert!(
+        message.starts_with("unknown field `client_idd`"),
+        "{message}"
+    );
+
+    let message = check_error(dir, "[daemon]\nidle_timeout = \"soon\"\n", 0o600, 2, 16).await;
+    assert!(message.starts_with("bad duration \"soon\""), "{message}");
+    let message = check_error(dir, "[daemon]\nsocket_mode = \"0999\"\n", 0o600, 2, 15).await;
+    assert_eq!(
+        message,
+        "bad mode \"0999\": write an octal string such as \"0660\""
+    );
+
+    // The secret-source errors point at the key's table header.
+    let both =
+        format!("# tokend\n\n{KEY_HEAD}client_secret = \"s\"\nclient_secret_file = \"/f\"\n");
+    let message = check_error(dir, &both, 0o600, 3, 1).await;
+    assert_eq!(
+        message,
+        "key \"a\" sets both client_secret and client_secret_file; keep exactly one"
+    );
+    let neither = format!("# tokend\n\n{KEY_HEAD}");
+    let message = check_error(dir, &neither, 0o600, 3, 1).await;
+    assert_eq!(
+        message,
+        "key \"a\" needs client_secret or client_secret_file"
+    );
+}
+
+#[tokio::test]
+async fn check_refuses_a_secret_file_others_can_read() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let secret = dir.path().join("client.secret");
+    write_private(&secret, &format!("{FILE_SECRET}\n"));
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o640)).expect("chmod");
+    let text = format!(
+        "{KEY_HEAD}client_secret_file = {:?}\nallow_uids = [0]\n",
+        secret.display().to_string()
+    );
+    let message = check_error(dir.path(), &text, 0o600, 1, 1).await;
+    assert!(
+        message.contains(&secret.display().to_string()) && message.contains("chmod 0600"),
+        "{message}"
+    );
+    assert!(!message.contains(FILE_SECRET));
+
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let (ran, _) = check(dir.path(), &text, 0o600).await;
+    assert_eq!(ran.code, Some(0), "{ran:?}");
+}
+
+/// The trailing newline of a secret file is not part of the secret: the
+/// issuer, which knows the secret without it, hands out a token.
+#[tokio::test]
+async fn a_secret_file_with_a_trailing_newline_works() {
+    let issuer = Issuer::start(vec![ClientSpec::checkout("file-client", FILE_SECRET, &[])]).await;
+    let secret_dir = tempfile::tempdir().expect("temp dir");
+    let secret = secret_dir.path().join("client.secret");
+    write_private(&secret, &format!("{FILE_SECRET}\n"));
+    let keys = format!(
+        "[keys.filed]\ntoken_url = \"{}\"\nclient_id = \"file-client\"\n\
+         client_secret_file = {:?}\nallow_uids = [0]\n",
+        issuer.token_url(Dialect::Checkout),
+        secret.display().to_string()
+    );
+    let daemon = Daemon::start("", &keys);
+    let mut command = tokend();
+    command.args(["check", "--config"]).arg(&daemon.config_path);
+    let ran = run(command, b"").await;
+    assert_eq!(ran.code, Some(0), "{ran:?}");
+    let token = line(&run(get(&daemon, &["filed"]), b"").await).to_owned();
+    assert_eq!(issuer.issued_tokens(), [token]);
+    daemon.stop_and_check_log(&secrets(&issuer, FILE_SECRET));
+}
+
+#[tokio::test]
+async fn check_refuses_an_inline_secret_in_a_world_readable_config() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let text = format!("{KEY_HEAD}client_secret = \"{SECRET}\"\nallow_uids = [0]\n");
+    let message = check_error(dir.path(), &text, 0o644, 1, 1).await;
+    let path = dir.path().join("tokend.toml");
+    assert_eq!(
+        message,
+        format!(
+            "key \"a\" has an inline client_secret but {} is readable by others \
+             (mode 0644); chmod o-r it or use client_secret_file",
+            path.display()
+        )
+    );
+    assert!(!message.contains(SECRET));
+    let (ran, _) = check(dir.path(), &text, 0o640).await;
+    assert_eq!(ran.code, Some(0), "{ran:?}");
+}
+
+#[tokio::test]
+async fn help_lists_subcommands_and_flags() {
+    let mut command = tokend();
+    command.arg("--help");
+    let ran = run(command, b"").await;
+    assert_eq!(ran.code, Some(0), "{ran:?}");
+    for word in ["serve", "get", "check", "Usage: tokend"] {
+        assert!(ran.stdout.contains(word), "--help lacks {word:?}: {ran:?}");
+    }
+
+    let mut command = tokend();
+    command.args(["get", "--help"]);
+    let ran = run(command, b"").await;
+    assert_eq!(ran.code, Some(0), "{ran:?}");
+    for word in [
+        "<KEY>",
+        "--scope <SCOPE>",
+        "--socket <PATH>",
+        "TOKEND_SOCKET",
+        "--format",
+        "token",
+        "header",
+        "json",
+        "--timeout",
+        "Exit status",
+    ] {
+        assert!(
+            ran.stdout.contains(word),
+            "get --help lacks {word:?}: {ran:?}"
+        );
+    }
+}
+
+/// The README's contract: any program that can write a line to a Unix
+/// socket can get a token, here `socat` fed by a bash here-string.
+#[tokio::test]
+async fn the_readme_socat_one_liner_gets_a_token() {
+    let (issuer, daemon) = setup().await;
+    let mut bash = Command::new("bash");
+    bash.arg("-c")
+        .arg(r#"socat - UNIX-CONNECT:"$SOCK" <<< '{"op":"get","key":"payments"}'"#)
+        .env("SOCK", &daemon.socket);
+    let ran = run(bash, b"").await;
+    assert_eq!(ran.code, Some(0), "{ran:?}");
+    let answer: Value = serde_json::from_str(&ran.stdout).expect("one JSON answer");
+    assert_eq!(answer["ok"], true, "{answer}");
+    let token = answer["access_token"].as_str().expect("access_token");
+    assert_eq!(issuer.issued_tokens(), [token]);
+    daemon.stop_and_check_log(&secrets(&issuer, SECRET));
+}

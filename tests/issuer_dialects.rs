@@ -1,0 +1,389 @@
+//! tokend against the loopback issuer in both seed dialects: token shapes,
+//! every error shape, client authentication, single flight, `min_valid`
+//! and timeouts, all through the real binary and socket.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use support::daemon::Daemon;
+use support::issuer::{ClientSpec, Dialect, Fault, Issuer};
+
+const CK_ID: &str = "ack_checkout";
+const CK_SECRET: &str = "checkout-secret-5a5a5a";
+const CI_ID: &str = "ci-api-id";
+const CI_SECRET: &str = "checkissuing-secret-7b7b";
+
+async fn issuer() -> Issuer {
+    Issuer::start(vec![
+        ClientSpec::checkout(CK_ID, CK_SECRET, &["gateway", "vault"]),
+        ClientSpec::checkissuing(CI_ID, CI_SECRET),
+    ])
+    .await
+}
+
+/// A `[keys.NAME]` table reading everything from `issuer`.
+fn key(name: &str, url: &str, id: &str, secret: &str, extra: &str) -> String {
+    format!(
+        "[keys.{name}]\ntoken_url = {url:?}\nclient_id = {id:?}\nclient_secret = {secret:?}\nallow_uids = [0]\n{extra}\n"
+    )
+}
+
+fn checkout_key(issuer: &Issuer, extra: &str) -> String {
+    key(
+        "payments",
+        &issuer.token_url(Dialect::Checkout),
+        CK_ID,
+        CK_SECRET,
+        extra,
+    )
+}
+
+fn checkissuing_key(issuer: &Issuer, extra: &str) -> String {
+    key(
+        "cards",
+        &issuer.token_url(Dialect::Checkissuing),
+        CI_ID,
+        CI_SECRET,
+        extra,
+    )
+}
+
+fn used_secrets(issuer: &Issuer) -> Vec<String> {
+    let mut all = issuer.issued_tokens();
+    all.extend([CK_SECRET.to_owned(), CI_SECRET.to_owned()]);
+    all
+}
+
+fn get(key: &str) -> Value {
+    json!({"op":"get","key":key})
+}
+
+fn assert_unavailable(answer: &Value, words: &[&str]) {
+    assert_eq!(answer["ok"], false, "{answer}");
+    assert_eq!(answer["error"]["code"], "unavailable", "{answer}");
+    let message = answer["error"]["message"].as_str().expect("message");
+    for word in words {
+        assert!(message.contains(word), "{message:?} lacks {word:?}");
+    }
+}
+
+#[tokio::test]
+async fn checkissuing_token_with_basic_auth() {
+    let issuer = issuer().await;
+    let daemon = Daemon::start("", &checkissuing_key(&issuer, ""));
+    let answer = daemon.call(get("cards")).await;
+    assert_eq!(answer["ok"], true, "{answer}");
+    let token = answer["access_token"].as_str().expect("token");
+    assert_eq!(token.len(), 40);
+    assert_eq!(answer["scopes"], json!([]));
+    let request = &issuer.requests()[0];
+    assert_eq!(
+        request.basic,
+        Some((CI_ID.to_owned(), CI_SECRET.to_owned()))
+    );
+    assert_eq!(request.param("scope"), None);
+    assert_eq!(
+        request.param("client_secret"),
+        None,
+        "basic auth keeps the secret out of the body"
+    );
+    daemon.stop_and_check_log(&used_secrets(&issuer));
+}
+
+#[tokio::test]
+async fn checkissuing_access_denied_with_401_and_with_200() {
+    let issuer = issuer().await;
+    let keys = key(
+        "cards",
+        &issuer.token_url(Dialect::Checkissuing),
+        CI_ID,
+        "wrong-secret-123",
+        "",
+    );
+    let daemon = Daemon::start("", &keys);
+    assert_unavailable(
+        &daemon.call(get("cards")).await,
+        &["access denied", "HTTP 401", "Access Denied"],
+    );
+    issuer.set_fault(Some(Fault::DeniedWith200));
+    assert_unavailable(
+        &daemon.call(get("cards")).await,
+        &["access denied", "HTTP 200", "Access Denied"],
+    );
+    let mut secrets = used_secrets(&issuer);
+    secrets.push("wrong-secret-123".into());
+    daemon.stop_and_check_log(&secrets);
+}
+
+#[tokio::test]
+async fn checkout_scopes_jwt_and_invalid_scope() {
+    let issuer = issuer().await;
+    // The key allows fx, but the issuer does not give this client fx.
+    let daemon = Daemon::start(
+        "",
+        &checkout_key(&issuer, r#"scopes = ["gateway", "vault", "fx"]"#),
+    );
+    let answer = daemon
+        .call(json!({"op":"get","key":"payments","scopes":["vault"]}))
+        .await;
+    assert_eq!(answer["ok"], true, "{answer}");
+    assert_eq!(
+        answer["access_token"]
+            .as_str()
+            .expect("token")
+            .split('.')
+            .count(),
+        3,
+        "a JWT"
+    );
+    assert_eq!(answer["scopes"], json!(["vault"]));
+    // Default set: the issuer's granted scope is what we report.
+    let answer = daemon.call(get("payments")).await;
+    assert_eq!(answer["scopes"], json!(["gateway", "vault"]), "{answer}");
+    let answer = daemon
+        .call(json!({"op":"get","key":"payments","scopes":["fx"]}))
+        .await;
+    assert_unavailable(&answer, &["HTTP 400", "invalid_scope"]);
+    daemon.stop_and_check_log(&used_secrets(&issuer));
+}
+
+#[tokio::test]
+async fn wrong_secret_at_checkout_is_access_denied() {
+    let issuer = issuer().await;
+    let keys = key(
+        "payments",
+        &issuer.token_url(Dialect::Checkout),
+        CK_ID,
+        "not-the-secret-42",
+        "",
+    );
+    let daemon = Daemon::start("", &keys);
+    let answer = daemon.call(get("payments")).await;
+    assert_unavailable(&answer, &["access denied", "HTTP 401", "invalid_client"]);
+    assert!(!answer.to_string().contains("not-the-secret-42"));
+    daemon.stop_and_check_log(&["not-the-secret-42".to_owned(), CK_SECRET.to_owned()]);
+}
+
+#[tokio::test]
+async fn client_id_and_secret_are_form_urlencoded_for_basic_auth() {
+    let id = "tok:en+d%id with/space";
+    let secret = "s3cr:et+with%percent and/slash";
+    let issuer = Issuer::start(vec![ClientSpec::checkout(id, secret, &["gateway"])]).await;
+    let keys = key(
+        "tricky",
+        &issuer.token_url(Dialect::Checkout),
+        id,
+        secret,
+        "",
+    );
+    let daemon = Daemon::start("", &keys);
+    let answer = daemon.call(get("tricky")).await;
+    assert_eq!(answer["ok"], true, "{answer}");
+    let request = &issuer.requests()[0];
+    assert_eq!(request.basic, Some((id.to_owned(), secret.to_owned())));
+    let mut secrets = issuer.issued_tokens();
+    secrets.push(secret.to_owned());
+    daemon.stop_and_check_log(&secrets);
+}
+
+#[tokio::test]
+async fn post_auth_puts_credentials_in_the_body() {
+    let issuer = issuer().await;
+    let daemon = Daemon::start("", &checkout_key(&issuer, r#"auth = "post""#));
+    assert_eq!(daemon.call(get("payments")).await["ok"], true);
+    let request = &issuer.requests()[0];
+    assert_eq!(request.authorization, None);
+    assert_eq!(request.param("client_id"), Some(CK_ID));
+    assert_eq!(request.param("client_secret"), Some(CK_SECRET));
+    daemon.stop_and_check_log(&used_secrets(&issuer));
+}
+
+#[tokio::test]
+async fn lenient_token_answers_are_accepted() {
+    let issuer = issuer().await;
+    let daemon = Daemon::start(
+        "",
+        &checkout_key(&issuer, r#"scopes = ["gateway", "vault"]"#),
+    );
+    issuer.set_fault(Some(Fault::ExpiresInAsString));
+    let answer = daemon
+        .call(json!({"op":"get","key":"payments","scopes":["gateway"]}))
+        .await;
+    assert!(
+        (3590..=3600).contains(&answer["expires_in"].as_u64().expect("expires_in")),
+        "{answer}"
+    );
+    issuer.set_fault(Some(Fault::LowercaseTokenType));
+    let answer = daemon
+        .call(json!({"op":"get","key":"payments","scopes":["vault"]}))
+        .await;
+    assert_eq!(answer["token_type"], "Bearer", "{answer}");
+    // A body under the 1 MiB cap is fine however it is padded.
+    issuer.set_fault(Some(Fault::HugeBody(900 * 1024)));
+    let answer = daemon
+        .call(json!({"op":"get","key":"payments","scopes":["gateway","vault"]}))
+        .await;
+    assert_eq!(answer["ok"], true, "{answer}");
+    daemon.stop_and_check_log(&used_secrets(&issuer));
+}
+
+#[tokio::test]
+async fn missing_expires_in_assumes_an_hour_and_says_so_once() {
+    let issuer = issuer().await;
+    let mut daemon = Daemon::start(
+        "",
+        &checkout_key(&issuer, r#"scopes = ["gateway", "vault"]"#),
+    );
+    issuer.set_fault(Some(Fault::NoExpiresIn));
+    for scopes in [json!(["gateway"]), json!(["vault"])] {
+        let answer = daemon
+            .call(json!({"op":"get","key":"payments","scopes":scopes}))
+            .await;
+        assert!(
+            (3590..=3600).contains(&answer["expires_in"].as_u64().expect("expires_in")),
+            "{answer}"
+        );
+    }
+    let log = daemon.wait_for_log("no expires_in");
+    assert_eq!(log.matches("no expires_in").count(), 1, "{log}");
+    daemon.stop_and_check_log(&used_secrets(&issuer));
+}
+
+#[tokio::test]
+async fn error_shapes_become_unavailable_with_the_issuers_words() {
+    let issuer = issuer().await;
+    let daemon = Daemon::start("", &checkout_key(&issuer, ""));
+    let cases: Vec<(Fault, Vec<&str>)> = vec![
+        (
+            Fault::Status {
+                status: 502,
+                content_type: "text/html".into(),
+                body: "<html><body><h1>502 Bad Gateway</h1></body></html>".into(),
+            },
+            vec!["HTTP 502", "non-JSON"],
+        ),
+        (
+            Fault::Status {
+                status: 200,
+                content_type: "application/json".into(),
+                body: r#"{"error":"invalid_client","error_description":"client is disabled"}"#
+                    .into(),
+            },
+            vec!["access denied", "HTTP 200", "client is disabled"],
+        ),
+        (
+            Fault::Status {
+                status: 500,
+                content_type: "application/json".into(),
+                body: r#"{"error":"server_error"}"#.into(),
+            },
+            vec!["HTTP 500", "server_error"],
+        ),
+        (
+            Fault::Status {
+                status: 200,
+                content_type: "application/json".into(),
+                body: r#"{"token_type":"Bearer"}"#.into(),
+            },
+            vec!["no access_token"],
+        ),
+        (Fault::HugeBody(2 << 20), vec!["larger than"]),
+    ];
+    for (fault, words) in cases {
+        issuer.set_fault(Some(fault.clone()));
+        let answer = daemon.call(get("payments")).await;
+        assert_unavailable(&answer, &words);
+    }
+    daemon.stop_and_check_log(&used_secrets(&issuer));
+}
+
+#[tokio::test]
+async fn unreachable_and_slow_issuers() {
+    let issuer = issuer().await;
+    // Nothing listens on port 9 of loopback (discard is never enabled here).
+    let keys = key(
+        "down",
+        "http://127.0.0.1:9/token",
+        "id",
+        "secret-down-1",
+        "",
+    ) + &key(
+        "slow",
+        &issuer.token_url(Dialect::Checkout),
+        CK_ID,
+        CK_SECRET,
+        r#"request_timeout = "300ms""#,
+    );
+    let daemon = Daemon::start("", &keys);
+    assert_unavailable(
+        &daemon.call(get("down")).await,
+        &["failed to reach the issuer"],
+    );
+    issuer.set_fault(Some(Fault::Delay(Duration::from_secs(3))));
+    let started = std::time::Instant::now();
+    assert_unavailable(&daemon.call(get("slow")).await, &["within 300ms"]);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    daemon.stop_and_check_log(&["secret-down-1".to_owned(), CK_SECRET.to_owned()]);
+}
+
+#[tokio::test]
+async fn concurrent_cold_gets_share_one_issuer_request() {
+    let issuer = issuer().await;
+    issuer.set_fault(Some(Fault::Delay(Duration::from_millis(300))));
+    let daemon = Arc::new(Daemon::start(
+        "",
+        &checkout_key(&issuer, r#"scopes = ["gateway", "vault"]"#),
+    ));
+    let mut conns = Vec::new();
+    for _ in 0..200 {
+        conns.push(daemon.connect().await);
+    }
+    let gets = conns.into_iter().map(|mut conn| {
+        tokio::spawn(async move {
+            conn.call(json!({"op":"get","key":"payments","scopes":["vault","gateway"]}))
+                .await
+        })
+    });
+    let mut tokens = Vec::new();
+    for get in gets.collect::<Vec<_>>() {
+        let answer = get.await.expect("task");
+        tokens.push(answer["access_token"].as_str().expect("token").to_owned());
+    }
+    tokens.dedup();
+    assert_eq!(tokens.len(), 1, "every caller got the same token");
+    assert_eq!(
+        issuer.requests().len(),
+        1,
+        "one issuer request for 200 callers"
+    );
+    let daemon = Arc::into_inner(daemon).expect("sole owner");
+    daemon.stop_and_check_log(&used_secrets(&issuer));
+}
+
+#[tokio::test]
+async fn a_token_with_less_than_min_valid_left_is_not_handed_out() {
+    let mut spec = ClientSpec::checkout(CK_ID, CK_SECRET, &["gateway"]);
+    spec.lifetime_secs = 2;
+    let issuer = Issuer::start(vec![spec]).await;
+    // min_valid 60 s on a 2 s token acts as 0.5 s (a quarter of its life).
+    let mut daemon = Daemon::start("", &checkout_key(&issuer, r#"min_valid = "60s""#));
+    let first = daemon.call(get("payments")).await;
+    assert_eq!(first["ok"], true, "{first}");
+    daemon.wait_for_log("instead of 1m");
+    // Still usable: cached.
+    let again = daemon.call(get("payments")).await;
+    assert_eq!(again["access_token"], first["access_token"]);
+    // Past 1.5 s of its 2 s life it has less than 0.5 s left.
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    let fresh = daemon.call(get("payments")).await;
+    assert_ne!(fresh["access_token"], first["access_token"], "{fresh}");
+    assert_eq!(issuer.requests().len(), 2);
+    daemon.stop_and_check_log(&used_secrets(&issuer));
+}

@@ -1,0 +1,88 @@
+//! Runs commands (`tokend` itself, `socat`, `bash`) as child processes from
+//! async tests, without blocking the runtime that serves the loopback
+//! issuer, and captures what they printed.
+#![allow(dead_code, unreachable_pub)]
+
+use std::fmt;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+
+use tokio::io::AsyncWriteExt;
+
+use super::daemon::{PATIENCE, TOKEND};
+
+/// A finished command: its exit code (`None` if a signal ended it) and
+/// its output as text.
+pub struct Ran {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl fmt::Debug for Ran {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "exit {:?}\n--- stdout ---\n{}--- stderr ---\n{}",
+            self.code, self.stdout, self.stderr
+        )
+    }
+}
+
+/// `tokend` with no `TOKEND_SOCKET` inherited from whoever runs the tests.
+pub fn tokend() -> Command {
+    let mut command = Command::new(TOKEND);
+    command.env_remove("TOKEND_SOCKET");
+    command
+}
+
+/// `program` run as `uid`/`gid` with exactly `groups` as supplementary
+/// groups: a real caller the kernel reports under that identity. All three
+/// are set in the child, in that order, while it is still root (the
+/// standard library's `Command::uid` would drop root before a `pre_exec`
+/// hook could call `setgroups`).
+pub fn as_caller(program: &str, uid: u32, gid: u32, groups: &[u32]) -> Command {
+    let mut command = Command::new(program);
+    let groups: Vec<libc::gid_t> = groups.to_vec();
+    // SAFETY: setgroups, setgid and setuid are async-signal-safe and touch
+    // only `groups`, which the closure owns; it runs in the child between
+    // fork and exec.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                || libc::setgid(gid) != 0
+                || libc::setuid(uid) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    command
+}
+
+/// Runs `command` with `stdin` as its input; panics after [`PATIENCE`].
+pub async fn run(command: Command, stdin: &[u8]) -> Ran {
+    let shown = format!("{command:?}");
+    let mut command = tokio::process::Command::from(command);
+    command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = command
+        .spawn()
+        .unwrap_or_else(|e| panic!("failed to start {shown}: {e}"));
+    let mut input = child.stdin.take().expect("piped stdin");
+    input.write_all(stdin).await.expect("write stdin");
+    drop(input);
+    let output = tokio::time::timeout(PATIENCE, child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("{shown} did not finish within {PATIENCE:?}"))
+        .expect("wait for child");
+    Ran {
+        code: output.status.code(),
+        stdout: String::from_utf8(output.stdout).expect("stdout is UTF-8"),
+        stderr: String::from_utf8(output.stderr).expect("stderr is UTF-8"),
+    }
+}
