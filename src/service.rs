@@ -111,7 +111,7 @@ impl Service {
         let _ = id;
         let Some(key) = self.config.keys.get(name) else {
             tracing::info!(
-                key = name,
+                key = %name,
                 peer_uid = caller.uid,
                 peer_pid = caller.pid,
                 "denied: no such key"
@@ -123,7 +123,7 @@ impl Service {
         };
         if !peer::allow(caller, &key.acl) {
             tracing::info!(
-                key = name,
+                key = %name,
                 peer_uid = caller.uid,
                 peer_pid = caller.pid,
                 "denied: caller is not on the key's allow lists"
@@ -137,7 +137,7 @@ impl Service {
             .map_err(|e| ErrorBody::new(ErrorCode::BadRequest, e.to_string()))?;
         let outside = key.scopes_not_allowed(&scopes);
         if !outside.is_empty() {
-            tracing::info!(key = name, scopes = %scopes, peer_uid = caller.uid, peer_pid = caller.pid, "denied: scopes not allowed");
+            tracing::info!(key = %name, scopes = %scopes, peer_uid = caller.uid, peer_pid = caller.pid, "denied: scopes not allowed");
             return Err(ErrorBody::new(
                 ErrorCode::ScopeNotAllowed,
                 format!("key {name:?} does not allow scopes {outside:?}"),
@@ -148,7 +148,7 @@ impl Service {
             () = self.deadline.cancelled() => Err(GetError::ShuttingDown),
         };
         let token = token.map_err(|e| {
-            tracing::info!(key = name, scopes = %scopes, peer_uid = caller.uid, peer_pid = caller.pid, "no token to hand out: {e}");
+            tracing::info!(key = %name, scopes = %scopes, peer_uid = caller.uid, peer_pid = caller.pid, "no token to hand out: {e}");
             let code = match e {
                 GetError::UnknownKey(_) => ErrorCode::UnknownKey,
                 GetError::Unavailable(_) | GetError::ShuttingDown => ErrorCode::Unavailable,
@@ -156,7 +156,7 @@ impl Service {
             ErrorBody::new(code, e.to_string())
         })?;
         let remaining = token.remaining(Instant::now());
-        tracing::info!(key = name, scopes = %scopes, peer_uid = caller.uid, peer_pid = caller.pid, expires_in = remaining.as_secs(), "handed out a token");
+        tracing::info!(key = %name, scopes = %scopes, peer_uid = caller.uid, peer_pid = caller.pid, expires_in = remaining.as_secs(), "handed out a token");
         Ok(TokenAnswer {
             key: name.to_owned(),
             access_token: token.access_token.clone(),
