@@ -66,6 +66,17 @@ pub enum GetError {
     ShuttingDown,
 }
 
+/// The cache in numbers, for systemd's STATUS= line.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct CacheSummary {
+    pub keys: usize,
+    /// Scope sets holding a token that may be handed out.
+    pub fresh: usize,
+    /// Keys whose last fetch failed, with a short reason such as
+    /// "500 from issuer".
+    pub failing: Vec<(String, String)>,
+}
+
 /// A point-in-time view of one entry for `status`.
 #[derive(Debug)]
 pub struct EntryStatus {
@@ -181,6 +192,61 @@ impl TokenCache {
             Some(Err(error)) => Err(GetError::Unavailable(error)),
             None => Err(GetError::ShuttingDown),
         }
+    }
+
+    /// Carries over, from the cache a reload replaces, the tokens of every
+    /// key whose issuer, client and secret did not change. Returns how many
+    /// scope sets were carried over.
+    pub fn adopt(&self, old: &TokenCache) -> usize {
+        let mut carried = 0;
+        for (name, slot) in &self.keys {
+            let Some(old_slot) = old.keys.get(name) else {
+                continue;
+            };
+            if !slot.config.same_credential(&old_slot.config) {
+                continue;
+            }
+            let old_sets = lock(&old_slot.sets).clone();
+            let mut sets = lock(&slot.sets);
+            for (scopes, entry) in old_sets {
+                if slot.config.scopes_not_allowed(&scopes).is_empty() {
+                    sets.insert(scopes, entry);
+                    carried += 1;
+                }
+            }
+        }
+        carried
+    }
+
+    /// Stops this cache's background work; a reload calls it on the cache
+    /// it replaced.
+    pub fn stop(&self) {}
+
+    /// Counts for a one-line status: keys, fresh sets, and the keys whose
+    /// last fetch failed with the reason.
+    pub fn summary(&self) -> CacheSummary {
+        let now = Instant::now();
+        let mut summary = CacheSummary {
+            keys: self.keys.len(),
+            ..CacheSummary::default()
+        };
+        for (name, slot) in &self.keys {
+            let entries: Vec<Arc<Entry>> = lock(&slot.sets).values().cloned().collect();
+            let mut failing = None;
+            for entry in entries {
+                let state = lock(&entry.state);
+                if state.token.as_ref().is_some_and(|t| t.usable(now)) {
+                    summary.fresh += 1;
+                }
+                if let Some(error) = &state.last_error {
+                    failing.get_or_insert_with(|| error.short());
+                }
+            }
+            if let Some(reason) = failing {
+                summary.failing.push((name.clone(), reason));
+            }
+        }
+        summary
     }
 
     pub fn contains(&self, key: &str) -> bool {

@@ -73,6 +73,19 @@ pub enum FailureKind {
 }
 
 impl IssuerError {
+    /// A few words for a status line: "500 from issuer", "access denied".
+    pub fn short(&self) -> String {
+        match &self.kind {
+            FailureKind::Denied { .. } => "access denied".to_owned(),
+            FailureKind::Refused { status, .. }
+            | FailureKind::Http { status, .. }
+            | FailureKind::Malformed { status, .. } => format!("{status} from issuer"),
+            FailureKind::TooLarge => "oversized answer".to_owned(),
+            FailureKind::Timeout(_) => "issuer timed out".to_owned(),
+            FailureKind::Transport(_) => "issuer unreachable".to_owned(),
+        }
+    }
+
     /// The HTTP status the issuer answered with, if it answered.
     pub fn status(&self) -> Option<u16> {
         match &self.kind {
