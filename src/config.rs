@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 use toml::Spanned;
+use tracing_subscriber::filter::LevelFilter;
 use url::Url;
 use zeroize::Zeroizing;
 
@@ -37,6 +38,8 @@ pub struct DaemonConfig {
     pub max_connections: usize,
     pub idle_timeout: Duration,
     pub max_request_bytes: usize,
+    /// The log level when `RUST_LOG` does not set one.
+    pub log_level: LevelFilter,
 }
 
 /// One credential at one issuer.
@@ -51,6 +54,13 @@ pub struct KeyConfig {
     pub prefetch: Vec<ScopeSet>,
     pub min_valid: Duration,
     pub request_timeout: Duration,
+    /// A scope set nobody asked for this long is dropped (prefetch sets
+    /// never are).
+    pub idle_evict: Duration,
+    /// Distinct scope sets cached at once; a get for one more is `busy`.
+    pub max_scope_sets: usize,
+    /// The longest wait between retries after issuer failures.
+    pub max_backoff: Duration,
     pub acl: Acl,
 }
 
@@ -246,6 +256,8 @@ struct RawDaemon {
     idle_timeout: Duration,
     #[serde(deserialize_with = "request_bytes")]
     max_request_bytes: usize,
+    #[serde(deserialize_with = "log_level")]
+    log_level: LevelFilter,
 }
 
 impl Default for RawDaemon {
@@ -256,6 +268,7 @@ impl Default for RawDaemon {
             max_connections: 1024,
             idle_timeout: Duration::from_secs(30),
             max_request_bytes: 65536,
+            log_level: LevelFilter::INFO,
         }
     }
 }
@@ -268,6 +281,7 @@ impl From<RawDaemon> for DaemonConfig {
             max_connections: raw.max_connections,
             idle_timeout: raw.idle_timeout,
             max_request_bytes: raw.max_request_bytes,
+            log_level: raw.log_level,
         }
     }
 }
@@ -293,6 +307,12 @@ struct RawKey {
         deserialize_with = "positive_duration"
     )]
     request_timeout: Duration,
+    #[serde(default = "default_idle_evict", deserialize_with = "positive_duration")]
+    idle_evict: Duration,
+    #[serde(default = "default_max_scope_sets", deserialize_with = "at_least_one")]
+    max_scope_sets: usize,
+    #[serde(default = "default_max_backoff", deserialize_with = "backoff_ceiling")]
+    max_backoff: Duration,
     #[serde(default)]
     allow_uids: Vec<u32>,
     #[serde(default)]
@@ -307,6 +327,18 @@ fn default_auth() -> AuthMethod {
 
 fn default_min_valid() -> Duration {
     Duration::from_secs(60)
+}
+
+fn default_idle_evict() -> Duration {
+    Duration::from_secs(3600)
+}
+
+fn default_max_scope_sets() -> usize {
+    64
+}
+
+fn default_max_backoff() -> Duration {
+    Duration::from_secs(30)
 }
 
 fn default_request_timeout() -> Duration {
@@ -352,6 +384,13 @@ impl RawKey {
                 ));
             }
         }
+        if self.prefetch.len() > self.max_scope_sets {
+            return Err(format!(
+                "key {name:?} prefetches {} scope sets but max_scope_sets is {}",
+                self.prefetch.len(),
+                self.max_scope_sets
+            ));
+        }
         Ok(KeyConfig {
             token_url: self.token_url,
             client_id: self.client_id,
@@ -361,6 +400,9 @@ impl RawKey {
             prefetch: self.prefetch,
             min_valid: self.min_valid,
             request_timeout: self.request_timeout,
+            idle_evict: self.idle_evict,
+            max_scope_sets: self.max_scope_sets,
+            max_backoff: self.max_backoff,
             acl: Acl {
                 uids: self.allow_uids,
                 users: self.allow_users,
@@ -405,6 +447,16 @@ fn positive_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Err
     Ok(value)
 }
 
+/// Backoff starts at 1 s: a ceiling below that would make every retry
+/// come sooner than the first one should.
+fn backoff_ceiling<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let value = duration(d)?;
+    if value < Duration::from_secs(1) {
+        return Err(serde::de::Error::custom("max_backoff must be at least 1s"));
+    }
+    Ok(value)
+}
+
 fn mode<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
     let text = String::deserialize(d)?;
     match u32::from_str_radix(&text, 8) {
@@ -429,6 +481,20 @@ fn request_bytes<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
     match usize::deserialize(d)? {
         n if n < MIN => Err(serde::de::Error::custom(format!("must be at least {MIN}"))),
         n => Ok(n),
+    }
+}
+
+fn log_level<'de, D: Deserializer<'de>>(d: D) -> Result<LevelFilter, D::Error> {
+    let text = String::deserialize(d)?;
+    match text.as_str() {
+        "error" => Ok(LevelFilter::ERROR),
+        "warn" => Ok(LevelFilter::WARN),
+        "info" => Ok(LevelFilter::INFO),
+        "debug" => Ok(LevelFilter::DEBUG),
+        "trace" => Ok(LevelFilter::TRACE),
+        _ => Err(serde::de::Error::custom(format!(
+            "bad log_level {text:?}: write \"error\", \"warn\", \"info\", \"debug\" or \"trace\""
+        ))),
     }
 }
 
@@ -508,6 +574,7 @@ socket_mode = "0600"
 max_connections = 8
 idle_timeout = "5s"
 max_request_bytes = 4096
+log_level = "debug"
 
 [keys.payments]
 token_url = "https://access.sandbox.checkout.com/connect/token"
@@ -534,6 +601,7 @@ allow_groups = ["billing"]
         assert_eq!(config.daemon.socket_mode, 0o600);
         assert_eq!(config.daemon.max_connections, 8);
         assert_eq!(config.daemon.idle_timeout, Duration::from_secs(5));
+        assert_eq!(config.daemon.log_level, LevelFilter::DEBUG);
         let key = &config.keys["payments"];
         assert_eq!(key.auth, AuthMethod::Post);
         assert_eq!(key.scopes.as_ref().unwrap().joined(), "fx gateway vault");
@@ -554,11 +622,15 @@ allow_groups = ["billing"]
         assert_eq!(config.daemon.socket_mode, 0o660);
         assert_eq!(config.daemon.max_connections, 1024);
         assert_eq!(config.daemon.max_request_bytes, 65536);
+        assert_eq!(config.daemon.log_level, LevelFilter::INFO);
         let key = &config.keys["a"];
         assert_eq!(key.auth, AuthMethod::Basic);
         assert_eq!(key.scopes, None);
         assert_eq!(key.min_valid, Duration::from_secs(60));
         assert_eq!(key.request_timeout, Duration::from_secs(10));
+        assert_eq!(key.idle_evict, Duration::from_secs(3600));
+        assert_eq!(key.max_scope_sets, 64);
+        assert_eq!(key.max_backoff, Duration::from_secs(30));
         assert!(key.acl.is_empty());
     }
 
@@ -567,11 +639,12 @@ allow_groups = ["billing"]
         assert_eq!(
             err("[daemon]\nsockett = \"/x\"\n"),
             "t.toml:2:1: unknown field `sockett`, expected one of `socket`, `socket_mode`, \
-             `max_connections`, `idle_timeout`, `max_request_bytes`"
+             `max_connections`, `idle_timeout`, `max_request_bytes`, `log_level`"
         );
         assert!(err("[daemon]\nidle_timeout = \"soon\"\n").starts_with("t.toml:2:16: bad duration"));
         assert!(err("[daemon]\nsocket_mode = \"0999\"\n").starts_with("t.toml:2:15: bad mode"));
         assert!(err("[daemon]\nsocket_mode = \"01777\"\n").contains("bad mode"));
+        assert!(err("[daemon]\nlog_level = \"loud\"\n").starts_with("t.toml:2:13: bad log_level"));
     }
 
     #[test]

@@ -61,6 +61,8 @@ pub async fn serve(config_path: &Path) -> anyhow::Result<()> {
     tracing::info!("{signal_name} received: shutting down");
     let stopping = tokio::time::Instant::now();
     shutdown.cancel();
+    // Refreshers have nothing to finish; fetches callers wait on do.
+    service.cache().stop();
     let answer_deadline = deadline.clone();
     tokio::spawn(async move {
         tokio::time::sleep(ANSWER_DEADLINE).await;

