@@ -6,7 +6,7 @@ mod support;
 
 use serde_json::Value;
 use support::cli::{as_caller, run, Ran};
-use support::daemon::{test_user, Daemon, TestUser, TOKEND};
+use support::daemon::{test_user, tokend_for_anyone, Daemon, TestUser};
 use support::issuer::{ClientSpec, Dialect, Issuer};
 
 const SECRET: &str = "acl-secret-3c2b1a";
@@ -84,7 +84,7 @@ impl Caller {
 }
 
 fn get(caller: &Caller, daemon: &Daemon, key: &str) -> std::process::Command {
-    let mut command = caller.command(TOKEND);
+    let mut command = caller.command(&tokend_for_anyone().to_string_lossy());
     command.args(["get", key, "--socket"]).arg(&daemon.socket);
     command
 }

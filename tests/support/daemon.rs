@@ -272,6 +272,24 @@ impl Conn {
     }
 }
 
+/// A copy of the `tokend` binary that any user can run. The build's own
+/// copy may sit under a directory only root can enter (a clone made in a
+/// `mktemp -d` folder is 0700), and callers under other uids must exec it.
+pub fn tokend_for_anyone() -> &'static Path {
+    static COPY: std::sync::OnceLock<(tempfile::TempDir, PathBuf)> = std::sync::OnceLock::new();
+    let (_, path) = COPY.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod dir");
+        let path = dir.path().join("tokend");
+        std::fs::copy(TOKEND, &path).expect("copy tokend");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
+            .expect("chmod tokend");
+        (dir, path)
+    });
+    path
+}
+
 /// A user the test-suite set-up (`scripts/test`) creates.
 pub struct TestUser {
     pub name: &'static str,
