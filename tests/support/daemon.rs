@@ -106,15 +106,24 @@ impl Daemon {
     /// Blocks until the log contains `needle`; panics with the log after
     /// [`PATIENCE`], or if the daemon exits first.
     pub fn wait_for_log(&mut self, needle: &str) -> String {
+        self.wait_for_log_count(needle, 1)
+    }
+
+    /// Blocks until `needle` occurs `count` times in the log. Blocking:
+    /// from an async test, use a multi-threaded runtime so peers the test
+    /// runs in-process keep going.
+    pub fn wait_for_log_count(&mut self, needle: &str, count: usize) -> String {
         let deadline = Instant::now() + PATIENCE;
         let mut text = self.log.text.lock().expect("log lock");
         loop {
-            if text.contains(needle) {
+            if text.matches(needle).count() >= count {
                 return text.clone();
             }
             let now = Instant::now();
             if now >= deadline {
-                panic!("tokend did not log {needle:?} within {PATIENCE:?}; log:\n{text}");
+                panic!(
+                    "tokend did not log {needle:?} {count} times within {PATIENCE:?}; log:\n{text}"
+                );
             }
             let exited = self
                 .child
