@@ -35,8 +35,14 @@ pub struct Config {
 pub struct DaemonConfig {
     pub socket: PathBuf,
     pub socket_mode: u32,
+    /// The group the socket is given, so its mode can open it to callers.
+    pub socket_group: Option<String>,
     pub max_connections: usize,
+    /// Default: half of `max_connections`, so no uid can take them all.
+    pub max_connections_per_uid: usize,
     pub idle_timeout: Duration,
+    /// A request line must arrive whole within this of its first byte.
+    pub request_timeout_client: Duration,
     pub max_request_bytes: usize,
     /// The log level when `RUST_LOG` does not set one.
     pub log_level: LevelFilter,
@@ -250,10 +256,15 @@ struct RawDaemon {
     socket: PathBuf,
     #[serde(deserialize_with = "mode")]
     socket_mode: u32,
+    socket_group: Option<String>,
     #[serde(deserialize_with = "at_least_one")]
     max_connections: usize,
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "optional_at_least_one")]
+    max_connections_per_uid: Option<usize>,
+    #[serde(deserialize_with = "positive_duration")]
     idle_timeout: Duration,
+    #[serde(deserialize_with = "positive_duration")]
+    request_timeout_client: Duration,
     #[serde(deserialize_with = "request_bytes")]
     max_request_bytes: usize,
     #[serde(deserialize_with = "log_level")]
@@ -265,8 +276,11 @@ impl Default for RawDaemon {
         RawDaemon {
             socket: PathBuf::from(DEFAULT_SOCKET),
             socket_mode: 0o660,
+            socket_group: None,
             max_connections: 1024,
+            max_connections_per_uid: None,
             idle_timeout: Duration::from_secs(30),
+            request_timeout_client: Duration::from_secs(10),
             max_request_bytes: 65536,
             log_level: LevelFilter::INFO,
         }
@@ -278,8 +292,13 @@ impl From<RawDaemon> for DaemonConfig {
         DaemonConfig {
             socket: raw.socket,
             socket_mode: raw.socket_mode,
+            socket_group: raw.socket_group,
             max_connections: raw.max_connections,
+            max_connections_per_uid: raw
+                .max_connections_per_uid
+                .unwrap_or((raw.max_connections / 2).max(1)),
             idle_timeout: raw.idle_timeout,
+            request_timeout_client: raw.request_timeout_client,
             max_request_bytes: raw.max_request_bytes,
             log_level: raw.log_level,
         }
@@ -474,6 +493,10 @@ fn at_least_one<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
     }
 }
 
+fn optional_at_least_one<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
+    at_least_one(d).map(Some)
+}
+
 fn request_bytes<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
     // A get with a key name and a few scopes needs a few hundred bytes;
     // below this limit the daemon could not be used at all.
@@ -622,6 +645,12 @@ allow_groups = ["billing"]
         assert_eq!(config.daemon.socket_mode, 0o660);
         assert_eq!(config.daemon.max_connections, 1024);
         assert_eq!(config.daemon.max_request_bytes, 65536);
+        assert_eq!(config.daemon.max_connections_per_uid, 512);
+        assert_eq!(
+            config.daemon.request_timeout_client,
+            Duration::from_secs(10)
+        );
+        assert_eq!(config.daemon.socket_group, None);
         assert_eq!(config.daemon.log_level, LevelFilter::INFO);
         let key = &config.keys["a"];
         assert_eq!(key.auth, AuthMethod::Basic);
@@ -636,10 +665,10 @@ allow_groups = ["billing"]
 
     #[test]
     fn errors_name_file_line_and_column() {
-        assert_eq!(
-            err("[daemon]\nsockett = \"/x\"\n"),
-            "t.toml:2:1: unknown field `sockett`, expected one of `socket`, `socket_mode`, \
-             `max_connections`, `idle_timeout`, `max_request_bytes`, `log_level`"
+        let unknown = err("[daemon]\nsockett = \"/x\"\n");
+        assert!(
+            unknown.starts_with("t.toml:2:1: unknown field `sockett`, expected one of `socket`"),
+            "{unknown}"
         );
         assert!(err("[daemon]\nidle_timeout = \"soon\"\n").starts_with("t.toml:2:16: bad duration"));
         assert!(err("[daemon]\nsocket_mode = \"0999\"\n").starts_with("t.toml:2:15: bad mode"));

@@ -1,24 +1,38 @@
-//! `tokend serve`: puts the pieces together and runs them until a signal.
+//! `tokend serve`: puts the pieces together and runs them until a signal,
+//! reloading the configuration on SIGHUP.
 //!
 //! Start-up order matters: the configuration and secrets are validated
 //! before the socket exists, the socket is listening before prefetch starts
-//! (a slow issuer must not hold up callers of other keys), and on shutdown
-//! the socket file goes last, after every answer in flight was written.
+//! and before systemd hears `READY=1` (a slow issuer must not hold up boot
+//! or callers of other keys), and on shutdown the socket file goes last,
+//! after every answer in flight was written. A socket systemd passed is
+//! neither bound nor removed here: it is systemd's.
+//!
+//! A reload builds a whole new [`Service`] beside the running one and swaps
+//! it in; handlers pick up the current one per request, so connections stay
+//! open across a reload. Logging (journald or stderr, and its level) is set
+//! up here too.
 
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::{signal, Signal, SignalKind};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing_subscriber::filter::{EnvFilter, LevelFilter};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{reload, Registry};
 
 use crate::cache::TokenCache;
-use crate::config;
+use crate::config::{self, Config, DaemonConfig};
 use crate::issuer::IssuerClient;
 use crate::server::{self, Limits, Listener};
 use crate::service::Service;
+use crate::systemd::{self, Notifier};
 
 /// From the stop signal to the moment gets still waiting on an issuer are
 /// answered `unavailable`.
@@ -26,43 +40,86 @@ const ANSWER_DEADLINE: Duration = Duration::from_millis(3500);
 /// From the stop signal to giving up on connections that will not finish
 /// (a caller that does not read its answer). Under the 5 s we promise.
 const DRAIN_DEADLINE: Duration = Duration::from_millis(4500);
+/// How often the STATUS= line is recomputed (and sent when it changed).
+/// Cheap: a summary takes each cache lock once, briefly.
+const STATUS_EVERY: Duration = Duration::from_secs(2);
 
 pub async fn serve(config_path: &Path) -> anyhow::Result<()> {
-    let config = Arc::new(config::load(config_path)?);
+    let config = config::load(config_path)?;
+    let logging = Logging::init(config.daemon.log_level);
+    // Watched before anything is announced: the default action of each of
+    // these signals would kill the daemon.
+    let mut signals = Signals::new()?;
     harden();
-    let socket = config.daemon.socket.clone();
-    let listener = server::bind(&socket, config.daemon.socket_mode)?;
+    let notifier = Arc::new(Notifier::from_env());
+
+    let socket = Socket::open(&config.daemon)?;
 
     let shutdown = CancellationToken::new();
     let deadline = CancellationToken::new();
     let tasks = TaskTracker::new();
     let issuer = IssuerClient::new().context("failed to set up the HTTP client")?;
-    let cache = TokenCache::new(&config, issuer, tasks.clone(), deadline.clone());
-    let limits = Limits {
-        max_connections: config.daemon.max_connections,
-        idle_timeout: config.daemon.idle_timeout,
-        max_request_bytes: config.daemon.max_request_bytes,
-    };
+    let config = Arc::new(config);
+    let cache = TokenCache::new(&config, issuer.clone(), tasks.clone(), deadline.clone());
+    let limits = Limits::from(&config.daemon);
     let service = Arc::new(Service::new(config.clone(), cache, deadline.clone()));
+    let (current, services) = watch::channel(service.clone());
     let accept = tokio::spawn(
         Listener {
-            listener,
-            service: service.clone(),
+            listener: socket.listener,
+            services: services.clone(),
             limits,
             shutdown: shutdown.clone(),
             connections: tasks.clone(),
         }
         .run(),
     );
-    tracing::info!(socket = %socket.display(), keys = config.keys.len(), "listening");
+    tracing::info!(socket = %socket.shown, keys = config.keys.len(), "listening");
     service.cache().prefetch();
+    drop(service);
 
-    let signal_name = stop_signal().await?;
+    let status = Arc::new(Status::new(notifier.clone(), services));
+    notifier.notify(&status.ready()).await;
+    let housekeeping = CancellationToken::new();
+    let mut chores = Vec::new();
+    if notifier.is_enabled() {
+        if let Some(every) = systemd::watchdog_interval() {
+            chores.push(tokio::spawn(pet_watchdog(
+                notifier.clone(),
+                every,
+                housekeeping.clone(),
+            )));
+        }
+        chores.push(tokio::spawn(status.clone().run(housekeeping.clone())));
+    }
+
+    let mut reloader = Reloader {
+        path: config_path.to_owned(),
+        current,
+        running: config.daemon.clone(),
+        issuer,
+        tasks: tasks.clone(),
+        deadline: deadline.clone(),
+        notifier: notifier.clone(),
+        status,
+        logging,
+    };
+    drop(config);
+    let signal_name = loop {
+        match signals.next().await {
+            Some(Asked::Reload) => reloader.reload().await,
+            Some(Asked::Stop(name)) => break name,
+            None => anyhow::bail!("signal handling ended unexpectedly"),
+        }
+    };
+
     tracing::info!("{signal_name} received: shutting down");
+    notifier.notify(systemd::STOPPING).await;
     let stopping = tokio::time::Instant::now();
     shutdown.cancel();
-    // Refreshers have nothing to finish; fetches callers wait on do.
-    service.cache().stop();
+    // Refreshers would otherwise keep the task tracker busy (and keep
+    // retrying a failing issuer) until the deadline.
+    reloader.current.borrow().cache().stop();
     let answer_deadline = deadline.clone();
     tokio::spawn(async move {
         tokio::time::sleep(ANSWER_DEADLINE).await;
@@ -77,21 +134,319 @@ pub async fn serve(config_path: &Path) -> anyhow::Result<()> {
         tracing::warn!("some connections did not finish in time; closing them");
     }
     deadline.cancel();
-    if let Err(e) = std::fs::remove_file(&socket) {
-        tracing::warn!(socket = %socket.display(), "failed to remove the socket: {e}");
+    housekeeping.cancel();
+    for chore in chores {
+        let _ = chore.await;
+    }
+    if let Some(path) = socket.owned {
+        if let Err(e) = std::fs::remove_file(&path) {
+            tracing::warn!(socket = %path.display(), "failed to remove the socket: {e}");
+        }
     }
     tracing::info!("stopped");
     Ok(())
 }
 
-/// Waits for SIGTERM or SIGINT and says which.
-async fn stop_signal() -> anyhow::Result<&'static str> {
-    let mut term = signal(SignalKind::terminate()).context("failed to watch SIGTERM")?;
-    let mut int = signal(SignalKind::interrupt()).context("failed to watch SIGINT")?;
-    Ok(tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    })
+/// The listening socket: the one systemd passed, or one bound here.
+struct Socket {
+    listener: tokio::net::UnixListener,
+    /// The file to remove at shutdown: only one tokend bound itself.
+    owned: Option<PathBuf>,
+    /// Where it is, for the log.
+    shown: String,
+}
+
+impl Socket {
+    fn open(daemon: &DaemonConfig) -> anyhow::Result<Socket> {
+        if let Some(passed) = systemd::listener()? {
+            let shown = systemd::listener_path(&passed);
+            tracing::info!(socket = %shown, "using the socket systemd passed");
+            let listener = tokio::net::UnixListener::from_std(passed)
+                .context("failed to register the socket systemd passed")?;
+            return Ok(Socket {
+                listener,
+                owned: None,
+                shown,
+            });
+        }
+        Ok(Socket {
+            listener: server::bind(
+                &daemon.socket,
+                daemon.socket_mode,
+                daemon.socket_group.as_deref(),
+            )?,
+            owned: Some(daemon.socket.clone()),
+            shown: daemon.socket.display().to_string(),
+        })
+    }
+}
+
+/// What a signal asks for.
+enum Asked {
+    Reload,
+    Stop(&'static str),
+}
+
+/// SIGHUP, SIGTERM and SIGINT, watched from start-up on.
+struct Signals {
+    hup: Signal,
+    term: Signal,
+    int: Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Signals> {
+        Ok(Signals {
+            hup: signal(SignalKind::hangup()).context("failed to watch SIGHUP")?,
+            term: signal(SignalKind::terminate()).context("failed to watch SIGTERM")?,
+            int: signal(SignalKind::interrupt()).context("failed to watch SIGINT")?,
+        })
+    }
+
+    async fn next(&mut self) -> Option<Asked> {
+        tokio::select! {
+            s = self.hup.recv() => s.map(|()| Asked::Reload),
+            s = self.term.recv() => s.map(|()| Asked::Stop("SIGTERM")),
+            s = self.int.recv() => s.map(|()| Asked::Stop("SIGINT")),
+        }
+    }
+}
+
+/// Owns reloading: the path to re-read, the slot the current [`Service`]
+/// lives in, and what a new cache is built from.
+struct Reloader {
+    path: PathBuf,
+    current: watch::Sender<Arc<Service>>,
+    /// The `[daemon]` settings in force: the socket and the limits were set
+    /// up at start and stay until a restart.
+    running: DaemonConfig,
+    issuer: IssuerClient,
+    tasks: TaskTracker,
+    deadline: CancellationToken,
+    notifier: Arc<Notifier>,
+    status: Arc<Status>,
+    logging: Logging,
+}
+
+impl Reloader {
+    /// Re-reads the configuration and its secret files; swaps in a new
+    /// service when they are valid, keeps the running one when not. Either
+    /// way systemd hears `READY=1` at the end.
+    async fn reload(&mut self) {
+        tracing::info!(config = %self.path.display(), "SIGHUP received: reloading");
+        self.notifier.notify(&systemd::reloading()).await;
+        let path = self.path.clone();
+        let loaded = tokio::task::spawn_blocking(move || config::load(&path)).await;
+        match loaded {
+            Ok(Ok(config)) => {
+                self.swap(config);
+                self.status.reload_failed(None);
+            }
+            Ok(Err(e)) => {
+                tracing::error!("reload failed; still serving the previous configuration: {e}");
+                self.status.reload_failed(Some(e.to_string()));
+            }
+            Err(e) => {
+                tracing::error!("reload failed; still serving the previous configuration: {e}");
+                self.status.reload_failed(Some(e.to_string()));
+            }
+        }
+        self.notifier.notify(&self.status.ready()).await;
+    }
+
+    fn swap(&mut self, config: Config) {
+        self.warn_restart_needed(&config.daemon);
+        self.logging.set_level(config.daemon.log_level);
+        let config = Arc::new(config);
+        let cache = TokenCache::new(
+            &config,
+            self.issuer.clone(),
+            self.tasks.clone(),
+            self.deadline.clone(),
+        );
+        let old = self.current.borrow().clone();
+        let carried = cache.adopt(old.cache());
+        old.cache().stop();
+        let service = Arc::new(Service::new(config.clone(), cache, self.deadline.clone()));
+        // From here on every request, on new connections and open ones
+        // alike, is answered by the new service; requests already in
+        // progress finish on the old one.
+        self.current.send_replace(service.clone());
+        service.cache().prefetch();
+        tracing::info!(keys = config.keys.len(), carried, "reloaded");
+    }
+
+    fn warn_restart_needed(&self, new: &DaemonConfig) {
+        let old = &self.running;
+        let changed: Vec<&str> = [
+            ("socket", old.socket != new.socket),
+            ("socket_mode", old.socket_mode != new.socket_mode),
+            ("socket_group", old.socket_group != new.socket_group),
+            (
+                "max_connections",
+                old.max_connections != new.max_connections,
+            ),
+            (
+                "max_connections_per_uid",
+                old.max_connections_per_uid != new.max_connections_per_uid,
+            ),
+            ("idle_timeout", old.idle_timeout != new.idle_timeout),
+            (
+                "request_timeout_client",
+                old.request_timeout_client != new.request_timeout_client,
+            ),
+            (
+                "max_request_bytes",
+                old.max_request_bytes != new.max_request_bytes,
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(name, differs)| differs.then_some(name))
+        .collect();
+        if !changed.is_empty() {
+            tracing::warn!(
+                "[daemon] {} changed in {}; that takes a restart (systemctl restart tokend), \
+                 a reload keeps the running values",
+                changed.join(", "),
+                self.path.display()
+            );
+        }
+    }
+}
+
+/// The STATUS= line systemd shows: the current cache in numbers, and the
+/// last reload's error until a reload succeeds.
+struct Status {
+    notifier: Arc<Notifier>,
+    services: watch::Receiver<Arc<Service>>,
+    reload_error: Mutex<Option<String>>,
+    /// The last line sent, so an unchanged one is not sent again.
+    sent: Mutex<String>,
+}
+
+impl Status {
+    fn new(notifier: Arc<Notifier>, services: watch::Receiver<Arc<Service>>) -> Status {
+        Status {
+            notifier,
+            services,
+            reload_error: Mutex::default(),
+            sent: Mutex::default(),
+        }
+    }
+
+    fn line(&self) -> String {
+        let service = self.services.borrow().clone();
+        let mut line = systemd::status_line(&service.cache().summary());
+        if let Some(error) = &*lock(&self.reload_error) {
+            line.push_str("; last reload failed: ");
+            line.push_str(error);
+        }
+        // One assignment per line in the protocol: a newline would end it.
+        line.replace('\n', " ")
+    }
+
+    fn reload_failed(&self, error: Option<String>) {
+        *lock(&self.reload_error) = error;
+    }
+
+    /// `READY=1` with the current status line.
+    fn ready(&self) -> String {
+        let line = self.line();
+        *lock(&self.sent) = line.clone();
+        systemd::ready(&line)
+    }
+
+    /// Recomputes the line every [`STATUS_EVERY`] and sends it when it
+    /// changed.
+    async fn run(self: Arc<Self>, stop: CancellationToken) {
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(STATUS_EVERY) => {}
+                () = stop.cancelled() => return,
+            }
+            let line = self.line();
+            let changed = {
+                let mut sent = lock(&self.sent);
+                let changed = *sent != line;
+                if changed {
+                    sent.clone_from(&line);
+                }
+                changed
+            };
+            if changed {
+                self.notifier.notify(&format!("STATUS={line}")).await;
+            }
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // The data here (a line of text) stays valid whatever a panicking
+    // holder did.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Sends `WATCHDOG=1` every `every` from the runtime that serves requests,
+/// so a daemon whose runtime is wedged stops petting and systemd restarts it.
+async fn pet_watchdog(notifier: Arc<Notifier>, every: Duration, stop: CancellationToken) {
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => notifier.notify(systemd::WATCHDOG).await,
+            () = stop.cancelled() => return,
+        }
+    }
+}
+
+/// The daemon's log: native journald entries with fields (KEY, SCOPES,
+/// PEER_UID, …) when stderr is the journal, human-readable lines on stderr
+/// otherwise. `RUST_LOG` sets the filter when present; else `[daemon]
+/// log_level` does, and a reload can change it.
+pub struct Logging {
+    /// `None` when `RUST_LOG` decides: then a reload leaves the level be.
+    level: Option<reload::Handle<EnvFilter, Registry>>,
+}
+
+impl Logging {
+    pub fn init(level: LevelFilter) -> Logging {
+        let from_env = EnvFilter::try_from_default_env().ok();
+        let fixed = from_env.is_some();
+        let filter = from_env.unwrap_or_else(|| EnvFilter::new(level.to_string()));
+        let (filter, handle) = reload::Layer::new(filter);
+        let registry = tracing_subscriber::registry().with(filter);
+        let journald = systemd::stderr_is_journal().then(tracing_journald::layer);
+        let fallback_reason = match journald {
+            Some(Ok(layer)) => {
+                let layer = layer
+                    .with_field_prefix(None)
+                    .with_syslog_identifier("tokend".to_owned());
+                let _ = registry.with(layer).try_init();
+                None
+            }
+            other => {
+                let stderr = tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+                let _ = registry.with(stderr).try_init();
+                other.and_then(Result::err)
+            }
+        };
+        if let Some(e) = fallback_reason {
+            tracing::warn!("stderr is the journal but journald cannot be reached ({e}); logging text to stderr");
+        }
+        Logging {
+            level: (!fixed).then_some(handle),
+        }
+    }
+
+    fn set_level(&self, level: LevelFilter) {
+        if let Some(handle) = &self.level {
+            if let Err(e) = handle.reload(EnvFilter::new(level.to_string())) {
+                tracing::warn!("failed to change the log level: {e}");
+            }
+        }
+    }
 }
 
 /// Keeps secrets out of core dumps and away from same-uid debuggers.
@@ -114,6 +469,30 @@ fn harden() {
                 "failed to disable core dumps: {}",
                 std::io::Error::last_os_error()
             );
+        }
+    }
+    raise_open_files();
+}
+
+/// Every connection is a file descriptor, and the soft limit systemd and
+/// shells give (1024) is below the default `max_connections` plus what
+/// the issuer connections need; the hard limit is ours to take.
+fn raise_open_files() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read or write the local struct only.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                tracing::warn!(
+                    "failed to raise the open-file limit: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
         }
     }
 }

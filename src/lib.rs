@@ -12,7 +12,8 @@
 //! - [`peer`]: the caller's kernel-recorded identity and the allow decision.
 //! - [`service`]: what each request means for this caller.
 //! - [`server`]: the socket, the accept loop, per-connection handlers and limits.
-//! - [`daemon`]: `tokend serve`: start-up, signals and shutdown.
+//! - [`daemon`]: `tokend serve`: start-up, logging, signals, reload and shutdown.
+//! - [`systemd`]: sd_notify, the watchdog, socket activation, journald detection.
 //! - [`client`]: `tokend get`'s side of the socket.
 
 pub mod cache;
@@ -26,3 +27,4 @@ pub mod scope;
 pub mod secret;
 pub mod server;
 pub mod service;
+pub mod systemd;

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 
 use tokend::client::{self, ClientError};
 use tokend::config::{self, DEFAULT_CONFIG, DEFAULT_SOCKET};
@@ -32,7 +32,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the daemon (SIGTERM or SIGINT stop it within 5 seconds).
+    /// Run the daemon (SIGHUP reloads the configuration; SIGTERM or SIGINT stop it within 5 seconds).
     Serve {
         /// The configuration file.
         #[arg(long, short, value_name = "PATH", default_value = DEFAULT_CONFIG)]
@@ -66,6 +66,9 @@ enum Command {
         #[arg(long, short, value_name = "PATH", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
+    /// Print the tokend(8) manual page (roff) generated from these definitions.
+    #[command(hide = true)]
+    Man,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -100,11 +103,11 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             timeout,
         } => Ok(get(&socket, &key, &scopes, format, timeout)),
         Command::Check { config } => Ok(check(&config)),
+        Command::Man => man(),
     }
 }
 
 fn serve(config: &Path) -> anyhow::Result<ExitCode> {
-    init_logging();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -162,14 +165,93 @@ fn check(path: &Path) -> ExitCode {
     }
 }
 
-/// Human-readable lines on stderr; `RUST_LOG` picks the level (info by
-/// default).
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+/// Sections of tokend(8) that are not about options: what the daemon
+/// reads, how it behaves under systemd, and what its exit codes mean.
+const MAN_EXTRA: &str = r#".SH FILES
+.TP
+\fI/etc/tokend/tokend.toml\fR
+The configuration (mode 0600, owner tokend). \fBtokend check\fR validates it.
+.TP
+\fI/run/tokend/tokend.sock\fR
+The socket callers connect to; members of group \fBtokend\fR may connect, and each key's allow lists decide what they may read.
+.TP
+\fI/etc/tokend/credentials/\fR
+Client secrets loaded by systemd (\fBLoadCredential=\fR) into \fI/run/credentials/tokend.service/secret_NAME\fR.
+.SH SIGNALS
+.TP
+\fBSIGHUP\fR
+Re-read and validate the configuration and secret files. On success the new configuration answers the next request, on open connections too; tokens of keys whose issuer, client and secret did not change are kept. On error the running configuration stays and the error is logged with FILE:LINE:COL.
+.TP
+\fBSIGTERM\fR, \fBSIGINT\fR
+Stop accepting, answer what is in flight, exit 0 within 5 seconds.
+.SH ENVIRONMENT
+.TP
+\fBRUST_LOG\fR
+The log filter; overrides \fBlog_level\fR in [daemon].
+.TP
+\fBTOKEND_SOCKET\fR
+The socket \fBtokend get\fR connects to.
+.TP
+\fBNOTIFY_SOCKET\fR, \fBWATCHDOG_USEC\fR
+Set by systemd for Type=notify: tokend sends READY=1 once its socket listens, STATUS= lines, RELOADING=1 and READY=1 around a reload, WATCHDOG=1 at half the watchdog interval, and STOPPING=1.
+.TP
+\fBLISTEN_FDS\fR, \fBLISTEN_PID\fR
+Socket activation: tokend serves on the socket it is passed and neither creates nor removes a socket file.
+.TP
+\fBJOURNAL_STREAM\fR
+When stderr is the journal, tokend logs to journald with the fields KEY, SCOPES, PEER_UID, PEER_PID and ISSUER_STATUS.
+.SH EXIT STATUS
+\fBserve\fR: 0 after a clean stop, 1 on a start-up error. \fBget\fR: 0 token printed, 1 refused, 2 usage error, 3 unreachable. \fBcheck\fR: 0 valid, 1 invalid.
+.SH SEE ALSO
+\fBsystemctl\fR(1), \fBsystemd.exec\fR(5), \fBsystemd-creds\fR(1)
+"#;
+
+/// Renders tokend(8): clap_mangen's page for the whole command, then a
+/// section per subcommand with its synopsis and options, then
+/// [`MAN_EXTRA`].
+fn man() -> anyhow::Result<ExitCode> {
+    let mut cli = Cli::command().disable_help_subcommand(true);
+    cli.build();
+    let mut page = render(
+        clap_mangen::Man::new(cli.clone())
+            .section("8")
+            .manual("System Administration"),
+        |man, out| man.render(out),
+    )?;
+    for sub in cli.get_subcommands() {
+        // The SUBCOMMANDS list points at a page per subcommand; here each
+        // is a section of this page.
+        let name = sub.get_name();
+        page = page.replace(
+            &format!("tokend\\-{name}(8)"),
+            &format!("\\fBtokend {name}\\fR"),
+        );
+    }
+    for sub in cli.get_subcommands().filter(|s| !s.is_hide_set()) {
+        let name = format!("tokend {}", sub.get_name());
+        let man = clap_mangen::Man::new(sub.clone().bin_name(name.clone()));
+        let part = render(man, |man, out| {
+            man.render_synopsis_section(out)?;
+            man.render_options_section(out)?;
+            man.render_extra_section(out)
+        })?;
+        // clap_mangen heads each part as a section of its own.
+        let part = part
+            .replace(".SH SYNOPSIS\n", "")
+            .replace(".SH OPTIONS\n", "")
+            .replace(".SH EXTRA\n", ".PP\n");
+        page.push_str(&format!(".SH \"{}\"\n{part}", name.to_uppercase()));
+    }
+    page.push_str(MAN_EXTRA);
+    std::io::stdout().lock().write_all(page.as_bytes())?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn render(
+    man: clap_mangen::Man,
+    parts: impl FnOnce(&clap_mangen::Man, &mut Vec<u8>) -> std::io::Result<()>,
+) -> anyhow::Result<String> {
+    let mut out = Vec::new();
+    parts(&man, &mut out)?;
+    Ok(String::from_utf8(out)?)
 }

@@ -44,6 +44,14 @@ impl AccessToken {
     pub fn expose(&self) -> &str {
         &self.0
     }
+
+    /// The first 8 hex digits of the token's SHA-256: enough for an
+    /// operator to tell tokens apart in a log, useless for using one.
+    pub fn fingerprint(&self) -> String {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(self.0.as_bytes());
+        digest[..4].iter().map(|b| format!("{b:02x}")).collect()
+    }
 }
 
 impl fmt::Debug for AccessToken {
@@ -64,5 +72,11 @@ mod tests {
         assert!(!shown.contains("hunter2"), "{shown}");
         assert!(!shown.contains("eyJ"), "{shown}");
         assert!(shown.contains("[redacted]"));
+    }
+
+    #[test]
+    fn fingerprint_is_the_start_of_the_sha256() {
+        // sha256("abc") = ba7816bf8f01cfea…
+        assert_eq!(AccessToken::new("abc".into()).fingerprint(), "ba7816bf");
     }
 }

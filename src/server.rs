@@ -3,7 +3,9 @@
 //! lines, answers them in order and stops between requests at shutdown.
 //!
 //! What a request means is [`crate::service`]'s business; this module moves
-//! bytes and enforces limits.
+//! bytes and enforces limits. The service is looked up afresh for every
+//! request, so a reload's new configuration answers the next request even
+//! on a connection opened before it.
 
 use std::io;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -14,10 +16,12 @@ use std::time::Duration;
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{watch, Semaphore};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::config::DaemonConfig;
 use crate::peer;
 use crate::protocol::{self, ErrorBody, ErrorCode, Response};
 use crate::service::Service;
@@ -29,16 +33,30 @@ pub enum BindError {
     NotASocket(PathBuf),
     #[error("{}: another process is listening on this socket (is tokend already running?)", .0.display())]
     InUse(PathBuf),
+    #[error("{}: the socket's directory is writable by others without the sticky bit; anyone could replace the socket", .0.display())]
+    UnsafeDirectory(PathBuf),
+    #[error("socket_group {0:?} does not exist")]
+    NoSuchGroup(String),
     #[error("failed to bind {}: {source}", path.display())]
     Io { path: PathBuf, source: io::Error },
 }
 
-/// Binds the listening socket at `path` with `mode`, replacing only a stale
-/// socket that nobody listens on.
-pub fn bind(path: &Path, mode: u32) -> Result<UnixListener, BindError> {
+/// Binds the listening socket at `path` with `mode` (and `group`, a group
+/// name, when set), replacing only a stale socket that nobody listens on.
+pub fn bind(path: &Path, mode: u32, group: Option<&str>) -> Result<UnixListener, BindError> {
     let io_err = |source| BindError::Io {
         path: path.to_owned(),
         source,
+    };
+    check_directory(path)?;
+    let gid = match group {
+        Some(name) => Some(
+            nix::unistd::Group::from_name(name)
+                .map_err(|e| io_err(e.into()))?
+                .ok_or_else(|| BindError::NoSuchGroup(name.to_owned()))?
+                .gid,
+        ),
+        None => None,
     };
     match std::fs::symlink_metadata(path) {
         Ok(meta) if !meta.file_type().is_socket() => {
@@ -61,22 +79,108 @@ pub fn bind(path: &Path, mode: u32) -> Result<UnixListener, BindError> {
     let listener = UnixListener::bind(path);
     nix::sys::stat::umask(old);
     let listener = listener.map_err(io_err)?;
+    // Group first, then the mode that may open it to that group.
+    if let Some(gid) = gid {
+        nix::unistd::chown(path, None, Some(gid)).map_err(|e| io_err(e.into()))?;
+    }
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io_err)?;
     Ok(listener)
+}
+
+/// Refuses a directory where others could swap our socket for theirs: one
+/// writable by group or others without the sticky bit (as /tmp has).
+fn check_directory(path: &Path) -> Result<(), BindError> {
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    let meta = std::fs::metadata(dir).map_err(|source| BindError::Io {
+        path: dir.to_owned(),
+        source,
+    })?;
+    let mode = meta.permissions().mode();
+    if mode & 0o022 != 0 && mode & 0o1000 == 0 {
+        return Err(BindError::UnsafeDirectory(dir.to_owned()));
+    }
+    Ok(())
 }
 
 /// Limits a connection lives under.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub max_connections: usize,
+    /// So that no single uid can take every connection.
+    pub max_connections_per_uid: usize,
+    /// Between requests: a connection that sends nothing this long is closed.
     pub idle_timeout: Duration,
+    /// From a line's first byte to its newline: a slow-drip client is closed.
+    pub request_timeout: Duration,
     pub max_request_bytes: usize,
+}
+
+impl From<&DaemonConfig> for Limits {
+    fn from(daemon: &DaemonConfig) -> Self {
+        Limits {
+            max_connections: daemon.max_connections,
+            max_connections_per_uid: daemon.max_connections_per_uid,
+            idle_timeout: daemon.idle_timeout,
+            request_timeout: daemon.request_timeout_client,
+            max_request_bytes: daemon.max_request_bytes,
+        }
+    }
+}
+
+/// Open connections per uid. Entries leave the map when their count drops
+/// to zero, so it holds at most one entry per open connection.
+#[derive(Default)]
+struct PerUid(std::sync::Mutex<std::collections::HashMap<u32, usize>>);
+
+/// One connection's place in [`PerUid`]; gives it back on drop.
+struct UidSlot {
+    counts: Arc<PerUid>,
+    uid: u32,
+}
+
+impl PerUid {
+    /// A place for `uid`, unless it already holds `limit` connections.
+    fn take(self: &Arc<Self>, uid: u32, limit: usize) -> Option<UidSlot> {
+        let mut counts = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let count = counts.entry(uid).or_insert(0);
+        if *count >= limit {
+            return None;
+        }
+        *count += 1;
+        Some(UidSlot {
+            counts: self.clone(),
+            uid,
+        })
+    }
+}
+
+impl Drop for UidSlot {
+    fn drop(&mut self) {
+        let mut counts = self
+            .counts
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(count) = counts.get_mut(&self.uid) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.uid);
+            }
+        }
+    }
 }
 
 /// Owns the accept loop.
 pub struct Listener {
     pub listener: UnixListener,
-    pub service: Arc<Service>,
+    /// The current service; a reload replaces it.
+    pub services: watch::Receiver<Arc<Service>>,
     pub limits: Limits,
     /// Stop accepting and let handlers finish the request they are on.
     pub shutdown: CancellationToken,
@@ -88,6 +192,7 @@ impl Listener {
     /// `connections`.
     pub async fn run(self) {
         let slots = Arc::new(Semaphore::new(self.limits.max_connections));
+        let per_uid = Arc::new(PerUid::default());
         loop {
             let stream = tokio::select! {
                 accepted = self.listener.accept() => match accepted {
@@ -102,26 +207,47 @@ impl Listener {
                 },
                 () = self.shutdown.cancelled() => break,
             };
-            match slots.clone().try_acquire_owned() {
-                Ok(permit) => {
-                    let handler = Handler {
-                        service: self.service.clone(),
-                        limits: self.limits,
-                        shutdown: self.shutdown.clone(),
-                    };
-                    self.connections.spawn(async move {
-                        handler.run(stream).await;
-                        drop(permit);
-                    });
+            // The kernel recorded the peer's uid at connect; reading it is
+            // one getsockopt, cheap enough for the accept loop.
+            let uid = match stream.peer_cred() {
+                Ok(cred) => cred.uid(),
+                Err(e) => {
+                    tracing::warn!("failed to read a caller's credentials: {e}");
+                    continue;
                 }
-                Err(_) => {
-                    let message = format!(
-                        "tokend is at max_connections ({})",
-                        self.limits.max_connections
-                    );
-                    self.connections.spawn(refuse(stream, message));
-                }
-            }
+            };
+            let Some(uid_slot) = per_uid.take(uid, self.limits.max_connections_per_uid) else {
+                // Debug, not info: a hostile caller must not be able to
+                // flood the journal by reconnecting.
+                tracing::debug!(
+                    peer_uid = uid,
+                    "refused a connection: uid at max_connections_per_uid"
+                );
+                let message = format!(
+                    "uid {uid} is at max_connections_per_uid ({})",
+                    self.limits.max_connections_per_uid
+                );
+                self.connections.spawn(refuse(stream, message));
+                continue;
+            };
+            let Ok(permit) = slots.clone().try_acquire_owned() else {
+                tracing::debug!(peer_uid = uid, "refused a connection: at max_connections");
+                let message = format!(
+                    "tokend is at max_connections ({})",
+                    self.limits.max_connections
+                );
+                self.connections.spawn(refuse(stream, message));
+                continue;
+            };
+            let handler = Handler {
+                services: self.services.clone(),
+                limits: self.limits,
+                shutdown: self.shutdown.clone(),
+            };
+            self.connections.spawn(async move {
+                handler.run(stream).await;
+                drop((permit, uid_slot));
+            });
         }
     }
 }
@@ -139,7 +265,7 @@ async fn refuse(mut stream: UnixStream, message: String) {
 
 /// Serves one connection.
 struct Handler {
-    service: Arc<Service>,
+    services: watch::Receiver<Arc<Service>>,
     limits: Limits,
     shutdown: CancellationToken,
 }
@@ -172,21 +298,28 @@ impl Handler {
         let mut lines = LineReader::new(read, self.limits.max_request_bytes);
         loop {
             let frame = tokio::select! {
-                frame = tokio::time::timeout(self.limits.idle_timeout, lines.next()) => frame,
+                frame = lines.next(self.limits.idle_timeout, self.limits.request_timeout) => frame,
                 // Between requests: nothing is lost by stopping here.
                 () = self.shutdown.cancelled() => break,
             };
             let (answer, close) = match frame {
-                Err(_) => {
+                Ok(Frame::Idle) => {
                     tracing::debug!(peer_uid = caller.uid, "closing an idle connection");
                     break;
                 }
-                Ok(Err(e)) => {
+                Ok(Frame::Slow) => {
+                    tracing::debug!(
+                        peer_uid = caller.uid,
+                        "closing a connection whose request line did not arrive in time"
+                    );
+                    break;
+                }
+                Err(e) => {
                     tracing::debug!(peer_uid = caller.uid, "connection read failed: {e}");
                     break;
                 }
-                Ok(Ok(Frame::Eof)) => break,
-                Ok(Ok(Frame::TooLarge)) => {
+                Ok(Frame::Eof) => break,
+                Ok(Frame::TooLarge) => {
                     let message = format!(
                         "request line is longer than max_request_bytes ({})",
                         self.limits.max_request_bytes
@@ -194,7 +327,12 @@ impl Handler {
                     let error = Response::Error(ErrorBody::new(ErrorCode::TooLarge, message));
                     (protocol::encode(None, &error), true)
                 }
-                Ok(Ok(Frame::Line(line))) => (self.service.answer(&caller, &line).await, false),
+                Ok(Frame::Line(line)) => {
+                    // Cloned out so the watch's lock is released at once,
+                    // not held across the answer.
+                    let service = self.services.borrow().clone();
+                    (service.answer(&caller, &line).await, false)
+                }
             };
             if let Err(e) = write.write_all(&answer).await {
                 tracing::debug!(peer_uid = caller.uid, "connection write failed: {e}");
@@ -205,6 +343,7 @@ impl Handler {
             }
         }
         let _ = write.shutdown().await;
+        tracing::trace!(peer_uid = caller.uid, "connection closed");
     }
 }
 
@@ -216,6 +355,10 @@ pub enum Frame {
     /// The line passed the limit; the rest of it was not read.
     TooLarge,
     Eof,
+    /// Nothing arrived within the idle timeout.
+    Idle,
+    /// A line began but did not end within the request timeout.
+    Slow,
 }
 
 /// Reads `\n`-terminated lines holding at most `max` bytes of one line in
@@ -229,6 +372,8 @@ pub struct LineReader<R> {
     scanned: usize,
     max: usize,
     eof: bool,
+    /// When the first byte of the line in `buf` arrived.
+    line_started: Option<Instant>,
 }
 
 impl<R: AsyncRead + Unpin> LineReader<R> {
@@ -239,10 +384,14 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
             scanned: 0,
             max,
             eof: false,
+            line_started: None,
         }
     }
 
-    pub async fn next(&mut self) -> io::Result<Frame> {
+    /// The next frame. Waiting for a line to begin ends after `idle`; a
+    /// line that has begun must end within `whole` of its first byte.
+    pub async fn next(&mut self, idle: Duration, whole: Duration) -> io::Result<Frame> {
+        let idle_deadline = Instant::now() + idle;
         loop {
             if let Some(pos) = self.buf[self.scanned..].iter().position(|&b| b == b'\n') {
                 let end = self.scanned + pos;
@@ -252,6 +401,8 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
                 let mut line = self.buf.split_to(end + 1);
                 line.truncate(end);
                 self.scanned = 0;
+                // A pipelined next line gets its own full window.
+                self.line_started = (!self.buf.is_empty()).then(Instant::now);
                 return Ok(Frame::Line(line));
             }
             self.scanned = self.buf.len();
@@ -266,11 +417,22 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
                     Frame::Line(self.buf.split())
                 });
             }
+            let (deadline, expired) = match self.line_started {
+                Some(started) => (started + whole, Frame::Slow),
+                None => (idle_deadline, Frame::Idle),
+            };
             // Read no further than one byte past the limit.
             let room = self.max + 1 - self.buf.len();
             let mut chunk = (&mut self.inner).take(room.min(16 * 1024) as u64);
-            if chunk.read_buf(&mut self.buf).await? == 0 {
-                self.eof = true;
+            match tokio::time::timeout_at(deadline, chunk.read_buf(&mut self.buf)).await {
+                Err(_) => return Ok(expired),
+                Ok(read) => {
+                    if read? == 0 {
+                        self.eof = true;
+                    } else if self.line_started.is_none() {
+                        self.line_started = Some(Instant::now());
+                    }
+                }
             }
         }
     }
@@ -284,7 +446,7 @@ mod tests {
         let mut reader = LineReader::new(input, max);
         let mut out = Vec::new();
         loop {
-            let frame = reader.next().await.unwrap();
+            let frame = reader.next(LONG, LONG).await.unwrap();
             let stop = matches!(frame, Frame::Eof | Frame::TooLarge);
             out.push(frame);
             if stop {
@@ -292,6 +454,8 @@ mod tests {
             }
         }
     }
+
+    const LONG: Duration = Duration::from_secs(3600);
 
     fn line(s: &str) -> Frame {
         Frame::Line(BytesMut::from(s))
@@ -327,7 +491,32 @@ mod tests {
     async fn reads_no_more_than_the_limit_from_an_endless_line() {
         let endless = tokio::io::repeat(b'x');
         let mut reader = LineReader::new(endless, 1000);
-        assert_eq!(reader.next().await.unwrap(), Frame::TooLarge);
+        assert_eq!(reader.next(LONG, LONG).await.unwrap(), Frame::TooLarge);
         assert!(reader.buf.len() <= 1001);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_and_slow_drip_are_timed_separately() {
+        let idle = Duration::from_secs(30);
+        let whole = Duration::from_secs(10);
+        // Nothing at all: idle after 30 s.
+        let (_client, server) = tokio::io::duplex(64);
+        let mut reader = LineReader::new(server, 1000);
+        let started = Instant::now();
+        assert_eq!(reader.next(idle, whole).await.unwrap(), Frame::Idle);
+        assert_eq!(started.elapsed(), idle);
+        // Half a line: slow 10 s after its first byte, however the wait began.
+        let (mut client, server) = tokio::io::duplex(64);
+        let mut reader = LineReader::new(server, 1000);
+        let started = Instant::now();
+        let drip = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            client.write_all(b"{\"op\":").await.unwrap();
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            drop(client);
+        });
+        assert_eq!(reader.next(idle, whole).await.unwrap(), Frame::Slow);
+        assert_eq!(started.elapsed(), Duration::from_secs(15));
+        drip.abort();
     }
 }

@@ -157,7 +157,7 @@ impl Service {
             ErrorBody::new(code, e.to_string())
         })?;
         let remaining = token.remaining(Instant::now());
-        tracing::info!(key = %name, scopes = %scopes, peer_uid = caller.uid, peer_pid = caller.pid, expires_in = remaining.as_secs(), "handed out a token");
+        tracing::info!(key = %name, scopes = %scopes, peer_uid = caller.uid, peer_pid = caller.pid, expires_in = remaining.as_secs(), fingerprint = %token.access_token.fingerprint(), "handed out a token");
         Ok(TokenAnswer {
             key: name.to_owned(),
             access_token: token.access_token.clone(),
