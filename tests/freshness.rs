@@ -367,6 +367,13 @@ async fn thousands_of_idle_sets_cost_no_cpu_and_still_refresh_on_time() {
         .wait_for_requests(total, Duration::from_secs(20))
         .await;
     assert!(first_round.iter().all(|r| r.outcome_status == 200));
+    // tokend sends the whole first round at once; how far apart the issuer
+    // logged them is how late it may have logged any one of them.
+    let spread = first_round
+        .last()
+        .expect("requests")
+        .at
+        .duration_since(first_round[0].at);
     // Requests are logged on arrival; the daemon logs each answer's receipt.
     daemon.wait_for_log_count("received a token", total);
     let answer = daemon.call(json!({"op":"status"})).await;
@@ -422,12 +429,15 @@ async fn thousands_of_idle_sets_cost_no_cpu_and_still_refresh_on_time() {
     assert_eq!(first_at.len(), total);
     let earliest = gaps.iter().min().copied().unwrap_or_default();
     let latest = gaps.iter().max().copied().unwrap_or_default();
-    println!("refresh gaps for {} sets: {earliest:?} to {latest:?} (60-75% of {LIFETIME} s is 14.4-18 s)", gaps.len());
-    assert!(gaps.len() >= total);
-    assert!(
-        earliest >= Duration::from_secs_f64(LIFETIME as f64 * 0.6) - Duration::from_millis(100),
-        "{earliest:?}"
+    println!(
+        "refresh gaps for {} sets: {earliest:?} to {latest:?} (60-75% of {LIFETIME} s is 14.4-18 s; \
+         the issuer logged the first round over {spread:?})",
+        gaps.len()
     );
+    assert!(gaps.len() >= total);
+    let lowest =
+        Duration::from_secs_f64(LIFETIME as f64 * 0.6) - spread - Duration::from_millis(100);
+    assert!(earliest >= lowest, "{earliest:?} < {lowest:?}");
     assert!(
         latest <= Duration::from_secs_f64(LIFETIME as f64 * 0.75) + Duration::from_secs(2),
         "{latest:?}"

@@ -158,3 +158,65 @@ fn a_broken_config_stops_start_up_with_file_line_and_column() {
         "{stderr}"
     );
 }
+
+#[test]
+fn refuses_a_socket_directory_others_can_write_without_the_sticky_bit() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("dir");
+    let open = dir.path().join("open");
+    std::fs::create_dir(&open).expect("mkdir");
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    let (status, stderr) = serve_expecting_failure(dir.path(), &open.join("tokend.sock"));
+    assert!(!status.success());
+    assert!(
+        stderr.contains("writable by others without the sticky bit"),
+        "{stderr}"
+    );
+    assert!(!open.join("tokend.sock").exists());
+    // The same directory with the sticky bit (as /tmp has) is accepted.
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o1777)).expect("chmod");
+    let config = dir.path().join("tokend.toml");
+    write_private(
+        &config,
+        &format!(
+            "[daemon]\nsocket = {:?}\n",
+            open.join("tokend.sock").display().to_string()
+        ),
+    );
+    let mut child = Command::new(TOKEND)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run tokend");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
+    let listening = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find(|l| l.contains(" listening "));
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().expect("wait").success());
+    assert!(
+        listening.is_some(),
+        "tokend did not start in a sticky directory"
+    );
+}
+
+#[tokio::test]
+async fn the_socket_gets_the_configured_group_and_mode() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let group = nix::unistd::Group::from_name("tokend-test-billing")
+        .expect("group lookup")
+        .expect("group tokend-test-billing: run scripts/test-setup");
+    let issuer = Issuer::start(vec![ClientSpec::checkout("c", SECRET, &[])]).await;
+    let daemon = Daemon::start(
+        "socket_group = \"tokend-test-billing\"\nsocket_mode = \"0660\"",
+        &keys(&issuer, "").await,
+    );
+    let meta = std::fs::metadata(&daemon.socket).expect("socket");
+    assert_eq!(meta.gid(), group.gid.as_raw());
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+    daemon.stop_and_check_log(&[SECRET]);
+}

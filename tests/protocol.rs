@@ -283,7 +283,7 @@ async fn a_partial_line_at_eof_is_still_answered() {
 
 #[tokio::test]
 async fn over_max_connections_is_busy_and_closed() {
-    let (_issuer, daemon) = setup("max_connections = 2").await;
+    let (_issuer, daemon) = setup("max_connections = 2\nmax_connections_per_uid = 2").await;
     let mut held = Vec::new();
     for _ in 0..2 {
         let mut conn = daemon.connect().await;

@@ -48,6 +48,18 @@ impl Daemon {
 
     /// Like [`Daemon::start`], in `dir`, whose `tokend.sock` is the socket.
     pub fn start_in(dir: tempfile::TempDir, daemon: &str, keys: &str) -> Daemon {
+        Daemon::start_with(dir, daemon, keys, |_| Command::new(TOKEND))
+    }
+
+    /// Like [`Daemon::start_in`], with the command `make` returns for the
+    /// directory (to run it under another uid, with other limits, …); the
+    /// harness adds the arguments, environment and pipes.
+    pub fn start_with(
+        dir: tempfile::TempDir,
+        daemon: &str,
+        keys: &str,
+        make: impl FnOnce(&Path) -> Command,
+    ) -> Daemon {
         // Foreign callers must be able to reach the socket inside.
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
             .expect("chmod dir");
@@ -58,11 +70,8 @@ impl Daemon {
             socket.display().to_string()
         );
         write_private(&config_path, &text);
-        Daemon::start_with_config(dir, socket, config_path)
-    }
-
-    fn start_with_config(dir: tempfile::TempDir, socket: PathBuf, config_path: PathBuf) -> Daemon {
-        let mut child = Command::new(TOKEND)
+        let mut command = make(dir.path());
+        let mut child = command
             .args(["serve", "--config"])
             .arg(&config_path)
             .env("RUST_LOG", "tokend=trace,info")
@@ -150,6 +159,22 @@ impl Daemon {
     /// One request on a fresh connection.
     pub async fn call(&self, request: Value) -> Value {
         self.connect().await.call(request).await
+    }
+
+    /// The exit status if the daemon exits within `limit`.
+    pub fn wait_timeout(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let child = self.child.as_mut().expect("running");
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// Sends `signal` and waits for the exit.

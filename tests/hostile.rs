@@ -1,0 +1,419 @@
+//! Hostile local callers: garbage on the socket, an endless line, and
+//! attempts to read the daemon's memory. Each test runs the real binary.
+
+mod support;
+
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::process::Command;
+
+use serde_json::json;
+use support::cli::{as_caller, run};
+use support::daemon::{test_user, tokend_for_anyone, Daemon, TOKEND};
+use support::issuer::{ClientSpec, Dialect, Issuer};
+
+const SECRET: &str = "hostile-secret-4d4d4d";
+
+async fn issuer() -> Issuer {
+    Issuer::start(vec![ClientSpec::checkout("c", SECRET, &[])]).await
+}
+
+fn keys(issuer: &Issuer) -> String {
+    format!(
+        "[keys.k]\ntoken_url = {:?}\nclient_id = \"c\"\nclient_secret = {SECRET:?}\nallow_uids = [0]\n",
+        issuer.token_url(Dialect::Checkout)
+    )
+}
+
+/// A reproducible stream of bytes (xorshift), so a failure can be rerun.
+fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn garbage_gets_bad_request_and_the_daemon_keeps_serving() {
+    let issuer = issuer().await;
+    let daemon = Daemon::start("", &keys(&issuer));
+    let mut cases: Vec<(String, Vec<u8>)> = vec![
+        ("invalid UTF-8".into(), b"{\"op\":\"p\xffing\"}".to_vec()),
+        (
+            "lone continuation bytes".into(),
+            vec![0x80, 0xbf, 0xc0, 0xc1],
+        ),
+        ("100,000 [".into(), vec![b'['; 100_000]),
+        ("100,000 {\"a\":".into(), b"{\"a\":".repeat(20_000)),
+        (
+            "huge integer".into(),
+            format!("{{\"op\":\"ping\",\"id\":{}}}", "9".repeat(400)).into_bytes(),
+        ),
+        (
+            "huge exponent".into(),
+            b"{\"op\":\"ping\",\"id\":1e999999}".to_vec(),
+        ),
+        (
+            "duplicate keys".into(),
+            b"{\"op\":\"get\",\"key\":\"k\",\"key\":\"k\"}".to_vec(),
+        ),
+        ("NUL bytes".into(), b"{\"op\":\"ping\"}\0\0".to_vec()),
+        (
+            "NUL inside a string".into(),
+            b"{\"op\":\"pi\0ng\"}".to_vec(),
+        ),
+    ];
+    for seed in 1..=20u64 {
+        let mut bytes = noise(seed, 1 + (seed as usize * 997) % 5000);
+        bytes.retain(|&b| b != b'\n');
+        cases.push((format!("noise seed {seed}"), bytes));
+    }
+    for (name, mut bytes) in cases {
+        let mut conn = daemon.connect().await;
+        bytes.push(b'\n');
+        conn.send_raw(&bytes).await;
+        let answer = conn.recv().await;
+        let code = answer["error"]["code"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        assert!(
+            code == "bad_request" || code == "too_large",
+            "{name}: {answer}"
+        );
+        if code == "bad_request" {
+            assert_eq!(
+                conn.call(json!({"op":"ping"})).await["ok"],
+                true,
+                "{name}: connection survives"
+            );
+        }
+    }
+    assert_eq!(
+        daemon.call(json!({"op":"get","key":"k"})).await["ok"],
+        true,
+        "still serving"
+    );
+    let mut secrets = issuer.issued_tokens();
+    secrets.push(SECRET.into());
+    daemon.stop_and_check_log(&secrets);
+}
+
+/// Peak resident memory, from /proc.
+fn vm_hwm_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .expect("VmHWM");
+    line.split_whitespace()
+        .nth(1)
+        .expect("value")
+        .parse()
+        .expect("kib")
+}
+
+#[tokio::test]
+async fn an_endless_line_is_cut_off_at_the_limit_without_growing_memory() {
+    let issuer = issuer().await;
+    let daemon = Daemon::start("", &keys(&issuer));
+    let before = vm_hwm_kib(daemon.pid());
+    let mut conn = daemon.connect().await;
+    let writer_half = tokio::spawn({
+        let mut conn_writer = support::daemon::Conn::open(&daemon.socket).await;
+        async move {
+            // 10 MB, no newline, in 64 KiB writes; stops when tokend hangs up.
+            let chunk = vec![b'x'; 64 * 1024];
+            let mut sent = 0usize;
+            while sent < 10_000_000 {
+                if tokio::io::AsyncWriteExt::write_all(&mut conn_writer.writer, &chunk)
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+                sent += chunk.len();
+            }
+            (sent, conn_writer.recv_line().await)
+        }
+    });
+    let (sent, answer) = writer_half.await.expect("writer");
+    let answer: serde_json::Value =
+        serde_json::from_str(&answer.expect("an answer")).expect("json");
+    assert_eq!(answer["error"]["code"], "too_large", "{answer}");
+    println!("tokend answered too_large after {sent} of 10,000,000 bytes were written");
+    assert!(
+        sent < 10_000_000,
+        "tokend read the whole line before answering"
+    );
+    // The same daemon still answers others.
+    assert_eq!(conn.call(json!({"op":"ping"})).await["ok"], true);
+    let after = vm_hwm_kib(daemon.pid());
+    println!("VmHWM {before} KiB before, {after} KiB after");
+    assert!(
+        after.saturating_sub(before) < 4096,
+        "peak RSS grew {} KiB",
+        after - before
+    );
+    daemon.stop_and_check_log(&[SECRET]);
+}
+
+#[tokio::test]
+async fn a_same_uid_process_cannot_read_the_daemons_memory_or_environment() {
+    let bob = test_user("tokend-test-bob");
+    let issuer = issuer().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let uid = bob.uid;
+    let (gid, groups) = (bob.gid, bob.groups.clone());
+    let daemon = Daemon::start_with(dir, "", &keys(&issuer), |dir| {
+        // The daemon runs as bob; bob must own its directory and config.
+        for entry in [dir.to_path_buf(), dir.join("tokend.toml")] {
+            std::os::unix::fs::chown(&entry, Some(uid), Some(gid)).expect("chown");
+        }
+        let mut command = as_caller(&tokend_for_anyone().to_string_lossy(), uid, gid, &groups);
+        command.env("TOKEND_PROBE", SECRET);
+        command
+    });
+    let pid = daemon.pid();
+    // A control: bob can read the environment of his own ordinary process.
+    let mut control = as_caller("sleep", uid, bob.gid, &bob.groups);
+    let mut control = control.arg("30").spawn().expect("sleep as bob");
+    let read = |path: String| {
+        let mut cat = as_caller("cat", uid, bob.gid, &bob.groups);
+        cat.arg(path);
+        run(cat, b"")
+    };
+    let control_read = read(format!("/proc/{}/environ", control.id())).await;
+    assert_eq!(control_read.code, Some(0), "control: {control_read:?}");
+    for file in ["environ", "mem"] {
+        let ran = read(format!("/proc/{pid}/{file}")).await;
+        assert_ne!(ran.code, Some(0), "bob read the daemon's {file}: {ran:?}");
+        assert!(ran.stderr.contains("Permission denied"), "{file}: {ran:?}");
+        assert!(!ran.stdout.contains(SECRET));
+    }
+    let _ = control.kill();
+    let _ = control.wait();
+    daemon.stop_and_check_log(&[SECRET]);
+}
+
+/// Kills the daemon with SIGSEGV. Rust's runtime catches the first SIGSEGV
+/// (to report stack overflows), restores the default action and returns,
+/// so a SIGSEGV sent with kill(2) rather than raised by a fault takes a
+/// second one to act; we send it until the process is gone.
+fn segfault(daemon: &mut Daemon) -> std::process::ExitStatus {
+    let pid = daemon.pid();
+    for _ in 0..50 {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(pid as i32, libc::SIGSEGV) };
+        if let Some(status) = daemon.wait_timeout(std::time::Duration::from_millis(100)) {
+            return status;
+        }
+    }
+    panic!("tokend survived SIGSEGV");
+}
+
+#[tokio::test]
+async fn a_crash_leaves_no_core_dump() {
+    let issuer = issuer().await;
+    // Allow core dumps in the child, so only tokend's own setting can stop them.
+    fn allow_cores(command: &mut Command) {
+        // SAFETY: setrlimit is async-signal-safe; it runs between fork and exec.
+        unsafe {
+            command.pre_exec(|| {
+                let unlimited = libc::rlimit {
+                    rlim_cur: libc::RLIM_INFINITY,
+                    rlim_max: libc::RLIM_INFINITY,
+                };
+                if libc::setrlimit(libc::RLIMIT_CORE, &unlimited) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    // The control: an ordinary process in the same conditions does dump
+    // core, so a pass below means something.
+    let control_dir = tempfile::tempdir().expect("dir");
+    let mut sleeper = Command::new("sleep");
+    sleeper.arg("30").current_dir(control_dir.path());
+    allow_cores(&mut sleeper);
+    let mut sleeper = sleeper.spawn().expect("sleep");
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(sleeper.id() as i32, libc::SIGSEGV) };
+    assert!(
+        sleeper.wait().expect("wait").core_dumped(),
+        "the control process should dump core here"
+    );
+
+    let dir = tempfile::tempdir().expect("dir");
+    let mut daemon = Daemon::start_with(dir, "", &keys(&issuer), |dir| {
+        let mut command = Command::new(TOKEND);
+        command.current_dir(dir);
+        allow_cores(&mut command);
+        command
+    });
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", daemon.pid())).expect("limits");
+    let core_line = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .expect("core limit");
+    assert_eq!(
+        core_line.split_whitespace().collect::<Vec<_>>()[4..6],
+        ["0", "0"],
+        "{core_line}"
+    );
+    assert_eq!(daemon.call(json!({"op":"get","key":"k"})).await["ok"], true);
+    let status = segfault(&mut daemon);
+    assert_eq!(status.signal(), Some(libc::SIGSEGV));
+    assert!(!status.core_dumped(), "tokend dumped core");
+    let cores: Vec<_> = std::fs::read_dir(&daemon.dir)
+        .expect("dir")
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().starts_with("core"))
+        .collect();
+    assert!(cores.is_empty(), "core files: {cores:?}");
+}
+
+/// How a connection ended, seen from the caller's side.
+#[derive(Debug)]
+struct Ending {
+    /// The answer the daemon sent before closing, if any.
+    answer: Option<String>,
+    /// From `since` to the close.
+    after: std::time::Duration,
+}
+
+/// Reads `stream` to its end (EOF or reset), keeping the first line.
+async fn ending(
+    stream: tokio::net::UnixStream,
+    since: std::time::Instant,
+    limit: std::time::Duration,
+) -> Option<Ending> {
+    use tokio::io::AsyncReadExt;
+    let mut stream = stream;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 512];
+    let read_all = async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(limit, read_all).await.ok()?;
+    let answer = (!got.is_empty()).then(|| {
+        String::from_utf8_lossy(&got)
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_owned()
+    });
+    Some(Ending {
+        answer,
+        after: since.elapsed(),
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hogs_and_slow_drips_do_not_keep_others_from_their_tokens() {
+    use std::time::{Duration, Instant};
+    let hog = test_user("tokend-test-bob");
+    let dripper = test_user("tokend-test-alice");
+    let issuer = issuer().await;
+    let limits = "max_connections = 4096\nmax_connections_per_uid = 256\nidle_timeout = \"5s\"\n\
+                  request_timeout_client = \"2s\"\nsocket_mode = \"0666\"";
+    let mut daemon = Daemon::start(limits, &keys(&issuer));
+    // Warm the cache so the timed get below measures serving, not the issuer.
+    assert_eq!(daemon.call(json!({"op":"get","key":"k"})).await["ok"], true);
+
+    let hogged_at = Instant::now();
+    let hogs = support::foreign::connect_as(&daemon.socket, hog.uid, hog.gid, &hog.groups, 2000);
+    let hog_endings: Vec<_> = hogs
+        .into_iter()
+        .map(|s| tokio::spawn(ending(s, hogged_at, Duration::from_secs(10))))
+        .collect();
+
+    let dripped_at = Instant::now();
+    let drips = support::foreign::connect_as(
+        &daemon.socket,
+        dripper.uid,
+        dripper.gid,
+        &dripper.groups,
+        100,
+    );
+    let mut drip_endings = Vec::new();
+    for mut stream in drips {
+        tokio::io::AsyncWriteExt::write_all(&mut stream, b"{\"op\":\"get\",\"ke")
+            .await
+            .expect("half a line");
+        drip_endings.push(tokio::spawn(ending(
+            stream,
+            dripped_at,
+            Duration::from_secs(10),
+        )));
+    }
+
+    // Measure once the daemon has taken in the whole burst (the hog's
+    // refusals and every accepted connection), in the state the attack
+    // holds it in, not while its accept queue is still full.
+    daemon.wait_for_log_count("refused a connection", 2000 - 256);
+    daemon.wait_for_log_count("connection opened", 1 + 256 + 100);
+    let mut conn = daemon.connect().await;
+    let started = Instant::now();
+    let answer = conn.call(json!({"op":"get","key":"k"})).await;
+    let took = started.elapsed();
+    println!("with 2,000 hog and 100 slow-drip connections open, a get took {took:?}");
+    assert_eq!(answer["ok"], true, "{answer}");
+    assert!(took < Duration::from_millis(100), "{took:?}");
+
+    let mut busy = 0;
+    let mut idle_closed = Vec::new();
+    for ending in hog_endings {
+        let ending = ending
+            .await
+            .expect("task")
+            .expect("every hog connection is closed within 10 s");
+        match &ending.answer {
+            Some(line) => {
+                assert!(
+                    line.contains("\"busy\"") && line.contains("max_connections_per_uid"),
+                    "{line}"
+                );
+                busy += 1;
+            }
+            None => idle_closed.push(ending.after),
+        }
+    }
+    let slowest_idle = idle_closed.iter().max().copied().unwrap_or_default();
+    println!(
+        "hog: {busy} answered busy, {} held and closed as idle, the last after {slowest_idle:?}",
+        idle_closed.len()
+    );
+    assert_eq!(busy, 2000 - 256);
+    assert_eq!(idle_closed.len(), 256);
+    assert!(slowest_idle < Duration::from_secs(6), "{slowest_idle:?}");
+    assert!(
+        idle_closed
+            .iter()
+            .all(|d| *d >= Duration::from_millis(4900)),
+        "closed before idle_timeout"
+    );
+
+    let mut slowest_drip = Duration::ZERO;
+    for ending in drip_endings {
+        let ending = ending
+            .await
+            .expect("task")
+            .expect("every slow drip is closed within 10 s");
+        assert!(ending.answer.is_none(), "{ending:?}");
+        slowest_drip = slowest_drip.max(ending.after);
+    }
+    println!("slow drips: all 100 closed, the last after {slowest_drip:?}");
+    assert!(slowest_drip < Duration::from_secs(3), "{slowest_drip:?}");
+    daemon.stop_and_check_log(&[SECRET]);
+}
