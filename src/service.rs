@@ -7,7 +7,6 @@
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use serde_json::Value;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -54,12 +53,10 @@ impl Service {
             Op::Ping => Response::Pong,
             Op::Keys => Response::Keys(self.keys(caller)),
             Op::Status => Response::Status(self.status(caller)),
-            Op::Get { key, scopes } => {
-                match self.get(caller, &key, scopes, request.id.as_ref()).await {
-                    Ok(answer) => Response::Token(answer),
-                    Err(error) => Response::Error(error),
-                }
-            }
+            Op::Get { key, scopes } => match self.get(caller, &key, scopes).await {
+                Ok(answer) => Response::Token(answer),
+                Err(error) => Response::Error(error),
+            },
         };
         protocol::encode(request.id.as_ref(), &response)
     }
@@ -106,19 +103,20 @@ impl Service {
         caller: &Caller,
         name: &str,
         scopes: Vec<String>,
-        id: Option<&Value>,
     ) -> Result<TokenAnswer, ErrorBody> {
-        let _ = id;
         let Some(key) = self.config.keys.get(name) else {
+            // The name is the caller's, not ours: quoted (so a newline
+            // cannot forge a log line) and bounded.
+            let shown: String = name.chars().take(64).collect();
             tracing::info!(
-                key = %name,
+                key = ?shown,
                 peer_uid = caller.uid,
                 peer_pid = caller.pid,
                 "denied: no such key"
             );
             return Err(ErrorBody::new(
                 ErrorCode::UnknownKey,
-                format!("no key named {name:?}"),
+                format!("no key named {shown:?}"),
             ));
         };
         if !peer::allow(caller, &key.acl) {
