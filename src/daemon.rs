@@ -460,11 +460,18 @@ fn harden() {
                 std::io::Error::last_os_error()
             );
         }
+        let mut core = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // Under the shipped unit LimitCORE=0 already holds and its seccomp
+        // filter refuses setrlimit (@resources): only ask when needed.
+        let already_none = libc::getrlimit(libc::RLIMIT_CORE, &mut core) == 0 && core.rlim_max == 0;
         let none = libc::rlimit {
             rlim_cur: 0,
             rlim_max: 0,
         };
-        if libc::setrlimit(libc::RLIMIT_CORE, &none) != 0 {
+        if !already_none && libc::setrlimit(libc::RLIMIT_CORE, &none) != 0 {
             tracing::warn!(
                 "failed to disable core dumps: {}",
                 std::io::Error::last_os_error()

@@ -105,11 +105,15 @@ impl Service {
         scopes: Vec<String>,
     ) -> Result<TokenAnswer, ErrorBody> {
         let Some(key) = self.config.keys.get(name) else {
-            // The name is the caller's, not ours: quoted (so a newline
-            // cannot forge a log line) and bounded.
-            let shown: String = name.chars().take(64).collect();
+            // The name is the caller's, not ours: without control
+            // characters (a newline could forge a log line) and bounded.
+            let shown: String = name
+                .chars()
+                .take(64)
+                .map(|c| if c.is_control() { '?' } else { c })
+                .collect();
             tracing::info!(
-                key = ?shown,
+                key = %shown,
                 peer_uid = caller.uid,
                 peer_pid = caller.pid,
                 "denied: no such key"
