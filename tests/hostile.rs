@@ -98,6 +98,16 @@ async fn garbage_gets_bad_request_and_the_daemon_keeps_serving() {
         true,
         "still serving"
     );
+    // A key name is the caller's text: a newline in it must not start a
+    // line of its own in the log.
+    let forged = daemon
+        .call(json!({"op":"get","key":"x\nFORGED tokend::service: handed out a token"}))
+        .await;
+    assert_eq!(forged["error"]["code"], "unknown_key", "{forged}");
+    assert!(
+        !daemon.log().lines().any(|l| l.starts_with("FORGED")),
+        "a caller forged a log line"
+    );
     let mut secrets = issuer.issued_tokens();
     secrets.push(SECRET.into());
     daemon.stop_and_check_log(&secrets);
