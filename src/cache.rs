@@ -61,7 +61,6 @@ pub struct CachedToken {
     pub expires: Instant,
     /// The wall-clock time of expiry as computed on receipt, for callers.
     pub expires_at: SystemTime,
-    pub obtained_at: SystemTime,
     /// The key's `min_valid`, capped at a quarter of this token's lifetime.
     pub min_valid: Duration,
     /// When the refresher renews it.
@@ -269,10 +268,6 @@ impl TokenCache {
             Some(Err(error)) => Err(GetError::Unavailable(error)),
             None => Err(GetError::ShuttingDown),
         }
-    }
-
-    pub fn contains(&self, key: &str) -> bool {
-        self.keys.contains_key(key)
     }
 
     /// Every cached entry of `key`, sorted by scope set.
@@ -655,7 +650,6 @@ impl KeySlot {
             scopes: grant.scope.unwrap_or_else(|| asked.clone()),
             expires: now + lifetime,
             expires_at: wall + lifetime,
-            obtained_at: wall,
             min_valid,
             refresh_at: now + refresh_in,
         }
@@ -800,7 +794,6 @@ mod tests {
             scopes: ScopeSet::default(),
             expires: now + s(100),
             expires_at: SystemTime::now(),
-            obtained_at: SystemTime::now(),
             min_valid: s(25),
             refresh_at: now + refresh_in,
         })

@@ -392,25 +392,7 @@ impl RawKey {
                 ))
             }
         };
-        for set in &self.prefetch {
-            let outside = match &self.scopes {
-                Some(allowed) => set.outside(allowed),
-                None => set.as_slice().iter().map(String::as_str).collect(),
-            };
-            if !outside.is_empty() {
-                return Err(format!(
-                    "key {name:?}: prefetch set {set} asks for {outside:?}, which `scopes` does not allow"
-                ));
-            }
-        }
-        if self.prefetch.len() > self.max_scope_sets {
-            return Err(format!(
-                "key {name:?} prefetches {} scope sets but max_scope_sets is {}",
-                self.prefetch.len(),
-                self.max_scope_sets
-            ));
-        }
-        Ok(KeyConfig {
+        let key = KeyConfig {
             token_url: self.token_url,
             client_id: self.client_id,
             client_secret,
@@ -427,7 +409,23 @@ impl RawKey {
                 users: self.allow_users,
                 groups: self.allow_groups,
             },
-        })
+        };
+        for set in &key.prefetch {
+            let outside = key.scopes_not_allowed(set);
+            if !outside.is_empty() {
+                return Err(format!(
+                    "key {name:?}: prefetch set {set} asks for {outside:?}, which `scopes` does not allow"
+                ));
+            }
+        }
+        if key.prefetch.len() > key.max_scope_sets {
+            return Err(format!(
+                "key {name:?} prefetches {} scope sets but max_scope_sets is {}",
+                key.prefetch.len(),
+                key.max_scope_sets
+            ));
+        }
+        Ok(key)
     }
 }
 
