@@ -6,7 +6,7 @@ mod support;
 
 use serde_json::Value;
 use support::cli::{as_caller, run, Ran};
-use support::daemon::{test_user, tokend_for_anyone, Daemon, TestUser};
+use support::daemon::{fingerprint, test_user, tokend_for_anyone, Daemon, TestUser};
 use support::issuer::{ClientSpec, Dialect, Issuer};
 
 const SECRET: &str = "acl-secret-3c2b1a";
@@ -94,7 +94,8 @@ fn assert_allowed(ran: &Ran, issuer: &Issuer, what: &str) {
     let token = ran.stdout.strip_suffix('\n').expect("one line");
     assert!(
         issuer.issued_tokens().iter().any(|t| t == token),
-        "{what}: {token:?} is not a token the issuer issued"
+        "{what}: token {} is not one the issuer issued",
+        fingerprint(token)
     );
     assert!(ran.stderr.is_empty(), "{what}: {ran:?}");
 }

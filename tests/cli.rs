@@ -10,7 +10,9 @@ use std::process::Command;
 
 use serde_json::{json, Value};
 use support::cli::{run, tokend, Ran};
-use support::daemon::{write_private, Daemon};
+use support::daemon::{
+    assert_issued, assert_same_token, fingerprint, write_private, Answer, Daemon,
+};
 use support::issuer::{ClientSpec, Dialect, Issuer};
 
 const SECRET: &str = "cli-secret-5d4c3b";
@@ -67,16 +69,20 @@ fn line(ran: &Ran) -> &str {
 async fn get_prints_token_header_or_json() {
     let (issuer, daemon) = setup().await;
     let token = line(&run(get(&daemon, &["payments"]), b"").await).to_owned();
-    assert_eq!(issuer.issued_tokens(), [token.as_str()]);
+    assert_issued(&issuer.issued_tokens(), &[&token]);
 
     let ran = run(get(&daemon, &["payments", "--format", "header"]), b"").await;
-    assert_eq!(line(&ran), format!("Authorization: Bearer {token}"));
+    assert!(
+        line(&ran) == format!("Authorization: Bearer {token}"),
+        "not the header for token {}: {ran:?}",
+        fingerprint(&token)
+    );
 
     let ran = run(get(&daemon, &["payments", "--format", "json"]), b"").await;
-    let answer: Value = serde_json::from_str(line(&ran)).expect("JSON");
+    let answer = Answer(serde_json::from_str(line(&ran)).expect("JSON"));
     assert_eq!(answer["ok"], true, "{answer}");
     assert_eq!(answer["key"], "payments", "{answer}");
-    assert_eq!(answer["access_token"], token.as_str(), "{answer}");
+    assert_same_token(answer.token(), &token, true, "the JSON answer's token");
     assert_eq!(answer["token_type"], "Bearer", "{answer}");
     assert_eq!(
         issuer.requests().len(),
@@ -93,7 +99,7 @@ async fn get_sends_every_scope_flag() {
         "payments", "--scope", "vault", "--scope", "gateway", "--format", "json",
     ];
     let ran = run(get(&daemon, &args), b"").await;
-    let answer: Value = serde_json::from_str(line(&ran)).expect("JSON");
+    let answer = Answer(serde_json::from_str(line(&ran)).expect("JSON"));
     assert_eq!(answer["scopes"], json!(["gateway", "vault"]), "{answer}");
     let requests = issuer.requests();
     assert_eq!(requests.len(), 1);
@@ -119,7 +125,7 @@ async fn get_takes_the_socket_from_tokend_socket() {
         .args(["get", "payments"])
         .env("TOKEND_SOCKET", &daemon.socket);
     let token = line(&run(command, b"").await).to_owned();
-    assert_eq!(issuer.issued_tokens(), [token]);
+    assert_issued(&issuer.issued_tokens(), &[&token]);
 
     // --socket wins over the environment.
     let mut command = get(&daemon, &["payments"]);
@@ -287,7 +293,7 @@ async fn a_secret_file_with_a_trailing_newline_works() {
     let ran = run(command, b"").await;
     assert_eq!(ran.code, Some(0), "{ran:?}");
     let token = line(&run(get(&daemon, &["filed"]), b"").await).to_owned();
-    assert_eq!(issuer.issued_tokens(), [token]);
+    assert_issued(&issuer.issued_tokens(), &[&token]);
     daemon.stop_and_check_log(&secrets(&issuer, FILE_SECRET));
 }
 
@@ -357,6 +363,6 @@ async fn the_readme_socat_one_liner_gets_a_token() {
     let answer: Value = serde_json::from_str(&ran.stdout).expect("one JSON answer");
     assert_eq!(answer["ok"], true, "{answer}");
     let token = answer["access_token"].as_str().expect("access_token");
-    assert_eq!(issuer.issued_tokens(), [token]);
+    assert_issued(&issuer.issued_tokens(), &[token]);
     daemon.stop_and_check_log(&secrets(&issuer, SECRET));
 }

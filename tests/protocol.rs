@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 
 use serde_json::{json, Value};
-use support::daemon::Daemon;
+use support::daemon::{assert_issued, assert_same_token, Daemon};
 use support::issuer::{ClientSpec, Dialect, Issuer};
 
 const SECRET: &str = "proto-secret-9f8e7d";
@@ -86,7 +86,7 @@ async fn get_returns_a_token_with_canonical_scopes() {
         "{left:?}"
     );
     let token = answer["access_token"].as_str().expect("token");
-    assert_eq!(issuer.issued_tokens(), [token]);
+    assert_issued(&issuer.issued_tokens(), &[token]);
     let requests = issuer.requests();
     assert_eq!(requests.len(), 1);
     assert_eq!(requests[0].param("scope"), Some("gateway vault"));
@@ -100,7 +100,7 @@ async fn get_returns_a_token_with_canonical_scopes() {
     let again = daemon
         .call(json!({"op":"get","key":"payments","scopes":["gateway","vault"]}))
         .await;
-    assert_eq!(again["access_token"], token);
+    assert_same_token(again.token(), token, true, "same set, other order");
     assert!(again.get("id").is_none());
     assert_eq!(issuer.requests().len(), 1);
 
@@ -108,7 +108,7 @@ async fn get_returns_a_token_with_canonical_scopes() {
     let other = daemon
         .call(json!({"op":"get","key":"payments","scopes":["fx"]}))
         .await;
-    assert_ne!(other["access_token"], token);
+    assert_same_token(other.token(), token, false, "another set");
     assert_eq!(other["scopes"], json!(["fx"]));
     let default = daemon.call(json!({"op":"get","key":"payments"})).await;
     assert_eq!(default["ok"], true);
@@ -236,7 +236,7 @@ async fn keys_and_status_show_only_readable_keys_and_no_secrets() {
         .await;
     let token = token["access_token"].as_str().expect("token").to_owned();
     let status = daemon.call(json!({"op":"status"})).await;
-    let text = status.to_string();
+    let text = status.0.to_string();
     assert!(!text.contains(&token) && !text.contains(SECRET), "{text}");
     assert!(!text.contains("hidden"), "{text}");
     let sets = &status["keys"][0]["sets"];
@@ -345,4 +345,23 @@ async fn socket_is_created_with_the_configured_mode() {
     assert_eq!(mode & 0o777, 0o660, "default mode");
     daemon.stop_and_check_log(&[SECRET]);
     daemon2.stop_and_check_log(&[SECRET]);
+}
+
+#[tokio::test]
+async fn printed_answers_show_fingerprints_not_tokens() {
+    let (issuer, daemon) = setup("").await;
+    let answer = daemon.call(json!({"op":"get","key":"payments"})).await;
+    let token = answer.token().to_owned();
+    for shown in [
+        format!("{answer}"),
+        format!("{answer:?}"),
+        format!("{:?}", vec![answer.clone()]),
+    ] {
+        assert!(!shown.contains(&token), "a printed answer holds the token");
+        assert!(
+            shown.contains(&support::daemon::fingerprint(&token)),
+            "{shown}"
+        );
+    }
+    daemon.stop_and_check_log(&secrets(&issuer));
 }

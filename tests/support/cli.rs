@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 
 use tokio::io::AsyncWriteExt;
 
-use super::daemon::{PATIENCE, TOKEND};
+use super::daemon::{fingerprint, Answer, PATIENCE, TOKEND};
 
 /// A finished command: its exit code (`None` if a signal ended it) and
 /// its output as text.
@@ -19,14 +19,40 @@ pub struct Ran {
     pub stderr: String,
 }
 
+/// Shows stdout with tokens replaced by fingerprints: `tokend get` prints
+/// tokens, and a failing assertion must not.
 impl fmt::Debug for Ran {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let stdout: String = self.stdout.lines().map(|l| redact_line(l) + "\n").collect();
         write!(
             f,
-            "exit {:?}\n--- stdout ---\n{}--- stderr ---\n{}",
-            self.code, self.stdout, self.stderr
+            "exit {:?}\n--- stdout ---\n{stdout}--- stderr ---\n{}",
+            self.code, self.stderr
         )
     }
+}
+
+/// A JSON line with its `access_token`s fingerprinted; any other line with
+/// each long token-like word fingerprinted.
+fn redact_line(line: &str) -> String {
+    if let Ok(value) = serde_json::from_str::<serde_json::Value>(line) {
+        return Answer(value).to_string();
+    }
+    let token_like = |w: &str| {
+        w.len() >= 20
+            && w.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-._~+/=".contains(c))
+    };
+    line.split(' ')
+        .map(|w| {
+            if token_like(w) {
+                format!("[token {}]", fingerprint(w))
+            } else {
+                w.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// `tokend` with no `TOKEND_SOCKET` inherited from whoever runs the tests.

@@ -157,7 +157,7 @@ impl Daemon {
     }
 
     /// One request on a fresh connection.
-    pub async fn call(&self, request: Value) -> Value {
+    pub async fn call(&self, request: Value) -> Answer {
         self.connect().await.call(request).await
     }
 
@@ -237,6 +237,104 @@ impl Drop for Daemon {
     }
 }
 
+/// An answer from the daemon: the parsed JSON, readable through `Deref`.
+/// `Display` and `Debug` show each `access_token` as its fingerprint, so a
+/// failing assertion that prints an answer prints no token.
+#[derive(Clone, PartialEq)]
+pub struct Answer(pub Value);
+
+impl Answer {
+    /// The answer's access token; panics (without printing it) if absent.
+    pub fn token(&self) -> &str {
+        self.0["access_token"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no access_token in {self}"))
+    }
+}
+
+impl std::ops::Deref for Answer {
+    type Target = Value;
+
+    fn deref(&self) -> &Value {
+        &self.0
+    }
+}
+
+impl PartialEq<Value> for Answer {
+    fn eq(&self, other: &Value) -> bool {
+        self.0 == *other
+    }
+}
+
+impl std::fmt::Display for Answer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", redact_tokens(&self.0))
+    }
+}
+
+impl std::fmt::Debug for Answer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{self}")
+    }
+}
+
+fn redact_tokens(value: &Value) -> Value {
+    match value {
+        Value::Object(fields) => Value::Object(
+            fields
+                .iter()
+                .map(|(name, field)| match (name.as_str(), field) {
+                    ("access_token", Value::String(token)) => (
+                        name.clone(),
+                        Value::String(format!("[token {}]", fingerprint(token))),
+                    ),
+                    _ => (name.clone(), redact_tokens(field)),
+                })
+                .collect(),
+        ),
+        Value::Array(items) => Value::Array(items.iter().map(redact_tokens).collect()),
+        other => other.clone(),
+    }
+}
+
+/// What tests print instead of a token: the first 8 hex digits of its
+/// SHA-256, as tokend's own log does.
+pub fn fingerprint(token: &str) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(token.as_bytes())[..4]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Asserts two tokens are the same (or not), printing only fingerprints.
+#[track_caller]
+pub fn assert_same_token(a: &str, b: &str, same: bool, what: &str) {
+    assert!(
+        (a == b) == same,
+        "{what}: tokens {} and {} should {}be the same",
+        fingerprint(a),
+        fingerprint(b),
+        if same { "" } else { "not " }
+    );
+}
+
+/// Asserts the issuer handed out exactly `expected`, printing fingerprints.
+#[track_caller]
+pub fn assert_issued(issued: &[String], expected: &[&str]) {
+    let shown =
+        |tokens: &mut dyn Iterator<Item = &str>| tokens.map(fingerprint).collect::<Vec<_>>();
+    assert!(
+        issued
+            .iter()
+            .map(String::as_str)
+            .eq(expected.iter().copied()),
+        "the issuer issued {:?}, expected {:?}",
+        shown(&mut issued.iter().map(String::as_str)),
+        shown(&mut expected.iter().copied())
+    );
+}
+
 /// Writes `text` to `path` with mode 0600.
 pub fn write_private(path: &Path, text: &str) {
     std::fs::write(path, text).expect("write file");
@@ -266,12 +364,14 @@ impl Conn {
     }
 
     /// The next answer line, parsed; panics on EOF or after [`PATIENCE`].
-    pub async fn recv(&mut self) -> Value {
+    pub async fn recv(&mut self) -> Answer {
         let line = self
             .recv_line()
             .await
             .expect("tokend closed the connection");
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("answer is not JSON ({e}): {line:?}"))
+        let value = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("answer is not JSON ({e}), {} bytes", line.len()));
+        Answer(value)
     }
 
     /// The next raw line, or `None` at EOF.
@@ -284,7 +384,7 @@ impl Conn {
         (n > 0).then_some(line)
     }
 
-    pub async fn call(&mut self, request: Value) -> Value {
+    pub async fn call(&mut self, request: Value) -> Answer {
         let mut line = request.to_string();
         line.push('\n');
         self.send_raw(line.as_bytes()).await;
