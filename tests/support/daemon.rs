@@ -224,16 +224,7 @@ pub fn assert_log_clean<S: AsRef<str>>(log: &str, secrets: &[S]) {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        if std::thread::panicking() {
-            eprintln!(
-                "---- tokend log ----\n{}---- end of tokend log ----",
-                self.log()
-            );
-        }
+        super::reap(self.child.take(), "tokend log", || self.log());
     }
 }
 

@@ -107,15 +107,6 @@ impl OidcProvider {
 
 impl Drop for OidcProvider {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        if std::thread::panicking() {
-            eprintln!(
-                "---- oidc server stderr ----\n{}---- end of oidc server stderr ----",
-                self.stderr()
-            );
-        }
+        super::reap(self.child.take(), "oidc server stderr", || self.stderr());
     }
 }

@@ -529,18 +529,9 @@ impl Unit {
 
 impl Drop for Unit {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        if std::thread::panicking() {
-            eprintln!(
-                "---- tokend log ----\n{}\n---- end of tokend log ----",
-                self.log()
-            );
-            if let Some(notify) = &self.notify {
-                eprintln!("---- notifications ----\n{:#?}", notify.messages());
-            }
+        super::reap(self.child.take(), "tokend log", || self.log());
+        if let Some(notify) = self.notify.as_ref().filter(|_| std::thread::panicking()) {
+            eprintln!("---- notifications ----\n{:#?}", notify.messages());
         }
     }
 }
