@@ -5,6 +5,7 @@
 //! # Layout
 //! - [`config`]: the TOML file into typed, validated settings.
 //! - [`secret`]: client secrets and access tokens, wiped on drop, redacted in `Debug`.
+//! - [`secret_file`]: reading files that hold secrets, and who else may read them.
 //! - [`scope`]: canonical scope sets.
 //! - [`issuer`]: the token-endpoint client and the parser of its answers.
 //! - [`cache`]: one token per (key, scope set), single-flight fetches.
@@ -25,6 +26,7 @@ pub mod peer;
 pub mod protocol;
 pub mod scope;
 pub mod secret;
+pub mod secret_file;
 pub mod server;
 pub mod service;
 pub mod systemd;
