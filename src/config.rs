@@ -1,13 +1,14 @@
 //! The configuration file: TOML into typed, validated settings.
 //!
-//! [`load`] does the I/O (the file, its mode, secret files); [`parse`] is
-//! pure and turns text into a [`Config`] or an error that names the file,
-//! line and column. Nothing here talks to an issuer or opens a socket.
+//! [`load`] does the I/O (the file, who may read it, secret files and
+//! systemd credentials, through [`crate::secret_file`]); [`parse`] is pure
+//! and turns text into a [`Config`] or an error that names the file, line
+//! and column. Errors about a secret-bearing setting name the setting and
+//! what it expects, never its value. Nothing here talks to an issuer or
+//! opens a socket.
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::fs;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -15,13 +16,32 @@ use serde::{Deserialize, Deserializer};
 use toml::Spanned;
 use tracing_subscriber::filter::LevelFilter;
 use url::Url;
-use zeroize::Zeroizing;
 
 use crate::scope::ScopeSet;
 use crate::secret::ClientSecret;
+use crate::secret_file::{self, Exposure, FileError};
 
 pub const DEFAULT_CONFIG: &str = "/etc/tokend/tokend.toml";
 pub const DEFAULT_SOCKET: &str = "/run/tokend/tokend.sock";
+/// Where `tokend.service`'s `LoadCredential=secret:…` loads credentials
+/// from, and so where `client_secret_credential` looks outside the service.
+pub const DEFAULT_CREDENTIALS_DIRECTORY: &str = "/etc/tokend/credentials";
+/// The environment variable systemd points at a service's credentials.
+pub const CREDENTIALS_ENV: &str = "CREDENTIALS_DIRECTORY";
+/// The prefix `LoadCredential=secret:DIR` gives each file of DIR.
+const CREDENTIAL_PREFIX: &str = "secret_";
+
+/// A configuration file is a few KiB; a secret file a few hundred bytes.
+/// Anything far larger is a mistake, and must not be read into memory whole.
+const MAX_CONFIG_BYTES: usize = 1 << 20;
+const MAX_SECRET_BYTES: usize = 64 << 10;
+/// The longest duration any setting takes: far beyond every sensible value,
+/// far below what would overflow the clock.
+const MAX_DURATION: Duration = Duration::from_secs(365 * 86400);
+const MAX_DURATION_TEXT: &str = "365d";
+const MAX_CONNECTIONS: usize = 1_000_000;
+const MAX_REQUEST_BYTES: usize = 16 << 20;
+const MAX_SCOPE_SETS: usize = 100_000;
 
 /// Settings of the whole daemon.
 #[derive(Debug)]
@@ -46,6 +66,9 @@ pub struct DaemonConfig {
     pub max_request_bytes: usize,
     /// The log level when `RUST_LOG` does not set one.
     pub log_level: LevelFilter,
+    /// Where `client_secret_credential` reads from when systemd has not
+    /// set `$CREDENTIALS_DIRECTORY` (say, `tokend check` in a shell).
+    pub credentials_directory: PathBuf,
 }
 
 /// One credential at one issuer.
@@ -57,6 +80,9 @@ pub struct KeyConfig {
     pub auth: AuthMethod,
     /// What callers may ask for; `None` means only the default (empty) set.
     pub scopes: Option<ScopeSet>,
+    /// What a get without scopes asks the issuer for when `scopes` is set:
+    /// this, or else all of `scopes`. Never empty when `scopes` is set.
+    pub default_scopes: Option<ScopeSet>,
     pub prefetch: Vec<ScopeSet>,
     pub min_valid: Duration,
     pub request_timeout: Duration,
@@ -103,6 +129,18 @@ impl KeyConfig {
         }
     }
 
+    /// The scope set a get for `asked` is served from. A key that lists
+    /// `scopes` never lets an empty set reach the issuer: some issuers
+    /// (Checkout.com) grant every scope of the credential when asked for
+    /// none, which would widen what the operator allowed.
+    pub fn effective_scopes(&self, asked: ScopeSet) -> ScopeSet {
+        match (&self.scopes, &self.default_scopes) {
+            (Some(_), Some(default)) if asked.is_empty() => default.clone(),
+            (Some(all), None) if asked.is_empty() => all.clone(),
+            _ => asked,
+        }
+    }
+
     /// The parts whose change makes cached tokens of this key worthless.
     pub fn same_credential(&self, other: &KeyConfig) -> bool {
         self.token_url == other.token_url
@@ -115,11 +153,8 @@ impl KeyConfig {
 /// A configuration that cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("failed to read {}: {source}", path.display())]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Read(#[from] FileError),
     /// Rendered as `FILE:LINE:COL: message`, the form editors jump to.
     #[error("{}:{line}:{column}: {message}", path.display())]
     At {
@@ -132,55 +167,68 @@ pub enum ConfigError {
     File { path: PathBuf, message: String },
 }
 
-/// Reads and validates the configuration at `path`, secret files included.
+/// Reads and validates the configuration at `path`, secret files and
+/// credentials included.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let read_err = |source| ConfigError::Read {
-        path: path.to_owned(),
-        source,
+    // The file may hold an inline secret: its text lives in memory that is
+    // wiped, and who else may read it is judged from the same descriptor.
+    let file = secret_file::read(path, MAX_CONFIG_BYTES)?;
+    let credentials = std::env::var_os(CREDENTIALS_ENV).map(PathBuf::from);
+    let sources = Sources {
+        config_exposure: file.exposure.as_ref(),
+        credentials: credentials.as_deref(),
     };
-    // The file may hold an inline secret: keep it in memory that is wiped.
-    let text = Zeroizing::new(fs::read_to_string(path).map_err(read_err)?);
-    let mode = fs::metadata(path).map_err(read_err)?.permissions().mode();
-    build(&text, path, Some(mode), read_secret_file)
+    build(&file.text, path, sources, read_secret_file)
 }
 
 /// Parses configuration text without touching the file system: keys that
-/// name a `client_secret_file` get an empty placeholder secret.
+/// name a secret file or credential get an empty placeholder secret.
 pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-    build(text, path, None, |_| Ok(ClientSecret::new(String::new())))
+    let placeholder = |_: &Path| Ok(ClientSecret::new(String::new()));
+    build(text, path, Sources::default(), placeholder)
 }
 
-/// `config_mode` is the file's mode when it came from disk, to refuse an
-/// inline secret that others can read.
+/// What [`build`] needs to know of the world outside the text.
+#[derive(Default, Clone, Copy)]
+struct Sources<'a> {
+    /// Who else may read the configuration file, to refuse inline secrets
+    /// in a file that is not private.
+    config_exposure: Option<&'a Exposure>,
+    /// `$CREDENTIALS_DIRECTORY`, when systemd set it.
+    credentials: Option<&'a Path>,
+}
+
 fn build(
     text: &str,
     path: &Path,
-    config_mode: Option<u32>,
+    sources: Sources<'_>,
     read_file: impl Fn(&Path) -> Result<ClientSecret, String>,
 ) -> Result<Config, ConfigError> {
     let raw = parse_raw(text, path)?;
+    let daemon = DaemonConfig::from(raw.daemon);
     let mut keys = BTreeMap::new();
     for (name, key) in raw.keys {
         let start = key.span().start;
         let key = key.into_inner();
         let at = |message| locate(text, path, start, message);
-        if let Some(mode) = config_mode.filter(|m| m & 0o004 != 0) {
+        if let Some(exposure) = sources.config_exposure {
             if key.client_secret.is_some() {
                 return Err(at(format!(
-                    "key {name:?} has an inline client_secret but {} is readable by others \
-                     (mode {:04o}); chmod o-r it or use client_secret_file",
+                    "key {name:?} has an inline client_secret but {} {exposure}; {} or use \
+                     client_secret_file",
                     path.display(),
-                    mode & 0o7777
+                    exposure.advice(Path::new("it")),
                 )));
             }
         }
-        let key = key.finish(&name, &read_file).map_err(at)?;
+        let credentials = sources
+            .credentials
+            .map(|dir| (dir, CREDENTIAL_PREFIX))
+            .unwrap_or((&daemon.credentials_directory, ""));
+        let key = key.finish(&name, credentials, &read_file).map_err(at)?;
         keys.insert(name, key);
     }
-    Ok(Config {
-        daemon: raw.daemon.into(),
-        keys,
-    })
+    Ok(Config { daemon, keys })
 }
 
 fn parse_raw(text: &str, path: &Path) -> Result<RawConfig, ConfigError> {
@@ -211,22 +259,19 @@ fn floor_char_boundary(text: &str, mut offset: usize) -> usize {
     offset
 }
 
-/// Reads a secret file, refusing one that others could read too.
+/// Reads a secret file, refusing one that anyone but its owner, root and
+/// tokend's own user could read.
 fn read_secret_file(path: &Path) -> Result<ClientSecret, String> {
     let shown = path.display();
-    let meta = fs::metadata(path)
-        .map_err(|e| format!("failed to read client_secret_file {shown}: {e}"))?;
-    let mode = meta.permissions().mode();
-    if mode & 0o077 != 0 {
+    let file =
+        secret_file::read(path, MAX_SECRET_BYTES).map_err(|e| format!("client secret: {e}"))?;
+    if let Some(exposure) = &file.exposure {
         return Err(format!(
-            "client_secret_file {shown} is readable by group or others (mode {:04o}); chmod 0600 it",
-            mode & 0o7777
+            "secret file {shown} {exposure}; {}",
+            exposure.advice(path)
         ));
     }
-    let mut text = Zeroizing::new(
-        fs::read_to_string(path)
-            .map_err(|e| format!("failed to read client_secret_file {shown}: {e}"))?,
-    );
+    let mut text = file.text;
     // One trailing newline is what editors and `echo` add; it is never part
     // of the secret.
     if text.ends_with('\n') {
@@ -257,9 +302,9 @@ struct RawDaemon {
     #[serde(deserialize_with = "mode")]
     socket_mode: u32,
     socket_group: Option<String>,
-    #[serde(deserialize_with = "at_least_one")]
+    #[serde(deserialize_with = "connections")]
     max_connections: usize,
-    #[serde(deserialize_with = "optional_at_least_one")]
+    #[serde(deserialize_with = "optional_connections")]
     max_connections_per_uid: Option<usize>,
     #[serde(deserialize_with = "positive_duration")]
     idle_timeout: Duration,
@@ -269,6 +314,7 @@ struct RawDaemon {
     max_request_bytes: usize,
     #[serde(deserialize_with = "log_level")]
     log_level: LevelFilter,
+    credentials_directory: PathBuf,
 }
 
 impl Default for RawDaemon {
@@ -283,6 +329,7 @@ impl Default for RawDaemon {
             request_timeout_client: Duration::from_secs(10),
             max_request_bytes: 65536,
             log_level: LevelFilter::INFO,
+            credentials_directory: PathBuf::from(DEFAULT_CREDENTIALS_DIRECTORY),
         }
     }
 }
@@ -301,6 +348,7 @@ impl From<RawDaemon> for DaemonConfig {
             request_timeout_client: raw.request_timeout_client,
             max_request_bytes: raw.max_request_bytes,
             log_level: raw.log_level,
+            credentials_directory: raw.credentials_directory,
         }
     }
 }
@@ -313,10 +361,13 @@ struct RawKey {
     client_id: String,
     client_secret: Option<ClientSecret>,
     client_secret_file: Option<PathBuf>,
+    client_secret_credential: Option<String>,
     #[serde(default = "default_auth")]
     auth: AuthMethod,
     #[serde(default, deserialize_with = "optional_scopes")]
     scopes: Option<ScopeSet>,
+    #[serde(default, deserialize_with = "optional_scopes")]
+    default_scopes: Option<ScopeSet>,
     #[serde(default, deserialize_with = "scope_sets")]
     prefetch: Vec<ScopeSet>,
     #[serde(default = "default_min_valid", deserialize_with = "duration")]
@@ -328,7 +379,10 @@ struct RawKey {
     request_timeout: Duration,
     #[serde(default = "default_idle_evict", deserialize_with = "positive_duration")]
     idle_evict: Duration,
-    #[serde(default = "default_max_scope_sets", deserialize_with = "at_least_one")]
+    #[serde(
+        default = "default_max_scope_sets",
+        deserialize_with = "scope_set_count"
+    )]
     max_scope_sets: usize,
     #[serde(default = "default_max_backoff", deserialize_with = "backoff_ceiling")]
     max_backoff: Duration,
@@ -366,38 +420,64 @@ fn default_request_timeout() -> Duration {
 
 impl RawKey {
     /// Checks what a single field's type cannot, and resolves the secret.
+    /// `credentials` is the directory credentials are read from and the
+    /// prefix their file names carry there.
     fn finish(
         self,
         name: &str,
+        credentials: (&Path, &str),
         read_file: impl Fn(&Path) -> Result<ClientSecret, String>,
     ) -> Result<KeyConfig, String> {
         check_key_name(name)?;
         if self.client_id.is_empty() {
             return Err(format!("key {name:?}: client_id may not be empty"));
         }
-        let client_secret = match (self.client_secret, self.client_secret_file) {
-            (Some(secret), None) if secret.expose().is_empty() => {
+        let client_secret = match (
+            self.client_secret,
+            self.client_secret_file,
+            self.client_secret_credential,
+        ) {
+            (Some(secret), None, None) if secret.expose().is_empty() => {
                 return Err(format!("key {name:?}: client_secret may not be empty"))
             }
-            (Some(secret), None) => secret,
-            (None, Some(file)) => read_file(&file)?,
-            (Some(_), Some(_)) => {
-                return Err(format!(
-                    "key {name:?} sets both client_secret and client_secret_file; keep exactly one"
-                ))
+            (Some(secret), None, None) => secret,
+            (None, Some(file), None) => {
+                read_file(&file).map_err(|e| format!("key {name:?}: client_secret_file: {e}"))?
             }
-            (None, None) => {
+            (None, None, Some(credential)) => {
+                check_credential_name(name, &credential)?;
+                let (dir, prefix) = credentials;
+                read_file(&dir.join(format!("{prefix}{credential}"))).map_err(|e| {
+                    format!("key {name:?}: client_secret_credential {credential:?}: {e}")
+                })?
+            }
+            (None, None, None) => {
                 return Err(format!(
                     "key {name:?} needs client_secret or client_secret_file"
                 ))
             }
+            (secret, file, credential) => {
+                let set: Vec<&str> = [
+                    ("client_secret", secret.is_some()),
+                    ("client_secret_file", file.is_some()),
+                    ("client_secret_credential", credential.is_some()),
+                ]
+                .into_iter()
+                .filter_map(|(setting, given)| given.then_some(setting))
+                .collect();
+                return Err(format!(
+                    "key {name:?} sets both {}; keep exactly one",
+                    set.join(" and ")
+                ));
+            }
         };
-        let key = KeyConfig {
+        let mut key = KeyConfig {
             token_url: self.token_url,
             client_id: self.client_id,
             client_secret,
             auth: self.auth,
             scopes: self.scopes,
+            default_scopes: self.default_scopes,
             prefetch: self.prefetch,
             min_valid: self.min_valid,
             request_timeout: self.request_timeout,
@@ -410,6 +490,7 @@ impl RawKey {
                 groups: self.allow_groups,
             },
         };
+        check_default_scopes(name, &key)?;
         for set in &key.prefetch {
             let outside = key.scopes_not_allowed(set);
             if !outside.is_empty() {
@@ -418,6 +499,14 @@ impl RawKey {
                 ));
             }
         }
+        // Prefetch `[]` means what a get without scopes gets.
+        let mut prefetch: Vec<ScopeSet> = std::mem::take(&mut key.prefetch)
+            .into_iter()
+            .map(|set| key.effective_scopes(set))
+            .collect();
+        prefetch.sort();
+        prefetch.dedup();
+        key.prefetch = prefetch;
         if key.prefetch.len() > key.max_scope_sets {
             return Err(format!(
                 "key {name:?} prefetches {} scope sets but max_scope_sets is {}",
@@ -427,6 +516,42 @@ impl RawKey {
         }
         Ok(key)
     }
+}
+
+fn check_default_scopes(name: &str, key: &KeyConfig) -> Result<(), String> {
+    let Some(default) = &key.default_scopes else {
+        return Ok(());
+    };
+    if key.scopes.is_none() {
+        return Err(format!(
+            "key {name:?}: default_scopes needs a `scopes` list it is a subset of"
+        ));
+    }
+    if default.is_empty() {
+        return Err(format!(
+            "key {name:?}: default_scopes may not be empty (leave it out to default to all of `scopes`)"
+        ));
+    }
+    let outside = key.scopes_not_allowed(default);
+    if !outside.is_empty() {
+        return Err(format!(
+            "key {name:?}: default_scopes has {outside:?}, which `scopes` does not list"
+        ));
+    }
+    Ok(())
+}
+
+/// A credential name becomes a file name in a directory: no path
+/// separators, no `..`.
+fn check_credential_name(key: &str, name: &str) -> Result<(), String> {
+    let plain = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+    if name.is_empty() || name.len() > 64 || !name.chars().all(plain) || name.starts_with('.') {
+        return Err(format!(
+            "key {key:?}: client_secret_credential {name:?} must be 1 to 64 letters, digits, \
+             '-', '_' or '.', not starting with '.'"
+        ));
+    }
+    Ok(())
 }
 
 /// Key names appear in log lines, metrics and shell commands: keep them
@@ -441,25 +566,95 @@ fn check_key_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A secret accepts only a string, and its errors never repeat the value:
+/// serde's own would quote a mistyped number (`client_secret = 8675309`),
+/// and the error ends up in `tokend check`'s output and on systemd's status
+/// line, which every local user can read.
 impl<'de> Deserialize<'de> for ClientSecret {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d).map(ClientSecret::new)
+        d.deserialize_string(SecretVisitor)
+    }
+}
+
+struct SecretVisitor;
+
+impl SecretVisitor {
+    fn wrong<E: serde::de::Error>(what: &str) -> E {
+        E::custom(format!(
+            "client_secret must be a string (got {what}); quote it, and keep the value out of \
+             error reports"
+        ))
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for SecretVisitor {
+    type Value = ClientSecret;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a string")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ClientSecret, E> {
+        Ok(ClientSecret::new(v.to_owned()))
+    }
+
+    fn visit_string<E: serde::de::Error>(self, v: String) -> Result<ClientSecret, E> {
+        Ok(ClientSecret::new(v))
+    }
+
+    fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<ClientSecret, E> {
+        Err(Self::wrong("a boolean"))
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<ClientSecret, E> {
+        Err(Self::wrong("a number"))
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<ClientSecret, E> {
+        Err(Self::wrong("a number"))
+    }
+
+    fn visit_i128<E: serde::de::Error>(self, _: i128) -> Result<ClientSecret, E> {
+        Err(Self::wrong("a number"))
+    }
+
+    fn visit_u128<E: serde::de::Error>(self, _: u128) -> Result<ClientSecret, E> {
+        Err(Self::wrong("a number"))
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<ClientSecret, E> {
+        Err(Self::wrong("a number"))
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, _: A) -> Result<ClientSecret, A::Error> {
+        Err(Self::wrong("an array"))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, _: A) -> Result<ClientSecret, A::Error> {
+        Err(Self::wrong("a table or a date"))
     }
 }
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let text = String::deserialize(d)?;
-    humantime::parse_duration(&text).map_err(|e| {
-        serde::de::Error::custom(format!(
-            "bad duration {text:?} ({e}); write e.g. \"30s\", \"5m\" or \"1h\""
-        ))
-    })
+    let range = || {
+        format!(
+            "bad duration {text:?}: write one from \"0s\" to \"{MAX_DURATION_TEXT}\", e.g. \"30s\", \"5m\" or \"1h\""
+        )
+    };
+    match humantime::parse_duration(&text) {
+        Ok(value) if value <= MAX_DURATION => Ok(value),
+        Ok(_) => Err(serde::de::Error::custom(range())),
+        Err(e) => Err(serde::de::Error::custom(format!("{} ({e})", range()))),
+    }
 }
 
 fn positive_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let value = duration(d)?;
     if value.is_zero() {
-        return Err(serde::de::Error::custom("duration must be more than zero"));
+        return Err(serde::de::Error::custom(format!(
+            "duration must be more than zero and at most {MAX_DURATION_TEXT}"
+        )));
     }
     Ok(value)
 }
@@ -484,25 +679,35 @@ fn mode<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
     }
 }
 
-fn at_least_one<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
-    match usize::deserialize(d)? {
-        0 => Err(serde::de::Error::custom("must be at least 1")),
-        n => Ok(n),
+/// A count within `min..=max`. Read as a signed 64-bit number, which is
+/// what TOML integers are, so a negative or huge value gets the same
+/// message with the range instead of a type error.
+fn count<'de, D: Deserializer<'de>>(d: D, min: usize, max: usize) -> Result<usize, D::Error> {
+    let value = i64::deserialize(d)?;
+    match usize::try_from(value) {
+        Ok(n) if (min..=max).contains(&n) => Ok(n),
+        _ => Err(serde::de::Error::custom(format!(
+            "{value} is out of range: write a number from {min} to {max}"
+        ))),
     }
 }
 
-fn optional_at_least_one<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
-    at_least_one(d).map(Some)
+fn connections<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    count(d, 1, MAX_CONNECTIONS)
+}
+
+fn optional_connections<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
+    connections(d).map(Some)
+}
+
+fn scope_set_count<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    count(d, 1, MAX_SCOPE_SETS)
 }
 
 fn request_bytes<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
     // A get with a key name and a few scopes needs a few hundred bytes;
     // below this limit the daemon could not be used at all.
-    const MIN: usize = 256;
-    match usize::deserialize(d)? {
-        n if n < MIN => Err(serde::de::Error::custom(format!("must be at least {MIN}"))),
-        n => Ok(n),
-    }
+    count(d, 256, MAX_REQUEST_BYTES)
 }
 
 fn log_level<'de, D: Deserializer<'de>>(d: D) -> Result<LevelFilter, D::Error> {
@@ -522,7 +727,8 @@ fn log_level<'de, D: Deserializer<'de>>(d: D) -> Result<LevelFilter, D::Error> {
 fn token_url<'de, D: Deserializer<'de>>(d: D) -> Result<Url, D::Error> {
     let text = String::deserialize(d)?;
     let url = Url::parse(&text)
-        .map_err(|e| serde::de::Error::custom(format!("bad token_url {text:?}: {e}")))?;
+        // Not quoted: a mistyped URL may still carry a password.
+        .map_err(|e| serde::de::Error::custom(format!("bad token_url: {e}")))?;
     if !url.username().is_empty() || url.password().is_some() {
         return Err(serde::de::Error::custom(
             "token_url may not carry credentials; use client_id and client_secret",
@@ -720,5 +926,108 @@ allow_groups = ["billing"]
         assert!(err(text).contains("RFC 6749"));
         let text = "[keys.\"a b\"]\ntoken_url = \"https://x/t\"\nclient_id = \"i\"\nclient_secret = \"s\"\n";
         assert!(err(text).contains("key name"));
+    }
+
+    const KEY: &str = "[keys.a]\ntoken_url = \"https://x/t\"\nclient_id = \"i\"\n";
+
+    #[test]
+    fn a_mistyped_secret_is_never_quoted() {
+        for (value, kind) in [
+            ("86753091234", "a number"),
+            ("8675.3091", "a number"),
+            ("true", "a boolean"),
+            ("[\"hunter2-in-a-list\"]", "an array"),
+            ("{ v = \"hunter2-in-a-table\" }", "a table"),
+        ] {
+            let e = err(&format!("{KEY}client_secret = {value}\n"));
+            assert!(
+                e.starts_with("t.toml:4:17: client_secret must be a string"),
+                "{e}"
+            );
+            assert!(e.contains(kind), "{e}");
+            for part in ["86753091234", "8675", "3091", "hunter2"] {
+                assert!(!e.contains(part), "{e}");
+            }
+        }
+    }
+
+    #[test]
+    fn absurd_durations_and_counts_are_refused_with_the_range() {
+        let e = err("[daemon]\nidle_timeout = \"500000000000years\"\n");
+        assert!(e.starts_with("t.toml:2:16: bad duration"), "{e}");
+        assert!(e.contains("\"0s\" to \"365d\""), "{e}");
+        let e = err("[daemon]\nidle_timeout = \"366d\"\n");
+        assert!(e.contains("to \"365d\""), "{e}");
+        let e = err(&format!(
+            "{KEY}client_secret = \"s\"\nmin_valid = \"99999999999999999999s\"\n"
+        ));
+        assert!(e.starts_with("t.toml:5:13: bad duration"), "{e}");
+        let e = err("[daemon]\nmax_connections = 1000000000000000000\n");
+        assert_eq!(
+            e,
+            "t.toml:2:19: 1000000000000000000 is out of range: write a number from 1 to 1000000"
+        );
+        assert!(err("[daemon]\nmax_connections = -3\n").contains("from 1 to 1000000"));
+        assert!(err("[daemon]\nmax_request_bytes = 1000000000\n").contains("from 256 to 16777216"));
+        let e = err(&format!("{KEY}client_secret = \"s\"\nmax_scope_sets = 0\n"));
+        assert!(e.contains("from 1 to 100000"), "{e}");
+    }
+
+    #[test]
+    fn a_key_with_scopes_never_asks_for_the_issuers_default() {
+        let parse_key = |extra: &str| {
+            let text = format!("{KEY}client_secret = \"s\"\n{extra}");
+            parse(&text, Path::new("t.toml")).map(|mut c| c.keys.remove("a").unwrap())
+        };
+        let set = |s: &[&str]| {
+            ScopeSet::new(s.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap()
+        };
+        let key = parse_key("scopes = [\"gateway\"]\nprefetch = [[]]\n").unwrap();
+        assert_eq!(key.effective_scopes(set(&[])), set(&["gateway"]));
+        assert_eq!(key.prefetch, [set(&["gateway"])]);
+        let key = parse_key("scopes = [\"fx\", \"gateway\", \"vault\"]\ndefault_scopes = [\"vault\"]\nprefetch = [[], [\"vault\"]]\n").unwrap();
+        assert_eq!(key.effective_scopes(set(&[])), set(&["vault"]));
+        assert_eq!(key.effective_scopes(set(&["fx"])), set(&["fx"]));
+        assert_eq!(key.prefetch, [set(&["vault"])]);
+        // Without a `scopes` list the issuer's default set stays available.
+        let key = parse_key("").unwrap();
+        assert_eq!(key.effective_scopes(set(&[])), set(&[]));
+        let e = parse_key("default_scopes = [\"a\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("needs a `scopes` list"), "{e}");
+        let e = parse_key("scopes = [\"a\"]\ndefault_scopes = [\"b\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("default_scopes has [\"b\"]"), "{e}");
+        let e = parse_key("scopes = [\"a\"]\ndefault_scopes = []\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("may not be empty"), "{e}");
+    }
+
+    #[test]
+    fn a_credential_reads_from_the_credentials_directory() {
+        let text = format!("{KEY}client_secret_credential = \"payments\"\n");
+        let seen = std::cell::RefCell::new(Vec::new());
+        let reader = |p: &Path| {
+            seen.borrow_mut().push(p.to_owned());
+            Ok(ClientSecret::new("x".into()))
+        };
+        build(&text, Path::new("t"), Sources::default(), reader).unwrap();
+        let in_service = Sources {
+            credentials: Some(Path::new("/run/credentials/tokend.service")),
+            ..Sources::default()
+        };
+        build(&text, Path::new("t"), in_service, reader).unwrap();
+        assert_eq!(
+            *seen.borrow(),
+            [
+                PathBuf::from("/etc/tokend/credentials/payments"),
+                PathBuf::from("/run/credentials/tokend.service/secret_payments")
+            ]
+        );
+        let e = err(&format!("{KEY}client_secret_credential = \"../x\"\n"));
+        assert!(e.contains("must be 1 to 64 letters"), "{e}");
     }
 }

@@ -307,12 +307,18 @@ async fn check_refuses_an_inline_secret_in_a_world_readable_config() {
         message,
         format!(
             "key \"a\" has an inline client_secret but {} is readable by others \
-             (mode 0644); chmod o-r it or use client_secret_file",
+             (mode 0644); chmod 0600 it or use client_secret_file",
             path.display()
         )
     );
     assert!(!message.contains(SECRET));
-    let (ran, _) = check(dir.path(), &text, 0o640).await;
+    // Readable by its group is refused too (issue 9: it used to pass).
+    let message = check_error(dir.path(), &text, 0o640, 1, 1).await;
+    assert!(
+        message.contains("is readable by group or others (mode 0640)"),
+        "{message}"
+    );
+    let (ran, _) = check(dir.path(), &text, 0o600).await;
     assert_eq!(ran.code, Some(0), "{ran:?}");
 }
 
