@@ -5,17 +5,27 @@
 //! `/connect/token`, Checkissuing's `{"status":0,"errors":[…]}`). Parsing is
 //! a pure function over status and body so tests can feed it bytes. This
 //! module caches nothing and knows nothing of sockets.
+//!
+//! Issuer text (error words, content types, token types) reaches callers
+//! and the journal, so every form the secret takes on the wire is scrubbed
+//! from it ([`Scrubber`]) before it is cut to length. The secret's copies we
+//! make for a request (the form body, the Basic header) live in buffers
+//! that are wiped when the HTTP stack drops them, and the token is parsed
+//! straight into an [`AccessToken`], never into a `serde_json::Value`.
 
 use std::fmt;
 use std::time::Duration;
 
-use reqwest::header::{HeaderMap, ACCEPT, CONTENT_TYPE, RETRY_AFTER};
+use base64::Engine as _;
+use bytes::Bytes;
+use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
+use serde::Deserialize;
 use serde_json::Value;
 use zeroize::Zeroizing;
 
 use crate::config::{AuthMethod, KeyConfig};
 use crate::scope::ScopeSet;
-use crate::secret::{AccessToken, ClientSecret};
+use crate::secret::AccessToken;
 
 /// The most of an issuer's answer we read. Token answers are a few KiB even
 /// with large JWTs; anything bigger is a misbehaving server.
@@ -136,9 +146,10 @@ impl IssuerClient {
                 Ok(Err(kind)) => return Err(fail(kind)),
                 Err(_) => return Err(fail(FailureKind::Timeout(key.request_timeout))),
             };
-        parse_answer(status, content_type(&headers), &body).map_err(|kind| IssuerError {
+        let scrubber = Scrubber::for_key(key);
+        parse_answer(status, content_type(&headers), &body, &scrubber).map_err(|kind| IssuerError {
             url: key.token_url.to_string(),
-            kind: redact(kind, &key.client_secret),
+            kind,
             retry_after: retry_after(status, &headers),
         })
     }
@@ -173,7 +184,14 @@ fn build_request(
     key: &KeyConfig,
     scopes: &ScopeSet,
 ) -> reqwest::RequestBuilder {
-    let mut form = form_urlencoded::Serializer::new(String::new());
+    // The cache already asks for effective sets; this makes sure no path
+    // can send a key that lists `scopes` to the issuer without `scope`.
+    let scopes = &key.effective_scopes(scopes.clone());
+    let secret = key.client_secret.expose();
+    // Sized up front so the buffer never grows: growing would leave copies
+    // of the secret in freed memory.
+    let room = 64 + 3 * (scopes.joined().len() + key.client_id.len() + secret.len());
+    let mut form = form_urlencoded::Serializer::new(String::with_capacity(room));
     form.append_pair("grant_type", "client_credentials");
     if !scopes.is_empty() {
         form.append_pair("scope", &scopes.joined());
@@ -183,23 +201,108 @@ fn build_request(
         .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
         .header(ACCEPT, "application/json");
     let request = match key.auth {
-        // RFC 6749 2.3.1: id and secret are form-urlencoded before they are
-        // joined with ':' and base64-encoded, so a ':' in the id survives.
-        AuthMethod::Basic => request.basic_auth(
-            urlencode(&key.client_id),
-            Some(Zeroizing::new(urlencode(key.client_secret.expose())).as_str()),
-        ),
+        AuthMethod::Basic => request.header(AUTHORIZATION, basic_credentials(key)),
         AuthMethod::Post => {
             form.append_pair("client_id", &key.client_id);
-            form.append_pair("client_secret", key.client_secret.expose());
+            form.append_pair("client_secret", secret);
             request
         }
     };
-    request.body(form.finish())
+    request.body(wiped(form.finish().into_bytes()))
 }
 
-fn urlencode(text: &str) -> String {
-    form_urlencoded::byte_serialize(text.as_bytes()).collect()
+/// Bytes whose buffer is zeroed when the last reference (ours or the HTTP
+/// stack's) goes away.
+fn wiped(bytes: Vec<u8>) -> Bytes {
+    Bytes::from_owner(Zeroizing::new(bytes))
+}
+
+/// `Basic base64(urlencode(id) ":" urlencode(secret))`. RFC 6749 2.3.1:
+/// id and secret are form-urlencoded before they are joined with ':' and
+/// base64-encoded, so a ':' in the id survives. Marked sensitive, so the
+/// HTTP stack neither indexes nor prints it.
+fn basic_credentials(key: &KeyConfig) -> HeaderValue {
+    let pair = basic_pair(key);
+    let mut header = String::with_capacity(6 + 4 * pair.len().div_ceil(3));
+    header.push_str("Basic ");
+    base64::engine::general_purpose::STANDARD.encode_string(pair.as_bytes(), &mut header);
+    let value = HeaderValue::from_maybe_shared(wiped(header.into_bytes()));
+    // Base64 and "Basic " are visible ASCII, which a header value accepts.
+    let mut value = value.unwrap_or_else(|_| HeaderValue::from_static("Basic"));
+    value.set_sensitive(true);
+    value
+}
+
+/// `urlencode(id) ":" urlencode(secret)`, in memory that is wiped.
+fn basic_pair(key: &KeyConfig) -> Zeroizing<String> {
+    let (id, secret) = (&key.client_id, key.client_secret.expose());
+    let mut pair = Zeroizing::new(String::with_capacity(3 * (id.len() + secret.len()) + 1));
+    pair.extend(form_urlencoded::byte_serialize(id.as_bytes()));
+    pair.push(':');
+    pair.extend(form_urlencoded::byte_serialize(secret.as_bytes()));
+    pair
+}
+
+/// Every form the client secret takes in what tokend sends, so that an
+/// issuer that echoes its input cannot get any of them into a caller's
+/// answer or a log line: the secret itself, form-urlencoded (what both
+/// auth methods put on the wire) and with `%20` for spaces, and the
+/// base64 Basic credentials, of the encoded pair and of the raw one.
+pub struct Scrubber {
+    /// Longest first, so a form containing another is replaced whole.
+    forms: Vec<Zeroizing<String>>,
+}
+
+impl Scrubber {
+    pub fn for_key(key: &KeyConfig) -> Scrubber {
+        let secret = key.client_secret.expose();
+        let encoded =
+            Zeroizing::new(form_urlencoded::byte_serialize(secret.as_bytes()).collect::<String>());
+        let b64 =
+            |bytes: &[u8]| Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(bytes));
+        let raw_pair = Zeroizing::new(format!("{}:{secret}", key.client_id));
+        let mut forms = vec![
+            Zeroizing::new(secret.to_owned()),
+            Zeroizing::new(encoded.replace('+', "%20")),
+            b64(basic_pair(key).as_bytes()),
+            b64(raw_pair.as_bytes()),
+            encoded,
+        ];
+        forms.retain(|f| !f.is_empty());
+        forms.sort_by_key(|f| std::cmp::Reverse(f.len()));
+        forms.dedup();
+        Scrubber { forms }
+    }
+
+    /// One that scrubs nothing, for answers no secret went into.
+    pub fn none() -> Scrubber {
+        Scrubber { forms: Vec::new() }
+    }
+
+    fn scrub(&self, text: &str) -> String {
+        let mut out = text.to_owned();
+        for form in &self.forms {
+            if out.contains(form.as_str()) {
+                out = out.replace(form.as_str(), "[redacted]");
+            }
+        }
+        out
+    }
+
+    /// Issuer text as we repeat it: scrubbed first, then one printable
+    /// line, then bounded, so a secret straddling the cut leaves no prefix.
+    fn sanitize(&self, text: &str) -> String {
+        let scrubbed = self.scrub(text);
+        let mut out: String = scrubbed
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .take(MAX_WORDS)
+            .collect();
+        if scrubbed.chars().count() > MAX_WORDS {
+            out.push('…');
+        }
+        out
+    }
 }
 
 /// The innermost cause of a reqwest error: "Connection refused (os error
@@ -251,23 +354,114 @@ fn httpdate_to_system_time(value: &str) -> Option<std::time::SystemTime> {
     })
 }
 
-/// Turns an issuer's answer into a grant or a failure.
-pub fn parse_answer(status: u16, content_type: &str, body: &[u8]) -> Result<Grant, FailureKind> {
-    let Ok(Value::Object(fields)) = serde_json::from_slice::<Value>(body) else {
+/// The fields of a token or error answer we read. Unknown fields are
+/// skipped; the token goes straight into memory that is wiped.
+#[derive(Deserialize)]
+struct RawAnswer {
+    access_token: Option<TokenField>,
+    token_type: Option<Value>,
+    expires_in: Option<Value>,
+    scope: Option<Value>,
+    error: Option<Value>,
+    error_description: Option<Value>,
+    errors: Option<Value>,
+    status: Option<Value>,
+}
+
+/// `access_token` as sent: a string, or anything else (reported, not kept).
+enum TokenField {
+    Text(AccessToken),
+    Other,
+}
+
+impl<'de> Deserialize<'de> for TokenField {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(TokenVisitor)
+    }
+}
+
+struct TokenVisitor;
+
+impl<'de> serde::de::Visitor<'de> for TokenVisitor {
+    type Value = TokenField;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<TokenField, E> {
+        Ok(TokenField::Text(AccessToken::new(v.to_owned())))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<TokenField, E> {
+        Ok(TokenField::Text(AccessToken::new(v)))
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<TokenField, E> {
+        Ok(TokenField::Other)
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<TokenField, E> {
+        Ok(TokenField::Other)
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<TokenField, E> {
+        Ok(TokenField::Other)
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<TokenField, E> {
+        Ok(TokenField::Other)
+    }
+
+    fn visit_unit<E>(self) -> Result<TokenField, E> {
+        Ok(TokenField::Other)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<TokenField, A::Error> {
+        while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+        Ok(TokenField::Other)
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<TokenField, A::Error> {
+        while map
+            .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+            .is_some()
+        {}
+        Ok(TokenField::Other)
+    }
+}
+
+/// Turns an issuer's answer into a grant or a failure. Issuer text in a
+/// failure has gone through `scrubber`.
+pub fn parse_answer(
+    status: u16,
+    content_type: &str,
+    body: &[u8],
+    scrubber: &Scrubber,
+) -> Result<Grant, FailureKind> {
+    // A derived struct would also take a JSON array, field by position.
+    let is_object = body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
+    let parsed = is_object
+        .then(|| serde_json::from_slice::<RawAnswer>(body).ok())
+        .flatten();
+    let Some(answer) = parsed else {
         return Err(if (200..300).contains(&status) {
             FailureKind::Malformed {
                 status,
-                problem: format!("the body is not a JSON object ({})", sanitize(content_type)),
+                problem: format!(
+                    "the body is not a usable JSON object ({})",
+                    scrubber.sanitize(content_type)
+                ),
             }
         } else {
             FailureKind::Http {
                 status,
                 reason: reason(status).to_owned(),
-                content_type: sanitize(content_type),
+                content_type: scrubber.sanitize(content_type),
             }
         });
     };
-    if let Some(failure) = error_in(status, &fields) {
+    if let Some(failure) = error_in(status, &answer, scrubber) {
         return Err(failure);
     }
     if !(200..300).contains(&status) {
@@ -276,33 +470,33 @@ pub fn parse_answer(status: u16, content_type: &str, body: &[u8]) -> Result<Gran
             words: format!("{} with no error field", reason(status)),
         });
     }
-    grant_from(status, &fields)
+    grant_from(status, answer, scrubber)
 }
 
 /// The failure an answer describes, in any of the shapes issuers use. A 200
 /// that carries an error is a failure too.
-fn error_in(status: u16, fields: &serde_json::Map<String, Value>) -> Option<FailureKind> {
-    let words = if let Some(code) = fields.get("error") {
+fn error_in(status: u16, answer: &RawAnswer, scrubber: &Scrubber) -> Option<FailureKind> {
+    let words = if let Some(code) = &answer.error {
         // RFC 6749 5.2: {"error": "...", "error_description": "..."}
         let code = text_of(code);
-        match fields.get("error_description").map(text_of) {
+        match answer.error_description.as_ref().map(text_of) {
             Some(description) if !description.is_empty() => format!("{code}: {description}"),
             _ => code,
         }
-    } else if let Some(errors) = fields.get("errors") {
+    } else if let Some(errors) = &answer.errors {
         // Checkissuing: {"status": 0, "errors": ["Access Denied"]}
         match errors {
             Value::Array(items) => items.iter().map(text_of).collect::<Vec<_>>().join("; "),
             other => text_of(other),
         }
-    } else if fields.get("status").and_then(Value::as_i64) == Some(0)
-        && !fields.contains_key("access_token")
+    } else if answer.status.as_ref().and_then(Value::as_i64) == Some(0)
+        && answer.access_token.is_none()
     {
         "status 0 with no error text".to_owned()
     } else {
         return None;
     };
-    let words = sanitize(&words);
+    let words = scrubber.sanitize(&words);
     let denied = matches!(status, 401 | 403) || {
         let lower = words.to_ascii_lowercase();
         lower.starts_with("invalid_client")
@@ -316,30 +510,30 @@ fn error_in(status: u16, fields: &serde_json::Map<String, Value>) -> Option<Fail
     })
 }
 
-fn grant_from(status: u16, fields: &serde_json::Map<String, Value>) -> Result<Grant, FailureKind> {
+fn grant_from(status: u16, answer: RawAnswer, scrubber: &Scrubber) -> Result<Grant, FailureKind> {
     let malformed = |problem: &str| FailureKind::Malformed {
         status,
         problem: problem.to_owned(),
     };
-    let access_token = match fields.get("access_token") {
-        Some(Value::String(token)) if !token.is_empty() => AccessToken::new(token.clone()),
+    let access_token = match answer.access_token {
+        Some(TokenField::Text(token)) if !token.expose().is_empty() => token,
         Some(_) => return Err(malformed("access_token is not a non-empty string")),
         None => return Err(malformed("no access_token")),
     };
-    let token_type = match fields.get("token_type") {
+    let token_type = match &answer.token_type {
         Some(Value::String(t)) if t.eq_ignore_ascii_case("bearer") => "Bearer".to_owned(),
-        Some(Value::String(t)) if !t.is_empty() => sanitize(t),
+        Some(Value::String(t)) if !t.is_empty() => scrubber.sanitize(t),
         None => "Bearer".to_owned(),
         Some(_) => return Err(malformed("token_type is not a string")),
     };
-    let expires_in = match fields.get("expires_in") {
+    let expires_in = match &answer.expires_in {
         None | Some(Value::Null) => None,
         Some(value) => Some(
             lifetime(value)
                 .ok_or_else(|| malformed("expires_in is not a positive number of seconds"))?,
         ),
     };
-    let scope = match fields.get("scope") {
+    let scope = match &answer.scope {
         Some(Value::String(s)) => Some(ScopeSet::from_granted(s)),
         Some(Value::Null) | None => None,
         Some(_) => return Err(malformed("scope is not a string")),
@@ -373,43 +567,6 @@ fn text_of(value: &Value) -> String {
     }
 }
 
-/// Issuer text as we repeat it: one line, printable, bounded.
-fn sanitize(text: &str) -> String {
-    let mut out: String = text
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .take(MAX_WORDS)
-        .collect();
-    if text.chars().count() > MAX_WORDS {
-        out.push('…');
-    }
-    out
-}
-
-/// An issuer that echoes what it was sent must not get our secret into a
-/// log line through its error text.
-fn redact(kind: FailureKind, secret: &ClientSecret) -> FailureKind {
-    let scrub = |words: String| {
-        let secret = secret.expose();
-        if secret.len() >= 4 && words.contains(secret) {
-            words.replace(secret, "[redacted]")
-        } else {
-            words
-        }
-    };
-    match kind {
-        FailureKind::Denied { status, words } => FailureKind::Denied {
-            status,
-            words: scrub(words),
-        },
-        FailureKind::Refused { status, words } => FailureKind::Refused {
-            status,
-            words: scrub(words),
-        },
-        other => other,
-    }
-}
-
 fn reason(status: u16) -> &'static str {
     reqwest::StatusCode::from_u16(status)
         .ok()
@@ -426,7 +583,7 @@ mod tests {
     #[test]
     fn checkissuing_token() {
         let body = br#"{"token_type": "Bearer", "expires_in": 3600, "access_token": "0aba4911442f22c04b1f4f4e7cc50edb9856f213"}"#;
-        let grant = parse_answer(200, JSON, body).unwrap();
+        let grant = parse_answer(200, JSON, body, &Scrubber::none()).unwrap();
         assert_eq!(
             grant.access_token.expose(),
             "0aba4911442f22c04b1f4f4e7cc50edb9856f213"
@@ -439,7 +596,7 @@ mod tests {
     #[test]
     fn checkout_token_with_scope() {
         let body = br#"{"access_token":"eyJ.x.y","expires_in":"3600","token_type":"bearer","scope":"fx gateway vault"}"#;
-        let grant = parse_answer(200, JSON, body).unwrap();
+        let grant = parse_answer(200, JSON, body, &Scrubber::none()).unwrap();
         assert_eq!(grant.token_type, "Bearer");
         assert_eq!(grant.expires_in, Some(Duration::from_secs(3600)));
         assert_eq!(grant.scope.unwrap().joined(), "fx gateway vault");
@@ -447,8 +604,13 @@ mod tests {
 
     #[test]
     fn missing_expires_in_is_reported_as_none() {
-        let grant =
-            parse_answer(200, JSON, br#"{"access_token":"t","token_type":"Bearer"}"#).unwrap();
+        let grant = parse_answer(
+            200,
+            JSON,
+            br#"{"access_token":"t","token_type":"Bearer"}"#,
+            &Scrubber::none(),
+        )
+        .unwrap();
         assert_eq!(grant.expires_in, None);
     }
 
@@ -459,7 +621,7 @@ mod tests {
                 format!(r#"{{"access_token":"t","token_type":"Bearer","expires_in":{bad}}}"#);
             assert!(
                 matches!(
-                    parse_answer(200, JSON, body.as_bytes()),
+                    parse_answer(200, JSON, body.as_bytes(), &Scrubber::none()),
                     Err(FailureKind::Malformed { .. })
                 ),
                 "{bad}"
@@ -471,7 +633,7 @@ mod tests {
     fn checkissuing_denial_with_401_and_with_200() {
         let body = br#"{"status":0,"errors":["Access Denied"]}"#;
         for status in [401, 200] {
-            let failure = parse_answer(status, JSON, body).unwrap_err();
+            let failure = parse_answer(status, JSON, body, &Scrubber::none()).unwrap_err();
             assert_eq!(
                 failure,
                 FailureKind::Denied {
@@ -486,11 +648,11 @@ mod tests {
     #[test]
     fn rfc6749_errors() {
         let body = br#"{"error":"invalid_client","error_description":"bad secret"}"#;
-        let failure = parse_answer(401, JSON, body).unwrap_err();
+        let failure = parse_answer(401, JSON, body, &Scrubber::none()).unwrap_err();
         assert_eq!(failure.to_string(), "access denied: the issuer rejected the client credentials (HTTP 401: invalid_client: bad secret)");
         let body = br#"{"error":"invalid_scope"}"#;
         assert_eq!(
-            parse_answer(400, JSON, body).unwrap_err(),
+            parse_answer(400, JSON, body, &Scrubber::none()).unwrap_err(),
             FailureKind::Refused {
                 status: 400,
                 words: "invalid_scope".into()
@@ -499,21 +661,26 @@ mod tests {
         // An error inside a 200 is still an error.
         let body = br#"{"error":"invalid_client","access_token":"x"}"#;
         assert!(matches!(
-            parse_answer(200, JSON, body),
+            parse_answer(200, JSON, body, &Scrubber::none()),
             Err(FailureKind::Denied { .. })
         ));
     }
 
     #[test]
     fn html_error_page() {
-        let failure =
-            parse_answer(502, "text/html", b"<html><title>Bad Gateway</title></html>").unwrap_err();
+        let failure = parse_answer(
+            502,
+            "text/html",
+            b"<html><title>Bad Gateway</title></html>",
+            &Scrubber::none(),
+        )
+        .unwrap_err();
         assert_eq!(
             failure.to_string(),
             "the issuer answered HTTP 502 Bad Gateway with a non-JSON body (text/html)"
         );
         assert!(matches!(
-            parse_answer(200, "text/html", b"<html>"),
+            parse_answer(200, "text/html", b"<html>", &Scrubber::none()),
             Err(FailureKind::Malformed { .. })
         ));
     }
@@ -525,7 +692,7 @@ mod tests {
             "x".repeat(5000)
         );
         let FailureKind::Refused { words, .. } =
-            parse_answer(500, JSON, body.as_bytes()).unwrap_err()
+            parse_answer(500, JSON, body.as_bytes(), &Scrubber::none()).unwrap_err()
         else {
             panic!("expected Refused");
         };
@@ -533,20 +700,83 @@ mod tests {
         assert!(words.chars().count() <= MAX_WORDS + 1);
     }
 
-    #[test]
-    fn echoed_secret_is_scrubbed() {
-        let secret = ClientSecret::new("sekrit-value".into());
-        let kind = FailureKind::Refused {
-            status: 400,
-            words: "bad client_secret sekrit-value".into(),
-        };
-        assert_eq!(
-            redact(kind, &secret),
-            FailureKind::Refused {
-                status: 400,
-                words: "bad client_secret [redacted]".into()
-            }
+    fn key_with(id: &str, secret: &str) -> KeyConfig {
+        let text = format!(
+            "[keys.k]\ntoken_url = \"https://issuer.example/t\"\nclient_id = {id:?}\nclient_secret = {secret:?}\n"
         );
+        let mut config = crate::config::parse(&text, std::path::Path::new("t")).unwrap();
+        config.keys.remove("k").unwrap()
+    }
+
+    #[test]
+    fn every_wire_form_of_the_secret_is_scrubbed() {
+        let key = key_with("id:1", "s3cr+t v/al=ue");
+        let scrubber = Scrubber::for_key(&key);
+        let basic = base64::engine::general_purpose::STANDARD.encode("id%3A1:s3cr%2Bt+v%2Fal%3Due");
+        let raw_basic = base64::engine::general_purpose::STANDARD.encode("id:1:s3cr+t v/al=ue");
+        for echoed in [
+            "s3cr+t v/al=ue",
+            "s3cr%2Bt+v%2Fal%3Due",
+            "s3cr%2Bt%20v%2Fal%3Due",
+            basic.as_str(),
+            raw_basic.as_str(),
+        ] {
+            let body = serde_json::json!({"error": "invalid_client", "error_description": format!("got {echoed} here")});
+            let failure =
+                parse_answer(401, JSON, body.to_string().as_bytes(), &scrubber).unwrap_err();
+            let shown = failure.to_string();
+            assert!(!shown.contains(echoed), "{shown}");
+            assert!(shown.contains("got [redacted] here"), "{shown}");
+        }
+    }
+
+    #[test]
+    fn scrubbing_comes_before_the_cut() {
+        let secret = "straddling-secret-0123456789";
+        let key = key_with("id", secret);
+        // The secret starts 10 characters before the cut at MAX_WORDS.
+        let description = format!(
+            "{}{secret}",
+            "x".repeat(MAX_WORDS - 10 - "invalid_request: ".len())
+        );
+        let body =
+            serde_json::json!({"error": "invalid_request", "error_description": description});
+        let failure = parse_answer(
+            400,
+            JSON,
+            body.to_string().as_bytes(),
+            &Scrubber::for_key(&key),
+        )
+        .unwrap_err();
+        let FailureKind::Refused { words, .. } = failure else {
+            panic!("expected Refused")
+        };
+        assert!(!words.contains(&secret[..10]), "{words}");
+        let html = parse_answer(
+            502,
+            &format!("text/html; {secret}"),
+            b"<html>",
+            &Scrubber::for_key(&key),
+        )
+        .unwrap_err();
+        assert!(!html.to_string().contains(secret), "{html}");
+    }
+
+    #[test]
+    fn an_array_is_not_an_answer() {
+        assert!(matches!(
+            parse_answer(200, JSON, br#"["tok", "Bearer", 3600]"#, &Scrubber::none()),
+            Err(FailureKind::Malformed { .. })
+        ));
+        assert!(matches!(
+            parse_answer(
+                200,
+                JSON,
+                br#"{"access_token": {"a": [1]}}"#,
+                &Scrubber::none()
+            ),
+            Err(FailureKind::Malformed { .. })
+        ));
     }
 
     #[test]

@@ -15,7 +15,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tokend::issuer::{parse_answer, Grant};
+use tokend::issuer::{parse_answer, Grant, Scrubber};
 use tokend::secret::AccessToken;
 
 /// issuer.rs repeats at most 300 characters (`MAX_WORDS`) of the issuer's
@@ -32,7 +32,7 @@ fuzz_target!(|data: &[u8]| {
     let Ok(status) = status.parse::<u16>() else {
         return;
     };
-    match parse_answer(status, content_type, body) {
+    match parse_answer(status, content_type, body, &Scrubber::none()) {
         Ok(grant) => check_grant(&grant),
         Err(failure) => {
             let shown = failure.to_string();
