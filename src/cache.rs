@@ -337,7 +337,11 @@ impl TokenCache {
                 continue;
             }
             for (scopes, entry) in old_slot.entries() {
-                if !slot.config.scopes_not_allowed(&scopes).is_empty() {
+                // Also drops a set the new configuration would serve from
+                // another one (an empty set on a key that gained `scopes`).
+                if !slot.config.scopes_not_allowed(&scopes).is_empty()
+                    || slot.config.effective_scopes(scopes.clone()) != scopes
+                {
                     continue;
                 }
                 {

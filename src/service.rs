@@ -145,6 +145,7 @@ impl Service {
                 format!("key {name:?} does not allow scopes {outside:?}"),
             ));
         }
+        let scopes = key.effective_scopes(scopes);
         let token = tokio::select! {
             token = self.cache.get(name, &scopes) => token,
             () = self.deadline.cancelled() => Err(GetError::ShuttingDown),

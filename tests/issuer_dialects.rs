@@ -119,9 +119,14 @@ async fn checkissuing_access_denied_with_401_and_with_200() {
 async fn checkout_scopes_jwt_and_invalid_scope() {
     let issuer = issuer().await;
     // The key allows fx, but the issuer does not give this client fx.
+    // A get without scopes asks for default_scopes (issue 9: never for
+    // the issuer's own default when the key lists scopes).
     let daemon = Daemon::start(
         "",
-        &checkout_key(&issuer, r#"scopes = ["gateway", "vault", "fx"]"#),
+        &checkout_key(
+            &issuer,
+            "scopes = [\"gateway\", \"vault\", \"fx\"]\ndefault_scopes = [\"gateway\", \"vault\"]",
+        ),
     );
     let answer = daemon
         .call(json!({"op":"get","key":"payments","scopes":["vault"]}))
@@ -140,6 +145,15 @@ async fn checkout_scopes_jwt_and_invalid_scope() {
     // Default set: the issuer's granted scope is what we report.
     let answer = daemon.call(get("payments")).await;
     assert_eq!(answer["scopes"], json!(["gateway", "vault"]), "{answer}");
+    let asked: Vec<Option<String>> = issuer
+        .requests()
+        .iter()
+        .map(|r| r.param("scope").map(str::to_owned))
+        .collect();
+    assert_eq!(
+        asked,
+        [Some("vault".to_owned()), Some("gateway vault".to_owned())]
+    );
     let answer = daemon
         .call(json!({"op":"get","key":"payments","scopes":["fx"]}))
         .await;
@@ -392,5 +406,40 @@ async fn a_token_with_less_than_min_valid_left_is_not_handed_out() {
         "under min_valid: renewed",
     );
     assert!(issuer.requests().len() >= 2);
+    daemon.stop_and_check_log(&used_secrets(&issuer));
+}
+
+/// Checkout.com grants every scope of the credential when asked for none:
+/// a key the operator restricted to `gateway` must never ask for none, by
+/// a get, a prefetch, or a reload that carries sets over.
+// Multi-threaded: the harness blocks a thread while it awaits the reload,
+// and the loopback issuer must keep answering meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_with_scopes_never_asks_the_issuer_without_scope() {
+    let issuer = issuer().await;
+    let restricted = "scopes = [\"gateway\"]\nprefetch = [[]]";
+    let mut daemon = Daemon::start("", &checkout_key(&issuer, restricted));
+    issuer.wait_for_requests(1, Duration::from_secs(10)).await;
+    let answer = daemon.call(get("payments")).await;
+    assert_eq!(answer["ok"], true, "{answer}");
+    assert_eq!(answer["scopes"], json!(["gateway"]), "{answer}");
+    let answer = daemon
+        .call(json!({"op":"get","key":"payments","scopes":[]}))
+        .await;
+    assert_eq!(answer["scopes"], json!(["gateway"]), "{answer}");
+    let answer = daemon
+        .call(json!({"op":"get","key":"payments","scopes":["vault"]}))
+        .await;
+    assert_eq!(answer["error"]["code"], "scope_not_allowed", "{answer}");
+    // A reload with the same credential carries the set over and refreshes it.
+    daemon.rewrite_keys(&checkout_key(&issuer, restricted));
+    assert!(daemon.reload_and_wait(), "{}", daemon.log());
+    let answer = daemon.call(get("payments")).await;
+    assert_eq!(answer["ok"], true, "{answer}");
+    let requests = issuer.requests();
+    assert!(!requests.is_empty());
+    for request in &requests {
+        assert_eq!(request.param("scope"), Some("gateway"), "{request:?}");
+    }
     daemon.stop_and_check_log(&used_secrets(&issuer));
 }

@@ -36,6 +36,8 @@ pub struct Daemon {
     pub dir: tempfile::TempDir,
     pub socket: PathBuf,
     pub config_path: PathBuf,
+    /// The `[daemon]` lines the test asked for, kept for rewrites.
+    daemon_lines: String,
     log: Arc<Log>,
 }
 
@@ -65,11 +67,7 @@ impl Daemon {
             .expect("chmod dir");
         let socket = dir.path().join("tokend.sock");
         let config_path = dir.path().join("tokend.toml");
-        let text = format!(
-            "[daemon]\nsocket = {:?}\n{daemon}\n\n{keys}\n",
-            socket.display().to_string()
-        );
-        write_private(&config_path, &text);
+        write_private(&config_path, &config_text(&socket, daemon, keys));
         let mut command = make(dir.path());
         let mut child = command
             .args(["serve", "--config"])
@@ -98,10 +96,49 @@ impl Daemon {
             dir,
             socket,
             config_path,
+            daemon_lines: daemon.to_owned(),
             log,
         };
         daemon.wait_for_log(" listening ");
         daemon
+    }
+
+    /// Replaces the configuration's keys, keeping its `[daemon]` lines.
+    pub fn rewrite_keys(&self, keys: &str) {
+        let text = config_text(&self.socket, &self.daemon_lines, keys);
+        write_private(&self.config_path, &text);
+    }
+
+    /// Sends SIGHUP and blocks until the daemon logs the outcome: `true`
+    /// for "reloaded", `false` for "reload failed".
+    pub fn reload_and_wait(&mut self) -> bool {
+        let outcomes = |text: &str| {
+            (
+                text.matches(" reloaded").count(),
+                text.matches("reload failed").count(),
+            )
+        };
+        let before = outcomes(&self.log());
+        // SAFETY: kill(2) on our own child's pid; no memory is involved.
+        let sent = unsafe { libc::kill(self.pid() as i32, libc::SIGHUP) };
+        assert_eq!(sent, 0, "SIGHUP: {}", std::io::Error::last_os_error());
+        let deadline = Instant::now() + PATIENCE;
+        let mut text = self.log.text.lock().expect("log lock");
+        loop {
+            let now = outcomes(&text);
+            if now.0 > before.0 {
+                return true;
+            }
+            if now.1 > before.1 {
+                return false;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "no reload outcome within {PATIENCE:?}; log:\n{text}"
+            );
+            text = self.log.grew.wait_timeout(text, left).expect("log lock").0;
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -441,4 +478,11 @@ pub fn test_user(name: &'static str) -> TestUser {
         gid: user.gid.as_raw(),
         groups,
     }
+}
+
+fn config_text(socket: &Path, daemon: &str, keys: &str) -> String {
+    format!(
+        "[daemon]\nsocket = {:?}\n{daemon}\n\n{keys}\n",
+        socket.display().to_string()
+    )
 }
