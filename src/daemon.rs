@@ -43,6 +43,10 @@ const DRAIN_DEADLINE: Duration = Duration::from_millis(4500);
 /// How often the STATUS= line is recomputed (and sent when it changed).
 /// Cheap: a summary takes each cache lock once, briefly.
 const STATUS_EVERY: Duration = Duration::from_secs(2);
+/// How long a reload may take to read the configuration and its secret
+/// files. Past it (a hung network mount), the reload fails like an invalid
+/// one and the running configuration stays.
+const RELOAD_READ_LIMIT: Duration = Duration::from_secs(5);
 
 pub async fn serve(config_path: &Path) -> anyhow::Result<()> {
     let config = config::load(config_path)?;
@@ -107,7 +111,11 @@ pub async fn serve(config_path: &Path) -> anyhow::Result<()> {
     drop(config);
     let signal_name = loop {
         match signals.next().await {
-            Some(Asked::Reload) => reloader.reload().await,
+            // A stop signal is acted on even while a reload is under way.
+            Some(Asked::Reload) => tokio::select! {
+                () = reloader.reload() => {}
+                name = signals.stop() => break name,
+            },
             Some(Asked::Stop(name)) => break name,
             None => anyhow::bail!("signal handling ended unexpectedly"),
         }
@@ -203,6 +211,14 @@ impl Signals {
         })
     }
 
+    /// The next SIGTERM or SIGINT, by name.
+    async fn stop(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
+
     async fn next(&mut self) -> Option<Asked> {
         tokio::select! {
             s = self.hup.recv() => s.map(|()| Asked::Reload),
@@ -236,21 +252,24 @@ impl Reloader {
         tracing::info!(config = %self.path.display(), "SIGHUP received: reloading");
         self.notifier.notify(&systemd::reloading()).await;
         let path = self.path.clone();
-        let loaded = tokio::task::spawn_blocking(move || config::load(&path)).await;
-        match loaded {
-            Ok(Ok(config)) => {
+        let loading = tokio::task::spawn_blocking(move || config::load(&path));
+        let failure = match tokio::time::timeout(RELOAD_READ_LIMIT, loading).await {
+            Ok(Ok(Ok(config))) => {
                 self.swap(config);
-                self.status.reload_failed(None);
+                None
             }
-            Ok(Err(e)) => {
-                tracing::error!("reload failed; still serving the previous configuration: {e}");
-                self.status.reload_failed(Some(e.to_string()));
-            }
-            Err(e) => {
-                tracing::error!("reload failed; still serving the previous configuration: {e}");
-                self.status.reload_failed(Some(e.to_string()));
-            }
+            Ok(Ok(Err(e))) => Some(e.to_string()),
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(_) => Some(format!(
+                "{} and its secret files could not be read within {} (a hung mount?)",
+                self.path.display(),
+                humantime::format_duration(RELOAD_READ_LIMIT)
+            )),
+        };
+        if let Some(e) = &failure {
+            tracing::error!("reload failed; still serving the previous configuration: {e}");
         }
+        self.status.reload_failed(failure);
         self.notifier.notify(&self.status.ready()).await;
     }
 
@@ -402,7 +421,10 @@ async fn pet_watchdog(notifier: Arc<Notifier>, every: Duration, stop: Cancellati
 /// The daemon's log: native journald entries with fields (KEY, SCOPES,
 /// PEER_UID, …) when stderr is the journal, human-readable lines on stderr
 /// otherwise. `RUST_LOG` sets the filter when present; else `[daemon]
-/// log_level` does, and a reload can change it.
+/// log_level` does, and a reload can change it. Either way a bare level
+/// applies to tokend's own events only: the HTTP stack stays at `warn`
+/// unless `RUST_LOG` names it, because at `trace` it logs request headers,
+/// and with them the client's Basic credentials.
 pub struct Logging {
     /// `None` when `RUST_LOG` decides: then a reload leaves the level be.
     level: Option<reload::Handle<EnvFilter, Registry>>,
@@ -410,9 +432,11 @@ pub struct Logging {
 
 impl Logging {
     pub fn init(level: LevelFilter) -> Logging {
-        let from_env = EnvFilter::try_from_default_env().ok();
+        let from_env = std::env::var(EnvFilter::DEFAULT_ENV)
+            .ok()
+            .and_then(|text| EnvFilter::try_new(own_directives(&text)).ok());
         let fixed = from_env.is_some();
-        let filter = from_env.unwrap_or_else(|| EnvFilter::new(level.to_string()));
+        let filter = from_env.unwrap_or_else(|| EnvFilter::new(own_directives(&level.to_string())));
         let (filter, handle) = reload::Layer::new(filter);
         let registry = tracing_subscriber::registry().with(filter);
         let journald = systemd::stderr_is_journal().then(tracing_journald::layer);
@@ -442,11 +466,35 @@ impl Logging {
 
     fn set_level(&self, level: LevelFilter) {
         if let Some(handle) = &self.level {
-            if let Err(e) = handle.reload(EnvFilter::new(level.to_string())) {
+            if let Err(e) = handle.reload(EnvFilter::new(own_directives(&level.to_string()))) {
                 tracing::warn!("failed to change the log level: {e}");
             }
         }
     }
+}
+
+/// Rewrites a filter so that its bare levels (`trace`) apply to tokend's
+/// own events (`tokend=trace`), under a `warn` floor for everything else;
+/// directives that name a target are kept as they are. When a directive
+/// names tokend itself, it alone decides tokend's level.
+fn own_directives(filter: &str) -> String {
+    let directives: Vec<&str> = filter
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .collect();
+    let names_tokend = directives.iter().any(|d| d.starts_with("tokend"));
+    let mut out = vec!["warn".to_owned()];
+    for directive in directives {
+        if directive.parse::<LevelFilter>().is_ok() {
+            if !names_tokend {
+                out.push(format!("tokend={directive}"));
+            }
+        } else {
+            out.push(directive.to_owned());
+        }
+    }
+    out.join(",")
 }
 
 /// Keeps secrets out of core dumps and away from same-uid debuggers.
@@ -501,5 +549,22 @@ fn raise_open_files() {
                 );
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::own_directives;
+
+    #[test]
+    fn bare_levels_apply_to_tokend_only() {
+        assert_eq!(own_directives("trace"), "warn,tokend=trace");
+        assert_eq!(own_directives("info"), "warn,tokend=info");
+        assert_eq!(own_directives("tokend=trace,info"), "warn,tokend=trace");
+        assert_eq!(
+            own_directives("debug,hyper=trace"),
+            "warn,tokend=debug,hyper=trace"
+        );
+        assert_eq!(own_directives(""), "warn");
     }
 }

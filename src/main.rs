@@ -111,7 +111,12 @@ fn serve(config: &Path) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(tokend::daemon::serve(config))?;
+    let served = runtime.block_on(tokend::daemon::serve(config));
+    // Dropping the runtime would wait for every blocking task, and a reload
+    // stuck reading a hung mount never finishes: the daemon has already
+    // drained what matters, so leave such threads behind.
+    runtime.shutdown_background();
+    served?;
     Ok(ExitCode::SUCCESS)
 }
 
