@@ -8,7 +8,7 @@
 //! on a connection opened before it.
 
 use std::io;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,25 +37,44 @@ pub enum BindError {
     UnsafeDirectory(PathBuf),
     #[error("socket_group {0:?} does not exist")]
     NoSuchGroup(String),
-    #[error("failed to bind {}: {source}", path.display())]
-    Io { path: PathBuf, source: io::Error },
+    // The causes are named `cause`, not `source`: the message already says
+    // it, and a chain printed with `{:#}` would say it twice.
+    #[error("failed to bind {}: {cause}", path.display())]
+    Io { path: PathBuf, cause: io::Error },
+    #[error(
+        "failed to give {} to socket_group {group:?}: {cause} (under tokend.service, make \
+         socket_group the unit's Group=, which needs no chown)",
+        path.display()
+    )]
+    Chown {
+        path: PathBuf,
+        group: String,
+        cause: io::Error,
+    },
+    #[error("failed to set the mode of {} to {mode:04o}: {cause}", path.display())]
+    Chmod {
+        path: PathBuf,
+        mode: u32,
+        cause: io::Error,
+    },
 }
 
 /// Binds the listening socket at `path` with `mode` (and `group`, a group
 /// name, when set), replacing only a stale socket that nobody listens on.
 pub fn bind(path: &Path, mode: u32, group: Option<&str>) -> Result<UnixListener, BindError> {
-    let io_err = |source| BindError::Io {
+    let io_err = |cause| BindError::Io {
         path: path.to_owned(),
-        source,
+        cause,
     };
     check_directory(path)?;
-    let gid = match group {
-        Some(name) => Some(
+    let group = match group {
+        Some(name) => Some((
+            name,
             nix::unistd::Group::from_name(name)
                 .map_err(|e| io_err(e.into()))?
                 .ok_or_else(|| BindError::NoSuchGroup(name.to_owned()))?
                 .gid,
-        ),
+        )),
         None => None,
     };
     match std::fs::symlink_metadata(path) {
@@ -79,12 +98,46 @@ pub fn bind(path: &Path, mode: u32, group: Option<&str>) -> Result<UnixListener,
     let listener = UnixListener::bind(path);
     nix::sys::stat::umask(old);
     let listener = listener.map_err(io_err)?;
-    // Group first, then the mode that may open it to that group.
-    if let Some(gid) = gid {
-        nix::unistd::chown(path, None, Some(gid)).map_err(|e| io_err(e.into()))?;
+    if let Err(e) = restrict(path, mode, group) {
+        // A half-set-up socket would be refused as live by nobody and
+        // mistaken for ours by the next start: leave nothing behind.
+        let _ = std::fs::remove_file(path);
+        return Err(e);
     }
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io_err)?;
     Ok(listener)
+}
+
+/// Gives the new socket its group, then the mode that may open it to that
+/// group. The socket is created with the process's group; when that is
+/// already the one wanted (the unit's `Group=`), no chown is made, which
+/// the unit's system call filter would refuse.
+fn restrict(
+    path: &Path,
+    mode: u32,
+    group: Option<(&str, nix::unistd::Gid)>,
+) -> Result<(), BindError> {
+    if let Some((name, gid)) = group {
+        let current = std::fs::symlink_metadata(path)
+            .map_err(|cause| BindError::Io {
+                path: path.to_owned(),
+                cause,
+            })?
+            .gid();
+        if current != gid.as_raw() {
+            nix::unistd::chown(path, None, Some(gid)).map_err(|e| BindError::Chown {
+                path: path.to_owned(),
+                group: name.to_owned(),
+                cause: e.into(),
+            })?;
+        }
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|cause| {
+        BindError::Chmod {
+            path: path.to_owned(),
+            mode,
+            cause,
+        }
+    })
 }
 
 /// Refuses a directory where others could swap our socket for theirs: one
@@ -94,9 +147,9 @@ fn check_directory(path: &Path) -> Result<(), BindError> {
         Some(dir) if !dir.as_os_str().is_empty() => dir,
         _ => Path::new("."),
     };
-    let meta = std::fs::metadata(dir).map_err(|source| BindError::Io {
+    let meta = std::fs::metadata(dir).map_err(|cause| BindError::Io {
         path: dir.to_owned(),
-        source,
+        cause,
     })?;
     let mode = meta.permissions().mode();
     if mode & 0o022 != 0 && mode & 0o1000 == 0 {
