@@ -113,10 +113,12 @@ async fn get_returns_a_token_with_canonical_scopes() {
     let default = daemon.call(json!({"op":"get","key":"payments"})).await;
     assert_eq!(default["ok"], true);
     assert_eq!(issuer.requests().len(), 3);
+    // Issue 9: on a key that lists scopes, the default set is that list,
+    // never the issuer's own default (which may be wider).
     assert_eq!(
         issuer.requests()[2].param("scope"),
-        None,
-        "the default set sends no scope"
+        Some("fx gateway vault"),
+        "the default set of a key with scopes asks for all of them"
     );
     daemon.stop_and_check_log(&secrets(&issuer));
 }

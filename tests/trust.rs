@@ -1,0 +1,358 @@
+//! The trust boundary, tried as an attacker and an operator on a current
+//! distribution would (issue 9): an issuer that echoes the secret in every
+//! form we send it, secret files as systemd 254 and later write them,
+//! mistyped secrets and absurd values in `tokend check`, FIFOs where a
+//! secret file should be, and a reload that cannot read its files.
+
+mod support;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
+use serde_json::json;
+use support::cli::{as_caller, run, tokend, Ran};
+use support::daemon::{test_user, tokend_for_anyone, write_private, Daemon};
+use support::issuer::{ClientSpec, Dialect, Fault, Issuer};
+
+/// A secret whose form-urlencoded and Basic forms differ from it.
+const SECRET: &str = "Echo+Secret/with=chars and:colon 42";
+const CLIENT: &str = "echo:client";
+
+fn urlencode(text: &str) -> String {
+    form_urlencoded::byte_serialize(text.as_bytes()).collect()
+}
+
+/// Every form of [`SECRET`] tokend puts on the wire, and the raw Basic pair.
+fn wire_forms() -> Vec<String> {
+    let encoded = urlencode(SECRET);
+    vec![
+        SECRET.to_owned(),
+        encoded.clone(),
+        encoded.replace('+', "%20"),
+        STANDARD.encode(format!("{}:{encoded}", urlencode(CLIENT))),
+        STANDARD.encode(format!("{CLIENT}:{SECRET}")),
+    ]
+}
+
+fn key(name: &str, issuer: &Issuer, auth: &str) -> String {
+    format!(
+        "[keys.{name}]\ntoken_url = {:?}\nclient_id = {CLIENT:?}\nclient_secret = {SECRET:?}\n\
+         auth = {auth:?}\nallow_uids = [0]\n",
+        issuer.token_url(Dialect::Checkout)
+    )
+}
+
+fn json_error(status: u16, description: &str) -> Fault {
+    Fault::Status {
+        status,
+        content_type: "application/json".into(),
+        body: json!({"error": "invalid_client", "error_description": description}).to_string(),
+    }
+}
+
+// Multi-threaded: the harness blocks a thread while it waits for the log,
+// and the loopback issuer must keep answering meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issuer_echoes_of_the_secret_never_reach_answers_status_or_a_trace_log() {
+    let issuer = Issuer::start(vec![ClientSpec::checkout(CLIENT, SECRET, &[])]).await;
+    let forms = wire_forms();
+    // The words are "invalid_client: " then the description; the secret
+    // starts five characters before the 300-character cut.
+    let straddling = format!("{}{SECRET}", "x".repeat(300 - "invalid_client: ".len() - 5));
+    let mut cases: Vec<(String, Fault)> = forms
+        .iter()
+        .map(|form| {
+            (
+                format!("echo {form} back"),
+                json_error(401, &format!("echo {form} back")),
+            )
+        })
+        .collect();
+    cases.push(("straddling".into(), json_error(400, &straddling)));
+    cases.push((
+        "content type".into(),
+        Fault::Status {
+            status: 502,
+            content_type: format!("text/html; charset={SECRET}"),
+            body: format!("<html>{SECRET}</html>"),
+        },
+    ));
+    // One key per case: each has its own backoff, so each get reaches the
+    // issuer. Half use Basic, half post the secret in the body.
+    let keys: String = (0..cases.len())
+        .map(|i| {
+            key(
+                &format!("k{i}"),
+                &issuer,
+                if i % 2 == 0 { "basic" } else { "post" },
+            )
+        })
+        .collect();
+    // A bare `trace` as an operator would set it: tokend's own events at
+    // trace, the HTTP stack (which logs request headers) still at warn.
+    let daemon = Daemon::start_with(tempfile::tempdir().expect("dir"), "", &keys, |_| {
+        let mut command = Command::new(support::daemon::TOKEND);
+        command.env("RUST_LOG", "trace");
+        command
+    });
+    for (i, (what, fault)) in cases.into_iter().enumerate() {
+        issuer.set_fault(Some(fault));
+        let answer = daemon
+            .call(json!({"op": "get", "key": format!("k{i}")}))
+            .await;
+        let raw = answer.0.to_string();
+        assert_eq!(answer["error"]["code"], "unavailable", "{what}: {raw}");
+        for form in &forms {
+            assert!(
+                !raw.contains(form.as_str()),
+                "{what}: a form of the secret in {raw}"
+            );
+        }
+        assert!(
+            !raw.contains(&SECRET[..5]),
+            "{what}: a prefix of the secret in {raw}"
+        );
+        // Scrubbed before the cut: the straddling case ends "[reda…".
+        if what != "content type" {
+            assert!(raw.contains("[reda"), "{what}: {raw}");
+        }
+    }
+    let status = daemon.call(json!({"op": "status"})).await.0.to_string();
+    assert!(status.contains("[redacted]"), "{status}");
+    for form in &forms {
+        assert!(!status.contains(form.as_str()), "status: {status}");
+    }
+    assert!(!status.contains(&SECRET[..5]), "status: {status}");
+    let log = daemon.log();
+    assert!(log.contains(" TRACE "), "trace level is on: {log}");
+    let mut secrets = forms;
+    secrets.push(SECRET[..5].to_owned());
+    daemon.stop_and_check_log(&secrets);
+}
+
+/// The secret as systemd 254 and later deliver it: root, mode 0400, and an
+/// ACL entry granting the service user read, so that `stat` shows 0440.
+fn systemd_254_credential(path: &Path, reader: &str) {
+    write_private(path, &format!("{SECRET}\n"));
+    chmod(path, 0o400);
+    setfacl(path, &format!("u:{reader}:r"));
+}
+
+fn chmod(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+}
+
+fn setfacl(path: &Path, entry: &str) {
+    let done = Command::new("setfacl")
+        .args(["-m", entry])
+        .arg(path)
+        .status()
+        .expect("setfacl is missing: scripts/test installs the acl package");
+    assert!(done.success(), "setfacl -m {entry} failed");
+}
+
+/// `tokend check` as `user` on a config naming `secret` as its secret file.
+async fn check_as(user: &support::daemon::TestUser, dir: &Path, secret: &Path) -> Ran {
+    let config = dir.join("tokend.toml");
+    write_private(
+        &config,
+        &format!(
+            "[keys.k]\ntoken_url = \"http://127.0.0.1:9/t\"\nclient_id = \"c\"\n\
+             client_secret_file = {:?}\nallow_uids = [0]\n",
+            secret.display().to_string()
+        ),
+    );
+    std::os::unix::fs::chown(&config, Some(user.uid), Some(user.gid)).expect("chown");
+    let mut command = as_caller(
+        &tokend_for_anyone().to_string_lossy(),
+        user.uid,
+        user.gid,
+        &user.groups,
+    );
+    command.args(["check", "--config"]).arg(&config);
+    run(command, b"").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_credential_as_systemd_254_writes_it_is_accepted_and_wider_ones_refused() {
+    let bob = test_user("tokend-test-bob");
+    let issuer = Issuer::start(vec![ClientSpec::checkout(CLIENT, SECRET, &[])]).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let secret = dir.path().join("secret_payments");
+
+    // Exactly what systemd 254 makes: accepted by check and by the daemon
+    // running as bob.
+    systemd_254_credential(&secret, bob.name);
+    let ran = check_as(&bob, dir.path(), &secret).await;
+    assert_eq!(ran.code, Some(0), "{ran:?}");
+    let (uid, gid, groups) = (bob.uid, bob.gid, bob.groups.clone());
+    let keys = format!(
+        "[keys.payments]\ntoken_url = {:?}\nclient_id = {CLIENT:?}\nclient_secret_file = {:?}\n\
+         allow_uids = [0]\n",
+        issuer.token_url(Dialect::Checkout),
+        secret.display().to_string()
+    );
+    let daemon = Daemon::start_with(tempfile::tempdir().expect("dir"), "", &keys, |dir| {
+        for entry in [dir.to_path_buf(), dir.join("tokend.toml")] {
+            std::os::unix::fs::chown(&entry, Some(uid), Some(gid)).expect("chown");
+        }
+        as_caller(&tokend_for_anyone().to_string_lossy(), uid, gid, &groups)
+    });
+    let answer = daemon.call(json!({"op": "get", "key": "payments"})).await;
+    assert_eq!(answer["ok"], true, "{answer}");
+    let mut secrets = issuer.issued_tokens();
+    secrets.push(SECRET.to_owned());
+    daemon.stop_and_check_log(&secrets);
+
+    // The same ACL entry for someone else: refused, the entry named.
+    std::fs::remove_file(&secret).expect("rm");
+    systemd_254_credential(&secret, "tokend-test-alice");
+    setfacl(&secret, &format!("u:{}:r", bob.name));
+    let ran = check_as(&bob, dir.path(), &secret).await;
+    assert_eq!(ran.code, Some(1), "{ran:?}");
+    assert!(
+        ran.stderr.contains("ACL entry user:user tokend-test-alice"),
+        "{ran:?}"
+    );
+
+    // A group-readable file with no ACL, in bob's own group: refused.
+    std::fs::remove_file(&secret).expect("rm");
+    write_private(&secret, &format!("{SECRET}\n"));
+    std::os::unix::fs::chown(&secret, Some(0), Some(bob.gid)).expect("chown");
+    chmod(&secret, 0o440);
+    let ran = check_as(&bob, dir.path(), &secret).await;
+    assert_eq!(ran.code, Some(1), "{ran:?}");
+    assert!(
+        ran.stderr
+            .contains("is readable by group or others (mode 0440)"),
+        "{ran:?}"
+    );
+    // A named-group entry: refused as well.
+    chmod(&secret, 0o400);
+    setfacl(&secret, &format!("u:{}:r", bob.name));
+    setfacl(&secret, "g:tokend-test-billing:r");
+    let ran = check_as(&bob, dir.path(), &secret).await;
+    assert_eq!(ran.code, Some(1), "{ran:?}");
+    assert!(ran.stderr.contains("ACL entry group:"), "{ran:?}");
+    for ran in [&ran] {
+        assert!(!ran.stderr.contains(SECRET) && !ran.stdout.contains(SECRET));
+    }
+}
+
+async fn check(text: &str) -> Ran {
+    let dir = tempfile::tempdir().expect("dir");
+    let config = dir.path().join("tokend.toml");
+    write_private(&config, text);
+    let mut command = tokend();
+    command.args(["check", "--config"]).arg(&config);
+    run(command, b"").await
+}
+
+const HEAD: &str = "[keys.k]\ntoken_url = \"https://issuer.example/t\"\nclient_id = \"c\"\n";
+
+#[tokio::test]
+async fn check_never_prints_a_numeric_secret_and_refuses_absurd_values() {
+    let ran = check(&format!("{HEAD}client_secret = 86753091234\n")).await;
+    assert_eq!(ran.code, Some(1), "{ran:?}");
+    assert!(
+        ran.stderr.contains(":4:17: client_secret must be a string"),
+        "{ran:?}"
+    );
+    assert!(!ran.stderr.contains("86753091234") && !ran.stdout.contains("86753091234"));
+
+    let absurd = [
+        (
+            "[daemon]\nidle_timeout = \"500000000000years\"\n",
+            ":2:16: bad duration",
+        ),
+        (
+            "[daemon]\nrequest_timeout_client = \"1000000d\"\n",
+            ":2:26: bad duration",
+        ),
+        (
+            "[daemon]\nmax_connections = 1000000000000000000\n",
+            ":2:19: 1000000000000000000 is out of range",
+        ),
+        (
+            "[daemon]\nmax_request_bytes = 4611686018427387904\n",
+            ":2:21: 4611686018427387904 is out of range",
+        ),
+    ];
+    for (text, expected) in absurd {
+        let ran = check(text).await;
+        assert_eq!(ran.code, Some(1), "{text}: {ran:?}");
+        assert!(ran.stderr.contains(expected), "{text}: {ran:?}");
+        assert!(
+            ran.stderr.contains("365d") || ran.stderr.contains("write a number from"),
+            "the accepted range: {ran:?}"
+        );
+        assert!(!ran.stderr.contains("panicked"), "{ran:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_fifo_secret_file_fails_check_in_under_a_second() {
+    let dir = tempfile::tempdir().expect("dir");
+    let fifo = dir.path().join("secret");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
+    let started = Instant::now();
+    let ran = check(&format!(
+        "{HEAD}client_secret_file = {:?}\n",
+        fifo.display().to_string()
+    ))
+    .await;
+    let took = started.elapsed();
+    assert_eq!(ran.code, Some(1), "{ran:?}");
+    assert!(
+        ran.stderr.contains("is a FIFO, not a regular file"),
+        "{ran:?}"
+    );
+    assert!(took < Duration::from_secs(1), "check took {took:?}");
+    println!("check refused a FIFO secret file in {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_on_a_fifo_keeps_the_daemon_serving_and_sigterm_still_stops_it() {
+    let issuer = Issuer::start(vec![ClientSpec::checkout(CLIENT, SECRET, &[])]).await;
+    let secret_dir = tempfile::tempdir().expect("dir");
+    let secret = secret_dir.path().join("secret");
+    write_private(&secret, SECRET);
+    let keys = format!(
+        "[keys.k]\ntoken_url = {:?}\nclient_id = {CLIENT:?}\nclient_secret_file = {:?}\n\
+         allow_uids = [0]\n",
+        issuer.token_url(Dialect::Checkout),
+        secret.display().to_string()
+    );
+    let mut daemon = Daemon::start("", &keys);
+    let first = daemon.call(json!({"op": "get", "key": "k"})).await;
+    assert_eq!(first["ok"], true, "{first}");
+
+    // The secret file becomes a FIFO nobody writes to.
+    std::fs::remove_file(&secret).expect("rm");
+    nix::unistd::mkfifo(&secret, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
+    let started = Instant::now();
+    assert!(!daemon.reload_and_wait(), "the reload must fail");
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(5), "the reload took {took:?}");
+    assert!(daemon.log().contains("is a FIFO, not a regular file"));
+    // Then the configuration itself.
+    let config = daemon.config_path.clone();
+    std::fs::remove_file(&config).expect("rm");
+    nix::unistd::mkfifo(&config, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
+    assert!(!daemon.reload_and_wait(), "the reload must fail");
+
+    let again = daemon.call(json!({"op": "get", "key": "k"})).await;
+    assert_eq!(
+        again["ok"], true,
+        "still serving the old configuration: {again}"
+    );
+    assert_eq!(again.token(), first.token(), "the same cached token");
+    println!("a reload on a FIFO failed in {took:?}");
+    let mut secrets = issuer.issued_tokens();
+    secrets.push(SECRET.to_owned());
+    daemon.stop_and_check_log(&secrets);
+}
