@@ -10,6 +10,8 @@ use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
 use serde_json::{Map, Value};
 
+use zeroize::Zeroizing;
+
 use crate::secret::AccessToken;
 
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -227,7 +229,7 @@ fn clip(s: &str) -> &str {
 }
 
 /// Serialises one answer as a line, `\n` included.
-pub fn encode(id: Option<&Value>, response: &Response) -> Vec<u8> {
+pub fn encode(id: Option<&Value>, response: &Response) -> Zeroizing<Vec<u8>> {
     #[derive(Serialize)]
     struct Envelope<'a, T: Serialize> {
         ok: bool,
@@ -248,12 +250,26 @@ pub fn encode(id: Option<&Value>, response: &Response) -> Vec<u8> {
     struct Failure<'a> {
         error: &'a ErrorBody,
     }
-    fn line<T: Serialize>(ok: bool, id: Option<&Value>, body: T) -> Vec<u8> {
-        let mut out = serde_json::to_vec(&Envelope { ok, id, body })
-            // Every type here serialises to a JSON object with string keys;
-            // serde_json can only fail on non-string map keys or a failing
-            // Serialize impl, neither of which exists here.
-            .unwrap_or_else(|_| br#"{"ok":false,"error":{"code":"bad_request","message":"internal encoding error"}}"#.to_vec());
+    fn line<T: Serialize>(ok: bool, id: Option<&Value>, body: T) -> Zeroizing<Vec<u8>> {
+        let envelope = Envelope { ok, id, body };
+        // Measured first, so the buffer is allocated once at its final
+        // size: a buffer that grows leaves copies of a token in freed
+        // memory, where the wipe on drop cannot reach them.
+        let mut size = ByteCount(0);
+        let mut out = Zeroizing::new(Vec::new());
+        // Every type here serialises to a JSON object with string keys;
+        // serde_json can only fail on non-string map keys or a failing
+        // Serialize impl, neither of which exists here.
+        let written = serde_json::to_writer(&mut size, &envelope).and_then(|()| {
+            out.reserve_exact(size.0 + 1);
+            serde_json::to_writer(&mut *out, &envelope)
+        });
+        if written.is_err() {
+            out.clear();
+            out.extend_from_slice(
+                br#"{"ok":false,"error":{"code":"bad_request","message":"internal encoding error"}}"#,
+            );
+        }
         out.push(b'\n');
         out
     }
@@ -269,6 +285,20 @@ pub fn encode(id: Option<&Value>, response: &Response) -> Vec<u8> {
         Response::Keys(keys) => line(true, id, Keys { keys }),
         Response::Status(keys) => line(true, id, Keys { keys }),
         Response::Error(error) => line(false, id, Failure { error }),
+    }
+}
+
+/// A writer that only counts what it is given.
+struct ByteCount(usize);
+
+impl std::io::Write for ByteCount {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0 += bytes.len();
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -453,7 +483,7 @@ mod tests {
     fn encodes_answers_as_one_line() {
         let id = json!(3);
         assert_eq!(
-            encode(Some(&id), &Response::Pong),
+            encode(Some(&id), &Response::Pong).as_slice(),
             b"{\"ok\":true,\"id\":3,\"protocol\":1}\n"
         );
         let err = encode(
@@ -461,7 +491,7 @@ mod tests {
             &Response::Error(ErrorBody::new(ErrorCode::ScopeNotAllowed, "no")),
         );
         assert_eq!(
-            err,
+            err.as_slice(),
             b"{\"ok\":false,\"error\":{\"code\":\"scope_not_allowed\",\"message\":\"no\"}}\n"
         );
         let token = Response::Token(TokenAnswer {
@@ -479,5 +509,8 @@ mod tests {
                    "expires_in":10,"expires_at":"2026-11-25T10:00:00Z","scopes":["gateway"]})
         );
         assert!(!format!("{token:?}").contains("tok\""));
+        // Allocated once, at its final size: nothing was copied on growth.
+        let line = encode(None, &token);
+        assert_eq!(line.capacity(), line.len());
     }
 }

@@ -9,6 +9,7 @@ use std::time::SystemTime;
 
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use zeroize::Zeroizing;
 
 use crate::cache::{GetError, TokenCache};
 use crate::config::{Config, KeyConfig};
@@ -41,7 +42,8 @@ impl Service {
     }
 
     /// Answers one request line with one answer line.
-    pub async fn answer(&self, caller: &Caller, line: &[u8]) -> Vec<u8> {
+    /// The answer lives in memory that is wiped once it is dropped.
+    pub async fn answer(&self, caller: &Caller, line: &[u8]) -> Zeroizing<Vec<u8>> {
         let request = match protocol::decode(line) {
             Ok(request) => request,
             Err(e) => {
