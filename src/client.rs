@@ -1,5 +1,5 @@
-//! The caller's side of the socket, as `tokend get` uses it: one request,
-//! one answer, with a timeout and a bound on what is read.
+//! The caller's side of the socket, as `tokend get` and `tokend reload` use
+//! it: one request, one answer, with a timeout and a bound on what is read.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -71,6 +71,32 @@ pub fn get(
             ..
         } => Err(ClientError::Refused(error)),
         _ => Err(garbled()),
+    }
+}
+
+/// Asks the daemon at `socket` to reload; returns how many keys it now has.
+pub fn reload(socket: &Path, timeout: Duration) -> Result<usize, ClientError> {
+    let line = exchange(socket, r#"{"op":"reload"}"#, timeout)?;
+    #[derive(Deserialize)]
+    struct Answer {
+        ok: bool,
+        keys: Option<usize>,
+        error: Option<ErrorBody>,
+    }
+    let answer: Answer =
+        serde_json::from_str(&line).map_err(|_| ClientError::Garbled(socket.to_owned()))?;
+    match answer {
+        Answer {
+            ok: true,
+            keys: Some(keys),
+            ..
+        } => Ok(keys),
+        Answer {
+            ok: false,
+            error: Some(error),
+            ..
+        } => Err(ClientError::Refused(error)),
+        _ => Err(ClientError::Garbled(socket.to_owned())),
     }
 }
 

@@ -77,6 +77,10 @@ pub struct KeyConfig {
     pub token_url: Url,
     pub client_id: String,
     pub client_secret: ClientSecret,
+    /// Why this key cannot ask its issuer for anything: its secret could
+    /// not be read when the daemon started. Such a key is served as
+    /// `unavailable` with this reason until a reload brings the secret.
+    pub unusable: Option<String>,
     pub auth: AuthMethod,
     /// What callers may ask for; `None` means only the default (empty) set.
     pub scopes: Option<ScopeSet>,
@@ -146,6 +150,7 @@ impl KeyConfig {
         self.token_url == other.token_url
             && self.client_id == other.client_id
             && self.client_secret == other.client_secret
+            && self.unusable == other.unusable
             && self.auth == other.auth
     }
 }
@@ -177,6 +182,22 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
     let sources = Sources {
         config_exposure: file.exposure.as_ref(),
         credentials: credentials.as_deref(),
+        lenient: false,
+    };
+    build(&file.text, path, sources, read_secret_file)
+}
+
+/// Like [`load`], for a daemon that is starting: a key whose secret cannot
+/// be read does not stop the others from being served (nor, under systemd,
+/// a restart loop from failing the socket unit). It is kept with the
+/// reason in [`KeyConfig::unusable`]. Every other error still is one.
+pub fn load_serving(path: &Path) -> Result<Config, ConfigError> {
+    let file = secret_file::read(path, MAX_CONFIG_BYTES)?;
+    let credentials = std::env::var_os(CREDENTIALS_ENV).map(PathBuf::from);
+    let sources = Sources {
+        config_exposure: file.exposure.as_ref(),
+        credentials: credentials.as_deref(),
+        lenient: true,
     };
     build(&file.text, path, sources, read_secret_file)
 }
@@ -196,6 +217,8 @@ struct Sources<'a> {
     config_exposure: Option<&'a Exposure>,
     /// `$CREDENTIALS_DIRECTORY`, when systemd set it.
     credentials: Option<&'a Path>,
+    /// Keep keys whose secret cannot be read, marked unusable.
+    lenient: bool,
 }
 
 fn build(
@@ -225,7 +248,9 @@ fn build(
             .credentials
             .map(|dir| (dir, CREDENTIAL_PREFIX))
             .unwrap_or((&daemon.credentials_directory, ""));
-        let key = key.finish(&name, credentials, &read_file).map_err(at)?;
+        let key = key
+            .finish(&name, credentials, sources.lenient, &read_file)
+            .map_err(at)?;
         keys.insert(name, key);
     }
     Ok(Config { daemon, keys })
@@ -426,12 +451,24 @@ impl RawKey {
         self,
         name: &str,
         credentials: (&Path, &str),
+        lenient: bool,
         read_file: impl Fn(&Path) -> Result<ClientSecret, String>,
     ) -> Result<KeyConfig, String> {
         check_key_name(name)?;
         if self.client_id.is_empty() {
             return Err(format!("key {name:?}: client_id may not be empty"));
         }
+        // A secret file that cannot be read (missing, not private) is an
+        // error, or in lenient mode the reason the key stays unusable.
+        let mut unusable = None;
+        let mut read = |path: &Path, setting: String| match read_file(path) {
+            Ok(secret) => Ok(secret),
+            Err(e) if lenient => {
+                unusable = Some(format!("{setting}: {e}"));
+                Ok(ClientSecret::new(String::new()))
+            }
+            Err(e) => Err(format!("key {name:?}: {setting}: {e}")),
+        };
         let client_secret = match (
             self.client_secret,
             self.client_secret_file,
@@ -441,15 +478,12 @@ impl RawKey {
                 return Err(format!("key {name:?}: client_secret may not be empty"))
             }
             (Some(secret), None, None) => secret,
-            (None, Some(file), None) => {
-                read_file(&file).map_err(|e| format!("key {name:?}: client_secret_file: {e}"))?
-            }
+            (None, Some(file), None) => read(&file, "client_secret_file".to_owned())?,
             (None, None, Some(credential)) => {
                 check_credential_name(name, &credential)?;
                 let (dir, prefix) = credentials;
-                read_file(&dir.join(format!("{prefix}{credential}"))).map_err(|e| {
-                    format!("key {name:?}: client_secret_credential {credential:?}: {e}")
-                })?
+                let path = dir.join(format!("{prefix}{credential}"));
+                read(&path, format!("client_secret_credential {credential:?}"))?
             }
             (None, None, None) => {
                 return Err(format!(
@@ -475,6 +509,7 @@ impl RawKey {
             token_url: self.token_url,
             client_id: self.client_id,
             client_secret,
+            unusable,
             auth: self.auth,
             scopes: self.scopes,
             default_scopes: self.default_scopes,

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tokio::signal::unix::{signal, Signal, SignalKind};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing_subscriber::filter::{EnvFilter, LevelFilter};
@@ -31,7 +31,7 @@ use crate::cache::TokenCache;
 use crate::config::{self, Config, DaemonConfig};
 use crate::issuer::IssuerClient;
 use crate::server::{self, Limits, Listener};
-use crate::service::Service;
+use crate::service::{ReloadAsked, Service};
 use crate::systemd::{self, Notifier};
 
 /// From the stop signal to the moment gets still waiting on an issuer are
@@ -49,8 +49,16 @@ const STATUS_EVERY: Duration = Duration::from_secs(2);
 const RELOAD_READ_LIMIT: Duration = Duration::from_secs(5);
 
 pub async fn serve(config_path: &Path) -> anyhow::Result<()> {
-    let config = config::load(config_path)?;
+    let config = config::load_serving(config_path)?;
     let logging = Logging::init(config.daemon.log_level);
+    for (name, key) in &config.keys {
+        if let Some(why) = &key.unusable {
+            tracing::error!(
+                key = %name,
+                "key {name:?} is unusable until a reload: {why}; serving the other keys"
+            );
+        }
+    }
     // Watched before anything is announced: the default action of each of
     // these signals would kill the daemon.
     let mut signals = Signals::new()?;
@@ -66,7 +74,12 @@ pub async fn serve(config_path: &Path) -> anyhow::Result<()> {
     let config = Arc::new(config);
     let cache = TokenCache::new(&config, issuer.clone(), tasks.clone(), deadline.clone());
     let limits = Limits::from(&config.daemon);
-    let service = Arc::new(Service::new(config.clone(), cache, deadline.clone()));
+    // Reloads asked over the socket (`tokend reload`, systemd's
+    // ExecReload=) queue here; the signal loop below runs them.
+    let (reload_requests, mut asked_reloads) = mpsc::channel(4);
+    let service = Arc::new(
+        Service::new(config.clone(), cache, deadline.clone()).with_reloads(reload_requests.clone()),
+    );
     let (current, services) = watch::channel(service.clone());
     let accept = tokio::spawn(
         Listener {
@@ -107,17 +120,26 @@ pub async fn serve(config_path: &Path) -> anyhow::Result<()> {
         notifier: notifier.clone(),
         status,
         logging,
+        reload_requests,
     };
     drop(config);
     let signal_name = loop {
-        match signals.next().await {
-            // A stop signal is acted on even while a reload is under way.
-            Some(Asked::Reload) => tokio::select! {
-                () = reloader.reload() => {}
+        // A stop signal is acted on even while a reload is under way.
+        tokio::select! {
+            asked = signals.next() => match asked {
+                Some(Asked::Reload) => tokio::select! {
+                    _ = reloader.reload("SIGHUP received") => {}
+                    name = signals.stop() => break name,
+                },
+                Some(Asked::Stop(name)) => break name,
+                None => anyhow::bail!("signal handling ended unexpectedly"),
+            },
+            Some(reply) = asked_reloads.recv() => tokio::select! {
+                outcome = reloader.reload("asked over the socket") => {
+                    let _ = reply.send(outcome);
+                }
                 name = signals.stop() => break name,
             },
-            Some(Asked::Stop(name)) => break name,
-            None => anyhow::bail!("signal handling ended unexpectedly"),
         }
     };
 
@@ -242,38 +264,40 @@ struct Reloader {
     notifier: Arc<Notifier>,
     status: Arc<Status>,
     logging: Logging,
+    /// Handed to every new service, so it can pass reload requests on.
+    reload_requests: mpsc::Sender<ReloadAsked>,
 }
 
 impl Reloader {
     /// Re-reads the configuration and its secret files; swaps in a new
     /// service when they are valid, keeps the running one when not. Either
-    /// way systemd hears `READY=1` at the end.
-    async fn reload(&mut self) {
-        tracing::info!(config = %self.path.display(), "SIGHUP received: reloading");
+    /// way systemd hears `READY=1` at the end. Returns the number of keys
+    /// now configured, or why the reload was refused.
+    async fn reload(&mut self, why: &str) -> Result<usize, String> {
+        tracing::info!(config = %self.path.display(), "{why}: reloading");
         self.notifier.notify(&systemd::reloading()).await;
         let path = self.path.clone();
         let loading = tokio::task::spawn_blocking(move || config::load(&path));
-        let failure = match tokio::time::timeout(RELOAD_READ_LIMIT, loading).await {
-            Ok(Ok(Ok(config))) => {
-                self.swap(config);
-                None
-            }
-            Ok(Ok(Err(e))) => Some(e.to_string()),
-            Ok(Err(e)) => Some(e.to_string()),
-            Err(_) => Some(format!(
+        let outcome = match tokio::time::timeout(RELOAD_READ_LIMIT, loading).await {
+            Ok(Ok(Ok(config))) => Ok(self.swap(config)),
+            Ok(Ok(Err(e))) => Err(e.to_string()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!(
                 "{} and its secret files could not be read within {} (a hung mount?)",
                 self.path.display(),
                 humantime::format_duration(RELOAD_READ_LIMIT)
             )),
         };
-        if let Some(e) = &failure {
+        if let Err(e) = &outcome {
             tracing::error!("reload failed; still serving the previous configuration: {e}");
         }
-        self.status.reload_failed(failure);
+        self.status.reload_failed(outcome.as_ref().err().cloned());
         self.notifier.notify(&self.status.ready()).await;
+        outcome
     }
 
-    fn swap(&mut self, config: Config) {
+    /// Swaps in a service for `config`; returns its number of keys.
+    fn swap(&mut self, config: Config) -> usize {
         self.warn_restart_needed(&config.daemon);
         self.logging.set_level(config.daemon.log_level);
         let config = Arc::new(config);
@@ -286,13 +310,17 @@ impl Reloader {
         let old = self.current.borrow().clone();
         let carried = cache.adopt(old.cache());
         old.cache().stop();
-        let service = Arc::new(Service::new(config.clone(), cache, self.deadline.clone()));
+        let service = Arc::new(
+            Service::new(config.clone(), cache, self.deadline.clone())
+                .with_reloads(self.reload_requests.clone()),
+        );
         // From here on every request, on new connections and open ones
         // alike, is answered by the new service; requests already in
         // progress finish on the old one.
         self.current.send_replace(service.clone());
         service.cache().prefetch();
         tracing::info!(keys = config.keys.len(), carried, "reloaded");
+        config.keys.len()
     }
 
     fn warn_restart_needed(&self, new: &DaemonConfig) {

@@ -80,6 +80,9 @@ pub enum FailureKind {
     Timeout(Duration),
     #[error("failed to reach the issuer: {0}")]
     Transport(String),
+    /// The key's secret could not be read at start; the issuer was not asked.
+    #[error("the client secret could not be read ({0}); fix it and reload")]
+    NoSecret(String),
 }
 
 impl IssuerError {
@@ -93,6 +96,7 @@ impl IssuerError {
             FailureKind::TooLarge => "oversized answer".to_owned(),
             FailureKind::Timeout(_) => "issuer timed out".to_owned(),
             FailureKind::Transport(_) => "issuer unreachable".to_owned(),
+            FailureKind::NoSecret(_) => "secret unreadable".to_owned(),
         }
     }
 
@@ -103,7 +107,10 @@ impl IssuerError {
             | FailureKind::Refused { status, .. }
             | FailureKind::Http { status, .. }
             | FailureKind::Malformed { status, .. } => Some(*status),
-            FailureKind::TooLarge | FailureKind::Timeout(_) | FailureKind::Transport(_) => None,
+            FailureKind::TooLarge
+            | FailureKind::Timeout(_)
+            | FailureKind::Transport(_)
+            | FailureKind::NoSecret(_) => None,
         }
     }
 }
@@ -139,6 +146,9 @@ impl IssuerClient {
             kind,
             retry_after: None,
         };
+        if let Some(why) = &key.unusable {
+            return Err(fail(FailureKind::NoSecret(why.clone())));
+        }
         let exchange = self.exchange(key, scopes);
         let (status, headers, body) =
             match tokio::time::timeout(key.request_timeout, exchange).await {

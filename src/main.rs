@@ -59,6 +59,21 @@ enum Command {
         #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
         timeout: Duration,
     },
+    /// Ask a running daemon to reload its configuration, and wait for the outcome.
+    #[command(
+        after_help = "Only root and tokend's own user may reload. The shipped unit's ExecReload= runs \
+                      this, so `systemctl reload tokend` fails when the new configuration is \
+                      refused.\n\nExit status: 0 reloaded, 1 refused (the reason on stderr; the \
+                      running configuration stays), 3 the daemon could not be reached."
+    )]
+    Reload {
+        /// The daemon's socket.
+        #[arg(long, value_name = "PATH", env = "TOKEND_SOCKET", default_value = DEFAULT_SOCKET)]
+        socket: PathBuf,
+        /// How long to wait for the outcome.
+        #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
     /// Validate the configuration and secret files without starting.
     #[command(after_help = "Exit status: 0 valid, 1 invalid (FILE:LINE:COL: message on stderr).")]
     Check {
@@ -102,6 +117,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             format,
             timeout,
         } => Ok(get(&socket, &key, &scopes, format, timeout)),
+        Command::Reload { socket, timeout } => Ok(reload(&socket, timeout)),
         Command::Check { config } => Ok(check(&config)),
         Command::Man => man(),
     }
@@ -152,6 +168,22 @@ fn get(socket: &Path, key: &str, scopes: &[String], format: Format, timeout: Dur
     }
 }
 
+fn reload(socket: &Path, timeout: Duration) -> ExitCode {
+    match client::reload(socket, timeout) {
+        Ok(keys) => {
+            println!("tokend: reloaded ({keys} keys)");
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("tokend: {err}");
+            match err {
+                ClientError::Refused(_) => ExitCode::from(EXIT_REFUSED),
+                _ => ExitCode::from(EXIT_UNREACHABLE),
+            }
+        }
+    }
+}
+
 fn check(path: &Path) -> ExitCode {
     match config::load(path) {
         Ok(config) => {
@@ -185,7 +217,7 @@ Client secrets loaded by systemd (\fBLoadCredential=\fR) into \fI/run/credential
 .SH SIGNALS
 .TP
 \fBSIGHUP\fR
-Re-read and validate the configuration and secret files. On success the new configuration answers the next request, on open connections too; tokens of keys whose issuer, client and secret did not change are kept. On error the running configuration stays and the error is logged with FILE:LINE:COL.
+Re-read and validate the configuration and secret files (\fBtokend reload\fR does the same and reports the outcome). On success the new configuration answers the next request, on open connections too; tokens of keys whose issuer, client and secret did not change are kept. On error the running configuration stays and the error is logged with FILE:LINE:COL.
 .TP
 \fBSIGTERM\fR, \fBSIGINT\fR
 Stop accepting, answer what is in flight, exit 0 within 5 seconds.

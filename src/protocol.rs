@@ -34,6 +34,9 @@ pub enum Op {
     },
     Keys,
     Status,
+    /// Re-read the configuration and say whether it took; only root and
+    /// tokend's own user may ask (it is what `systemctl reload` runs).
+    Reload,
 }
 
 /// The error codes of protocol v1. Callers match on these strings.
@@ -48,6 +51,8 @@ pub enum ErrorCode {
     Unavailable,
     TooLarge,
     Busy,
+    /// A reload was refused; the running configuration stays.
+    ReloadFailed,
 }
 
 /// An error answer's body.
@@ -82,6 +87,10 @@ pub enum Response {
     Token(TokenAnswer),
     Keys(Vec<KeyInfo>),
     Status(Vec<KeyStatus>),
+    /// The reload took; this many keys are now configured.
+    Reloaded {
+        keys: usize,
+    },
     Error(ErrorBody),
 }
 
@@ -169,13 +178,13 @@ fn interpret(fields: &Map<String, Value>) -> Result<Op, ErrorBody> {
         None => return Err(bad("missing field `op`".into())),
     };
     let allowed: &[&str] = match op {
-        "ping" | "keys" | "status" => &["op", "id"],
+        "ping" | "keys" | "status" | "reload" => &["op", "id"],
         "get" => &["op", "id", "key", "scopes"],
         _ => {
             return Err(ErrorBody::new(
                 ErrorCode::UnknownOp,
                 format!(
-                    "unknown op {:?}: expected ping, get, keys or status",
+                    "unknown op {:?}: expected ping, get, keys, status or reload",
                     clip(op)
                 ),
             ))
@@ -191,6 +200,7 @@ fn interpret(fields: &Map<String, Value>) -> Result<Op, ErrorBody> {
         "ping" => Op::Ping,
         "keys" => Op::Keys,
         "status" => Op::Status,
+        "reload" => Op::Reload,
         _ => Op::Get {
             key: match fields.get("key") {
                 Some(Value::String(key)) => key.clone(),
@@ -247,6 +257,10 @@ pub fn encode(id: Option<&Value>, response: &Response) -> Zeroizing<Vec<u8>> {
         keys: &'a [T],
     }
     #[derive(Serialize)]
+    struct Reloaded {
+        keys: usize,
+    }
+    #[derive(Serialize)]
     struct Failure<'a> {
         error: &'a ErrorBody,
     }
@@ -284,6 +298,7 @@ pub fn encode(id: Option<&Value>, response: &Response) -> Zeroizing<Vec<u8>> {
         Response::Token(answer) => line(true, id, answer),
         Response::Keys(keys) => line(true, id, Keys { keys }),
         Response::Status(keys) => line(true, id, Keys { keys }),
+        Response::Reloaded { keys } => line(true, id, Reloaded { keys: *keys }),
         Response::Error(error) => line(false, id, Failure { error }),
     }
 }

@@ -7,6 +7,7 @@
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use zeroize::Zeroizing;
@@ -26,7 +27,14 @@ pub struct Service {
     /// Cancelled at the shutdown deadline: a get still waiting on the
     /// issuer then is answered `unavailable` rather than left hanging.
     deadline: CancellationToken,
+    /// Where `reload` requests go: the daemon's reloader, which answers
+    /// each with the outcome. `None` where nobody reloads.
+    reloads: Option<mpsc::Sender<ReloadAsked>>,
 }
+
+/// A reload asked for over the socket, and where its outcome goes: the
+/// number of keys now configured, or why the reload was refused.
+pub type ReloadAsked = oneshot::Sender<Result<usize, String>>;
 
 impl Service {
     pub fn new(config: Arc<Config>, cache: TokenCache, deadline: CancellationToken) -> Service {
@@ -34,7 +42,14 @@ impl Service {
             config,
             cache,
             deadline,
+            reloads: None,
         }
+    }
+
+    /// Lets privileged callers ask for a reload over the socket.
+    pub fn with_reloads(mut self, reloads: mpsc::Sender<ReloadAsked>) -> Service {
+        self.reloads = Some(reloads);
+        self
     }
 
     pub fn cache(&self) -> &TokenCache {
@@ -55,12 +70,59 @@ impl Service {
             Op::Ping => Response::Pong,
             Op::Keys => Response::Keys(self.keys(caller)),
             Op::Status => Response::Status(self.status(caller)),
+            Op::Reload => match self.reload(caller).await {
+                Ok(keys) => Response::Reloaded { keys },
+                Err(error) => Response::Error(error),
+            },
             Op::Get { key, scopes } => match self.get(caller, &key, scopes).await {
                 Ok(answer) => Response::Token(answer),
                 Err(error) => Response::Error(error),
             },
         };
         protocol::encode(request.id.as_ref(), &response)
+    }
+
+    /// Asks the daemon to reload and waits for the outcome. Only root and
+    /// tokend's own user may: it is what `ExecReload=` runs, and anyone
+    /// else could otherwise make tokend re-read its files at will.
+    async fn reload(&self, caller: &Caller) -> Result<usize, ErrorBody> {
+        let own = nix::unistd::geteuid().as_raw();
+        if caller.uid != 0 && caller.uid != own {
+            tracing::info!(
+                peer_uid = caller.uid,
+                peer_pid = caller.pid,
+                "denied: reload"
+            );
+            return Err(ErrorBody::new(
+                ErrorCode::Forbidden,
+                format!(
+                    "uid {} may not reload tokend (root and uid {own} may)",
+                    caller.uid
+                ),
+            ));
+        }
+        let unavailable = || {
+            ErrorBody::new(
+                ErrorCode::Unavailable,
+                "tokend is not taking reloads now (shutting down?)",
+            )
+        };
+        let reloads = self.reloads.as_ref().ok_or_else(unavailable)?;
+        let (reply, outcome) = oneshot::channel();
+        tracing::info!(
+            peer_uid = caller.uid,
+            peer_pid = caller.pid,
+            "reload asked over the socket"
+        );
+        reloads.send(reply).await.map_err(|_| unavailable())?;
+        match outcome.await {
+            Ok(Ok(keys)) => Ok(keys),
+            Ok(Err(why)) => Err(ErrorBody::new(
+                ErrorCode::ReloadFailed,
+                format!("reload refused, still serving the previous configuration: {why}"),
+            )),
+            Err(_) => Err(unavailable()),
+        }
     }
 
     fn readable<'a>(
