@@ -447,16 +447,15 @@ fn units_verify_without_warnings_and_score_at_most_1_5() {
     let score = security_score(&Path::new(REPO).join("systemd/tokend.service"));
     assert!(score <= 1.5, "exposure {score} is over 1.5");
 
-    // verify checks that ExecStart= exists and that man:tokend(8) resolves:
-    // point the copy at the built binary and man at the shipped page.
+    // verify checks that ExecStart= and ExecReload= exist and that
+    // man:tokend(8) resolves: point the copy at the built binary and man at
+    // the shipped page.
     let dir = tempfile::tempdir().expect("dir");
     let service = std::fs::read_to_string(Path::new(REPO).join("systemd/tokend.service"))
         .expect("read the service");
     assert!(service.contains("ExecStart=/usr/bin/tokend "));
-    let service = service.replace(
-        "ExecStart=/usr/bin/tokend ",
-        &format!("ExecStart={TOKEND} "),
-    );
+    assert!(service.contains("ExecReload=/usr/bin/tokend reload"));
+    let service = service.replace("=/usr/bin/tokend ", &format!("={TOKEND} "));
     std::fs::write(dir.path().join("tokend.service"), service).expect("write");
     std::fs::copy(
         Path::new(REPO).join("systemd/tokend.socket"),
