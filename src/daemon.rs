@@ -40,6 +40,9 @@ const ANSWER_DEADLINE: Duration = Duration::from_millis(3500);
 /// From the stop signal to giving up on connections that will not finish
 /// (a caller that does not read its answer). Under the 5 s we promise.
 const DRAIN_DEADLINE: Duration = Duration::from_millis(4500);
+/// After the drain deadline, how long abandoned handlers get to close their
+/// connections (they only have to notice); still under the 5 s.
+const ABANDON_GRACE: Duration = Duration::from_millis(250);
 /// How often the STATUS= line is recomputed (and sent when it changed).
 /// Cheap: a summary takes each cache lock once, briefly.
 const STATUS_EVERY: Duration = Duration::from_secs(2);
@@ -57,6 +60,7 @@ pub async fn serve(config_path: &Path) -> anyhow::Result<()> {
 
     let shutdown = CancellationToken::new();
     let deadline = CancellationToken::new();
+    let abandon = CancellationToken::new();
     let tasks = TaskTracker::new();
     let issuer = IssuerClient::new().context("failed to set up the HTTP client")?;
     let config = Arc::new(config);
@@ -70,6 +74,7 @@ pub async fn serve(config_path: &Path) -> anyhow::Result<()> {
             services: services.clone(),
             limits,
             shutdown: shutdown.clone(),
+            abandon: abandon.clone(),
             connections: tasks.clone(),
         }
         .run(),
@@ -132,6 +137,10 @@ pub async fn serve(config_path: &Path) -> anyhow::Result<()> {
         .is_err()
     {
         tracing::warn!("some connections did not finish in time; closing them");
+        // Handlers blocked writing to callers that do not read close their
+        // connections now instead of waiting out `request_timeout_client`.
+        abandon.cancel();
+        let _ = tokio::time::timeout(ABANDON_GRACE, tasks.wait()).await;
     }
     deadline.cancel();
     housekeeping.cancel();
