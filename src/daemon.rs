@@ -27,6 +27,7 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{reload, Registry};
 
+use crate::audit::Audit;
 use crate::cache::TokenCache;
 use crate::config::{self, Config, DaemonConfig};
 use crate::issuer::IssuerClient;
@@ -66,7 +67,13 @@ pub async fn serve(config_path: &Path) -> anyhow::Result<()> {
     let config = Arc::new(config);
     let cache = TokenCache::new(&config, issuer.clone(), tasks.clone(), deadline.clone());
     let limits = Limits::from(&config.daemon);
-    let service = Arc::new(Service::new(config.clone(), cache, deadline.clone()));
+    let audit = Arc::new(Audit::new());
+    let service = Arc::new(Service::new(
+        config.clone(),
+        cache,
+        deadline.clone(),
+        audit.clone(),
+    ));
     let (current, services) = watch::channel(service.clone());
     let accept = tokio::spawn(
         Listener {
@@ -86,7 +93,9 @@ pub async fn serve(config_path: &Path) -> anyhow::Result<()> {
     let status = Arc::new(Status::new(notifier.clone(), services));
     notifier.notify(&status.ready()).await;
     let housekeeping = CancellationToken::new();
-    let mut chores = Vec::new();
+    // The audit log's summaries are written until after the drain, so the
+    // counts of the last answers are in them too.
+    let mut chores = vec![tokio::spawn(audit.clone().run(housekeeping.clone()))];
     if notifier.is_enabled() {
         if let Some(every) = systemd::watchdog_interval() {
             chores.push(tokio::spawn(pet_watchdog(
@@ -108,6 +117,7 @@ pub async fn serve(config_path: &Path) -> anyhow::Result<()> {
         notifier: notifier.clone(),
         status,
         logging,
+        audit,
     };
     drop(config);
     let signal_name = loop {
@@ -235,6 +245,8 @@ struct Reloader {
     notifier: Arc<Notifier>,
     status: Arc<Status>,
     logging: Logging,
+    /// Handed to every new service: the audit log outlives reloads.
+    audit: Arc<Audit>,
 }
 
 impl Reloader {
@@ -276,7 +288,12 @@ impl Reloader {
         let old = self.current.borrow().clone();
         let carried = cache.adopt(old.cache());
         old.cache().stop();
-        let service = Arc::new(Service::new(config.clone(), cache, self.deadline.clone()));
+        let service = Arc::new(Service::new(
+            config.clone(),
+            cache,
+            self.deadline.clone(),
+            self.audit.clone(),
+        ));
         // From here on every request, on new connections and open ones
         // alike, is answered by the new service; requests already in
         // progress finish on the old one.
