@@ -145,8 +145,12 @@ impl Daemon {
             }
             let now = Instant::now();
             if now >= deadline {
+                // Released first: a poisoned lock would make the log
+                // unreadable to the drop that prints it.
+                let shown = text.clone();
+                drop(text);
                 panic!(
-                    "tokend did not log {needle:?} {count} times within {limit:?}; log:\n{text}"
+                    "tokend did not log {needle:?} {count} times within {limit:?}; log:\n{shown}"
                 );
             }
             let exited = self
