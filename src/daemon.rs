@@ -27,6 +27,7 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{reload, Registry};
 
+use crate::audit::Audit;
 use crate::cache::TokenCache;
 use crate::config::{self, Config, DaemonConfig};
 use crate::issuer::IssuerClient;
@@ -40,6 +41,9 @@ const ANSWER_DEADLINE: Duration = Duration::from_millis(3500);
 /// From the stop signal to giving up on connections that will not finish
 /// (a caller that does not read its answer). Under the 5 s we promise.
 const DRAIN_DEADLINE: Duration = Duration::from_millis(4500);
+/// After the drain deadline, how long abandoned handlers get to close their
+/// connections (they only have to notice); still under the 5 s.
+const ABANDON_GRACE: Duration = Duration::from_millis(250);
 /// How often the STATUS= line is recomputed (and sent when it changed).
 /// Cheap: a summary takes each cache lock once, briefly.
 const STATUS_EVERY: Duration = Duration::from_secs(2);
@@ -69,6 +73,7 @@ pub async fn serve(config_path: &Path) -> anyhow::Result<()> {
 
     let shutdown = CancellationToken::new();
     let deadline = CancellationToken::new();
+    let abandon = CancellationToken::new();
     let tasks = TaskTracker::new();
     let issuer = IssuerClient::new().context("failed to set up the HTTP client")?;
     let config = Arc::new(config);
@@ -77,8 +82,10 @@ pub async fn serve(config_path: &Path) -> anyhow::Result<()> {
     // Reloads asked over the socket (`tokend reload`, systemd's
     // ExecReload=) queue here; the signal loop below runs them.
     let (reload_requests, mut asked_reloads) = mpsc::channel(4);
+    let audit = Arc::new(Audit::new());
     let service = Arc::new(
-        Service::new(config.clone(), cache, deadline.clone()).with_reloads(reload_requests.clone()),
+        Service::new(config.clone(), cache, deadline.clone(), audit.clone())
+            .with_reloads(reload_requests.clone()),
     );
     let (current, services) = watch::channel(service.clone());
     let accept = tokio::spawn(
@@ -87,6 +94,7 @@ pub async fn serve(config_path: &Path) -> anyhow::Result<()> {
             services: services.clone(),
             limits,
             shutdown: shutdown.clone(),
+            abandon: abandon.clone(),
             connections: tasks.clone(),
         }
         .run(),
@@ -98,7 +106,9 @@ pub async fn serve(config_path: &Path) -> anyhow::Result<()> {
     let status = Arc::new(Status::new(notifier.clone(), services));
     notifier.notify(&status.ready()).await;
     let housekeeping = CancellationToken::new();
-    let mut chores = Vec::new();
+    // The audit log's summaries are written until after the drain, so the
+    // counts of the last answers are in them too.
+    let mut chores = vec![tokio::spawn(audit.clone().run(housekeeping.clone()))];
     if notifier.is_enabled() {
         if let Some(every) = systemd::watchdog_interval() {
             chores.push(tokio::spawn(pet_watchdog(
@@ -121,6 +131,7 @@ pub async fn serve(config_path: &Path) -> anyhow::Result<()> {
         status,
         logging,
         reload_requests,
+        audit,
     };
     drop(config);
     let signal_name = loop {
@@ -162,6 +173,10 @@ pub async fn serve(config_path: &Path) -> anyhow::Result<()> {
         .is_err()
     {
         tracing::warn!("some connections did not finish in time; closing them");
+        // Handlers blocked writing to callers that do not read close their
+        // connections now instead of waiting out `request_timeout_client`.
+        abandon.cancel();
+        let _ = tokio::time::timeout(ABANDON_GRACE, tasks.wait()).await;
     }
     deadline.cancel();
     housekeeping.cancel();
@@ -266,6 +281,8 @@ struct Reloader {
     logging: Logging,
     /// Handed to every new service, so it can pass reload requests on.
     reload_requests: mpsc::Sender<ReloadAsked>,
+    /// Handed to every new service: the audit log outlives reloads.
+    audit: Arc<Audit>,
 }
 
 impl Reloader {
@@ -311,8 +328,13 @@ impl Reloader {
         let carried = cache.adopt(old.cache());
         old.cache().stop();
         let service = Arc::new(
-            Service::new(config.clone(), cache, self.deadline.clone())
-                .with_reloads(self.reload_requests.clone()),
+            Service::new(
+                config.clone(),
+                cache,
+                self.deadline.clone(),
+                self.audit.clone(),
+            )
+            .with_reloads(self.reload_requests.clone()),
         );
         // From here on every request, on new connections and open ones
         // alike, is answered by the new service; requests already in

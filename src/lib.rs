@@ -12,11 +12,13 @@
 //! - [`protocol`]: socket protocol v1, pure encode and decode.
 //! - [`peer`]: the caller's kernel-recorded identity and the allow decision.
 //! - [`service`]: what each request means for this caller.
+//! - [`audit`]: the log of handouts and denials, and its bound on repeats.
 //! - [`server`]: the socket, the accept loop, per-connection handlers and limits.
 //! - [`daemon`]: `tokend serve`: start-up, logging, signals, reload and shutdown.
 //! - [`systemd`]: sd_notify, the watchdog, socket activation, journald detection.
 //! - [`client`]: `tokend get`'s side of the socket.
 
+pub mod audit;
 pub mod cache;
 pub mod client;
 pub mod config;

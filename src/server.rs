@@ -2,6 +2,10 @@
 //! connection limit, and one handler per connection that reads bounded
 //! lines, answers them in order and stops between requests at shutdown.
 //!
+//! Every wait on a caller is bounded, reading and writing alike: a caller
+//! that sends nothing, drips a line, or stops reading its answers is closed,
+//! and its connection slots go to others.
+//!
 //! What a request means is [`crate::service`]'s business; this module moves
 //! bytes and enforces limits. The service is looked up afresh for every
 //! request, so a reload's new configuration answers the next request even
@@ -166,7 +170,8 @@ pub struct Limits {
     pub max_connections_per_uid: usize,
     /// Between requests: a connection that sends nothing this long is closed.
     pub idle_timeout: Duration,
-    /// From a line's first byte to its newline: a slow-drip client is closed.
+    /// From a line's first byte to its newline, and for writing one answer
+    /// whole: a slow-drip client, or one that stops reading, is closed.
     pub request_timeout: Duration,
     pub max_request_bytes: usize,
 }
@@ -237,6 +242,10 @@ pub struct Listener {
     pub limits: Limits,
     /// Stop accepting and let handlers finish the request they are on.
     pub shutdown: CancellationToken,
+    /// Cancelled when the shutdown drain's deadline passes: a handler still
+    /// writing an answer to a caller that does not read it gives up then,
+    /// rather than outliving the drain by up to `request_timeout`.
+    pub abandon: CancellationToken,
     pub connections: TaskTracker,
 }
 
@@ -280,7 +289,8 @@ impl Listener {
                     "uid {uid} is at max_connections_per_uid ({})",
                     self.limits.max_connections_per_uid
                 );
-                self.connections.spawn(refuse(stream, message));
+                self.connections
+                    .spawn(refuse(stream, message, self.limits.request_timeout));
                 continue;
             };
             let Ok(permit) = slots.clone().try_acquire_owned() else {
@@ -289,13 +299,15 @@ impl Listener {
                     "tokend is at max_connections ({})",
                     self.limits.max_connections
                 );
-                self.connections.spawn(refuse(stream, message));
+                self.connections
+                    .spawn(refuse(stream, message, self.limits.request_timeout));
                 continue;
             };
             let handler = Handler {
                 services: self.services.clone(),
                 limits: self.limits,
                 shutdown: self.shutdown.clone(),
+                abandon: self.abandon.clone(),
             };
             self.connections.spawn(async move {
                 handler.run(stream).await;
@@ -306,13 +318,16 @@ impl Listener {
 }
 
 /// Answers `busy` to a connection over the limit and closes it.
-async fn refuse(mut stream: UnixStream, message: String) {
+async fn refuse(mut stream: UnixStream, message: String, write_timeout: Duration) {
     let answer = protocol::encode(
         None,
         &Response::Error(ErrorBody::new(ErrorCode::Busy, message)),
     );
-    // A caller that does not read gets no more than a second of our time.
-    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&answer)).await;
+    // A caller that does not read gets no more of our time than an accepted
+    // one would (`request_timeout`), and never more than a second: refusals
+    // hold no slot, but each is a task and a file descriptor.
+    let limit = write_timeout.min(Duration::from_secs(1));
+    let _ = tokio::time::timeout(limit, stream.write_all(&answer)).await;
     let _ = stream.shutdown().await;
 }
 
@@ -321,6 +336,7 @@ struct Handler {
     services: watch::Receiver<Arc<Service>>,
     limits: Limits,
     shutdown: CancellationToken,
+    abandon: CancellationToken,
 }
 
 impl Handler {
@@ -387,9 +403,36 @@ impl Handler {
                     (service.answer(&caller, &line).await, false)
                 }
             };
-            if let Err(e) = write.write_all(&answer).await {
-                tracing::debug!(peer_uid = caller.uid, "connection write failed: {e}");
-                break;
+            // The answer must be taken whole within `request_timeout`: a
+            // caller that pipelines requests and never reads would otherwise
+            // keep its slots (and its uid's) for as long as it liked, since
+            // we stop reading its requests while its answer waits.
+            let written = tokio::select! {
+                written = tokio::time::timeout(
+                    self.limits.request_timeout,
+                    write.write_all(&answer),
+                ) => written,
+                () = self.abandon.cancelled() => {
+                    tracing::debug!(
+                        peer_uid = caller.uid,
+                        "closing a connection whose answer was not taken by the end of the drain"
+                    );
+                    break;
+                }
+            };
+            match written {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::debug!(peer_uid = caller.uid, "connection write failed: {e}");
+                    break;
+                }
+                Err(_) => {
+                    tracing::debug!(
+                        peer_uid = caller.uid,
+                        "closing a connection that did not read its answer in time"
+                    );
+                    break;
+                }
             }
             if close {
                 break;

@@ -1,8 +1,10 @@
 //! What each request means: decoding it, deciding whether this caller may
 //! have what it asks for, and turning cache results into answers.
 //!
-//! Every token handout and every denial is logged here, with the key, the
-//! scope set and the caller's uid and pid, and never the token.
+//! Every token handout and every denial is reported to the audit log
+//! ([`crate::audit`]), with the key, the scope set and the caller's uid and
+//! pid, and never the token; the audit log decides which of them are lines
+//! of their own and which are counted.
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -12,6 +14,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use zeroize::Zeroizing;
 
+use crate::audit::{Audit, Event};
 use crate::cache::{GetError, TokenCache};
 use crate::config::{Config, KeyConfig};
 use crate::peer::{self, Caller};
@@ -30,6 +33,9 @@ pub struct Service {
     /// Where `reload` requests go: the daemon's reloader, which answers
     /// each with the outcome. `None` where nobody reloads.
     reloads: Option<mpsc::Sender<ReloadAsked>>,
+    /// Shared with the services before and after a reload, so counts of
+    /// repeated events survive it.
+    audit: Arc<Audit>,
 }
 
 /// A reload asked for over the socket, and where its outcome goes: the
@@ -37,12 +43,18 @@ pub struct Service {
 pub type ReloadAsked = oneshot::Sender<Result<usize, String>>;
 
 impl Service {
-    pub fn new(config: Arc<Config>, cache: TokenCache, deadline: CancellationToken) -> Service {
+    pub fn new(
+        config: Arc<Config>,
+        cache: TokenCache,
+        deadline: CancellationToken,
+        audit: Arc<Audit>,
+    ) -> Service {
         Service {
             config,
             cache,
             deadline,
             reloads: None,
+            audit,
         }
     }
 
@@ -88,7 +100,9 @@ impl Service {
     async fn reload(&self, caller: &Caller) -> Result<usize, ErrorBody> {
         let own = nix::unistd::geteuid().as_raw();
         if caller.uid != 0 && caller.uid != own {
-            tracing::info!(
+            // Debug: the caller learns it from the answer, and a line per
+            // attempt at info would let anyone flood the journal.
+            tracing::debug!(
                 peer_uid = caller.uid,
                 peer_pid = caller.pid,
                 "denied: reload"
@@ -176,24 +190,15 @@ impl Service {
                 .take(64)
                 .map(|c| if c.is_control() { '?' } else { c })
                 .collect();
-            tracing::info!(
-                key = %shown,
-                peer_uid = caller.uid,
-                peer_pid = caller.pid,
-                "denied: no such key"
-            );
+            self.audit
+                .record(caller, Event::NoSuchKey { shown: &shown });
             return Err(ErrorBody::new(
                 ErrorCode::UnknownKey,
                 format!("no key named {shown:?}"),
             ));
         };
         if !peer::allow(caller, &key.acl) {
-            tracing::info!(
-                key = %name,
-                peer_uid = caller.uid,
-                peer_pid = caller.pid,
-                "denied: caller is not on the key's allow lists"
-            );
+            self.audit.record(caller, Event::Forbidden { key: name });
             return Err(ErrorBody::new(
                 ErrorCode::Forbidden,
                 format!("uid {} may not read key {name:?}", caller.uid),
@@ -203,7 +208,13 @@ impl Service {
             .map_err(|e| ErrorBody::new(ErrorCode::BadRequest, e.to_string()))?;
         let outside = key.scopes_not_allowed(&scopes);
         if !outside.is_empty() {
-            tracing::info!(key = %name, scopes = %scopes, peer_uid = caller.uid, peer_pid = caller.pid, "denied: scopes not allowed");
+            self.audit.record(
+                caller,
+                Event::ScopesNotAllowed {
+                    key: name,
+                    scopes: &scopes,
+                },
+            );
             return Err(ErrorBody::new(
                 ErrorCode::ScopeNotAllowed,
                 format!("key {name:?} does not allow scopes {outside:?}"),
@@ -215,7 +226,14 @@ impl Service {
             () = self.deadline.cancelled() => Err(GetError::ShuttingDown),
         };
         let token = token.map_err(|e| {
-            tracing::info!(key = %name, scopes = %scopes, peer_uid = caller.uid, peer_pid = caller.pid, "no token to hand out: {e}");
+            self.audit.record(
+                caller,
+                Event::NoToken {
+                    key: name,
+                    scopes: &scopes,
+                    error: &e,
+                },
+            );
             let code = match e {
                 GetError::UnknownKey(_) => ErrorCode::UnknownKey,
                 GetError::TooManySets { .. } => ErrorCode::Busy,
@@ -224,7 +242,15 @@ impl Service {
             ErrorBody::new(code, e.to_string())
         })?;
         let remaining = token.remaining(Instant::now());
-        tracing::info!(key = %name, scopes = %scopes, peer_uid = caller.uid, peer_pid = caller.pid, expires_in = remaining.as_secs(), fingerprint = %token.access_token.fingerprint(), "handed out a token");
+        self.audit.record(
+            caller,
+            Event::HandedOut {
+                key: name,
+                scopes: &scopes,
+                fingerprint: token.access_token.fingerprint(),
+                expires_in: remaining.as_secs(),
+            },
+        );
         Ok(TokenAnswer {
             key: name.to_owned(),
             access_token: token.access_token.clone(),

@@ -483,3 +483,203 @@ async fn a_flood_on_one_connection_does_not_starve_another() {
     secrets.push(SECRET.into());
     daemon.stop_and_check_log(&secrets);
 }
+
+/// Pipelines pings into `stream` until a write fails, never reading an
+/// answer: a caller that stops reading. Returns when the write failed.
+async fn ping_without_reading(mut stream: tokio::net::UnixStream) -> std::time::Instant {
+    use tokio::io::AsyncWriteExt;
+    let batch = "{\"op\":\"ping\"}\n".repeat(4096);
+    // Each batch is 57 KiB; the socket buffers of both ends hold a few
+    // hundred KiB, so the daemon stops reading after a few batches, once
+    // its answers fill ours. The write then blocks until it is closed.
+    while stream.write_all(batch.as_bytes()).await.is_ok() {}
+    std::time::Instant::now()
+}
+
+/// Reads what is queued on `stream` to its end: every line must be a
+/// pong, and the end must come (EOF, or a reset since the daemon closed
+/// with our requests unread). Returns how many answers had piled up.
+async fn pongs_then_close(stream: tokio::net::UnixStream) -> usize {
+    use tokio::io::AsyncReadExt;
+    let mut stream = stream;
+    let mut got = Vec::new();
+    let read_all = async {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+                Err(e) => panic!("read: {e}"),
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(support::daemon::PATIENCE, read_all)
+        .await
+        .expect("the daemon closed the connection, so its end must come");
+    let text = String::from_utf8(got).expect("answers are UTF-8");
+    // A close may cut nothing: only whole answers are ever written.
+    assert!(text.is_empty() || text.ends_with('\n'), "a partial answer");
+    assert!(
+        text.lines().all(|l| l == r#"{"ok":true,"protocol":1}"#),
+        "only pongs were asked for"
+    );
+    text.lines().count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_that_stop_reading_lose_their_slots_within_request_timeout_client() {
+    use std::time::{Duration, Instant};
+    let alice = test_user("tokend-test-alice");
+    let bob = test_user("tokend-test-bob");
+    let issuer = issuer().await;
+    const TIMEOUT: Duration = Duration::from_secs(1);
+    // Per uid: half of 8. Four connections each from alice and bob fill
+    // every slot; root is a third uid, refused only for max_connections.
+    let limits = "max_connections = 8\nrequest_timeout_client = \"1s\"\nsocket_mode = \"0666\"";
+    let mut daemon = Daemon::start(limits, &keys(&issuer));
+    let mut stalled = Vec::new();
+    for user in [&alice, &bob] {
+        stalled.extend(support::foreign::connect_as(
+            &daemon.socket,
+            user.uid,
+            user.gid,
+            &user.groups,
+            4,
+        ));
+    }
+    // All eight accepted and holding their slots before the flood starts.
+    daemon.wait_for_log_count("connection opened", 8);
+
+    let (mut floods, mut readers) = (Vec::new(), Vec::new());
+    let flooded_at = Instant::now();
+    for stream in stalled {
+        let std = stream.into_std().expect("std stream");
+        let reader = std.try_clone().expect("clone the stream");
+        let writer = tokio::net::UnixStream::from_std(std).expect("register");
+        floods.push(tokio::spawn(ping_without_reading(writer)));
+        readers.push(reader);
+    }
+
+    // While the eight hold every slot, a caller of a third uid is turned away.
+    let mut other = daemon.connect().await;
+    let refused = other.call(json!({"op":"get","key":"k"})).await;
+    let refused_after = flooded_at.elapsed();
+    assert_eq!(refused["error"]["code"], "busy", "{refused}");
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("max_connections (8)"),
+        "{refused}"
+    );
+    other.expect_eof().await;
+
+    // Each stalled writer's pending write fails when the daemon closes its
+    // connection; without a bound on writing answers it never would.
+    let mut released = Vec::new();
+    for flood in floods {
+        let failed_at = tokio::time::timeout(TIMEOUT * 10, flood)
+            .await
+            .expect("a caller that stopped reading still holds its connection after 10 s")
+            .expect("flood task");
+        released.push(failed_at - flooded_at);
+    }
+    let slowest = released.iter().max().copied().unwrap_or_default();
+    let fastest = released.iter().min().copied().unwrap_or_default();
+    println!(
+        "8 callers that stopped reading (4 uid {}, 4 uid {}) were closed {fastest:?} to {slowest:?} \
+         after they began flooding (request_timeout_client {TIMEOUT:?}); another uid was refused \
+         busy {refused_after:?} in",
+        alice.uid, bob.uid
+    );
+    assert!(
+        refused_after < fastest,
+        "the busy check ran after a stalled connection was closed"
+    );
+    assert!(
+        fastest >= TIMEOUT - Duration::from_millis(50),
+        "closed before request_timeout_client: {fastest:?}"
+    );
+    assert!(
+        slowest < TIMEOUT + Duration::from_millis(1500),
+        "held past request_timeout_client: {slowest:?}"
+    );
+    daemon.wait_for_log_count("did not read its answer in time", 8);
+    let mut piled_up = 0;
+    for reader in readers {
+        reader.set_nonblocking(true).expect("nonblocking");
+        let reader = tokio::net::UnixStream::from_std(reader).expect("register");
+        piled_up += pongs_then_close(reader).await;
+    }
+    println!("{piled_up} unread pongs were queued on the 8 connections when they closed");
+
+    // Their slots are free again: root gets its token at once.
+    let started = Instant::now();
+    let answer = daemon.call(json!({"op":"get","key":"k"})).await;
+    println!("then a get by root took {:?}", started.elapsed());
+    assert_eq!(answer["ok"], true, "{answer}");
+    let mut secrets = issuer.issued_tokens();
+    secrets.push(SECRET.into());
+    daemon.stop_and_check_log(&secrets);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_that_stops_reading_does_not_hold_up_shutdown() {
+    use std::time::{Duration, Instant};
+    use tokio::io::AsyncWriteExt;
+    let issuer = issuer().await;
+    // Far longer than the 5 s shutdown may take: only the drain's own
+    // deadline can end the blocked write.
+    let mut daemon = Daemon::start("request_timeout_client = \"60s\"", &keys(&issuer));
+    let stream = tokio::net::UnixStream::connect(&daemon.socket)
+        .await
+        .expect("connect");
+    let (_read, mut write) = stream.into_split();
+    let batch = "{\"op\":\"ping\"}\n".repeat(4096);
+    // Flood until the daemon stops taking requests: it then sits in a write
+    // of an answer we will never read. No event says so; a write that makes
+    // no progress for a second (the daemon reads 16 KiB at a time whenever
+    // it is not blocked) is the sign.
+    loop {
+        match tokio::time::timeout(Duration::from_secs(1), write.write_all(batch.as_bytes())).await
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => panic!("the daemon closed the connection early: {e}"),
+            Err(_) => break,
+        }
+    }
+    let flood = tokio::spawn(async move {
+        while write.write_all(batch.as_bytes()).await.is_ok() {}
+        Instant::now()
+    });
+    // Stopped by hand rather than by stop_and_check_log, so the 5 s are
+    // counted from this first SIGTERM; the same checks follow.
+    let signalled = Instant::now();
+    let (status, took) = daemon.signal_and_wait(libc::SIGTERM);
+    let closed_at = tokio::time::timeout(Duration::from_secs(1), flood)
+        .await
+        .expect("the connection outlived the daemon")
+        .expect("flood task");
+    println!(
+        "with a caller that stopped reading, tokend exited {took:?} after SIGTERM; the caller \
+         was closed {:?} after it",
+        closed_at - signalled
+    );
+    assert!(status.success(), "tokend exited with {status}");
+    assert!(
+        took < Duration::from_secs(5),
+        "tokend took {took:?} to stop"
+    );
+    std::thread::sleep(Duration::from_millis(100)); // the log reader's last lines
+    let log = daemon.log();
+    support::daemon::assert_log_clean(&log, &[SECRET]);
+    assert!(
+        log.contains("some connections did not finish in time"),
+        "{log}"
+    );
+    assert!(
+        log.contains("not taken by the end of the drain"),
+        "the handler should close the connection itself: {log}"
+    );
+}

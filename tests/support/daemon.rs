@@ -55,7 +55,9 @@ impl Daemon {
 
     /// Like [`Daemon::start_in`], with the command `make` returns for the
     /// directory (to run it under another uid, with other limits, …); the
-    /// harness adds the arguments, environment and pipes.
+    /// harness adds the arguments, environment and pipes. `RUST_LOG` is
+    /// `tokend=trace,info` unless `make` set or removed it (removed, the
+    /// config's `log_level` decides, as in production).
     pub fn start_with(
         dir: tempfile::TempDir,
         daemon: &str,
@@ -162,7 +164,18 @@ impl Daemon {
     /// from an async test, use a multi-threaded runtime so peers the test
     /// runs in-process keep going.
     pub fn wait_for_log_count(&mut self, needle: &str, count: usize) -> String {
-        let deadline = Instant::now() + PATIENCE;
+        self.wait_for_log_count_within(needle, count, PATIENCE)
+    }
+
+    /// Like [`Daemon::wait_for_log_count`], failing after `limit` instead
+    /// of [`PATIENCE`]: for lines that must appear promptly.
+    pub fn wait_for_log_count_within(
+        &mut self,
+        needle: &str,
+        count: usize,
+        limit: Duration,
+    ) -> String {
+        let deadline = Instant::now() + limit;
         let mut text = self.log.text.lock().expect("log lock");
         loop {
             if text.matches(needle).count() >= count {
@@ -170,8 +183,12 @@ impl Daemon {
             }
             let now = Instant::now();
             if now >= deadline {
+                // Released first: a poisoned lock would make the log
+                // unreadable to the drop that prints it.
+                let shown = text.clone();
+                drop(text);
                 panic!(
-                    "tokend did not log {needle:?} {count} times within {PATIENCE:?}; log:\n{text}"
+                    "tokend did not log {needle:?} {count} times within {limit:?}; log:\n{shown}"
                 );
             }
             let exited = self
@@ -227,9 +244,11 @@ impl Daemon {
         (status, sent.elapsed())
     }
 
-    /// Stops the daemon with SIGTERM, asserts a clean exit, and asserts its
-    /// log holds none of `secrets` (client secrets and tokens the test used).
-    pub fn stop_and_check_log<S: AsRef<str>>(mut self, secrets: &[S]) {
+    /// Stops the daemon with SIGTERM, asserts a clean exit within 5 s, and
+    /// asserts its log holds none of `secrets` (client secrets and tokens
+    /// the test used). Returns the whole log, for checks of what was
+    /// written at shutdown.
+    pub fn stop_and_check_log<S: AsRef<str>>(mut self, secrets: &[S]) -> String {
         let (status, took) = self.signal_and_wait(libc::SIGTERM);
         assert!(
             status.success(),
@@ -242,7 +261,9 @@ impl Daemon {
         );
         // The reader thread may still hold the last lines for a moment.
         std::thread::sleep(Duration::from_millis(100));
-        assert_log_clean(&self.log(), secrets);
+        let log = self.log();
+        assert_log_clean(&log, secrets);
+        log
     }
 }
 

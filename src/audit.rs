@@ -1,0 +1,796 @@
+//! The audit log: the lines tokend writes about token handouts and denials,
+//! and the bound that keeps any one caller from flooding them.
+//!
+//! Every handout and every denial belongs to a *subject*:
+//! - a handout: the caller's uid and pid, the key, the scope set and the
+//!   token's fingerprint (so: the first time a process gets a token);
+//! - a denial: its kind (no such key, forbidden, scopes not allowed,
+//!   unavailable, busy for too many scope sets), the caller's uid and the
+//!   key. For "no such key" the uid alone: the name is the caller's choice,
+//!   and random names would each make a subject of their own.
+//!
+//! The first event of a subject is logged at once, at info, and opens a
+//! [`WINDOW`]. Further events of it within the window are counted (and
+//! logged one by one only at debug); when the window ends one line sums
+//! them up, `… and 19,999 more handouts of key payments to uid 1000`, with
+//! a `repeats` field. A window that had repeats is followed by another, so
+//! a steady flood writes one line per window; a subject whose window passed
+//! without any is forgotten, and its next event is logged in full again.
+//! At most [`MAX_SUBJECTS`] subjects are tracked at once: events of further
+//! ones are counted and summed up as "events not itemised", so memory stays
+//! bounded whatever callers do.
+//!
+//! [`Audit`] is that state's one owner, shared by every
+//! [`crate::service::Service`] so counts survive a reload; its
+//! [`Audit::run`] writes the summaries on a timer set for the earliest
+//! window end, sleeps without a timer while nothing is pending, and writes
+//! everything still pending when told to stop. Deciding whether a caller
+//! gets a token is [`crate::service`]'s business, and where lines go is
+//! the subscriber [`crate::daemon`] sets up. No token ever reaches this
+//! module: a handout carries its fingerprint.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::cache::GetError;
+use crate::peer::Caller;
+use crate::scope::ScopeSet;
+
+/// How long repeats of a subject are counted before one line sums them up:
+/// a flood costs at most one line per subject per window, and journald's
+/// default rate limit (10,000 messages per 30 s per service) is far away.
+pub const WINDOW: Duration = Duration::from_secs(10);
+
+/// The most subjects tracked at once. A subject holds a configured key
+/// name, a scope set the key allows and a fingerprint, never a caller's
+/// free text: a few hundred bytes (twice, map and queue), so a few MiB at
+/// worst. Legitimate traffic (processes × keys × scope sets) is far below.
+pub const MAX_SUBJECTS: usize = 10_000;
+
+/// One handout or denial, as [`crate::service`] saw it.
+pub enum Event<'a> {
+    HandedOut {
+        key: &'a str,
+        scopes: &'a ScopeSet,
+        /// The token's fingerprint, never the token.
+        fingerprint: String,
+        expires_in: u64,
+    },
+    /// `shown` is the caller's key name, bounded and without control
+    /// characters (a newline could forge a log line).
+    NoSuchKey {
+        shown: &'a str,
+    },
+    Forbidden {
+        key: &'a str,
+    },
+    ScopesNotAllowed {
+        key: &'a str,
+        scopes: &'a ScopeSet,
+    },
+    /// The cache had no token to give: unavailable, shutting down, or busy
+    /// (the key's `max_scope_sets`).
+    NoToken {
+        key: &'a str,
+        scopes: &'a ScopeSet,
+        error: &'a GetError,
+    },
+}
+
+/// What repeats of an event are counted under.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum Subject {
+    HandedOut {
+        uid: u32,
+        pid: Option<i32>,
+        key: String,
+        scopes: ScopeSet,
+        fingerprint: String,
+    },
+    Denied {
+        uid: u32,
+        denial: Denial,
+        /// `None` for [`Denial::NoSuchKey`]: see the module doc.
+        key: Option<String>,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Denial {
+    NoSuchKey,
+    Forbidden,
+    ScopesNotAllowed,
+    Unavailable,
+    TooManySets,
+}
+
+impl Subject {
+    fn of(caller: &Caller, event: &Event<'_>) -> Subject {
+        let denied = |denial, key: Option<&str>| Subject::Denied {
+            uid: caller.uid,
+            denial,
+            key: key.map(str::to_owned),
+        };
+        match event {
+            Event::HandedOut {
+                key,
+                scopes,
+                fingerprint,
+                ..
+            } => Subject::HandedOut {
+                uid: caller.uid,
+                pid: caller.pid,
+                key: (*key).to_owned(),
+                scopes: (*scopes).clone(),
+                fingerprint: fingerprint.clone(),
+            },
+            Event::NoSuchKey { .. } => denied(Denial::NoSuchKey, None),
+            Event::Forbidden { key } => denied(Denial::Forbidden, Some(key)),
+            Event::ScopesNotAllowed { key, .. } => denied(Denial::ScopesNotAllowed, Some(key)),
+            Event::NoToken { key, error, .. } => {
+                let denial = match error {
+                    GetError::TooManySets { .. } => Denial::TooManySets,
+                    GetError::UnknownKey(_) | GetError::Unavailable(_) | GetError::ShuttingDown => {
+                        Denial::Unavailable
+                    }
+                };
+                denied(denial, Some(key))
+            }
+        }
+    }
+}
+
+/// How an event stands in its subject's window.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Seen {
+    /// The first: logged in full, at once.
+    First,
+    /// Counted for the window's summary.
+    Repeat,
+    /// Past [`MAX_SUBJECTS`]: counted, not itemised. `first` when it opened
+    /// the window of such events.
+    Untracked { first: bool },
+}
+
+/// A line owed when a window ends.
+#[derive(Debug, PartialEq, Eq)]
+enum Summary {
+    Repeats(Subject, u64),
+    Untracked { events: u64, cap: usize },
+}
+
+/// The counting, without locks, timers or logging: [`Audit`] gives it the
+/// time, so it is tested with plain instants.
+struct Ledger {
+    window: Duration,
+    cap: usize,
+    /// Each tracked subject and its repeats in its current window.
+    counts: HashMap<Subject, u64>,
+    /// Each tracked subject once, by the end of its current window. Every
+    /// window is `window` long and opens at the instant it is recorded
+    /// (read under [`Audit`]'s lock, so instants arrive in order): appending
+    /// keeps the queue sorted, and the earliest end is at the front.
+    ends: VecDeque<(Instant, Subject)>,
+    /// Events past `cap`: when their window ends, and how many.
+    untracked: Option<(Instant, u64)>,
+}
+
+impl Ledger {
+    fn new(window: Duration, cap: usize) -> Ledger {
+        Ledger {
+            window,
+            cap,
+            counts: HashMap::new(),
+            ends: VecDeque::new(),
+            untracked: None,
+        }
+    }
+
+    fn record(&mut self, subject: Subject, now: Instant) -> Seen {
+        if let Some(repeats) = self.counts.get_mut(&subject) {
+            *repeats += 1;
+            return Seen::Repeat;
+        }
+        if self.counts.len() >= self.cap {
+            return match &mut self.untracked {
+                Some((_, events)) => {
+                    *events += 1;
+                    Seen::Untracked { first: false }
+                }
+                None => {
+                    self.untracked = Some((now + self.window, 1));
+                    Seen::Untracked { first: true }
+                }
+            };
+        }
+        self.ends.push_back((now + self.window, subject.clone()));
+        self.counts.insert(subject, 0);
+        Seen::First
+    }
+
+    /// When the earliest open window ends; `None` when nothing is pending.
+    fn next_end(&self) -> Option<Instant> {
+        let tracked = self.ends.front().map(|(end, _)| *end);
+        let untracked = self.untracked.map(|(end, _)| end);
+        match (tracked, untracked) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// The summaries of the windows ended by `now`. A window with repeats
+    /// is followed by another from `now`; one without forgets its subject.
+    fn due(&mut self, now: Instant) -> Vec<Summary> {
+        let mut due = Vec::new();
+        while self.ends.front().is_some_and(|(end, _)| *end <= now) {
+            let Some((_, subject)) = self.ends.pop_front() else {
+                break;
+            };
+            match self.counts.get_mut(&subject) {
+                Some(repeats) if *repeats > 0 => {
+                    due.push(Summary::Repeats(subject.clone(), std::mem::take(repeats)));
+                    // Later than every end in the queue, which all opened
+                    // by `now`: the queue stays sorted, and this loop ends.
+                    self.ends.push_back((now + self.window, subject));
+                }
+                _ => {
+                    self.counts.remove(&subject);
+                }
+            }
+        }
+        if let Some((end, events)) = self.untracked {
+            if end <= now {
+                due.push(Summary::Untracked {
+                    events,
+                    cap: self.cap,
+                });
+                self.untracked = None;
+            }
+        }
+        due
+    }
+
+    /// Every summary still owed, windows ended or not; forgets everything.
+    fn drain(&mut self) -> Vec<Summary> {
+        let mut all: Vec<Summary> = self
+            .ends
+            .drain(..)
+            .filter_map(|(_, subject)| {
+                let repeats = self.counts.remove(&subject)?;
+                (repeats > 0).then_some(Summary::Repeats(subject, repeats))
+            })
+            .collect();
+        if let Some((_, events)) = self.untracked.take() {
+            all.push(Summary::Untracked {
+                events,
+                cap: self.cap,
+            });
+        }
+        all
+    }
+}
+
+/// The audit log's one owner: what was seen in the current windows, and
+/// the wake-up of the task that writes their summaries.
+pub struct Audit {
+    /// Held only to count, never while logging or awaiting.
+    ledger: Mutex<Ledger>,
+    /// Wakes [`Audit::run`] when a window opens while none was open: it
+    /// has no timer to wait on then.
+    opened: Notify,
+}
+
+impl Default for Audit {
+    fn default() -> Self {
+        Audit::new()
+    }
+}
+
+impl Audit {
+    pub fn new() -> Audit {
+        Audit::with_limits(WINDOW, MAX_SUBJECTS)
+    }
+
+    fn with_limits(window: Duration, cap: usize) -> Audit {
+        Audit {
+            ledger: Mutex::new(Ledger::new(window, cap)),
+            opened: Notify::new(),
+        }
+    }
+
+    fn ledger(&self) -> MutexGuard<'_, Ledger> {
+        // Nothing in the ledger can panic short of allocation failing; if a
+        // holder did, the worst left is one subject counted but never
+        // summed up, which beats failing every later request.
+        self.ledger.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Counts `event` of `caller` and logs it: at info if it is its
+    /// subject's first in the window, else at debug.
+    pub fn record(&self, caller: &Caller, event: Event<'_>) {
+        let subject = Subject::of(caller, &event);
+        let (seen, was_idle, cap) = {
+            let mut ledger = self.ledger();
+            let was_idle = ledger.next_end().is_none();
+            // Read under the lock, so instants reach the ledger in order.
+            let seen = ledger.record(subject, Instant::now());
+            (seen, was_idle, ledger.cap)
+        };
+        if was_idle {
+            self.opened.notify_one();
+        }
+        log_event(caller, &event, seen);
+        if seen == (Seen::Untracked { first: true }) {
+            tracing::warn!(
+                "the audit log already tracks {} callers and keys in this window; \
+                 events of others are counted, not itemised, until it ends",
+                thousands(cap as u64)
+            );
+        }
+    }
+
+    /// Writes each window's summary when it ends, until `stop`; then
+    /// everything still pending, so no count is lost at shutdown.
+    pub async fn run(self: Arc<Self>, stop: CancellationToken) {
+        loop {
+            let (due, next) = {
+                let mut ledger = self.ledger();
+                let due = ledger.due(Instant::now());
+                (due, ledger.next_end())
+            };
+            for summary in &due {
+                log_summary(summary);
+            }
+            // One timer, for the earliest end; none at all while nothing
+            // is pending, so an idle daemon spends no CPU here.
+            let wait = async {
+                match next {
+                    Some(end) => tokio::time::sleep_until(end).await,
+                    None => self.opened.notified().await,
+                }
+            };
+            tokio::select! {
+                () = wait => {}
+                () = stop.cancelled() => break,
+            }
+        }
+        self.flush();
+    }
+
+    /// Writes every summary still owed now, windows ended or not.
+    pub fn flush(&self) {
+        let all = self.ledger().drain();
+        for summary in &all {
+            log_summary(summary);
+        }
+    }
+}
+
+/// The line of one event, with the journald fields it always had.
+fn log_event(caller: &Caller, event: &Event<'_>, seen: Seen) {
+    // The level is part of a tracing call site, so each line is written
+    // out once per level.
+    macro_rules! at_level {
+        ($($line:tt)+) => {
+            if seen == Seen::First {
+                tracing::info!($($line)+)
+            } else {
+                tracing::debug!($($line)+)
+            }
+        };
+    }
+    let (uid, pid) = (caller.uid, caller.pid);
+    match event {
+        Event::HandedOut {
+            key,
+            scopes,
+            fingerprint,
+            expires_in,
+        } => at_level!(
+            key = %key,
+            scopes = %scopes,
+            peer_uid = uid,
+            peer_pid = pid,
+            expires_in = *expires_in,
+            fingerprint = %fingerprint,
+            "handed out a token"
+        ),
+        Event::NoSuchKey { shown } => at_level!(
+            key = %shown,
+            peer_uid = uid,
+            peer_pid = pid,
+            "denied: no such key"
+        ),
+        Event::Forbidden { key } => at_level!(
+            key = %key,
+            peer_uid = uid,
+            peer_pid = pid,
+            "denied: caller is not on the key's allow lists"
+        ),
+        Event::ScopesNotAllowed { key, scopes } => at_level!(
+            key = %key,
+            scopes = %scopes,
+            peer_uid = uid,
+            peer_pid = pid,
+            "denied: scopes not allowed"
+        ),
+        Event::NoToken { key, scopes, error } => at_level!(
+            key = %key,
+            scopes = %scopes,
+            peer_uid = uid,
+            peer_pid = pid,
+            "no token to hand out: {error}"
+        ),
+    }
+}
+
+/// The line that sums up a window, with its subject's fields and `repeats`.
+fn log_summary(summary: &Summary) {
+    match summary {
+        Summary::Repeats(subject, repeats) => {
+            let n = thousands(*repeats);
+            match subject {
+                Subject::HandedOut {
+                    uid,
+                    pid,
+                    key,
+                    scopes,
+                    fingerprint,
+                } => tracing::info!(
+                    key = %key,
+                    scopes = %scopes,
+                    peer_uid = *uid,
+                    peer_pid = *pid,
+                    fingerprint = %fingerprint,
+                    repeats = *repeats,
+                    "… and {n} more {} of key {key} to uid {uid}",
+                    plural(*repeats, "handout")
+                ),
+                Subject::Denied {
+                    uid,
+                    key: Some(key),
+                    denial,
+                } => tracing::info!(
+                    key = %key,
+                    peer_uid = *uid,
+                    repeats = *repeats,
+                    "… and {n} more {} of key {key} to uid {uid}: {}",
+                    plural(*repeats, "denial"),
+                    denial.reason()
+                ),
+                Subject::Denied { uid, key: None, .. } => tracing::info!(
+                    peer_uid = *uid,
+                    repeats = *repeats,
+                    "… and {n} more {} of keys that do not exist to uid {uid}",
+                    plural(*repeats, "denial")
+                ),
+            }
+        }
+        Summary::Untracked { events, cap } => tracing::info!(
+            repeats = *events,
+            "… and {} more {} not itemised (the audit log tracks at most {} callers and keys per window)",
+            thousands(*events),
+            plural(*events, "event"),
+            thousands(*cap as u64)
+        ),
+    }
+}
+
+impl Denial {
+    fn reason(self) -> &'static str {
+        match self {
+            Denial::NoSuchKey => "no such key",
+            Denial::Forbidden => "caller is not on the key's allow lists",
+            Denial::ScopesNotAllowed => "scopes not allowed",
+            Denial::Unavailable => "no token to hand out",
+            Denial::TooManySets => "busy: the key's max_scope_sets is reached",
+        }
+    }
+}
+
+/// `word`, with an `s` unless there is one.
+fn plural(n: u64, word: &str) -> String {
+    if n == 1 {
+        word.to_owned()
+    } else {
+        format!("{word}s")
+    }
+}
+
+/// `19999` as `19,999`: summaries are read by people.
+fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, digit) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(digit);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn caller(uid: u32, pid: i32) -> Caller {
+        Caller {
+            uid,
+            gid: uid,
+            pid: Some(pid),
+            gids: vec![uid],
+            user: None,
+            groups: Vec::new(),
+        }
+    }
+
+    fn handout<'a>(key: &'a str, scopes: &'a ScopeSet) -> Event<'a> {
+        Event::HandedOut {
+            key,
+            scopes,
+            fingerprint: "abcd1234".into(),
+            expires_in: 3600,
+        }
+    }
+
+    /// What is logged at info and above on this thread, as text lines.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Captured {
+        /// Starts capturing; stops when the guard is dropped.
+        fn start() -> (Captured, tracing::subscriber::DefaultGuard) {
+            let captured = Captured::default();
+            let writer = captured.clone();
+            let subscriber = tracing_subscriber::fmt()
+                .with_max_level(tracing::Level::INFO)
+                .with_ansi(false)
+                .without_time()
+                .with_writer(move || writer.clone())
+                .finish();
+            (captured, tracing::subscriber::set_default(subscriber))
+        }
+
+        fn lines(&self) -> Vec<String> {
+            String::from_utf8(self.0.lock().unwrap().clone())
+                .unwrap()
+                .lines()
+                .map(str::to_owned)
+                .collect()
+        }
+
+        /// Lines logged since the last call.
+        fn take(&self) -> Vec<String> {
+            let lines = self.lines();
+            self.0.lock().unwrap().clear();
+            lines
+        }
+    }
+
+    #[test]
+    fn thousands_separators() {
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(1000), "1,000");
+        assert_eq!(thousands(19_999), "19,999");
+        assert_eq!(thousands(1_234_567), "1,234,567");
+    }
+
+    #[test]
+    fn subjects_are_per_process_token_and_set_for_handouts_and_per_uid_for_unknown_names() {
+        let scopes = ScopeSet::default();
+        let other = ScopeSet::new(["fx"]).unwrap();
+        let mut ledger = Ledger::new(WINDOW, 100);
+        let now = Instant::now();
+        let mut seen = |c: &Caller, e: Event<'_>| ledger.record(Subject::of(c, &e), now);
+        assert_eq!(seen(&caller(1, 10), handout("k", &scopes)), Seen::First);
+        assert_eq!(seen(&caller(1, 10), handout("k", &scopes)), Seen::Repeat);
+        // Another process of the same uid, another set, another key.
+        assert_eq!(seen(&caller(1, 11), handout("k", &scopes)), Seen::First);
+        assert_eq!(seen(&caller(1, 10), handout("k", &other)), Seen::First);
+        assert_eq!(seen(&caller(1, 10), handout("j", &scopes)), Seen::First);
+        // Unknown names: one subject per uid, whatever the name or pid.
+        assert_eq!(
+            seen(&caller(1, 10), Event::NoSuchKey { shown: "a" }),
+            Seen::First
+        );
+        assert_eq!(
+            seen(&caller(1, 12), Event::NoSuchKey { shown: "b" }),
+            Seen::Repeat
+        );
+        assert_eq!(
+            seen(&caller(2, 20), Event::NoSuchKey { shown: "b" }),
+            Seen::First
+        );
+        // Denials: per uid, kind and key, any pid.
+        assert_eq!(
+            seen(&caller(1, 10), Event::Forbidden { key: "k" }),
+            Seen::First
+        );
+        assert_eq!(
+            seen(&caller(1, 13), Event::Forbidden { key: "k" }),
+            Seen::Repeat
+        );
+        assert_eq!(
+            seen(&caller(1, 10), Event::Forbidden { key: "j" }),
+            Seen::First
+        );
+        let unavailable = GetError::ShuttingDown;
+        let busy = GetError::TooManySets {
+            key: "k".into(),
+            limit: 1,
+        };
+        let no_token = |error| Event::NoToken {
+            key: "k",
+            scopes: &other,
+            error,
+        };
+        assert_eq!(seen(&caller(1, 10), no_token(&unavailable)), Seen::First);
+        assert_eq!(seen(&caller(1, 10), no_token(&busy)), Seen::First);
+        assert_eq!(seen(&caller(1, 11), no_token(&busy)), Seen::Repeat);
+    }
+
+    #[test]
+    fn past_the_cap_events_are_counted_not_tracked() {
+        let scopes = ScopeSet::default();
+        let start = Instant::now();
+        let mut ledger = Ledger::new(WINDOW, 2);
+        let mut record =
+            |pid, at| ledger.record(Subject::of(&caller(1, pid), &handout("k", &scopes)), at);
+        assert_eq!(record(1, start), Seen::First);
+        assert_eq!(record(2, start), Seen::First);
+        assert_eq!(record(3, start), Seen::Untracked { first: true });
+        assert_eq!(record(4, start), Seen::Untracked { first: false });
+        // Tracked subjects still count their repeats.
+        assert_eq!(record(1, start), Seen::Repeat);
+        assert_eq!(ledger.counts.len(), 2);
+        assert_eq!(ledger.ends.len(), 2);
+        let due = ledger.due(start + WINDOW);
+        assert_eq!(due.len(), 2, "{due:?}");
+        assert!(matches!(due[0], Summary::Repeats(_, 1)), "{due:?}");
+        assert_eq!(due[1], Summary::Untracked { events: 2, cap: 2 });
+        // pid 2's quiet window forgot it; pid 1's flood keeps its place.
+        assert_eq!(ledger.counts.len(), 1);
+        assert_eq!(ledger.next_end(), Some(start + WINDOW * 2));
+        assert_eq!(ledger.due(start + WINDOW * 2), []);
+        assert_eq!(ledger.next_end(), None, "nothing pending");
+        assert!(ledger.counts.is_empty() && ledger.ends.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_flood_is_one_line_at_once_then_one_summary_per_window() {
+        let (log, _capturing) = Captured::start();
+        let audit = Arc::new(Audit::new());
+        let stop = CancellationToken::new();
+        let flusher = tokio::spawn(audit.clone().run(stop.clone()));
+        let (alice, bob) = (caller(1000, 42), caller(1001, 43));
+        let scopes = ScopeSet::new(["gateway"]).unwrap();
+
+        for i in 0..20_000 {
+            audit.record(&alice, handout("payments", &scopes));
+            let name = format!("random-{i}");
+            audit.record(&alice, Event::NoSuchKey { shown: &name });
+        }
+        let first = log.take();
+        assert_eq!(first.len(), 2, "{first:#?}");
+        assert!(first[0].contains("handed out a token key=payments scopes=[gateway] peer_uid=1000 peer_pid=42 expires_in=3600 fingerprint=abcd1234"), "{first:#?}");
+        assert!(
+            first[1].contains("denied: no such key key=random-0 peer_uid=1000"),
+            "{first:#?}"
+        );
+        // Mid-flood, another caller's denial is logged at once.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        audit.record(&bob, Event::Forbidden { key: "payments" });
+        let bobs = log.take();
+        assert_eq!(bobs.len(), 1, "{bobs:#?}");
+        assert!(bobs[0].contains("peer_uid=1001"), "{bobs:#?}");
+
+        // Nothing before the window ends, both sums when it does.
+        tokio::time::sleep(WINDOW - Duration::from_secs(3) - Duration::from_millis(1)).await;
+        assert_eq!(log.take(), Vec::<String>::new());
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        let sums = log.take();
+        assert_eq!(sums.len(), 2, "{sums:#?}");
+        assert!(sums[0].contains("… and 19,999 more handouts of key payments to uid 1000 key=payments scopes=[gateway] peer_uid=1000 peer_pid=42 fingerprint=abcd1234 repeats=19999"), "{sums:#?}");
+        assert!(
+            sums[1].contains(
+                "… and 19,999 more denials of keys that do not exist to uid 1000 peer_uid=1000 repeats=19999"
+            ),
+            "{sums:#?}"
+        );
+
+        // The flood goes on: the next window sums it up, no line at once.
+        for _ in 0..10 {
+            audit.record(&alice, handout("payments", &scopes));
+        }
+        assert_eq!(log.take(), Vec::<String>::new());
+        // Bob's window (no repeats) ends quietly three seconds in.
+        tokio::time::sleep(WINDOW + Duration::from_millis(1)).await;
+        let sums = log.take();
+        assert_eq!(sums.len(), 1, "{sums:#?}");
+        assert!(
+            sums[0].contains("… and 10 more handouts of key payments to uid 1000"),
+            "{sums:#?}"
+        );
+        // A quiet window forgets a subject: its next event is a first again.
+        tokio::time::sleep(WINDOW).await;
+        assert!(forgot_everything(&audit), "everything was forgotten");
+        audit.record(&alice, handout("payments", &scopes));
+        let again = log.take();
+        assert_eq!(again.len(), 1, "{again:#?}");
+        assert!(again[0].contains("handed out a token"), "{again:#?}");
+
+        // At shutdown, what is pending is written before its window ends.
+        audit.record(&alice, handout("payments", &scopes));
+        audit.record(&bob, Event::Forbidden { key: "payments" });
+        audit.record(&bob, Event::Forbidden { key: "payments" });
+        let stopped_at = Instant::now();
+        stop.cancel();
+        flusher.await.unwrap();
+        assert_eq!(stopped_at, Instant::now(), "stopping waits for no window");
+        let last = log.take();
+        assert_eq!(last.len(), 3, "{last:#?}");
+        assert!(
+            last[0].contains(
+                "denied: caller is not on the key's allow lists key=payments peer_uid=1001"
+            ),
+            "{last:#?}"
+        );
+        assert!(
+            last[1].contains("… and 1 more handout of key payments to uid 1000"),
+            "{last:#?}"
+        );
+        assert!(last[2].contains("… and 1 more denial of key payments to uid 1001: caller is not on the key's allow lists key=payments peer_uid=1001 repeats=1"), "{last:#?}");
+    }
+
+    /// True when the audit tracks nothing and owes nothing.
+    fn forgot_everything(audit: &Audit) -> bool {
+        let ledger = audit.ledger();
+        ledger.counts.is_empty() && ledger.ends.is_empty() && ledger.untracked.is_none()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn past_the_cap_new_subjects_are_summed_up_not_itemised() {
+        let (log, _capturing) = Captured::start();
+        let audit = Arc::new(Audit::with_limits(WINDOW, 3));
+        let stop = CancellationToken::new();
+        let flusher = tokio::spawn(audit.clone().run(stop.clone()));
+        let scopes = ScopeSet::default();
+        for pid in 0..1000 {
+            audit.record(&caller(1000, pid), handout("k", &scopes));
+        }
+        let lines = log.take();
+        assert_eq!(lines.len(), 4, "{lines:#?}");
+        assert!(lines[..3].iter().all(|l| l.contains("handed out a token")));
+        assert!(
+            lines[3].contains("WARN") && lines[3].contains("counted, not itemised"),
+            "{lines:#?}"
+        );
+        tokio::time::sleep(WINDOW + Duration::from_millis(1)).await;
+        let sums = log.take();
+        assert_eq!(sums.len(), 1, "{sums:#?}");
+        assert!(sums[0].contains("… and 997 more events not itemised (the audit log tracks at most 3 callers and keys per window) repeats=997"), "{sums:#?}");
+        // Room again: a new subject is logged at once.
+        audit.record(&caller(1000, 5000), handout("k", &scopes));
+        assert_eq!(log.take().len(), 1);
+        stop.cancel();
+        flusher.await.unwrap();
+    }
+}
