@@ -544,7 +544,8 @@ fn grant_from(status: u16, answer: RawAnswer, scrubber: &Scrubber) -> Result<Gra
         ),
     };
     let scope = match &answer.scope {
-        Some(Value::String(s)) => Some(ScopeSet::from_granted(s)),
+        // Granted scopes reach callers too: scrubbed like any issuer text.
+        Some(Value::String(s)) => Some(ScopeSet::from_granted(&scrubber.scrub(s))),
         Some(Value::Null) | None => None,
         Some(_) => return Err(malformed("scope is not a string")),
     };
