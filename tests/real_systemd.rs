@@ -38,6 +38,7 @@ const SUITES: [&str; 2] = ["bookworm", "trixie"];
 const PAYMENTS_SECRET: &str = "real-systemd-payments-secret-3170";
 const CARDS_SECRET: &str = "real-systemd-cards-secret-8825";
 
+const UNITS: [&str; 2] = ["tokend.service", "tokend.socket"];
 const CONFIG: &str = "/etc/tokend/tokend.toml";
 const SOCKET: &str = "/run/tokend/tokend.sock";
 /// Where the operator keeps the payments secret for `LoadCredential=`.
@@ -121,9 +122,9 @@ async fn real_systemd_bookworm_then_trixie() {
             failures: found, ..
         } = release;
         if !found.is_empty() {
-            let journal = container.journal("tokend.*");
+            let journal = container.journal(&UNITS);
             eprintln!(
-                "---- {suite}: journalctl -u 'tokend.*' ----\n{}\
+                "---- {suite}: journalctl -u tokend.service -u tokend.socket ----\n{}\
                  ---- end of {suite}'s journal ----",
                 redact(&journal, &issuer)
             );
@@ -660,9 +661,7 @@ impl<'a> Release<'a> {
         self.write_config(&broken)?;
         let cursor = self.container.journal_cursor();
         let reload = self.sh("systemctl reload tokend");
-        let journal = self
-            .container
-            .journal_after("tokend.service", Some(&cursor));
+        let journal = self.container.journal_after(&UNITS, Some(&cursor));
 
         let mut problems = Vec::new();
         if reload.code == Some(0) {
@@ -740,7 +739,12 @@ impl<'a> Release<'a> {
     }
 
     fn watchdog_restart_with_drop_in(&self) -> Outcome {
-        self.sh_ok("systemctl daemon-reload && systemctl restart tokend.service")?;
+        // Each check starts from a clean slate: a start limit an earlier
+        // check ran into would hide this one's outcome.
+        self.sh_ok(
+            "systemctl daemon-reload && systemctl reset-failed tokend.service tokend.socket; \
+             systemctl restart tokend.service",
+        )?;
         let shown = self.show("WatchdogUSec")?;
         ensure!(
             shown.iter().any(|(_, v)| v == &format!("{WATCHDOG_SEC}s")),
@@ -809,9 +813,7 @@ impl<'a> Release<'a> {
                 && value("ExecMainStatus") == "0",
             "tokend.service did not exit cleanly: {shown:?}"
         );
-        let journal = self
-            .container
-            .journal_after("tokend.service", Some(&cursor));
+        let journal = self.container.journal_after(&UNITS, Some(&cursor));
         ensure!(
             !journal.contains("Failed with result") && !journal.contains("Main process exited"),
             "the journal reports a failure:\n{journal}"
@@ -841,7 +843,7 @@ impl<'a> Release<'a> {
     fn socket_group_while_masked(&self) -> Outcome {
         let daemon = "socket_mode = \"0660\"\nsocket_group = \"tokend\"\n";
         self.write_config(&self.config(daemon, &[self.payments_key(), self.cards_key()]))?;
-        self.sh_ok("systemctl start tokend.service")?;
+        self.sh_ok("systemctl reset-failed tokend.service; systemctl start tokend.service")?;
         let socket = self.sh_ok(&format!("stat -c '%A %U %G' {SOCKET}"))?;
         ensure!(
             socket.stdout.trim() == "srw-rw---- tokend tokend",

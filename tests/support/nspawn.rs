@@ -225,10 +225,10 @@ impl Container {
         ])
     }
 
-    /// `journalctl -u UNIT`, everything so far, after making sure journald
-    /// has stored what it was sent.
-    pub fn journal(&self, unit: &str) -> String {
-        self.journal_after(unit, None)
+    /// `journalctl -u UNIT` for each of `units`, everything so far, after
+    /// making sure journald has stored what it was sent.
+    pub fn journal(&self, units: &[&str]) -> String {
+        self.journal_after(units, None)
     }
 
     /// A journal position: [`Container::journal_after`] shows what comes
@@ -242,15 +242,17 @@ impl Container {
             .to_owned()
     }
 
-    /// `journalctl -u UNIT` from `cursor` on (or everything without one).
-    pub fn journal_after(&self, unit: &str, cursor: Option<&str>) -> String {
-        let after = match cursor {
-            Some(c) if !c.is_empty() => format!(" --after-cursor='{c}'"),
-            _ => String::new(),
-        };
-        let ran = self.sh(&format!(
-            "journalctl --sync; journalctl --no-pager --quiet -o short-precise -u '{unit}'{after}"
-        ));
+    /// Like [`Container::journal`], from `cursor` on.
+    pub fn journal_after(&self, units: &[&str], cursor: Option<&str>) -> String {
+        let mut script =
+            String::from("journalctl --sync; journalctl --no-pager --quiet -o short-precise");
+        for unit in units {
+            script.push_str(&format!(" -u '{unit}'"));
+        }
+        if let Some(cursor) = cursor.filter(|c| !c.is_empty()) {
+            script.push_str(&format!(" --after-cursor='{cursor}'"));
+        }
+        let ran = self.sh(&script);
         format!("{}{}", ran.stdout, ran.stderr)
     }
 
