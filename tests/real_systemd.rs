@@ -371,6 +371,21 @@ impl<'a> Release<'a> {
         succeeded(self.sh(script), script)
     }
 
+    /// `systemctl ARGS`, which must exit 0; if it does not, the reason
+    /// comes with what the units logged meanwhile (why a start failed is
+    /// in the journal, not in systemctl's output).
+    fn systemctl(&self, args: &str) -> Result<Ran, String> {
+        let cursor = self.container.journal_cursor();
+        succeeded(
+            self.sh(&format!("systemctl {args}")),
+            &format!("systemctl {args}"),
+        )
+        .map_err(|e| {
+            let journal = self.container.journal_after(&UNITS, Some(&cursor));
+            format!("{e}\nthe journal meanwhile:\n{journal}")
+        })
+    }
+
     /// Puts `text` at `path` in the container with the mode and owner
     /// given, through the shared directory, so that no secret is ever on
     /// a command line.
@@ -502,12 +517,12 @@ impl<'a> Release<'a> {
         self.install_file(CREDENTIAL, &format!("{PAYMENTS_SECRET}\n"), "0600", "root")?;
         self.write_config(&self.config("", &[self.payments_key()]))?;
         // The package started the service with its example config.
-        self.sh_ok("systemctl stop tokend.service")?;
+        self.systemctl("stop tokend.service")?;
 
         let check = format!("tokend check --config {CONFIG}");
         self.sh_ok(&check)
             .map_err(|e| format!("with the service stopped: {e}"))?;
-        self.sh_ok("systemctl start tokend.service")?;
+        self.systemctl("start tokend.service")?;
         let token = self.token_as("alice", "payments")?;
         self.sh_ok(&check)
             .map_err(|e| format!("with the service running: {e}"))?;
@@ -636,7 +651,7 @@ impl<'a> Release<'a> {
             "tokend",
         )?;
         self.write_config(&self.config("", &[self.payments_key(), self.cards_key()]))?;
-        self.sh_ok("systemctl reload tokend")?;
+        self.systemctl("reload tokend")?;
         let cards = self.token_as("alice", "cards")?;
         let after = self.token_as("alice", "payments")?;
         ensure!(
@@ -689,7 +704,7 @@ impl<'a> Release<'a> {
 
         // Fixed again for the checks that follow.
         self.write_config(&good)?;
-        if let Err(e) = self.sh_ok("systemctl reload tokend") {
+        if let Err(e) = self.systemctl("reload tokend") {
             problems.push(format!("reloading the fixed configuration: {e}"));
         }
         ensure!(
@@ -742,9 +757,9 @@ impl<'a> Release<'a> {
         // Each check starts from a clean slate: a start limit an earlier
         // check ran into would hide this one's outcome.
         self.sh_ok(
-            "systemctl daemon-reload && systemctl reset-failed tokend.service tokend.socket; \
-             systemctl restart tokend.service",
+            "systemctl daemon-reload && systemctl reset-failed tokend.service tokend.socket",
         )?;
+        self.systemctl("restart tokend.service")?;
         let shown = self.show("WatchdogUSec")?;
         ensure!(
             shown.iter().any(|(_, v)| v == &format!("{WATCHDOG_SEC}s")),
@@ -794,7 +809,7 @@ impl<'a> Release<'a> {
     fn stop(&self) -> Outcome {
         let pid = self.main_pid()?;
         let cursor = self.container.journal_cursor();
-        self.sh_ok("systemctl stop tokend.service tokend.socket")?;
+        self.systemctl("stop tokend.service tokend.socket")?;
         let alive = self.sh(&format!("test -d /proc/{pid}"));
         ensure!(alive.code != Some(0), "pid {pid} is still there after stop");
         let left = self.sh("pgrep -u tokend -a");
@@ -843,7 +858,8 @@ impl<'a> Release<'a> {
     fn socket_group_while_masked(&self) -> Outcome {
         let daemon = "socket_mode = \"0660\"\nsocket_group = \"tokend\"\n";
         self.write_config(&self.config(daemon, &[self.payments_key(), self.cards_key()]))?;
-        self.sh_ok("systemctl reset-failed tokend.service; systemctl start tokend.service")?;
+        self.sh_ok("systemctl reset-failed tokend.service")?;
+        self.systemctl("start tokend.service")?;
         let socket = self.sh_ok(&format!("stat -c '%A %U %G' {SOCKET}"))?;
         ensure!(
             socket.stdout.trim() == "srw-rw---- tokend tokend",
@@ -853,7 +869,7 @@ impl<'a> Release<'a> {
         let answer = self.socat_get("alice", "payments")?;
         ensure!(answer["ok"] == true, "socat as alice: {answer}");
         let token = self.token_as("alice", "payments")?;
-        self.sh_ok("systemctl stop tokend.service")?;
+        self.systemctl("stop tokend.service")?;
         let left = self.sh(&format!("test -e {SOCKET}"));
         ensure!(left.code != Some(0), "{SOCKET} is left after stop");
         Ok(format!(
