@@ -19,7 +19,7 @@
 use std::io::Read;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::cli::Ran;
@@ -48,12 +48,17 @@ const ENV: [(&str, &str); 5] = [
     ("SYSTEMD_COLORS", "0"),
 ];
 
+/// Held by the container that is up: nspawn without a host systemd puts
+/// every container in the same cgroup, so two at once would collide.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
 /// One booted container.
 pub struct Container {
     nspawn: Option<Child>,
     /// The host pid of the container's PID 1 (systemd).
     leader: i32,
     console: Arc<Mutex<String>>,
+    _turn: MutexGuard<'static, ()>,
 }
 
 impl Container {
@@ -62,6 +67,8 @@ impl Container {
     /// nspawn's output; a boot that ends `degraded` is up, and the failed
     /// units are printed.
     pub fn boot(root: &Path, share: &Path) -> Result<Container, String> {
+        // A container that a panicking test dropped is powered off already.
+        let turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
         let mut command = Command::new("systemd-nspawn");
         command
             // A host without systemd has a hybrid or v1 cgroup tree; the
@@ -110,6 +117,7 @@ impl Container {
             nspawn: Some(nspawn),
             leader: 0,
             console,
+            _turn: turn,
         };
         let deadline = Instant::now() + BOOT_PATIENCE;
         container.leader = container.find_leader(deadline)?;
