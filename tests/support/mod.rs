@@ -1,11 +1,13 @@
 //! Test support: the loopback issuer, the oidc-provider server, the
-//! daemon harness and its systemd counterpart.
+//! daemon harness, its systemd counterpart, and containers booting a real
+//! systemd.
 #![allow(dead_code, unreachable_pub)]
 
 pub mod cli;
 pub mod daemon;
 pub mod foreign;
 pub mod issuer;
+pub mod nspawn;
 pub mod oidc;
 pub mod systemd;
 

@@ -1,0 +1,924 @@
+//! tokend's Debian package under a real systemd, checked from outside as
+//! an operator would: Debian 12 (bookworm, systemd 252), then Debian 13
+//! (trixie, systemd 257), each booted with systemd as PID 1 under
+//! `systemd-nspawn` (tests/support/nspawn.rs) from a root that
+//! `scripts/nspawn-root` builds and caches.
+//!
+//! One test, so the two releases run one after the other (nspawn without a
+//! host systemd puts every container in the same cgroup). For each release
+//! the package built from this tree is installed, configured the way
+//! tokend(8) recommends (the secret as a systemd credential) against the
+//! loopback issuer the test runs on the host (the container shares the
+//! host's network), and put through the checks below; each prints one line,
+//! `real-systemd SUITE: CHECK ... ok` or `... FAILED` with the reason, and a
+//! failing check does not stop the others. The test fails at the end with
+//! every failure listed. Secrets and tokens are never printed: answers and
+//! journals shown on failure carry fingerprints in their place.
+//!
+//! Where containers cannot boot (not root, no systemd-nspawn, no
+//! CAP_SYS_ADMIN, no root could be built) the test prints
+//! `real-systemd: skipped: REASON` and passes, unless `CI=true`, where
+//! that is a failure.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::cli::Ran;
+use support::daemon::{fingerprint, Answer};
+use support::issuer::{ClientSpec, Dialect, Issuer};
+use support::nspawn::Container;
+
+const REPO: &str = env!("CARGO_MANIFEST_DIR");
+const SUITES: [&str; 2] = ["bookworm", "trixie"];
+
+const PAYMENTS_SECRET: &str = "real-systemd-payments-secret-3170";
+const CARDS_SECRET: &str = "real-systemd-cards-secret-8825";
+
+const UNITS: [&str; 2] = ["tokend.service", "tokend.socket"];
+const CONFIG: &str = "/etc/tokend/tokend.toml";
+const SOCKET: &str = "/run/tokend/tokend.sock";
+/// Where the operator keeps the payments secret for `LoadCredential=`.
+const CREDENTIAL: &str = "/etc/tokend/credentials/payments";
+/// A plain secret file, for the key a reload adds: a credential only
+/// changes when the service starts.
+const CARDS_SECRET_FILE: &str = "/etc/tokend/cards.secret";
+const WATCHDOG_DROP_IN: &str = "/etc/systemd/system/tokend.service.d/test-watchdog.conf";
+
+/// The watchdog interval the watchdog check lowers `WatchdogSec=` to.
+const WATCHDOG_SEC: u64 = 4;
+/// What `systemd-analyze security` may rate the running service at most.
+const EXPOSURE_LIMIT: f64 = 1.2;
+/// How long a state the checks wait for may take to arrive.
+const PATIENCE: Duration = Duration::from_secs(30);
+
+/// A check's outcome: a note for its line, or why it failed.
+type Outcome = Result<String, String>;
+
+/// Returns early from a check with the formatted reason unless `cond`.
+macro_rules! ensure {
+    ($cond:expr, $($reason:tt)+) => {
+        if !$cond {
+            return Err(format!($($reason)+));
+        }
+    };
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_systemd_bookworm_then_trixie() {
+    // In CI the machine is set up for this: not booting is a failure there.
+    let strict = std::env::var("CI").is_ok_and(|v| v == "true");
+    let mut failures: Vec<String> = Vec::new();
+    if let Some(reason) = cannot_boot_here() {
+        unable(strict, &mut failures, reason);
+        assert!(failures.is_empty(), "real-systemd: {failures:?}");
+        return;
+    }
+
+    let issuer = Issuer::start(vec![
+        ClientSpec::checkout("payments", PAYMENTS_SECRET, &[]),
+        ClientSpec::checkout("cards", CARDS_SECRET, &[]),
+    ])
+    .await;
+    let debs = tempfile::tempdir().expect("dir");
+    let deb = build_deb(debs.path());
+
+    let mut ran = Vec::new();
+    for suite in SUITES {
+        let root = match nspawn_root(suite) {
+            Ok(root) => root,
+            Err(reason) => {
+                unable(strict, &mut failures, format!("{suite}: {reason}"));
+                continue;
+            }
+        };
+        let share = tempfile::tempdir().expect("dir");
+        std::fs::copy(&deb, share.path().join("tokend.deb")).expect("copy the .deb");
+        let booted = Instant::now();
+        let container = match Container::boot(&root, share.path()) {
+            Ok(container) => container,
+            Err(reason) => {
+                unable(strict, &mut failures, format!("{suite}: {reason}"));
+                continue;
+            }
+        };
+        eprintln!(
+            "real-systemd {suite}: booted {} in {:.1} s",
+            root.display(),
+            booted.elapsed().as_secs_f64()
+        );
+        let mut release = Release {
+            suite,
+            container: &container,
+            share: share.path(),
+            issuer: &issuer,
+            failures: Vec::new(),
+        };
+        release.run_checks();
+        let Release {
+            failures: found, ..
+        } = release;
+        if !found.is_empty() {
+            let journal = container.journal(&UNITS);
+            eprintln!(
+                "---- {suite}: journalctl -u tokend.service -u tokend.socket ----\n{}\
+                 ---- end of {suite}'s journal ----",
+                redact(&journal, &issuer)
+            );
+        }
+        if let Err(e) = container.poweroff() {
+            failures.push(format!("{suite}: {e}"));
+        }
+        failures.extend(found.into_iter().map(|f| format!("{suite}: {f}")));
+        ran.push(suite);
+    }
+
+    eprintln!(
+        "real-systemd: {} release(s) checked ({}), {} failure(s)",
+        ran.len(),
+        ran.join(", "),
+        failures.len()
+    );
+    // The reasons in full are above, under each check's line.
+    let listed: Vec<&str> = failures
+        .iter()
+        .map(|f| f.lines().next().unwrap_or_default())
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "real-systemd: {} check(s) failed:\n{}",
+        failures.len(),
+        listed.join("\n")
+    );
+}
+
+/// Reports that containers cannot boot: a skip, or with `strict` (CI) a
+/// failure.
+fn unable(strict: bool, failures: &mut Vec<String>, reason: String) {
+    if strict {
+        eprintln!("real-systemd: cannot boot (a failure, as CI=true): {reason}");
+        failures.push(format!("cannot boot: {reason}"));
+    } else {
+        eprintln!("real-systemd: skipped: {reason}");
+    }
+}
+
+/// Why no container can boot on this machine, if so.
+fn cannot_boot_here() -> Option<String> {
+    if nix::unistd::getuid().as_raw() != 0 {
+        return Some("not root (scripts/test runs the tests as root)".into());
+    }
+    for (tool, package) in [
+        ("systemd-nspawn", "systemd-container"),
+        ("nsenter", "util-linux"),
+        ("debootstrap", "debootstrap"),
+    ] {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !found {
+            return Some(format!(
+                "{tool} is missing (apt-get install --no-install-recommends {package})"
+            ));
+        }
+    }
+    // CAP_SYS_ADMIN is bit 21 of the effective set.
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let effective = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .unwrap_or(0);
+    if effective & (1 << 21) == 0 {
+        return Some("no CAP_SYS_ADMIN".into());
+    }
+    if !Path::new("/sys/fs/cgroup").is_dir() {
+        return Some("no cgroup file system at /sys/fs/cgroup".into());
+    }
+    None
+}
+
+/// The cached root for `suite`, built by `scripts/nspawn-root` if missing.
+fn nspawn_root(suite: &str) -> Result<PathBuf, String> {
+    let out = Command::new(Path::new(REPO).join("scripts/nspawn-root"))
+        .arg(suite)
+        .output()
+        .map_err(|e| format!("failed to run scripts/nspawn-root: {e}"))?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprint!("{stderr}");
+    if !out.status.success() {
+        return Err(format!(
+            "scripts/nspawn-root {suite} failed ({}): {}",
+            out.status,
+            stderr.trim()
+        ));
+    }
+    Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+}
+
+/// The package, from the binary this test run built (as tests/systemd.rs
+/// builds it: a release build would take minutes).
+fn build_deb(dir: &Path) -> PathBuf {
+    let out = Command::new("cargo")
+        .args([
+            "deb",
+            "--no-build",
+            "--profile",
+            "dev",
+            "--fast",
+            "--output",
+        ])
+        .arg(dir)
+        .current_dir(REPO)
+        .output()
+        .expect("run cargo deb (scripts/test installs cargo-deb)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "cargo deb failed:\n{text}");
+    std::fs::read_dir(dir)
+        .expect("read output")
+        .filter_map(|e| Some(e.ok()?.path()))
+        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+        .unwrap_or_else(|| panic!("no .deb in cargo deb's output:\n{text}"))
+}
+
+/// Every string the journal must not hold: the client secrets and every
+/// token the issuer handed out so far.
+fn secrets(issuer: &Issuer) -> Vec<String> {
+    let mut all = vec![PAYMENTS_SECRET.to_owned(), CARDS_SECRET.to_owned()];
+    all.extend(issuer.issued_tokens());
+    all
+}
+
+/// `text` with each secret and token replaced by its fingerprint.
+fn redact(text: &str, issuer: &Issuer) -> String {
+    secrets(issuer)
+        .iter()
+        .fold(text.to_owned(), |text, secret| {
+            text.replace(secret, &format!("[secret {}]", fingerprint(secret)))
+        })
+}
+
+/// `ran` if it exited 0, else a reason naming `what`.
+fn succeeded(ran: Ran, what: &str) -> Result<Ran, String> {
+    if ran.code == Some(0) {
+        Ok(ran)
+    } else {
+        Err(format!("{what} failed: {ran:?}"))
+    }
+}
+
+/// The value of `name:` in a /proc/PID/status text.
+fn status_field<'t>(status: &'t str, name: &str) -> Option<&'t str> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+        .map(str::trim)
+}
+
+/// `FILE:LINE:COL` for `line` of `file` somewhere in `text`.
+fn names_location(text: &str, file: &str, line: usize) -> bool {
+    let at = format!("{file}:{line}:");
+    text.match_indices(&at).any(|(i, _)| {
+        text[i + at.len()..]
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_digit())
+    })
+}
+
+/// One release's run: its container, and the failures found so far.
+struct Release<'a> {
+    suite: &'static str,
+    container: &'a Container,
+    share: &'a Path,
+    issuer: &'a Issuer,
+    failures: Vec<String>,
+}
+
+impl<'a> Release<'a> {
+    fn run_checks(&mut self) {
+        if !self.check("install and enable", Self::install_and_enable) {
+            eprintln!(
+                "real-systemd {}: the other checks are skipped: the package is not installed",
+                self.suite
+            );
+            return;
+        }
+        self.check("loadcredential secret", Self::loadcredential_secret);
+        self.check("three callers", Self::three_callers);
+        self.check("hardening in effect", Self::hardening_in_effect);
+        self.check("reload keeping tokens", Self::reload_keeping_tokens);
+        self.check(
+            "broken reload refused and reported",
+            Self::broken_reload_refused,
+        );
+        self.check("journald fields", Self::journald_fields);
+        self.check("watchdog restart", Self::watchdog_restart);
+        self.check("stop", Self::stop);
+        self.check(
+            "socket_group without tokend.socket",
+            Self::socket_group_without_socket_unit,
+        );
+        self.check("purge", Self::purge);
+        self.check("no secret or token in the journal", Self::journal_clean);
+    }
+
+    /// Runs one check and prints its line; records a failure.
+    fn check(&mut self, name: &str, body: fn(&Self) -> Outcome) -> bool {
+        let started = Instant::now();
+        let outcome = body(self);
+        let took = started.elapsed().as_secs_f64();
+        match outcome {
+            Ok(note) => {
+                let note = if note.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {note}")
+                };
+                eprintln!(
+                    "real-systemd {}: {name} ... ok ({took:.1} s){note}",
+                    self.suite
+                );
+                true
+            }
+            Err(reason) => {
+                let reason = redact(&reason, self.issuer);
+                eprintln!(
+                    "real-systemd {}: {name} ... FAILED ({took:.1} s)\n    {}",
+                    self.suite,
+                    reason.trim_end().replace('\n', "\n    ")
+                );
+                self.failures.push(format!("{name}: {reason}"));
+                false
+            }
+        }
+    }
+
+    fn sh(&self, script: &str) -> Ran {
+        self.container.sh(script)
+    }
+
+    /// `script` as root, which must exit 0.
+    fn sh_ok(&self, script: &str) -> Result<Ran, String> {
+        succeeded(self.sh(script), script)
+    }
+
+    /// `systemctl ARGS`, which must exit 0; if it does not, the reason
+    /// comes with what the units logged meanwhile (why a start failed is
+    /// in the journal, not in systemctl's output).
+    fn systemctl(&self, args: &str) -> Result<Ran, String> {
+        let cursor = self.container.journal_cursor();
+        succeeded(
+            self.sh(&format!("systemctl {args}")),
+            &format!("systemctl {args}"),
+        )
+        .map_err(|e| {
+            let journal = self.container.journal_after(&UNITS, Some(&cursor));
+            format!("{e}\nthe journal meanwhile:\n{journal}")
+        })
+    }
+
+    /// Puts `text` at `path` in the container with the mode and owner
+    /// given, through the shared directory, so that no secret is ever on
+    /// a command line.
+    fn install_file(&self, path: &str, text: &str, mode: &str, owner: &str) -> Result<(), String> {
+        let staged = self.share.join("staged");
+        std::fs::write(&staged, text).map_err(|e| format!("write {}: {e}", staged.display()))?;
+        let result = self.sh_ok(&format!(
+            "install -m {mode} -o {owner} -g {owner} /share/staged {path}"
+        ));
+        let _ = std::fs::remove_file(&staged);
+        result.map(drop)
+    }
+
+    fn write_config(&self, text: &str) -> Result<(), String> {
+        self.install_file(CONFIG, text, "0600", "tokend")
+    }
+
+    /// The configuration: a `[daemon]` table with `daemon` added, and the
+    /// key tables `keys`.
+    fn config(&self, daemon: &str, keys: &[String]) -> String {
+        format!("[daemon]\nsocket = {SOCKET:?}\n{daemon}\n{}", keys.concat())
+    }
+
+    /// Key payments as tokend(8) recommends: its secret is the credential
+    /// tokend.service's `LoadCredential=secret:/etc/tokend/credentials`
+    /// loads from /etc/tokend/credentials/payments.
+    fn payments_key(&self) -> String {
+        format!(
+            "[keys.payments]\ntoken_url = {:?}\nclient_id = \"payments\"\n\
+             client_secret_credential = \"payments\"\nallow_users = [\"alice\"]\n\
+             prefetch = [[]]\n\n",
+            self.issuer.token_url(Dialect::Checkout)
+        )
+    }
+
+    /// Key cards, which a reload adds: its secret in a plain file tokend
+    /// reads itself.
+    fn cards_key(&self) -> String {
+        format!(
+            "[keys.cards]\ntoken_url = {:?}\nclient_id = \"cards\"\n\
+             client_secret_file = {CARDS_SECRET_FILE:?}\nallow_users = [\"alice\"]\n\n",
+            self.issuer.token_url(Dialect::Checkout)
+        )
+    }
+
+    /// `tokend get KEY` as `user`: the token, which must be one the
+    /// issuer handed out. Never printed.
+    fn token_as(&self, user: &str, key: &str) -> Result<String, String> {
+        let ran = succeeded(
+            self.container.run_as(user, &format!("tokend get {key}")),
+            &format!("tokend get {key} as {user}"),
+        )?;
+        let token = ran.stdout.trim().to_owned();
+        ensure!(
+            self.issuer.issued_tokens().contains(&token),
+            "tokend get {key} as {user} printed something the issuer never issued ({} bytes)",
+            token.len()
+        );
+        Ok(token)
+    }
+
+    /// The raw protocol answer to a get for `key`, asked by `user` through
+    /// socat: the socket as any client sees it, without tokend's own.
+    fn socat_get(&self, user: &str, key: &str) -> Result<Answer, String> {
+        // -t: wait that long for the answer after our side is done sending.
+        let ran = self.container.run_as(
+            user,
+            &format!(
+                "echo '{{\"op\":\"get\",\"key\":\"{key}\"}}' | socat -t 30 - UNIX-CONNECT:{SOCKET}"
+            ),
+        );
+        let line = ran.stdout.lines().next().unwrap_or_default();
+        serde_json::from_str::<Value>(line)
+            .map(Answer)
+            .map_err(|e| format!("socat get {key} as {user}: no JSON answer ({e}): {ran:?}"))
+    }
+
+    fn main_pid(&self) -> Result<u32, String> {
+        let ran = self.sh_ok("systemctl show --property=MainPID --value tokend.service")?;
+        match ran.stdout.trim().parse() {
+            Ok(0) | Err(_) => Err(format!(
+                "tokend.service has no main process: {}",
+                self.sh("systemctl status --no-pager --lines=0 tokend.service")
+                    .stdout
+                    .trim()
+            )),
+            Ok(pid) => Ok(pid),
+        }
+    }
+
+    /// `systemctl show` properties of tokend.service, as name=value pairs.
+    fn show(&self, properties: &str) -> Result<Vec<(String, String)>, String> {
+        let ran = self.sh_ok(&format!(
+            "systemctl show --property={properties} tokend.service"
+        ))?;
+        Ok(ran
+            .stdout
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect())
+    }
+
+    fn install_and_enable(&self) -> Outcome {
+        self.sh_ok("dpkg -i /share/tokend.deb")?;
+        let enabled = self.sh("systemctl is-enabled tokend.socket tokend.service");
+        ensure!(
+            enabled.code == Some(0) && enabled.stdout.split_whitespace().eq(["enabled", "enabled"]),
+            "systemctl is-enabled tokend.socket tokend.service: {enabled:?}"
+        );
+        let user = self.sh_ok("getent passwd tokend")?;
+        ensure!(
+            user.stdout.starts_with("tokend:"),
+            "no tokend user: {user:?}"
+        );
+        for (path, expected) in [
+            (CONFIG, "600 tokend"),
+            ("/etc/tokend/credentials", "700 root"),
+        ] {
+            let shown = self.sh_ok(&format!("stat -c '%a %U' {path}"))?;
+            ensure!(
+                shown.stdout.trim() == expected,
+                "{path} is {}, not {expected}",
+                shown.stdout.trim()
+            );
+        }
+        // The operator lets the callers that need the socket connect.
+        self.sh_ok("usermod -a -G tokend alice && usermod -a -G tokend bob")?;
+        Ok(String::new())
+    }
+
+    fn loadcredential_secret(&self) -> Outcome {
+        self.install_file(CREDENTIAL, &format!("{PAYMENTS_SECRET}\n"), "0600", "root")?;
+        self.write_config(&self.config("", &[self.payments_key()]))?;
+        // The package started the service with its example config.
+        self.systemctl("stop tokend.service")?;
+
+        let check = format!("tokend check --config {CONFIG}");
+        self.sh_ok(&check)
+            .map_err(|e| format!("with the service stopped: {e}"))?;
+        self.systemctl("start tokend.service")?;
+        if self.suite == "trixie" {
+            // systemd 257 hands credentials over as 0440 with an ACL for
+            // the service's user: show it in the log.
+            let path = "/run/credentials/tokend.service/secret_payments";
+            let shown = self.sh(&format!("stat -c '%A %U:%G %n' {path}; getfacl -p {path}"));
+            eprintln!(
+                "real-systemd {}: {}{}",
+                self.suite,
+                shown.stdout.trim_end().replace('\n', "\n    "),
+                shown.stderr
+            );
+        }
+        let token = self.token_as("alice", "payments")?;
+        self.sh_ok(&check)
+            .map_err(|e| format!("with the service running: {e}"))?;
+        Ok(format!("token {}", fingerprint(&token)))
+    }
+
+    fn three_callers(&self) -> Outcome {
+        // alice: in group tokend and on the key's allow list.
+        let token = self.token_as("alice", "payments")?;
+        let answer = self.socat_get("alice", "payments")?;
+        ensure!(
+            answer["ok"] == true && answer["access_token"].as_str() == Some(token.as_str()),
+            "socat as alice got {answer}, tokend get token {}",
+            fingerprint(&token)
+        );
+
+        // bob: may connect, but is not on the allow list.
+        let bob = self.container.run_as("bob", "tokend get payments");
+        ensure!(
+            bob.code == Some(1) && bob.stdout.is_empty(),
+            "tokend get payments as bob should exit 1: {bob:?}"
+        );
+        let answer = self.socat_get("bob", "payments")?;
+        ensure!(
+            answer["ok"] == false && answer["error"]["code"] == "forbidden",
+            "socat as bob: {answer}"
+        );
+
+        // carol: not in group tokend, so the socket's mode keeps her out.
+        let carol = self.container.run_as("carol", "tokend get payments");
+        ensure!(
+            carol.code == Some(3) && carol.stderr.contains("Permission denied"),
+            "tokend get payments as carol should exit 3 with permission denied: {carol:?}"
+        );
+        let socat = self.container.run_as(
+            "carol",
+            &format!("echo '{{}}' | socat - UNIX-CONNECT:{SOCKET}"),
+        );
+        ensure!(
+            socat.code != Some(0) && socat.stderr.contains("Permission denied"),
+            "socat as carol should be refused: {socat:?}"
+        );
+        Ok(format!(
+            "alice token {}, bob forbidden, carol permission denied",
+            fingerprint(&token)
+        ))
+    }
+
+    fn hardening_in_effect(&self) -> Outcome {
+        let pid = self.main_pid()?;
+        let status = self.sh_ok(&format!("cat /proc/{pid}/status"))?.stdout;
+        let init = self.sh_ok("cat /proc/1/status")?.stdout;
+        let field = |name: &str| {
+            status_field(&status, name).ok_or_else(|| format!("no {name} in /proc/{pid}/status"))
+        };
+
+        let tokend_uid = self.sh_ok("id -u tokend")?.stdout.trim().to_owned();
+        let uids: Vec<&str> = field("Uid")?.split_whitespace().collect();
+        ensure!(
+            uids.iter().all(|u| *u == tokend_uid),
+            "Uid: {uids:?}, tokend is {tokend_uid}"
+        );
+        ensure!(
+            field("NoNewPrivs")? == "1",
+            "NoNewPrivs: {}",
+            field("NoNewPrivs")?
+        );
+        for caps in ["CapEff", "CapPrm", "CapBnd", "CapAmb"] {
+            let value = field(caps)?;
+            ensure!(value == "0000000000000000", "{caps}: {value}");
+        }
+        // Every process here runs under nspawn's own filters; the unit's
+        // filter comes on top of those.
+        let filters =
+            |text: &str| status_field(text, "Seccomp_filters").and_then(|n| n.parse::<u32>().ok());
+        let (Some(own), Some(inherited)) = (filters(&status), filters(&init)) else {
+            return Err("no Seccomp_filters in /proc/PID/status (kernel older than 5.9?)".into());
+        };
+        ensure!(
+            own > inherited,
+            "tokend has {own} seccomp filters, PID 1 {inherited}: the unit's filter is not applied"
+        );
+
+        let analyze = self.sh_ok("systemd-analyze security --no-pager tokend.service")?;
+        let overall = analyze
+            .stdout
+            .lines()
+            .find(|l| l.contains("Overall exposure level"))
+            .ok_or_else(|| format!("no exposure level: {analyze:?}"))?;
+        let score: f64 = overall
+            .split(':')
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(|| format!("unreadable exposure level: {overall}"))?;
+        let overall = overall.trim_start_matches('→').trim();
+        if score > EXPOSURE_LIMIT {
+            return Err(format!("{overall}: above {EXPOSURE_LIMIT}"));
+        }
+        Ok(format!(
+            "uid {tokend_uid}, no capabilities, NoNewPrivs, seccomp filters {own} > {inherited}; {overall}"
+        ))
+    }
+
+    fn reload_keeping_tokens(&self) -> Outcome {
+        let before = self.token_as("alice", "payments")?;
+        self.install_file(
+            CARDS_SECRET_FILE,
+            &format!("{CARDS_SECRET}\n"),
+            "0600",
+            "tokend",
+        )?;
+        self.write_config(&self.config("", &[self.payments_key(), self.cards_key()]))?;
+        self.systemctl("reload tokend")?;
+        let cards = self.token_as("alice", "cards")?;
+        let after = self.token_as("alice", "payments")?;
+        ensure!(
+            after == before,
+            "payments' token changed across the reload: {} then {}",
+            fingerprint(&before),
+            fingerprint(&after)
+        );
+        Ok(format!(
+            "cards served ({}), payments kept {}",
+            fingerprint(&cards),
+            fingerprint(&after)
+        ))
+    }
+
+    fn broken_reload_refused(&self) -> Outcome {
+        let good = self.config("", &[self.payments_key(), self.cards_key()]);
+        let before = self.token_as("alice", "payments")?;
+        // A field tokend does not know, on the file's last line.
+        let broken = format!("{good}no_such_setting = true\n");
+        let line = broken.lines().count();
+        self.write_config(&broken)?;
+        let cursor = self.container.journal_cursor();
+        let reload = self.sh("systemctl reload tokend");
+        let journal = self.container.journal_after(&UNITS, Some(&cursor));
+
+        let mut problems = Vec::new();
+        if reload.code == Some(0) {
+            problems.push("systemctl reload exited 0 on a broken configuration".to_owned());
+        }
+        let told = format!("{}{}", reload.stdout, reload.stderr);
+        if !names_location(&told, CONFIG, line) && !names_location(&journal, CONFIG, line) {
+            problems.push(format!(
+                "neither systemctl reload's output nor the journal names {CONFIG}:{line}:COL"
+            ));
+        }
+        // The old configuration keeps serving, tokens and all.
+        match self.token_as("alice", "payments") {
+            Ok(after) if after == before => {}
+            Ok(after) => problems.push(format!(
+                "payments' token changed: {} then {}",
+                fingerprint(&before),
+                fingerprint(&after)
+            )),
+            Err(e) => problems.push(format!("after the refused reload: {e}")),
+        }
+        if let Err(e) = self.token_as("alice", "cards") {
+            problems.push(format!("after the refused reload: {e}"));
+        }
+
+        // Fixed again for the checks that follow.
+        self.write_config(&good)?;
+        if let Err(e) = self.systemctl("reload tokend") {
+            problems.push(format!("reloading the fixed configuration: {e}"));
+        }
+        ensure!(
+            problems.is_empty(),
+            "{}\nsystemctl reload: {reload:?}\njournal since:\n{journal}",
+            problems.join("\n")
+        );
+        let reason = journal
+            .lines()
+            .chain(told.lines())
+            .find(|l| names_location(l, CONFIG, line))
+            .unwrap_or_default();
+        Ok(format!("exit {:?}; {}", reload.code, reason.trim()))
+    }
+
+    fn journald_fields(&self) -> Outcome {
+        let ran = self
+            .sh_ok("journalctl --sync && journalctl -u tokend KEY=payments -o json --no-pager")?;
+        let mut entries = 0;
+        for line in ran.stdout.lines().filter(|l| !l.trim().is_empty()) {
+            let entry: Value =
+                serde_json::from_str(line).map_err(|e| format!("not JSON ({e}): {line}"))?;
+            ensure!(
+                entry["KEY"] == "payments",
+                "an entry without KEY=payments: {}",
+                entry["MESSAGE"]
+            );
+            entries += 1;
+        }
+        ensure!(entries > 0, "no journal entry with KEY=payments");
+        Ok(format!("{entries} entries with KEY=payments"))
+    }
+
+    fn watchdog_restart(&self) -> Outcome {
+        self.sh_ok("mkdir -p /etc/systemd/system/tokend.service.d")?;
+        self.install_file(
+            WATCHDOG_DROP_IN,
+            &format!("[Service]\nWatchdogSec={WATCHDOG_SEC}s\n"),
+            "0644",
+            "root",
+        )?;
+        let result = self.watchdog_restart_with_drop_in();
+        self.sh_ok(&format!(
+            "rm -f {WATCHDOG_DROP_IN} && systemctl daemon-reload"
+        ))?;
+        result
+    }
+
+    fn watchdog_restart_with_drop_in(&self) -> Outcome {
+        // Each check starts from a clean slate: a start limit an earlier
+        // check ran into would hide this one's outcome.
+        self.sh_ok(
+            "systemctl daemon-reload && systemctl reset-failed tokend.service tokend.socket",
+        )?;
+        self.systemctl("restart tokend.service")?;
+        let shown = self.show("WatchdogUSec")?;
+        ensure!(
+            shown.iter().any(|(_, v)| v == &format!("{WATCHDOG_SEC}s")),
+            "the drop-in did not take: {shown:?}"
+        );
+        let restarts = |props: &[(String, String)]| {
+            props
+                .iter()
+                .find(|(k, _)| k == "NRestarts")
+                .and_then(|(_, v)| v.parse::<u32>().ok())
+        };
+        let pid = self.main_pid()?;
+        let before = restarts(&self.show("NRestarts")?).ok_or("no NRestarts")?;
+
+        self.sh_ok(&format!("kill -STOP {pid}"))?;
+        let stopped = Instant::now();
+        let deadline = stopped + PATIENCE;
+        let (new_pid, after) = loop {
+            let props = self.show("MainPID,NRestarts,ActiveState")?;
+            let main: u32 = props
+                .iter()
+                .find(|(k, _)| k == "MainPID")
+                .and_then(|(_, v)| v.parse().ok())
+                .unwrap_or(0);
+            let count = restarts(&props).unwrap_or(before);
+            let active = props
+                .iter()
+                .any(|(k, v)| k == "ActiveState" && v == "active");
+            if main != 0 && main != pid && count > before && active {
+                break (main, count);
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "no restart within {PATIENCE:?} of SIGSTOP (WatchdogSec={WATCHDOG_SEC}s): {props:?}"
+            );
+            // systemctl show is the state to watch; it is cheap to ask.
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let took = stopped.elapsed().as_secs_f64();
+        let token = self.token_as("alice", "payments")?;
+        Ok(format!(
+            "pid {pid} stopped, pid {new_pid} serving after {took:.1} s, NRestarts {before} -> {after}, token {}",
+            fingerprint(&token)
+        ))
+    }
+
+    fn stop(&self) -> Outcome {
+        let pid = self.main_pid()?;
+        let cursor = self.container.journal_cursor();
+        self.systemctl("stop tokend.service tokend.socket")?;
+        let alive = self.sh(&format!("test -d /proc/{pid}"));
+        ensure!(alive.code != Some(0), "pid {pid} is still there after stop");
+        let left = self.sh("pgrep -u tokend -a");
+        ensure!(left.code != Some(0), "tokend's processes remain: {left:?}");
+        let shown = self.show("Result,ExecMainCode,ExecMainStatus")?;
+        let value = |name: &str| {
+            shown
+                .iter()
+                .find(|(k, _)| k == name)
+                .map_or("", |(_, v)| v.as_str())
+        };
+        // ExecMainCode 1 is CLD_EXITED: the process exited, not killed.
+        ensure!(
+            value("Result") == "success"
+                && value("ExecMainCode") == "1"
+                && value("ExecMainStatus") == "0",
+            "tokend.service did not exit cleanly: {shown:?}"
+        );
+        let journal = self.container.journal_after(&UNITS, Some(&cursor));
+        ensure!(
+            !journal.contains("Failed with result") && !journal.contains("Main process exited"),
+            "the journal reports a failure:\n{journal}"
+        );
+        let socket = self.sh(&format!("test -e {SOCKET}"));
+        ensure!(socket.code != Some(0), "{SOCKET} is left after stop");
+        let clean = journal
+            .lines()
+            .find(|l| l.contains("Deactivated successfully") || l.contains("Stopped"))
+            .unwrap_or_default();
+        Ok(clean
+            .split_once(": ")
+            .map_or("", |(_, m)| m)
+            .trim()
+            .to_owned())
+    }
+
+    fn socket_group_without_socket_unit(&self) -> Outcome {
+        self.sh_ok("systemctl mask --now tokend.socket")?;
+        let result = self.socket_group_while_masked();
+        let unmask = self.sh_ok("systemctl unmask tokend.socket");
+        let note = result?;
+        unmask?;
+        Ok(note)
+    }
+
+    fn socket_group_while_masked(&self) -> Outcome {
+        let daemon = "socket_mode = \"0660\"\nsocket_group = \"tokend\"\n";
+        self.write_config(&self.config(daemon, &[self.payments_key(), self.cards_key()]))?;
+        self.sh_ok("systemctl reset-failed tokend.service")?;
+        self.systemctl("start tokend.service")?;
+        let socket = self.sh_ok(&format!("stat -c '%A %U %G' {SOCKET}"))?;
+        ensure!(
+            socket.stdout.trim() == "srw-rw---- tokend tokend",
+            "{SOCKET} is {}, not srw-rw---- tokend tokend",
+            socket.stdout.trim()
+        );
+        let answer = self.socat_get("alice", "payments")?;
+        ensure!(answer["ok"] == true, "socat as alice: {answer}");
+        let token = self.token_as("alice", "payments")?;
+        self.systemctl("stop tokend.service")?;
+        let left = self.sh(&format!("test -e {SOCKET}"));
+        ensure!(left.code != Some(0), "{SOCKET} is left after stop");
+        Ok(format!(
+            "{}, token {}",
+            socket.stdout.trim(),
+            fingerprint(&token)
+        ))
+    }
+
+    fn purge(&self) -> Outcome {
+        self.sh_ok("dpkg --purge tokend")?;
+        let mut left = Vec::new();
+        for path in [
+            "/usr/bin/tokend",
+            "/usr/lib/systemd/system/tokend.service",
+            "/usr/lib/systemd/system/tokend.socket",
+            "/etc/systemd/system/multi-user.target.wants/tokend.service",
+            "/etc/systemd/system/sockets.target.wants/tokend.socket",
+            "/etc/tokend",
+        ] {
+            if self.sh(&format!("test -e {path}")).code == Some(0) {
+                left.push(path.to_owned());
+            }
+        }
+        // Names only: the files may be secrets.
+        let inside = self.sh("find /etc/tokend 2>/dev/null").stdout;
+        let units = self.sh("systemctl list-unit-files --no-legend 'tokend*'");
+        ensure!(
+            left.is_empty() && units.stdout.trim().is_empty(),
+            "left after purge: {left:?}\n{}unit files: {}",
+            inside,
+            units.stdout.trim()
+        );
+        Ok(String::new())
+    }
+
+    fn journal_clean(&self) -> Outcome {
+        let journal = self.sh_ok("journalctl --sync && journalctl -o export --no-pager")?;
+        let secrets = secrets(self.issuer);
+        let found: Vec<String> = secrets
+            .iter()
+            .filter(|s| journal.stdout.contains(s.as_str()))
+            .map(|s| fingerprint(s))
+            .collect();
+        ensure!(
+            found.is_empty(),
+            "the journal holds secrets or tokens with fingerprints {found:?}"
+        );
+        Ok(format!("{} secrets and tokens looked for", secrets.len()))
+    }
+}
