@@ -322,6 +322,10 @@ impl<'a> Release<'a> {
         );
         self.check("journald fields", Self::journald_fields);
         self.check("watchdog restart", Self::watchdog_restart);
+        self.check(
+            "unreadable secret keeps the socket up",
+            Self::unreadable_secret_keeps_the_socket_up,
+        );
         self.check("stop", Self::stop);
         self.check(
             "socket_group without tokend.socket",
@@ -807,6 +811,45 @@ impl<'a> Release<'a> {
         ))
     }
 
+    /// The credential's source is gone when tokend (re)starts: the other
+    /// key is still served, the missing one answers `unavailable` with the
+    /// reason, and neither unit fails (no restart loop, no start limit).
+    fn unreadable_secret_keeps_the_socket_up(&self) -> Outcome {
+        let stash = "/root/payments.moved";
+        self.sh_ok(&format!("mv /etc/tokend/credentials/payments {stash}"))?;
+        let cursor = self.container.journal_cursor();
+        let restarted = self.systemctl("restart tokend.service");
+        let journal = self.container.journal_after(&UNITS, Some(&cursor));
+        let cards = self.token_as("alice", "cards");
+        let payments = self.container.run_as("alice", "tokend get payments");
+        let active = self.sh("systemctl is-active tokend.service tokend.socket");
+        // Put back, and restart: credentials are copied at start.
+        self.sh_ok(&format!("mv {stash} /etc/tokend/credentials/payments"))?;
+        self.systemctl("restart tokend.service")?;
+        let back = self.token_as("alice", "payments")?;
+
+        restarted?;
+        let cards = cards?;
+        ensure!(
+            active.stdout.split_whitespace().collect::<Vec<_>>() == ["active", "active"],
+            "units not active: {}",
+            active.stdout.trim()
+        );
+        ensure!(
+            payments.code == Some(1) && payments.stderr.contains("client secret could not be read"),
+            "tokend get payments without its secret: {payments:?}"
+        );
+        ensure!(
+            journal.contains("key \"payments\" is unusable until a reload"),
+            "the journal does not say which key is unusable:\n{journal}"
+        );
+        Ok(format!(
+            "both units active, cards {}, payments unavailable with the reason, back as {} after a restart",
+            fingerprint(&cards),
+            fingerprint(&back)
+        ))
+    }
+
     fn stop(&self) -> Outcome {
         let pid = self.main_pid()?;
         let cursor = self.container.journal_cursor();
@@ -889,22 +932,26 @@ impl<'a> Release<'a> {
             "/usr/lib/systemd/system/tokend.socket",
             "/etc/systemd/system/multi-user.target.wants/tokend.service",
             "/etc/systemd/system/sockets.target.wants/tokend.socket",
-            "/etc/tokend",
+            "/etc/tokend/tokend.toml",
         ] {
             if self.sh(&format!("test -e {path}")).code == Some(0) {
                 left.push(path.to_owned());
             }
         }
-        // Names only: the files may be secrets.
-        let inside = self.sh("find /etc/tokend 2>/dev/null").stdout;
+        // What the operator put there is the operator's: purge leaves their
+        // secrets, and only them. Names only: the files are secrets.
+        let inside = self
+            .sh("find /etc/tokend -type f 2>/dev/null | sort")
+            .stdout;
+        let operators = format!("{CARDS_SECRET_FILE}\n/etc/tokend/credentials/payments");
         let units = self.sh("systemctl list-unit-files --no-legend 'tokend*'");
         ensure!(
-            left.is_empty() && units.stdout.trim().is_empty(),
-            "left after purge: {left:?}\n{}unit files: {}",
+            left.is_empty() && units.stdout.trim().is_empty() && inside.trim() == operators,
+            "left after purge: {left:?}\nfiles in /etc/tokend: {}unit files: {}",
             inside,
             units.stdout.trim()
         );
-        Ok(String::new())
+        Ok("the operator's two secret files are kept, nothing else".to_owned())
     }
 
     fn journal_clean(&self) -> Outcome {
