@@ -84,7 +84,7 @@ async fn real_systemd_bookworm_then_trixie() {
     ])
     .await;
     let debs = tempfile::tempdir().expect("dir");
-    let deb = build_deb(debs.path());
+    let deb = support::build_deb(debs.path());
 
     let mut ran = Vec::new();
     for suite in SUITES {
@@ -218,35 +218,6 @@ fn nspawn_root(suite: &str) -> Result<PathBuf, String> {
         ));
     }
     Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
-}
-
-/// The package, from the binary this test run built (as tests/systemd.rs
-/// builds it: a release build would take minutes).
-fn build_deb(dir: &Path) -> PathBuf {
-    let out = Command::new("cargo")
-        .args([
-            "deb",
-            "--no-build",
-            "--profile",
-            "dev",
-            "--fast",
-            "--output",
-        ])
-        .arg(dir)
-        .current_dir(REPO)
-        .output()
-        .expect("run cargo deb (scripts/test installs cargo-deb)");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "cargo deb failed:\n{text}");
-    std::fs::read_dir(dir)
-        .expect("read output")
-        .filter_map(|e| Some(e.ok()?.path()))
-        .find(|p| p.extension().is_some_and(|e| e == "deb"))
-        .unwrap_or_else(|| panic!("no .deb in cargo deb's output:\n{text}"))
 }
 
 /// Every string the journal must not hold: the client secrets and every

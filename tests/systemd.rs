@@ -547,26 +547,8 @@ fn the_debian_package_installs_checks_and_purges_cleanly() {
         "a tokend package is already installed here; this test will not replace it"
     );
 
-    // The binary the tests built: a release build would take minutes, and
-    // cargo-deb accepts the dev profile with a warning.
     let out = tempfile::tempdir().expect("dir");
-    let (built, text) = run(Command::new("cargo")
-        .args([
-            "deb",
-            "--no-build",
-            "--profile",
-            "dev",
-            "--fast",
-            "--output",
-        ])
-        .arg(out.path())
-        .current_dir(REPO));
-    assert!(built, "cargo deb failed:\n{text}");
-    let deb = std::fs::read_dir(out.path())
-        .expect("read output")
-        .filter_map(|e| Some(e.ok()?.path()))
-        .find(|p| p.extension().is_some_and(|e| e == "deb"))
-        .unwrap_or_else(|| panic!("no .deb in the output:\n{text}"));
+    let deb = support::build_deb(out.path());
 
     let installed = Installed { purged: false };
     let (ok, text) = run(Command::new("dpkg").arg("-i").arg(&deb));

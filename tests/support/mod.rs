@@ -26,3 +26,33 @@ pub fn reap(child: Option<std::process::Child>, name: &str, output: impl FnOnce(
         );
     }
 }
+
+/// Builds the Debian package from the binary this test run built into
+/// `dir` and returns its path. The dev profile: a release build would take
+/// minutes, and cargo-deb accepts it with a warning.
+pub fn build_deb(dir: &std::path::Path) -> std::path::PathBuf {
+    let out = std::process::Command::new("cargo")
+        .args([
+            "deb",
+            "--no-build",
+            "--profile",
+            "dev",
+            "--fast",
+            "--output",
+        ])
+        .arg(dir)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("run cargo deb (scripts/test installs cargo-deb)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "cargo deb failed:\n{text}");
+    std::fs::read_dir(dir)
+        .expect("read output")
+        .filter_map(|e| Some(e.ok()?.path()))
+        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+        .unwrap_or_else(|| panic!("no .deb in cargo deb's output:\n{text}"))
+}
