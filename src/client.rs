@@ -19,6 +19,13 @@ const MAX_ANSWER: u64 = 1 << 20;
 pub enum ClientError {
     #[error("tokend is not running at {} ({source})", path.display())]
     NotRunning { path: PathBuf, source: io::Error },
+    /// The socket is there, but its mode keeps this caller out.
+    #[error(
+        "may not connect to tokend at {} ({source}); the socket's group (tokend under \
+         the shipped units) decides who may connect",
+        path.display()
+    )]
+    NotPermitted { path: PathBuf, source: io::Error },
     #[error("failed to talk to tokend at {}: {source}", path.display())]
     Io { path: PathBuf, source: io::Error },
     #[error("tokend at {} sent an answer that is not protocol v1", .0.display())]
@@ -108,6 +115,10 @@ fn exchange(socket: &Path, request: &str, timeout: Duration) -> Result<String, C
     };
     let mut stream = UnixStream::connect(socket).map_err(|source| match source.kind() {
         io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => ClientError::NotRunning {
+            path: socket.to_owned(),
+            source,
+        },
+        io::ErrorKind::PermissionDenied => ClientError::NotPermitted {
             path: socket.to_owned(),
             source,
         },
