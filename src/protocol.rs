@@ -264,20 +264,30 @@ pub fn encode(id: Option<&Value>, response: &Response) -> Zeroizing<Vec<u8>> {
     struct Failure<'a> {
         error: &'a ErrorBody,
     }
-    fn line<T: Serialize>(ok: bool, id: Option<&Value>, body: T) -> Zeroizing<Vec<u8>> {
+    /// `secret`: the line will hold a token.
+    fn line<T: Serialize>(
+        ok: bool,
+        id: Option<&Value>,
+        body: T,
+        secret: bool,
+    ) -> Zeroizing<Vec<u8>> {
         let envelope = Envelope { ok, id, body };
-        // Measured first, so the buffer is allocated once at its final
-        // size: a buffer that grows leaves copies of a token in freed
-        // memory, where the wipe on drop cannot reach them.
-        let mut size = ByteCount(0);
         let mut out = Zeroizing::new(Vec::new());
         // Every type here serialises to a JSON object with string keys;
         // serde_json can only fail on non-string map keys or a failing
         // Serialize impl, neither of which exists here.
-        let written = serde_json::to_writer(&mut size, &envelope).and_then(|()| {
-            out.reserve_exact(size.0 + 1);
+        let written = if secret {
+            // Measured first, so the buffer is allocated once at its final
+            // size: a buffer that grows leaves copies of the token in freed
+            // memory, where the wipe on drop cannot reach them.
+            let mut size = ByteCount(0);
+            serde_json::to_writer(&mut size, &envelope).and_then(|()| {
+                out.reserve_exact(size.0 + 1);
+                serde_json::to_writer(&mut *out, &envelope)
+            })
+        } else {
             serde_json::to_writer(&mut *out, &envelope)
-        });
+        };
         if written.is_err() {
             out.clear();
             out.extend_from_slice(
@@ -294,12 +304,13 @@ pub fn encode(id: Option<&Value>, response: &Response) -> Zeroizing<Vec<u8>> {
             Pong {
                 protocol: PROTOCOL_VERSION,
             },
+            false,
         ),
-        Response::Token(answer) => line(true, id, answer),
-        Response::Keys(keys) => line(true, id, Keys { keys }),
-        Response::Status(keys) => line(true, id, Keys { keys }),
-        Response::Reloaded { keys } => line(true, id, Reloaded { keys: *keys }),
-        Response::Error(error) => line(false, id, Failure { error }),
+        Response::Token(answer) => line(true, id, answer, true),
+        Response::Keys(keys) => line(true, id, Keys { keys }, false),
+        Response::Status(keys) => line(true, id, Keys { keys }, false),
+        Response::Reloaded { keys } => line(true, id, Reloaded { keys: *keys }, false),
+        Response::Error(error) => line(false, id, Failure { error }, false),
     }
 }
 
