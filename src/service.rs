@@ -128,14 +128,23 @@ impl Service {
             peer_pid = caller.pid,
             "reload asked over the socket"
         );
-        reloads.send(reply).await.map_err(|_| unavailable())?;
-        match outcome.await {
-            Ok(Ok(keys)) => Ok(keys),
-            Ok(Err(why)) => Err(ErrorBody::new(
+        // Neither queueing nor waiting outlives the shutdown deadline: the
+        // daemon stops running reloads once it is stopping.
+        let asked = async {
+            reloads.send(reply).await.ok()?;
+            outcome.await.ok()
+        };
+        let outcome = tokio::select! {
+            outcome = asked => outcome,
+            () = self.deadline.cancelled() => None,
+        };
+        match outcome {
+            Some(Ok(keys)) => Ok(keys),
+            Some(Err(why)) => Err(ErrorBody::new(
                 ErrorCode::ReloadFailed,
                 format!("reload refused, still serving the previous configuration: {why}"),
             )),
-            Err(_) => Err(unavailable()),
+            None => Err(unavailable()),
         }
     }
 
