@@ -340,28 +340,12 @@ fn retry_after(status: u16, headers: &HeaderMap) -> Option<Duration> {
     if let Ok(secs) = value.parse::<u64>() {
         return Some(Duration::from_secs(secs));
     }
-    let when = httpdate_to_system_time(value)?;
+    // Or an HTTP date (RFC 9110 10.2.3), in any of its three forms.
+    let when = httpdate::parse_http_date(value).ok()?;
     Some(
         when.duration_since(std::time::SystemTime::now())
             .unwrap_or_default(),
     )
-}
-
-/// `Retry-After` may also be an HTTP date (RFC 9110 10.2.3).
-fn httpdate_to_system_time(value: &str) -> Option<std::time::SystemTime> {
-    humantime::parse_rfc3339_weak(value).ok().or_else(|| {
-        // IMF-fixdate: "Sun, 06 Nov 1994 08:49:37 GMT"; humantime reads the
-        // same instant written as RFC 3339.
-        let parts: Vec<&str> = value.split_whitespace().collect();
-        let [_, day, month, year, time, "GMT"] = parts[..] else {
-            return None;
-        };
-        let months = [
-            "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-        ];
-        let month = months.iter().position(|m| *m == month)? + 1;
-        humantime::parse_rfc3339(&format!("{year}-{month:02}-{day:0>2}T{time}Z")).ok()
-    })
 }
 
 /// The fields of a token or error answer we read. Unknown fields are
@@ -796,10 +780,24 @@ mod tests {
         headers.insert(RETRY_AFTER, "5".parse().unwrap());
         assert_eq!(retry_after(429, &headers), Some(Duration::from_secs(5)));
         assert_eq!(retry_after(500, &headers), None);
-        headers.insert(
-            RETRY_AFTER,
-            "Sun, 06 Nov 1994 08:49:37 GMT".parse().unwrap(),
+        // The three HTTP-date forms of RFC 9110 5.6.7, all in the past.
+        for past in [
+            "Sun, 06 Nov 1994 08:49:37 GMT",
+            "Sunday, 06-Nov-94 08:49:37 GMT",
+            "Sun Nov  6 08:49:37 1994",
+        ] {
+            headers.insert(RETRY_AFTER, past.parse().unwrap());
+            assert_eq!(retry_after(503, &headers), Some(Duration::ZERO), "{past}");
+        }
+        let later =
+            httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(120));
+        headers.insert(RETRY_AFTER, later.parse().unwrap());
+        let wait = retry_after(429, &headers).unwrap();
+        assert!(
+            wait > Duration::from_secs(100) && wait <= Duration::from_secs(120),
+            "{wait:?}"
         );
-        assert_eq!(retry_after(503, &headers), Some(Duration::ZERO));
+        headers.insert(RETRY_AFTER, "soon".parse().unwrap());
+        assert_eq!(retry_after(429, &headers), None);
     }
 }
