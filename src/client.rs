@@ -6,11 +6,10 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
-use serde_json::json;
 use zeroize::Zeroizing;
 
-use crate::protocol::ErrorBody;
+use crate::protocol::{self, ErrorBody, Op, ReloadAnswer, Request, TokenAnswer};
+use crate::secret::AccessToken;
 
 /// Answers longer than this are not tokend's.
 const MAX_ANSWER: u64 = 1 << 20;
@@ -38,7 +37,7 @@ pub enum ClientError {
 /// A token as the daemon answered it. The whole answer line is kept for
 /// `--format json`.
 pub struct Token {
-    pub access_token: Zeroizing<String>,
+    pub access_token: AccessToken,
     pub token_type: String,
     pub line: Zeroizing<String>,
 }
@@ -50,60 +49,39 @@ pub fn get(
     scopes: &[String],
     timeout: Duration,
 ) -> Result<Token, ClientError> {
-    let request = json!({"op": "get", "key": key, "scopes": scopes});
-    let line = Zeroizing::new(exchange(socket, &request.to_string(), timeout)?);
-    #[derive(Deserialize)]
-    struct Answer {
-        ok: bool,
-        access_token: Option<String>,
-        token_type: Option<String>,
-        error: Option<ErrorBody>,
-    }
-    let garbled = || ClientError::Garbled(socket.to_owned());
-    let answer: Answer = serde_json::from_str(&line).map_err(|_| garbled())?;
-    match answer {
-        Answer {
-            ok: true,
-            access_token: Some(access_token),
-            token_type,
-            ..
-        } => Ok(Token {
-            access_token: Zeroizing::new(access_token),
-            token_type: token_type.unwrap_or_else(|| "Bearer".into()),
-            line,
-        }),
-        Answer {
-            ok: false,
-            error: Some(error),
-            ..
-        } => Err(ClientError::Refused(error)),
-        _ => Err(garbled()),
-    }
+    let request = Request {
+        id: None,
+        op: Op::Get {
+            key: key.to_owned(),
+            scopes: scopes.to_vec(),
+        },
+    };
+    let line = Zeroizing::new(exchange(socket, &request.encode(), timeout)?);
+    let answer: TokenAnswer = reply(socket, &line)?;
+    Ok(Token {
+        access_token: answer.access_token,
+        token_type: answer.token_type,
+        line,
+    })
 }
 
 /// Asks the daemon at `socket` to reload; returns how many keys it now has.
 pub fn reload(socket: &Path, timeout: Duration) -> Result<usize, ClientError> {
-    let line = exchange(socket, r#"{"op":"reload"}"#, timeout)?;
-    #[derive(Deserialize)]
-    struct Answer {
-        ok: bool,
-        keys: Option<usize>,
-        error: Option<ErrorBody>,
-    }
-    let answer: Answer =
-        serde_json::from_str(&line).map_err(|_| ClientError::Garbled(socket.to_owned()))?;
-    match answer {
-        Answer {
-            ok: true,
-            keys: Some(keys),
-            ..
-        } => Ok(keys),
-        Answer {
-            ok: false,
-            error: Some(error),
-            ..
-        } => Err(ClientError::Refused(error)),
-        _ => Err(ClientError::Garbled(socket.to_owned())),
+    let request = Request {
+        id: None,
+        op: Op::Reload,
+    };
+    let line = exchange(socket, &request.encode(), timeout)?;
+    let answer: ReloadAnswer = reply(socket, &line)?;
+    Ok(answer.keys)
+}
+
+/// The body of a successful answer, or the daemon's error.
+fn reply<T: serde::de::DeserializeOwned>(socket: &Path, line: &str) -> Result<T, ClientError> {
+    match protocol::decode_reply(line) {
+        Some(Ok(body)) => Ok(body),
+        Some(Err(error)) => Err(ClientError::Refused(error)),
+        None => Err(ClientError::Garbled(socket.to_owned())),
     }
 }
 

@@ -141,12 +141,12 @@ fn get(socket: &Path, key: &str, scopes: &[String], format: Format, timeout: Dur
         Ok(token) => {
             let mut out = std::io::stdout().lock();
             let written = match format {
-                Format::Token => writeln!(out, "{}", token.access_token.as_str()),
+                Format::Token => writeln!(out, "{}", token.access_token.expose()),
                 Format::Header => writeln!(
                     out,
                     "Authorization: {} {}",
                     token.token_type,
-                    token.access_token.as_str()
+                    token.access_token.expose()
                 ),
                 Format::Json => writeln!(out, "{}", token.line.as_str()),
             };

@@ -1,8 +1,10 @@
 //! Socket protocol v1: one JSON object per line in, one per line out.
 //!
 //! This module is pure: it turns request bytes into a [`Request`] and a
-//! [`Response`] into bytes. It knows nothing of sockets, caches or callers,
-//! so the daemon and `tokend get` share it and tests feed it byte literals.
+//! [`Response`] into bytes, and for `tokend get` and `tokend reload` the
+//! other way round ([`Request::encode`], [`decode_reply`]). It knows nothing
+//! of sockets, caches or callers, so the daemon and the CLI share one
+//! definition of the wire, and tests feed it byte literals.
 
 use std::fmt;
 
@@ -17,13 +19,25 @@ use crate::secret::AccessToken;
 pub const PROTOCOL_VERSION: u32 = 1;
 
 /// A parsed request line. `id` is whatever JSON the caller sent, echoed back.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Request {
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub id: Option<Value>,
+    #[serde(flatten)]
     pub op: Op,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+impl Request {
+    /// The request as one line, without its `\n`: what a client sends.
+    pub fn encode(&self) -> String {
+        // A request is a JSON object of strings and arrays of strings:
+        // serde_json cannot fail on it.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "op", rename_all = "lowercase")]
 pub enum Op {
     Ping,
     /// `scopes` exactly as sent: canonicalising and checking them against
@@ -87,14 +101,17 @@ pub enum Response {
     Token(TokenAnswer),
     Keys(Vec<KeyInfo>),
     Status(Vec<KeyStatus>),
-    /// The reload took; this many keys are now configured.
-    Reloaded {
-        keys: usize,
-    },
+    Reloaded(ReloadAnswer),
     Error(ErrorBody),
 }
 
-#[derive(Debug, Serialize)]
+/// The reload took; this many keys are now configured.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ReloadAnswer {
+    pub keys: usize,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
 pub struct TokenAnswer {
     pub key: String,
     #[serde(serialize_with = "expose_token")]
@@ -121,8 +138,7 @@ pub struct KeyStatus {
 #[derive(Debug, Serialize)]
 pub struct SetStatus {
     pub scopes: Vec<String>,
-    /// `fresh`, `expired`, `fetching` or `failed`.
-    pub state: &'static str,
+    pub state: SetState,
     pub fetching: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<String>,
@@ -132,6 +148,40 @@ pub struct SetStatus {
     pub last_refresh: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+}
+
+/// What `status` says of a scope set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SetState {
+    /// A usable token is cached.
+    Fresh,
+    /// No usable token; the issuer is being asked.
+    Fetching,
+    /// The last token ran out and no request is under way.
+    Expired,
+    /// No token was ever had; the last request failed.
+    Failed,
+}
+
+/// Reads an answer line as a client: `Ok(T)` for `"ok": true` (the body
+/// read straight into `T`, a token into its wiping type), `Err(body)` for
+/// an error answer. `None` when the line is not a protocol v1 answer.
+pub fn decode_reply<T: serde::de::DeserializeOwned>(line: &str) -> Option<Result<T, ErrorBody>> {
+    #[derive(Deserialize)]
+    struct Head {
+        ok: bool,
+        error: Option<ErrorBody>,
+    }
+    // Two passes over the line rather than one into a flattened envelope:
+    // serde's flatten buffers every field, the token included, in copies
+    // nobody wipes.
+    let head: Head = serde_json::from_str(line).ok()?;
+    match (head.ok, head.error) {
+        (true, _) => serde_json::from_str(line).ok().map(Ok),
+        (false, Some(error)) => Some(Err(error)),
+        (false, None) => None,
+    }
 }
 
 fn expose_token<S: Serializer>(token: &AccessToken, s: S) -> Result<S::Ok, S::Error> {
@@ -257,10 +307,6 @@ pub fn encode(id: Option<&Value>, response: &Response) -> Zeroizing<Vec<u8>> {
         keys: &'a [T],
     }
     #[derive(Serialize)]
-    struct Reloaded {
-        keys: usize,
-    }
-    #[derive(Serialize)]
     struct Failure<'a> {
         error: &'a ErrorBody,
     }
@@ -309,7 +355,7 @@ pub fn encode(id: Option<&Value>, response: &Response) -> Zeroizing<Vec<u8>> {
         Response::Token(answer) => line(true, id, answer, true),
         Response::Keys(keys) => line(true, id, Keys { keys }, false),
         Response::Status(keys) => line(true, id, Keys { keys }, false),
-        Response::Reloaded { keys } => line(true, id, Reloaded { keys: *keys }, false),
+        Response::Reloaded(reloaded) => line(true, id, reloaded, false),
         Response::Error(error) => line(false, id, Failure { error }, false),
     }
 }
@@ -538,5 +584,60 @@ mod tests {
         // Allocated once, at its final size: nothing was copied on growth.
         let line = encode(None, &token);
         assert_eq!(line.capacity(), line.len());
+    }
+
+    #[test]
+    fn what_the_client_sends_is_what_the_daemon_reads() {
+        let ops = [
+            Op::Ping,
+            Op::Keys,
+            Op::Status,
+            Op::Reload,
+            Op::Get {
+                key: "payments".into(),
+                scopes: vec!["vault".into(), "gateway".into()],
+            },
+            Op::Get {
+                key: "k".into(),
+                scopes: vec![],
+            },
+        ];
+        for op in ops {
+            for id in [None, Some(json!(7))] {
+                let request = Request { id, op: op.clone() };
+                let line = request.encode();
+                assert_eq!(decode(line.as_bytes()), Ok(request), "{line}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_client_reads_answers_into_the_shared_types() {
+        let token = Response::Token(TokenAnswer {
+            key: "payments".into(),
+            access_token: AccessToken::new("tok".into()),
+            token_type: "Bearer".into(),
+            expires_in: 10,
+            expires_at: "2026-11-25T10:00:00Z".into(),
+            scopes: vec!["gateway".into()],
+        });
+        let line = String::from_utf8(encode(Some(&json!(1)), &token).to_vec()).unwrap();
+        let read: TokenAnswer = decode_reply(&line).unwrap().unwrap();
+        assert_eq!(read.access_token.expose(), "tok");
+        assert_eq!(read.scopes, ["gateway"]);
+        let error = Response::Error(ErrorBody::new(ErrorCode::Forbidden, "no"));
+        let line = String::from_utf8(encode(None, &error).to_vec()).unwrap();
+        let read = decode_reply::<TokenAnswer>(&line).unwrap().unwrap_err();
+        assert_eq!(read, ErrorBody::new(ErrorCode::Forbidden, "no"));
+        let line =
+            String::from_utf8(encode(None, &Response::Reloaded(ReloadAnswer { keys: 3 })).to_vec())
+                .unwrap();
+        assert_eq!(
+            decode_reply::<ReloadAnswer>(&line).unwrap().unwrap().keys,
+            3
+        );
+        assert!(decode_reply::<TokenAnswer>("{\"ok\":false}").is_none());
+        assert!(decode_reply::<TokenAnswer>("{\"ok\":true}").is_none());
+        assert!(decode_reply::<TokenAnswer>("nonsense").is_none());
     }
 }

@@ -19,7 +19,8 @@ use crate::cache::{GetError, TokenCache};
 use crate::config::{Config, KeyConfig};
 use crate::peer::{self, Caller};
 use crate::protocol::{
-    self, ErrorBody, ErrorCode, KeyInfo, KeyStatus, Op, Response, SetStatus, TokenAnswer,
+    self, ErrorBody, ErrorCode, KeyInfo, KeyStatus, Op, ReloadAnswer, Response, SetState,
+    SetStatus, TokenAnswer,
 };
 use crate::scope::ScopeSet;
 
@@ -83,7 +84,7 @@ impl Service {
             Op::Keys => Response::Keys(self.keys(caller)),
             Op::Status => Response::Status(self.status(caller)),
             Op::Reload => match self.reload(caller).await {
-                Ok(keys) => Response::Reloaded { keys },
+                Ok(keys) => Response::Reloaded(ReloadAnswer { keys }),
                 Err(error) => Response::Error(error),
             },
             Op::Get { key, scopes } => match self.get(caller, &key, scopes).await {
@@ -278,10 +279,10 @@ fn set_status(entry: crate::cache::EntryStatus) -> SetStatus {
         entry.expires_at,
         &entry.last_error,
     ) {
-        (true, _, _, _) => "fresh",
-        (false, true, _, _) => "fetching",
-        (false, false, Some(_), _) => "expired",
-        (false, false, None, _) => "failed",
+        (true, _, _, _) => SetState::Fresh,
+        (false, true, _, _) => SetState::Fetching,
+        (false, false, Some(_), _) => SetState::Expired,
+        (false, false, None, _) => SetState::Failed,
     };
     SetStatus {
         scopes: entry.scopes.as_slice().to_vec(),
