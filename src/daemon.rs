@@ -10,8 +10,8 @@
 //!
 //! A reload builds a whole new [`Service`] beside the running one and swaps
 //! it in; handlers pick up the current one per request, so connections stay
-//! open across a reload. Logging (journald or stderr, and its level) is set
-//! up here too.
+//! open across a reload. Logging is [`crate::logging`]'s, process hardening
+//! [`crate::hardening`]'s.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -22,15 +22,13 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing_subscriber::filter::{EnvFilter, LevelFilter};
-use tracing_subscriber::layer::SubscriberExt;
-use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::{reload, Registry};
 
 use crate::audit::Audit;
 use crate::cache::TokenCache;
 use crate::config::{self, Config, DaemonConfig};
+use crate::hardening;
 use crate::issuer::IssuerClient;
+use crate::logging::Logging;
 use crate::server::{self, Limits, Listener};
 use crate::service::{ReloadAsked, Service};
 use crate::systemd::{self, Notifier};
@@ -66,7 +64,7 @@ pub async fn serve(config_path: &Path) -> anyhow::Result<()> {
     // Watched before anything is announced: the default action of each of
     // these signals would kill the daemon.
     let mut signals = Signals::new()?;
-    harden();
+    hardening::apply();
     let notifier = Arc::new(Notifier::from_env());
 
     let socket = Socket::open(&config.daemon)?;
@@ -465,156 +463,5 @@ async fn pet_watchdog(notifier: Arc<Notifier>, every: Duration, stop: Cancellati
             _ = ticks.tick() => notifier.notify(systemd::WATCHDOG).await,
             () = stop.cancelled() => return,
         }
-    }
-}
-
-/// The daemon's log: native journald entries with fields (KEY, SCOPES,
-/// PEER_UID, …) when stderr is the journal, human-readable lines on stderr
-/// otherwise. `RUST_LOG` sets the filter when present; else `[daemon]
-/// log_level` does, and a reload can change it. Either way a bare level
-/// applies to tokend's own events only: the HTTP stack stays at `warn`
-/// unless `RUST_LOG` names it, because at `trace` it logs request headers,
-/// and with them the client's Basic credentials.
-pub struct Logging {
-    /// `None` when `RUST_LOG` decides: then a reload leaves the level be.
-    level: Option<reload::Handle<EnvFilter, Registry>>,
-}
-
-impl Logging {
-    pub fn init(level: LevelFilter) -> Logging {
-        let from_env = std::env::var(EnvFilter::DEFAULT_ENV)
-            .ok()
-            .and_then(|text| EnvFilter::try_new(own_directives(&text)).ok());
-        let fixed = from_env.is_some();
-        let filter = from_env.unwrap_or_else(|| EnvFilter::new(own_directives(&level.to_string())));
-        let (filter, handle) = reload::Layer::new(filter);
-        let registry = tracing_subscriber::registry().with(filter);
-        let journald = systemd::stderr_is_journal().then(tracing_journald::layer);
-        let fallback_reason = match journald {
-            Some(Ok(layer)) => {
-                let layer = layer
-                    .with_field_prefix(None)
-                    .with_syslog_identifier("tokend".to_owned());
-                let _ = registry.with(layer).try_init();
-                None
-            }
-            other => {
-                let stderr = tracing_subscriber::fmt::layer()
-                    .with_writer(std::io::stderr)
-                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-                let _ = registry.with(stderr).try_init();
-                other.and_then(Result::err)
-            }
-        };
-        if let Some(e) = fallback_reason {
-            tracing::warn!("stderr is the journal but journald cannot be reached ({e}); logging text to stderr");
-        }
-        Logging {
-            level: (!fixed).then_some(handle),
-        }
-    }
-
-    fn set_level(&self, level: LevelFilter) {
-        if let Some(handle) = &self.level {
-            if let Err(e) = handle.reload(EnvFilter::new(own_directives(&level.to_string()))) {
-                tracing::warn!("failed to change the log level: {e}");
-            }
-        }
-    }
-}
-
-/// Rewrites a filter so that its bare levels (`trace`) apply to tokend's
-/// own events (`tokend=trace`), under a `warn` floor for everything else;
-/// directives that name a target are kept as they are. When a directive
-/// names tokend itself, it alone decides tokend's level.
-fn own_directives(filter: &str) -> String {
-    let directives: Vec<&str> = filter
-        .split(',')
-        .map(str::trim)
-        .filter(|d| !d.is_empty())
-        .collect();
-    let names_tokend = directives.iter().any(|d| d.starts_with("tokend"));
-    let mut out = vec!["warn".to_owned()];
-    for directive in directives {
-        if directive.parse::<LevelFilter>().is_ok() {
-            if !names_tokend {
-                out.push(format!("tokend={directive}"));
-            }
-        } else {
-            out.push(directive.to_owned());
-        }
-    }
-    out.join(",")
-}
-
-/// Keeps secrets out of core dumps and away from same-uid debuggers.
-fn harden() {
-    // SAFETY: both calls take plain integers or a pointer to a local struct
-    // and have no memory-safety preconditions.
-    unsafe {
-        if libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) != 0 {
-            tracing::warn!(
-                "failed to make the process non-dumpable: {}",
-                std::io::Error::last_os_error()
-            );
-        }
-        let mut core = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        // Under the shipped unit LimitCORE=0 already holds and its seccomp
-        // filter refuses setrlimit (@resources): only ask when needed.
-        let already_none = libc::getrlimit(libc::RLIMIT_CORE, &mut core) == 0 && core.rlim_max == 0;
-        let none = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        if !already_none && libc::setrlimit(libc::RLIMIT_CORE, &none) != 0 {
-            tracing::warn!(
-                "failed to disable core dumps: {}",
-                std::io::Error::last_os_error()
-            );
-        }
-    }
-    raise_open_files();
-}
-
-/// Every connection is a file descriptor, and the soft limit systemd and
-/// shells give (1024) is below the default `max_connections` plus what
-/// the issuer connections need; the hard limit is ours to take.
-fn raise_open_files() {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit read or write the local struct only.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
-        {
-            limit.rlim_cur = limit.rlim_max;
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
-                tracing::warn!(
-                    "failed to raise the open-file limit: {}",
-                    std::io::Error::last_os_error()
-                );
-            }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::own_directives;
-
-    #[test]
-    fn bare_levels_apply_to_tokend_only() {
-        assert_eq!(own_directives("trace"), "warn,tokend=trace");
-        assert_eq!(own_directives("info"), "warn,tokend=info");
-        assert_eq!(own_directives("tokend=trace,info"), "warn,tokend=trace");
-        assert_eq!(
-            own_directives("debug,hyper=trace"),
-            "warn,tokend=debug,hyper=trace"
-        );
-        assert_eq!(own_directives(""), "warn");
     }
 }

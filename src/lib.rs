@@ -14,7 +14,9 @@
 //! - [`service`]: what each request means for this caller.
 //! - [`audit`]: the log of handouts and denials, and its bound on repeats.
 //! - [`server`]: the socket, the accept loop, per-connection handlers and limits.
-//! - [`daemon`]: `tokend serve`: start-up, logging, signals, reload and shutdown.
+//! - [`daemon`]: `tokend serve`: start-up, signals, reload and shutdown.
+//! - [`logging`]: journald or stderr, and the filter over both.
+//! - [`hardening`]: no core dumps, no same-uid debuggers, room for connections.
 //! - [`systemd`]: sd_notify, the watchdog, socket activation, journald detection.
 //! - [`client`]: `tokend get`'s side of the socket.
 
@@ -23,7 +25,9 @@ pub mod cache;
 pub mod client;
 pub mod config;
 pub mod daemon;
+pub mod hardening;
 pub mod issuer;
+pub mod logging;
 pub mod peer;
 pub mod protocol;
 pub mod scope;
