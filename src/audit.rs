@@ -527,6 +527,7 @@ mod tests {
             gids: vec![uid],
             user: None,
             groups: Vec::new(),
+            named: false,
         }
     }
 

@@ -2,7 +2,10 @@
 //! connected, and the pure decision whether they may read a key.
 //!
 //! Identity comes only from `SO_PEERCRED` and `SO_PEERGROUPS`, never from
-//! a PID lookup in /proc, which a caller could race with PID reuse.
+//! a PID lookup in /proc, which a caller could race with PID reuse. They
+//! are read once per connection, on the runtime (two getsockopt calls);
+//! user and group names, which may read /etc or ask NSS, only when an
+//! allow list names someone, and off the runtime ([`Caller::resolve_names`]).
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
@@ -20,10 +23,31 @@ pub struct Caller {
     pub pid: Option<i32>,
     /// The primary group and every supplementary group.
     pub gids: Vec<u32>,
-    /// The user name of `uid`, when the system knows one.
+    /// The user name of `uid`, when the system knows one (and names were
+    /// looked up).
     pub user: Option<String>,
-    /// The names of `gids` the system knows.
+    /// The names of `gids` the system knows (when names were looked up).
     pub groups: Vec<String>,
+    /// Whether `user` and `groups` were looked up.
+    pub named: bool,
+}
+
+impl Caller {
+    /// Looks up the names of `uid` and `gids`. Blocking: may read /etc or
+    /// ask NSS (LDAP, sssd), so call it off the async runtime's workers.
+    pub fn resolve_names(&mut self) {
+        self.user = User::from_uid(Uid::from_raw(self.uid))
+            .ok()
+            .flatten()
+            .map(|u| u.name);
+        self.groups = self
+            .gids
+            .iter()
+            .filter_map(|&g| Group::from_gid(Gid::from_raw(g)).ok().flatten())
+            .map(|g| g.name)
+            .collect();
+        self.named = true;
+    }
 }
 
 /// May `caller` read a key guarded by `acl`? An empty list allows nobody,
@@ -38,10 +62,9 @@ pub fn allow(caller: &Caller, acl: &Acl) -> bool {
         || caller.groups.iter().any(|name| acl.groups.contains(name))
 }
 
-/// Reads the peer's credentials from a connected Unix stream and resolves
-/// its names. The name look-ups may read /etc or ask NSS, so call this off
-/// the async runtime's worker threads.
-pub fn identify(socket: &impl AsFd) -> io::Result<Caller> {
+/// Reads the peer's credentials from a connected Unix stream, without
+/// names ([`Caller::resolve_names`] adds them).
+pub fn credentials(socket: &impl AsFd) -> io::Result<Caller> {
     let cred = nix::sys::socket::getsockopt(socket, nix::sys::socket::sockopt::PeerCredentials)
         .map_err(io::Error::from)?;
     let fd = socket.as_fd().as_raw_fd();
@@ -50,22 +73,14 @@ pub fn identify(socket: &impl AsFd) -> io::Result<Caller> {
     gids.push(gid);
     gids.sort_unstable();
     gids.dedup();
-    let user = User::from_uid(Uid::from_raw(uid))
-        .ok()
-        .flatten()
-        .map(|u| u.name);
-    let groups = gids
-        .iter()
-        .filter_map(|&g| Group::from_gid(Gid::from_raw(g)).ok().flatten())
-        .map(|g| g.name)
-        .collect();
     Ok(Caller {
         uid,
         gid,
         pid: (cred.pid() > 0).then_some(cred.pid()),
         gids,
-        user,
-        groups,
+        user: None,
+        groups: Vec::new(),
+        named: false,
     })
 }
 
@@ -113,6 +128,7 @@ mod tests {
             gids: vec![uid],
             user: user.map(str::to_owned),
             groups: groups.iter().map(|g| g.to_string()).collect(),
+            named: true,
         }
     }
 
@@ -148,9 +164,18 @@ mod tests {
     #[test]
     fn identifies_the_peer_of_a_socketpair() {
         let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
-        let me = identify(&a).unwrap();
+        let mut me = credentials(&a).unwrap();
         assert_eq!(me.uid, nix::unistd::getuid().as_raw());
         assert_eq!(me.pid, Some(std::process::id() as i32));
         assert!(me.gids.contains(&nix::unistd::getgid().as_raw()));
+        assert!(!me.named && me.user.is_none());
+        me.resolve_names();
+        assert!(me.named);
+        assert_eq!(
+            me.user.is_some(),
+            nix::unistd::User::from_uid(nix::unistd::getuid())
+                .unwrap()
+                .is_some()
+        );
     }
 }

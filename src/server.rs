@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::DaemonConfig;
-use crate::peer;
+use crate::peer::{self, Caller};
 use crate::protocol::{self, ErrorBody, ErrorCode, Response};
 use crate::service::Service;
 
@@ -269,15 +269,17 @@ impl Listener {
                 },
                 () = self.shutdown.cancelled() => break,
             };
-            // The kernel recorded the peer's uid at connect; reading it is
-            // one getsockopt, cheap enough for the accept loop.
-            let uid = match stream.peer_cred() {
-                Ok(cred) => cred.uid(),
+            // The kernel recorded who connected; reading it is two
+            // getsockopt calls, cheap enough for the accept loop, and done
+            // once: the handler gets what was read here.
+            let caller = match peer::credentials(&stream) {
+                Ok(caller) => caller,
                 Err(e) => {
                     tracing::warn!("failed to read a caller's credentials: {e}");
                     continue;
                 }
             };
+            let uid = caller.uid;
             let Some(uid_slot) = per_uid.take(uid, self.limits.max_connections_per_uid) else {
                 // Debug, not info: a hostile caller must not be able to
                 // flood the journal by reconnecting.
@@ -310,7 +312,7 @@ impl Listener {
                 abandon: self.abandon.clone(),
             };
             self.connections.spawn(async move {
-                handler.run(stream).await;
+                handler.run(stream, caller).await;
                 drop((permit, uid_slot));
             });
         }
@@ -340,24 +342,7 @@ struct Handler {
 }
 
 impl Handler {
-    async fn run(self, stream: UnixStream) {
-        let std_stream = match stream.into_std() {
-            Ok(s) => s,
-            Err(e) => return tracing::warn!("failed to inspect a connection: {e}"),
-        };
-        let identified = tokio::task::spawn_blocking(move || {
-            peer::identify(&std_stream).map(|c| (c, std_stream))
-        })
-        .await;
-        let (caller, std_stream) = match identified {
-            Ok(Ok(found)) => found,
-            Ok(Err(e)) => return tracing::warn!("failed to read the caller's credentials: {e}"),
-            Err(e) => return tracing::warn!("caller identification failed: {e}"),
-        };
-        let stream = match UnixStream::from_std(std_stream) {
-            Ok(s) => s,
-            Err(e) => return tracing::warn!("failed to register a connection: {e}"),
-        };
+    async fn run(self, stream: UnixStream, mut caller: Caller) {
         tracing::debug!(
             peer_uid = caller.uid,
             peer_pid = caller.pid,
@@ -400,6 +385,9 @@ impl Handler {
                     // Cloned out so the watch's lock is released at once,
                     // not held across the answer.
                     let service = self.services.borrow().clone();
+                    if service.needs_names() && !caller.named {
+                        caller = named(caller).await;
+                    }
                     (service.answer(&caller, &line).await, false)
                 }
             };
@@ -440,6 +428,29 @@ impl Handler {
         }
         let _ = write.shutdown().await;
         tracing::trace!(peer_uid = caller.uid, "connection closed");
+    }
+}
+
+/// `caller` with its user and group names, looked up off the runtime: the
+/// look-up may block on NSS. Once per connection, and only when an allow
+/// list of the service in force names a user or group.
+async fn named(caller: Caller) -> Caller {
+    let mut unnamed = caller.clone();
+    match tokio::task::spawn_blocking(move || {
+        unnamed.resolve_names();
+        unnamed
+    })
+    .await
+    {
+        Ok(named) => named,
+        Err(e) => {
+            // Without names only allow_uids can match: safe, and said.
+            tracing::warn!(
+                peer_uid = caller.uid,
+                "failed to look up the caller's names: {e}"
+            );
+            caller
+        }
     }
 }
 

@@ -34,6 +34,9 @@ pub struct Service {
     /// Where `reload` requests go: the daemon's reloader, which answers
     /// each with the outcome. `None` where nobody reloads.
     reloads: Option<mpsc::Sender<ReloadAsked>>,
+    /// Whether an allow list names a user or group: worked out once here,
+    /// not per request.
+    needs_names: bool,
     /// Shared with the services before and after a reload, so counts of
     /// repeated events survive it.
     audit: Arc<Audit>,
@@ -50,11 +53,16 @@ impl Service {
         deadline: CancellationToken,
         audit: Arc<Audit>,
     ) -> Service {
+        let needs_names = config
+            .keys
+            .values()
+            .any(|key| !key.acl.users.is_empty() || !key.acl.groups.is_empty());
         Service {
             config,
             cache,
             deadline,
             reloads: None,
+            needs_names,
             audit,
         }
     }
@@ -63,6 +71,12 @@ impl Service {
     pub fn with_reloads(mut self, reloads: mpsc::Sender<ReloadAsked>) -> Service {
         self.reloads = Some(reloads);
         self
+    }
+
+    /// Whether any key's allow lists name a user or a group, so that
+    /// callers' names must be looked up before they can be judged.
+    pub fn needs_names(&self) -> bool {
+        self.needs_names
     }
 
     pub fn cache(&self) -> &TokenCache {

@@ -4,7 +4,7 @@
 
 mod support;
 
-use serde_json::Value;
+use serde_json::{json, Value};
 use support::cli::{as_caller, run, Ran};
 use support::daemon::{fingerprint, test_user, tokend_for_anyone, Daemon, TestUser};
 use support::issuer::{ClientSpec, Dialect, Issuer};
@@ -232,4 +232,41 @@ async fn socat_as_bob_lists_only_the_keys_bob_can_read() {
     assert_eq!(answer["keys"].as_array().map(Vec::len), Some(1), "{answer}");
     assert!(issuer.requests().is_empty());
     daemon.stop_and_check_log(&[SECRET]);
+}
+
+/// Names are looked up only when an allow list names someone, and then
+/// once per connection: a connection opened while every list was by uid
+/// is judged by name after a reload adds a key by user and group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_opened_before_a_reload_is_judged_by_name_after_it() {
+    let alice = test_user(ALICE);
+    let issuer = Issuer::start(vec![ClientSpec::checkout("acl-client", SECRET, &[])]).await;
+    let url = issuer.token_url(Dialect::Checkout);
+    let key = |name: &str, acl: &str| {
+        format!(
+            "[keys.{name}]\ntoken_url = \"{url}\"\nclient_id = \"acl-client\"\n\
+             client_secret = \"{SECRET}\"\n{acl}\n"
+        )
+    };
+    let by_uid = key("by_uid", &format!("allow_uids = [{}]", alice.uid));
+    let mut daemon = Daemon::start(r#"socket_mode = "0666""#, &by_uid);
+    let stream =
+        support::foreign::connect_as(&daemon.socket, alice.uid, alice.gid, &alice.groups, 1)
+            .pop()
+            .expect("one connection");
+    let mut conn = support::daemon::Conn::from_stream(stream);
+    let ask = |key: &str| json!({"op": "get", "key": key});
+    assert_eq!(conn.call(ask("by_uid")).await["ok"], true);
+
+    let by_name = key("by_user", &format!("allow_users = [\"{ALICE}\"]"))
+        + &key("by_group", &format!("allow_groups = [\"{BILLING}\"]"));
+    daemon.rewrite_keys(&format!("{by_uid}\n{by_name}"));
+    assert!(daemon.reload_and_wait(), "{}", daemon.log());
+    for name in ["by_user", "by_group"] {
+        let answer = conn.call(ask(name)).await;
+        assert_eq!(answer["ok"], true, "{name}: {answer}");
+    }
+    let mut secrets = issuer.issued_tokens();
+    secrets.push(SECRET.to_owned());
+    daemon.stop_and_check_log(&secrets);
 }

@@ -404,6 +404,11 @@ impl Conn {
         let stream = UnixStream::connect(socket)
             .await
             .expect("connect to tokend");
+        Conn::from_stream(stream)
+    }
+
+    /// A connection made elsewhere (say, under another uid).
+    pub fn from_stream(stream: UnixStream) -> Conn {
         let (read, writer) = stream.into_split();
         Conn {
             reader: AsyncBufReader::new(read),
