@@ -30,6 +30,8 @@ pub struct Key {
     client_id: Option<String>,
     secret: Source,
     allow_uids: Option<Vec<u32>>,
+    allow_users: Option<Vec<String>>,
+    allow_groups: Option<Vec<String>>,
     extra: Vec<String>,
 }
 
@@ -41,6 +43,8 @@ impl Key {
             client_id: None,
             secret: Source::None,
             allow_uids: None,
+            allow_users: None,
+            allow_groups: None,
             extra: Vec::new(),
         }
     }
@@ -85,6 +89,18 @@ impl Key {
         self
     }
 
+    /// `allow_users`.
+    pub fn allow_users(mut self, users: &[&str]) -> Key {
+        self.allow_users = Some(users.iter().map(|&u| u.to_owned()).collect());
+        self
+    }
+
+    /// `allow_groups`.
+    pub fn allow_groups(mut self, groups: &[&str]) -> Key {
+        self.allow_groups = Some(groups.iter().map(|&g| g.to_owned()).collect());
+        self
+    }
+
     /// `allow_uids` naming the uid running the tests.
     pub fn allow_me(self) -> Key {
         self.allow_uids(&[nix::unistd::getuid().as_raw()])
@@ -115,9 +131,17 @@ impl Key {
             Source::Inline(secret) => line("client_secret", secret),
             Source::File(path) => line("client_secret_file", path),
         }
+        let mut list = |name: &str, items: Vec<String>| {
+            text.push_str(&format!("{name} = [{}]\n", items.join(", ")));
+        };
         if let Some(uids) = &self.allow_uids {
-            let uids: Vec<String> = uids.iter().map(u32::to_string).collect();
-            text.push_str(&format!("allow_uids = [{}]\n", uids.join(", ")));
+            list("allow_uids", uids.iter().map(u32::to_string).collect());
+        }
+        if let Some(users) = &self.allow_users {
+            list("allow_users", users.iter().map(|u| quote(u)).collect());
+        }
+        if let Some(groups) = &self.allow_groups {
+            list("allow_groups", groups.iter().map(|g| quote(g)).collect());
         }
         for lines in &self.extra {
             text.push_str(lines);
