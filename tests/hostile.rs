@@ -469,6 +469,9 @@ async fn a_flood_on_one_connection_does_not_starve_another() {
         assert_eq!(other.call(json!({"op":"get","key":"k"})).await["ok"], true);
         slowest = slowest.max(started.elapsed());
         samples += 1;
+        // Not a wait for anything: the pace of the samples, so they
+        // measure the flood rather than add a second one. The loop ends on
+        // the event, the reader's last answer.
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let answered = reader.await.expect("reader");
@@ -669,7 +672,6 @@ async fn a_caller_that_stops_reading_does_not_hold_up_shutdown() {
         took < Duration::from_secs(5),
         "tokend took {took:?} to stop"
     );
-    std::thread::sleep(Duration::from_millis(100)); // the log reader's last lines
     let log = daemon.log();
     support::daemon::assert_log_clean(&log, &[SECRET]);
     assert!(

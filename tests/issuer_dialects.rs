@@ -392,7 +392,12 @@ async fn a_token_with_less_than_min_valid_left_is_not_handed_out() {
     // Still usable: cached.
     let again = daemon.call(get("payments")).await;
     assert_same_token(again.token(), first.token(), true, "still usable: cached");
-    // Past 1.5 s of its 2 s life it has less than 0.5 s left.
+    // Past 1.5 s of its 2 s life it has less than 0.5 s left. The sleep is
+    // the measurement: the condition is the token's age, which only the
+    // clock brings, and 1.6 s after the first answer is at least that long
+    // after tokend received the token. (Its refresh ahead, due by 1.5 s
+    // minus a margin, may renew it first; either way what it hands out
+    // now must not be the old token.)
     tokio::time::sleep(Duration::from_millis(1600)).await;
     let fresh = daemon.call(get("payments")).await;
     assert_same_token(

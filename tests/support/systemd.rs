@@ -108,6 +108,8 @@ pub struct NotifySocket {
     /// What `$NOTIFY_SOCKET` is set to.
     pub address: String,
     messages: Arc<Record<Message>>,
+    /// The reader's socket, shut down on drop to end the reader.
+    socket: UnixDatagram,
     stop: Arc<AtomicBool>,
     reader: Option<JoinHandle<()>>,
 }
@@ -133,28 +135,29 @@ impl NotifySocket {
     }
 
     fn serve(socket: UnixDatagram, address: String) -> NotifySocket {
-        // The reader wakes now and then to notice that the test is done.
-        socket
-            .set_read_timeout(Some(Duration::from_millis(100)))
-            .expect("read timeout");
         let messages = Arc::new(Record::default());
         let stop = Arc::new(AtomicBool::new(false));
         let (sink, done) = (messages.clone(), stop.clone());
+        let reading = socket.try_clone().expect("clone the datagram socket");
+        // The reader blocks until a message comes or the drop shuts the
+        // socket down (an event, not a poll).
         let reader = std::thread::spawn(move || {
             let mut buf = vec![0u8; 64 * 1024];
-            while !done.load(Ordering::Relaxed) {
-                if let Ok(n) = socket.recv(&mut buf) {
-                    sink.push(Message {
-                        text: String::from_utf8_lossy(&buf[..n]).into_owned(),
-                        bytes: buf[..n].to_vec(),
-                        at: Instant::now(),
-                    });
+            while let Ok(n) = reading.recv(&mut buf) {
+                if done.load(Ordering::Relaxed) {
+                    break;
                 }
+                sink.push(Message {
+                    text: String::from_utf8_lossy(&buf[..n]).into_owned(),
+                    bytes: buf[..n].to_vec(),
+                    at: Instant::now(),
+                });
             }
         });
         NotifySocket {
             address,
             messages,
+            socket,
             stop,
             reader: Some(reader),
         }
@@ -192,6 +195,8 @@ impl NotifySocket {
 impl Drop for NotifySocket {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        // Wakes a blocked recv(2), which then returns 0.
+        let _ = self.socket.shutdown(std::net::Shutdown::Read);
         if let Some(reader) = self.reader.take() {
             let _ = reader.join();
         }
