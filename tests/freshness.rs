@@ -23,6 +23,14 @@ fn short_lived(lifetime_secs: u64) -> ClientSpec {
     spec
 }
 
+/// Key `name`: `issuer`'s short-lived client, readable by root.
+fn key(name: &str, issuer: &Issuer) -> Key {
+    Key::new(name)
+        .issuer(issuer, Dialect::Checkout)
+        .client("c", SECRET)
+        .allow_uids(&[0])
+}
+
 /// Gets `key` on `conn` and returns the answer and how long it took.
 async fn timed_get(
     conn: &mut support::daemon::Conn,
@@ -37,15 +45,7 @@ async fn timed_get(
 async fn refresh_ahead_keeps_gets_fast_and_tokens_far_from_expiry() {
     let issuer = Issuer::start(vec![short_lived(10)]).await;
     issuer.set_fault(Some(Fault::Delay(Duration::from_millis(500))));
-    let daemon = Daemon::start(
-        "",
-        &Key::new("k")
-            .issuer(&issuer, Dialect::Checkout)
-            .client("c", SECRET)
-            .allow_uids(&[0])
-            .extra("prefetch = [[]]")
-            .toml(),
-    );
+    let daemon = Daemon::start("", &key("k", &issuer).extra("prefetch = [[]]").toml());
     let mut conn = daemon.connect().await;
     // The cold start (joining the prefetch under way) is not timed.
     let (warm, _) = timed_get(&mut conn, "k").await;
@@ -101,15 +101,7 @@ async fn an_outage_serves_the_cached_token_then_fails_fast_then_recovers() {
     let issuer = Issuer::start(vec![short_lived(8)]).await;
     let extra = r#"min_valid = "2s"
 max_backoff = "4s""#;
-    let daemon = Daemon::start(
-        "",
-        &Key::new("k")
-            .issuer(&issuer, Dialect::Checkout)
-            .client("c", SECRET)
-            .allow_uids(&[0])
-            .extra(extra)
-            .toml(),
-    );
+    let daemon = Daemon::start("", &key("k", &issuer).extra(extra).toml());
     let mut conn = daemon.connect().await;
     let (first, _) = timed_get(&mut conn, "k").await;
     let token = first["access_token"].as_str().expect("token").to_owned();
@@ -255,14 +247,7 @@ async fn retry_after_on_429_is_honoured() {
         status: 429,
         secs: 5,
     }));
-    let daemon = Daemon::start(
-        "",
-        &Key::new("k")
-            .issuer(&issuer, Dialect::Checkout)
-            .client("c", SECRET)
-            .allow_uids(&[0])
-            .toml(),
-    );
+    let daemon = Daemon::start("", &key("k", &issuer).toml());
     let mut conn = daemon.connect().await;
     let (answer, _) = timed_get(&mut conn, "k").await;
     assert_eq!(answer["error"]["code"], "unavailable", "{answer}");

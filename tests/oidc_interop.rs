@@ -27,6 +27,14 @@ const WRONG_SECRET: &str = "wrong-secret-do-not-echo-5150";
 /// What tokend logs (at debug) before each issuer request.
 const REQUESTING: &str = "requesting a token from the issuer";
 
+/// One `[keys.NAME]` table readable by the uid running the tests.
+fn key(name: &str, provider: &OidcProvider, id: &str, secret: &str) -> Key {
+    Key::new(name)
+        .url(&provider.token_url())
+        .client(id, secret)
+        .allow_me()
+}
+
 async fn get(daemon: &Daemon, key: &str, scopes: &[&str]) -> Answer {
     daemon
         .call(json!({"op":"get","key":key,"scopes":scopes}))
@@ -91,14 +99,7 @@ fn secrets(tokens: &[String]) -> Vec<String> {
 #[tokio::test]
 async fn plain_client_default_set_gets_a_cached_bearer_jwt() {
     let provider = OidcProvider::start();
-    let daemon = Daemon::start(
-        "",
-        &Key::new("plain")
-            .url(&provider.token_url())
-            .client(PLAIN_ID, PLAIN_SECRET)
-            .allow_me()
-            .toml(),
-    );
+    let daemon = Daemon::start("", &key("plain", &provider, PLAIN_ID, PLAIN_SECRET).toml());
 
     let first = get(&daemon, "plain", &[]).await;
     let token = token_of(&first);
@@ -125,10 +126,7 @@ async fn plain_client_default_set_gets_a_cached_bearer_jwt() {
 #[tokio::test]
 async fn requested_scopes_are_canonical_in_the_answer_and_granted_in_the_jwt() {
     let provider = OidcProvider::start();
-    let keys = Key::new("plain")
-        .url(&provider.token_url())
-        .client(PLAIN_ID, PLAIN_SECRET)
-        .allow_me()
+    let keys = key("plain", &provider, PLAIN_ID, PLAIN_SECRET)
         .extra(r#"scopes = ["gateway", "vault", "fx"]"#)
         .toml();
     let daemon = Daemon::start("", &keys);
@@ -146,16 +144,10 @@ async fn requested_scopes_are_canonical_in_the_answer_and_granted_in_the_jwt() {
 async fn reserved_characters_in_id_and_secret_work_with_basic_and_post() {
     let provider = OidcProvider::start();
     let scopes = r#"scopes = ["gateway", "vault"]"#;
-    let keys = Key::new("basic")
-        .url(&provider.token_url())
-        .client(TRICKY_ID, TRICKY_SECRET)
-        .allow_me()
+    let keys = key("basic", &provider, TRICKY_ID, TRICKY_SECRET)
         .extra(&format!("auth = \"basic\"\n{scopes}"))
         .toml()
-        + &Key::new("post")
-            .url(&provider.token_url())
-            .client(TRICKY_ID, TRICKY_SECRET)
-            .allow_me()
+        + &key("post", &provider, TRICKY_ID, TRICKY_SECRET)
             .extra(&format!("auth = \"post\"\n{scopes}"))
             .toml();
     let daemon = Daemon::start("", &keys);
@@ -183,10 +175,7 @@ async fn reserved_characters_in_id_and_secret_work_with_basic_and_post() {
 async fn scope_the_client_lacks_is_invalid_scope_and_other_sets_still_work() {
     let provider = OidcProvider::start();
     // The key lets callers ask for vault; the issuer does not give it.
-    let keys = Key::new("narrow")
-        .url(&provider.token_url())
-        .client(NARROW_ID, NARROW_SECRET)
-        .allow_me()
+    let keys = key("narrow", &provider, NARROW_ID, NARROW_SECRET)
         .extra(r#"scopes = ["gateway", "vault"]"#)
         .toml();
     let daemon = Daemon::start("", &keys);
@@ -207,14 +196,7 @@ async fn scope_the_client_lacks_is_invalid_scope_and_other_sets_still_work() {
 #[tokio::test]
 async fn wrong_secret_is_access_denied_without_echoing_the_secret() {
     let provider = OidcProvider::start();
-    let daemon = Daemon::start(
-        "",
-        &Key::new("plain")
-            .url(&provider.token_url())
-            .client(PLAIN_ID, WRONG_SECRET)
-            .allow_me()
-            .toml(),
-    );
+    let daemon = Daemon::start("", &key("plain", &provider, PLAIN_ID, WRONG_SECRET).toml());
 
     let answer = get(&daemon, "plain", &[]).await;
     let message = unavailable_message(&answer);
@@ -233,10 +215,7 @@ async fn wrong_secret_is_access_denied_without_echoing_the_secret() {
 async fn concurrent_cold_gets_share_one_issuer_request() {
     const CALLERS: usize = 50;
     let provider = OidcProvider::start();
-    let keys = Key::new("plain")
-        .url(&provider.token_url())
-        .client(PLAIN_ID, PLAIN_SECRET)
-        .allow_me()
+    let keys = key("plain", &provider, PLAIN_ID, PLAIN_SECRET)
         .extra(r#"scopes = ["gateway", "vault", "fx"]"#)
         .toml();
     let daemon = Daemon::start("", &keys);
