@@ -302,14 +302,16 @@ impl<'a> DaemonBuilder<'a> {
             notify,
             journal,
         };
-        if daemon.notify.is_some() {
+        // Activated, tokend starts only at the first connection: ready is
+        // the activator listening, whatever else tokend is given.
+        if self.socket_activated {
+            daemon.wait_for_log("Listening on ");
+        } else if daemon.notify.is_some() {
             daemon.notify().wait_for(0, "READY=1");
         } else if daemon.journal.is_some() {
             daemon.wait_for_entry("listening entry", |e| {
                 field(e, "MESSAGE") == Some("listening")
             });
-        } else if self.socket_activated {
-            daemon.wait_for_log("Listening on ");
         } else {
             daemon.wait_for_log(" listening ");
         }
