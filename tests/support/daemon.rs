@@ -104,6 +104,7 @@ enum NotifyAt {
 type MakeCommand<'a> = Box<dyn FnOnce(&Path) -> Command + 'a>;
 
 /// How a [`Daemon`] is started; [`Daemon::builder`] makes one.
+#[derive(Default)]
 #[must_use]
 pub struct DaemonBuilder<'a> {
     dir: Option<tempfile::TempDir>,
@@ -339,17 +340,7 @@ pub struct Daemon {
 impl Daemon {
     /// A plain daemon with no keys, to be configured.
     pub fn builder<'a>() -> DaemonBuilder<'a> {
-        DaemonBuilder {
-            dir: None,
-            daemon_lines: String::new(),
-            keys: String::new(),
-            command: None,
-            env: Vec::new(),
-            notify: None,
-            watchdog: None,
-            journald: false,
-            socket_activated: false,
-        }
+        DaemonBuilder::default()
     }
 
     /// Starts tokend with `keys` (TOML `[keys.*]` tables) and `daemon`
