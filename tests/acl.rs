@@ -8,6 +8,7 @@ use serde_json::{json, Value};
 use support::cli::{as_caller, run, Ran};
 use support::daemon::{fingerprint, test_user, tokend_for_anyone, Daemon, TestUser};
 use support::issuer::{ClientSpec, Dialect, Issuer};
+use support::keys::{secrets, tables, Key};
 
 const SECRET: &str = "acl-secret-3c2b1a";
 const ALICE: &str = "tokend-test-alice";
@@ -26,6 +27,13 @@ const KEYS: [&str; 6] = [
     "bob_key",
 ];
 
+/// Key `name`, the one client's; who may read it is the caller's to add.
+fn key(name: &str, issuer: &Issuer) -> Key {
+    Key::new(name)
+        .issuer(issuer, Dialect::Checkout)
+        .client("acl-client", SECRET)
+}
+
 /// One daemon whose keys each grant by a different list.
 ///
 /// The socket is made 0666: the default 0660 root:root would stop the
@@ -33,22 +41,14 @@ const KEYS: [&str; 6] = [
 /// the daemon applies after accepting, not the socket's mode.
 async fn setup(alice: &TestUser) -> (Issuer, Daemon) {
     let issuer = Issuer::start(vec![ClientSpec::checkout("acl-client", SECRET, &[])]).await;
-    let url = issuer.token_url(Dialect::Checkout);
-    let key = |name: &str, acl: &str| {
-        format!(
-            "[keys.{name}]\ntoken_url = \"{url}\"\nclient_id = \"acl-client\"\n\
-             client_secret = \"{SECRET}\"\n{acl}\n"
-        )
-    };
-    let keys = [
-        key("by_uid", &format!("allow_uids = [{}]", alice.uid)),
-        key("by_user", &format!("allow_users = [\"{ALICE}\"]")),
-        key("by_group", &format!("allow_groups = [\"{BILLING}\"]")),
-        key("nobody", ""),
-        key("root_only", "allow_uids = [0]"),
-        key("bob_key", &format!("allow_users = [\"{BOB}\"]")),
-    ]
-    .concat();
+    let keys = tables(&[
+        key("by_uid", &issuer).allow_uids(&[alice.uid]),
+        key("by_user", &issuer).allow_users(&[ALICE]),
+        key("by_group", &issuer).allow_groups(&[BILLING]),
+        key("nobody", &issuer),
+        key("root_only", &issuer).allow_uids(&[0]),
+        key("bob_key", &issuer).allow_users(&[BOB]),
+    ]);
     let daemon = Daemon::start(r#"socket_mode = "0666""#, &keys);
     (issuer, daemon)
 }
@@ -110,12 +110,6 @@ fn assert_denied(ran: &Ran, uid: u32, key: &str, what: &str) {
     );
 }
 
-fn secrets(issuer: &Issuer) -> Vec<String> {
-    let mut all = issuer.issued_tokens();
-    all.push(SECRET.to_owned());
-    all
-}
-
 #[tokio::test]
 async fn each_allow_list_admits_exactly_its_callers() {
     let alice = test_user(ALICE);
@@ -158,7 +152,7 @@ async fn each_allow_list_admits_exactly_its_callers() {
     // `nobody` has no list: nobody at all, root included, got a token for
     // it, and each readable key cost the issuer one request.
     assert_eq!(issuer.requests().len(), 5);
-    daemon.stop_and_check_log(&secrets(&issuer));
+    daemon.stop_and_check_log(&secrets(&[&issuer], &[SECRET]));
 }
 
 #[tokio::test]
@@ -196,7 +190,7 @@ async fn group_membership_comes_from_the_callers_credentials() {
     // Her uid and name still work without any group.
     let ran = run(get(&dropped, &daemon, "by_user"), b"").await;
     assert_allowed(&ran, &issuer, "alice without billing, by name");
-    daemon.stop_and_check_log(&secrets(&issuer));
+    daemon.stop_and_check_log(&secrets(&[&issuer], &[SECRET]));
 }
 
 #[tokio::test]
@@ -241,14 +235,7 @@ async fn socat_as_bob_lists_only_the_keys_bob_can_read() {
 async fn a_connection_opened_before_a_reload_is_judged_by_name_after_it() {
     let alice = test_user(ALICE);
     let issuer = Issuer::start(vec![ClientSpec::checkout("acl-client", SECRET, &[])]).await;
-    let url = issuer.token_url(Dialect::Checkout);
-    let key = |name: &str, acl: &str| {
-        format!(
-            "[keys.{name}]\ntoken_url = \"{url}\"\nclient_id = \"acl-client\"\n\
-             client_secret = \"{SECRET}\"\n{acl}\n"
-        )
-    };
-    let by_uid = key("by_uid", &format!("allow_uids = [{}]", alice.uid));
+    let by_uid = key("by_uid", &issuer).allow_uids(&[alice.uid]).toml();
     let mut daemon = Daemon::start(r#"socket_mode = "0666""#, &by_uid);
     let stream =
         support::foreign::connect_as(&daemon.socket, alice.uid, alice.gid, &alice.groups, 1)
@@ -258,15 +245,15 @@ async fn a_connection_opened_before_a_reload_is_judged_by_name_after_it() {
     let ask = |key: &str| json!({"op": "get", "key": key});
     assert_eq!(conn.call(ask("by_uid")).await["ok"], true);
 
-    let by_name = key("by_user", &format!("allow_users = [\"{ALICE}\"]"))
-        + &key("by_group", &format!("allow_groups = [\"{BILLING}\"]"));
+    let by_name = tables(&[
+        key("by_user", &issuer).allow_users(&[ALICE]),
+        key("by_group", &issuer).allow_groups(&[BILLING]),
+    ]);
     daemon.rewrite_keys(&format!("{by_uid}\n{by_name}"));
     assert!(daemon.reload_and_wait(), "{}", daemon.log());
     for name in ["by_user", "by_group"] {
         let answer = conn.call(ask(name)).await;
         assert_eq!(answer["ok"], true, "{name}: {answer}");
     }
-    let mut secrets = issuer.issued_tokens();
-    secrets.push(SECRET.to_owned());
-    daemon.stop_and_check_log(&secrets);
+    daemon.stop_and_check_log(&secrets(&[&issuer], &[SECRET]));
 }

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use support::daemon::{test_user, Daemon, TOKEND};
 use support::issuer::{ClientSpec, Dialect, Issuer};
+use support::keys::{secrets, tables, Key};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
@@ -110,11 +111,12 @@ async fn a_flood_of_gets_costs_a_few_lines_and_others_still_appear_at_once() {
     const HALF: u64 = GETS / 2;
     let bob = test_user("tokend-test-bob");
     let issuer = Issuer::start(vec![ClientSpec::checkout("c", SECRET, &[])]).await;
-    let url = issuer.token_url(Dialect::Checkout);
-    let keys = format!(
-        "[keys.k]\ntoken_url = {url:?}\nclient_id = \"c\"\nclient_secret = {SECRET:?}\nallow_uids = [0]\n\n\
-         [keys.f]\ntoken_url = {url:?}\nclient_id = \"c\"\nclient_secret = {SECRET:?}\n"
-    );
+    let key = |name: &str| {
+        Key::new(name)
+            .issuer(&issuer, Dialect::Checkout)
+            .client("c", SECRET)
+    };
+    let keys = tables(&[key("k").allow_uids(&[0]), key("f")]);
     let dir = tempfile::tempdir().expect("dir");
     // No RUST_LOG: the config's log_level decides, and it is left at its
     // default, info, as a production daemon's is.
@@ -223,9 +225,7 @@ async fn a_flood_of_gets_costs_a_few_lines_and_others_still_appear_at_once() {
             .expect("bob asks");
         bob_lines.next_line().await.expect("read").expect("answer");
     }
-    let mut secrets = issuer.issued_tokens();
-    secrets.push(SECRET.into());
-    let log = daemon.stop_and_check_log(&secrets);
+    let log = daemon.stop_and_check_log(&secrets(&[&issuer], &[SECRET]));
 
     println!(
         "40,000 pipelined gets ({flooded_in:?}, a reload halfway) added {} log lines; with the \

@@ -14,6 +14,7 @@ use support::daemon::{
     assert_issued, assert_same_token, fingerprint, write_private, Answer, Daemon,
 };
 use support::issuer::{ClientSpec, Dialect, Issuer};
+use support::keys::{secrets, Key};
 
 const SECRET: &str = "cli-secret-5d4c3b";
 const FILE_SECRET: &str = "cli-file-secret-8a7b6c";
@@ -25,25 +26,14 @@ async fn setup() -> (Issuer, Daemon) {
         &["gateway", "vault", "fx"],
     )])
     .await;
-    let keys = format!(
-        r#"
-[keys.payments]
-token_url = "{}"
-client_id = "cli-client"
-client_secret = "{SECRET}"
-scopes = ["gateway", "vault", "fx"]
-allow_uids = [0]
-"#,
-        issuer.token_url(Dialect::Checkout)
-    );
+    let keys = Key::new("payments")
+        .issuer(&issuer, Dialect::Checkout)
+        .client("cli-client", SECRET)
+        .allow_uids(&[0])
+        .extra(r#"scopes = ["gateway", "vault", "fx"]"#)
+        .toml();
     let daemon = Daemon::start("", &keys);
     (issuer, daemon)
-}
-
-fn secrets(issuer: &Issuer, secret: &str) -> Vec<String> {
-    let mut all = issuer.issued_tokens();
-    all.push(secret.to_owned());
-    all
 }
 
 fn get(daemon: &Daemon, args: &[&str]) -> Command {
@@ -89,7 +79,7 @@ async fn get_prints_token_header_or_json() {
         1,
         "all three were the cached token"
     );
-    daemon.stop_and_check_log(&secrets(&issuer, SECRET));
+    daemon.stop_and_check_log(&secrets(&[&issuer], &[SECRET]));
 }
 
 #[tokio::test]
@@ -114,7 +104,7 @@ async fn get_sends_every_scope_flag() {
     assert_eq!(ran.code, Some(1), "{ran:?}");
     assert!(ran.stderr.contains("admin"), "{ran:?}");
     assert!(ran.stdout.is_empty(), "{ran:?}");
-    daemon.stop_and_check_log(&secrets(&issuer, SECRET));
+    daemon.stop_and_check_log(&secrets(&[&issuer], &[SECRET]));
 }
 
 #[tokio::test]
@@ -131,7 +121,7 @@ async fn get_takes_the_socket_from_tokend_socket() {
     let mut command = get(&daemon, &["payments"]);
     command.env("TOKEND_SOCKET", daemon.dir.path().join("elsewhere.sock"));
     line(&run(command, b"").await);
-    daemon.stop_and_check_log(&secrets(&issuer, SECRET));
+    daemon.stop_and_check_log(&secrets(&[&issuer], &[SECRET]));
 }
 
 #[tokio::test]
@@ -281,12 +271,12 @@ async fn a_secret_file_with_a_trailing_newline_works() {
     let secret_dir = tempfile::tempdir().expect("temp dir");
     let secret = secret_dir.path().join("client.secret");
     write_private(&secret, &format!("{FILE_SECRET}\n"));
-    let keys = format!(
-        "[keys.filed]\ntoken_url = \"{}\"\nclient_id = \"file-client\"\n\
-         client_secret_file = {:?}\nallow_uids = [0]\n",
-        issuer.token_url(Dialect::Checkout),
-        secret.display().to_string()
-    );
+    let keys = Key::new("filed")
+        .issuer(&issuer, Dialect::Checkout)
+        .client_id("file-client")
+        .secret_file(&secret)
+        .allow_uids(&[0])
+        .toml();
     let daemon = Daemon::start("", &keys);
     let mut command = tokend();
     command.args(["check", "--config"]).arg(&daemon.config_path);
@@ -294,7 +284,7 @@ async fn a_secret_file_with_a_trailing_newline_works() {
     assert_eq!(ran.code, Some(0), "{ran:?}");
     let token = line(&run(get(&daemon, &["filed"]), b"").await).to_owned();
     assert_issued(&issuer.issued_tokens(), &[&token]);
-    daemon.stop_and_check_log(&secrets(&issuer, FILE_SECRET));
+    daemon.stop_and_check_log(&secrets(&[&issuer], &[FILE_SECRET]));
 }
 
 #[tokio::test]
@@ -370,5 +360,5 @@ async fn the_readme_socat_one_liner_gets_a_token() {
     assert_eq!(answer["ok"], true, "{answer}");
     let token = answer["access_token"].as_str().expect("access_token");
     assert_issued(&issuer.issued_tokens(), &[token]);
-    daemon.stop_and_check_log(&secrets(&issuer, SECRET));
+    daemon.stop_and_check_log(&secrets(&[&issuer], &[SECRET]));
 }

@@ -13,14 +13,9 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use support::daemon::{assert_same_token, Daemon};
 use support::issuer::{ClientSpec, Dialect, Fault, Issuer};
+use support::keys::{secrets, Key};
 
 const SECRET: &str = "fresh-secret-0c0c0c";
-
-fn key(name: &str, url: &str, id: &str, secret: &str, extra: &str) -> String {
-    format!(
-        "[keys.{name}]\ntoken_url = {url:?}\nclient_id = {id:?}\nclient_secret = {secret:?}\nallow_uids = [0]\n{extra}\n"
-    )
-}
 
 fn short_lived(lifetime_secs: u64) -> ClientSpec {
     let mut spec = ClientSpec::checkout("c", SECRET, &[]);
@@ -28,11 +23,12 @@ fn short_lived(lifetime_secs: u64) -> ClientSpec {
     spec
 }
 
-fn secrets(issuers: &[&Issuer], extra: &[&str]) -> Vec<String> {
-    let mut all: Vec<String> = issuers.iter().flat_map(|i| i.issued_tokens()).collect();
-    all.push(SECRET.to_owned());
-    all.extend(extra.iter().map(|s| s.to_string()));
-    all
+/// Key `name`: `issuer`'s short-lived client, readable by root.
+fn key(name: &str, issuer: &Issuer) -> Key {
+    Key::new(name)
+        .issuer(issuer, Dialect::Checkout)
+        .client("c", SECRET)
+        .allow_uids(&[0])
 }
 
 /// Gets `key` on `conn` and returns the answer and how long it took.
@@ -49,16 +45,7 @@ async fn timed_get(
 async fn refresh_ahead_keeps_gets_fast_and_tokens_far_from_expiry() {
     let issuer = Issuer::start(vec![short_lived(10)]).await;
     issuer.set_fault(Some(Fault::Delay(Duration::from_millis(500))));
-    let daemon = Daemon::start(
-        "",
-        &key(
-            "k",
-            &issuer.token_url(Dialect::Checkout),
-            "c",
-            SECRET,
-            "prefetch = [[]]",
-        ),
-    );
+    let daemon = Daemon::start("", &key("k", &issuer).extra("prefetch = [[]]").toml());
     let mut conn = daemon.connect().await;
     // The cold start (joining the prefetch under way) is not timed.
     let (warm, _) = timed_get(&mut conn, "k").await;
@@ -106,7 +93,7 @@ async fn refresh_ahead_keeps_gets_fast_and_tokens_far_from_expiry() {
     );
     assert!(tokens.len() >= 2, "at least one refresh reached callers");
     assert!((2..=6).contains(&requests), "{requests} issuer requests");
-    daemon.stop_and_check_log(&secrets(&[&issuer], &[]));
+    daemon.stop_and_check_log(&secrets(&[&issuer], &[SECRET]));
 }
 
 #[tokio::test]
@@ -114,16 +101,7 @@ async fn an_outage_serves_the_cached_token_then_fails_fast_then_recovers() {
     let issuer = Issuer::start(vec![short_lived(8)]).await;
     let extra = r#"min_valid = "2s"
 max_backoff = "4s""#;
-    let daemon = Daemon::start(
-        "",
-        &key(
-            "k",
-            &issuer.token_url(Dialect::Checkout),
-            "c",
-            SECRET,
-            extra,
-        ),
-    );
+    let daemon = Daemon::start("", &key("k", &issuer).extra(extra).toml());
     let mut conn = daemon.connect().await;
     let (first, _) = timed_get(&mut conn, "k").await;
     let token = first["access_token"].as_str().expect("token").to_owned();
@@ -201,7 +179,7 @@ max_backoff = "4s""#;
         "token back {:?} after the issuer recovered",
         recovered.elapsed()
     );
-    daemon.stop_and_check_log(&secrets(&[&issuer], &[]));
+    daemon.stop_and_check_log(&secrets(&[&issuer], &[SECRET]));
 }
 
 #[tokio::test]
@@ -214,25 +192,19 @@ async fn rejected_credentials_are_not_hammered() {
     let denies_with_200 = Issuer::start(vec![ClientSpec::checkissuing("ci", SECRET)]).await;
     denies_with_200.set_fault(Some(Fault::DeniedWith200));
     let wrong = "definitely-wrong-secret";
-    let keys = key(
-        "ci401",
-        &issuer.token_url(Dialect::Checkissuing),
-        "ci",
-        wrong,
-        "",
-    ) + &key(
-        "ck401",
-        &issuer.token_url(Dialect::Checkout),
-        "ck",
-        wrong,
-        "",
-    ) + &key(
-        "ci200",
-        &denies_with_200.token_url(Dialect::Checkissuing),
-        "ci",
-        SECRET,
-        "",
-    );
+    let keys = [
+        Key::new("ci401")
+            .issuer(&issuer, Dialect::Checkissuing)
+            .client("ci", wrong),
+        Key::new("ck401")
+            .issuer(&issuer, Dialect::Checkout)
+            .client("ck", wrong),
+        Key::new("ci200")
+            .issuer(&denies_with_200, Dialect::Checkissuing)
+            .client("ci", SECRET),
+    ]
+    .map(|key| key.allow_uids(&[0]).toml())
+    .concat();
     let daemon = Arc::new(Daemon::start("", &keys));
     let mut runs = Vec::new();
     for name in ["ci401", "ck401", "ci200"] {
@@ -265,7 +237,7 @@ async fn rejected_credentials_are_not_hammered() {
     println!("20 gets in 2 s per key: issuer requests {counts:?} (Checkissuing 401, Checkout 401, Checkissuing 200)");
     assert!(counts.iter().all(|&n| (1..=4).contains(&n)), "{counts:?}");
     let daemon = Arc::into_inner(daemon).expect("sole owner");
-    daemon.stop_and_check_log(&secrets(&[&issuer, &denies_with_200], &[wrong]));
+    daemon.stop_and_check_log(&secrets(&[&issuer, &denies_with_200], &[SECRET, wrong]));
 }
 
 #[tokio::test]
@@ -275,10 +247,7 @@ async fn retry_after_on_429_is_honoured() {
         status: 429,
         secs: 5,
     }));
-    let daemon = Daemon::start(
-        "",
-        &key("k", &issuer.token_url(Dialect::Checkout), "c", SECRET, ""),
-    );
+    let daemon = Daemon::start("", &key("k", &issuer).toml());
     let mut conn = daemon.connect().await;
     let (answer, _) = timed_get(&mut conn, "k").await;
     assert_eq!(answer["error"]["code"], "unavailable", "{answer}");
@@ -308,7 +277,7 @@ async fn retry_after_on_429_is_honoured() {
         "asked again after {second:?}"
     );
     assert_eq!(requests.len(), 2);
-    daemon.stop_and_check_log(&secrets(&[&issuer], &[]));
+    daemon.stop_and_check_log(&secrets(&[&issuer], &[SECRET]));
 }
 
 /// CPU time (user + system) the process has used, from /proc.
@@ -355,13 +324,12 @@ async fn thousands_of_idle_sets_cost_no_cpu_and_still_refresh_on_time() {
     );
     let keys: String = (0..KEYS)
         .map(|k| {
-            key(
-                &format!("k{k}"),
-                &issuer.token_url(Dialect::Checkout),
-                &format!("client{k}"),
-                SECRET,
-                &extra,
-            )
+            Key::new(&format!("k{k}"))
+                .issuer(&issuer, Dialect::Checkout)
+                .client(&format!("client{k}"), SECRET)
+                .allow_uids(&[0])
+                .extra(&extra)
+                .toml()
         })
         .collect();
     let mut daemon = Daemon::start("", &keys);
@@ -397,6 +365,9 @@ async fn thousands_of_idle_sets_cost_no_cpu_and_still_refresh_on_time() {
 
     let before = cpu_time(daemon.pid());
     let idle_from = Instant::now();
+    // The sleep is the measurement: CPU used over ten idle seconds, a
+    // window in which nothing may happen (no refresh is due before 60% of
+    // the lifetime), so there is no event to wait for instead.
     tokio::time::sleep(Duration::from_secs(10)).await;
     let used = cpu_time(daemon.pid()).saturating_sub(before);
     let idle = idle_from.elapsed();
@@ -445,5 +416,5 @@ async fn thousands_of_idle_sets_cost_no_cpu_and_still_refresh_on_time() {
         latest <= Duration::from_secs_f64(LIFETIME as f64 * 0.75) + Duration::from_secs(2),
         "{latest:?}"
     );
-    daemon.stop_and_check_log(&secrets(&[&issuer], &[]));
+    daemon.stop_and_check_log(&secrets(&[&issuer], &[SECRET]));
 }

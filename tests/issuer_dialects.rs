@@ -10,6 +10,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use support::daemon::{assert_same_token, Answer, Daemon};
 use support::issuer::{ClientSpec, Dialect, Fault, Issuer};
+use support::keys::{secrets, Key};
 
 const CK_ID: &str = "ack_checkout";
 const CK_SECRET: &str = "checkout-secret-5a5a5a";
@@ -24,37 +25,28 @@ async fn issuer() -> Issuer {
     .await
 }
 
-/// A `[keys.NAME]` table reading everything from `issuer`.
-fn key(name: &str, url: &str, id: &str, secret: &str, extra: &str) -> String {
-    format!(
-        "[keys.{name}]\ntoken_url = {url:?}\nclient_id = {id:?}\nclient_secret = {secret:?}\nallow_uids = [0]\n{extra}\n"
-    )
-}
-
+/// Key `payments`: `issuer`'s Checkout client, readable by root.
 fn checkout_key(issuer: &Issuer, extra: &str) -> String {
-    key(
-        "payments",
-        &issuer.token_url(Dialect::Checkout),
-        CK_ID,
-        CK_SECRET,
-        extra,
-    )
+    Key::new("payments")
+        .issuer(issuer, Dialect::Checkout)
+        .client(CK_ID, CK_SECRET)
+        .allow_uids(&[0])
+        .extra(extra)
+        .toml()
 }
 
+/// Key `cards`: `issuer`'s Checkissuing client, readable by root.
 fn checkissuing_key(issuer: &Issuer, extra: &str) -> String {
-    key(
-        "cards",
-        &issuer.token_url(Dialect::Checkissuing),
-        CI_ID,
-        CI_SECRET,
-        extra,
-    )
+    Key::new("cards")
+        .issuer(issuer, Dialect::Checkissuing)
+        .client(CI_ID, CI_SECRET)
+        .allow_uids(&[0])
+        .extra(extra)
+        .toml()
 }
 
 fn used_secrets(issuer: &Issuer) -> Vec<String> {
-    let mut all = issuer.issued_tokens();
-    all.extend([CK_SECRET.to_owned(), CI_SECRET.to_owned()]);
-    all
+    secrets(&[issuer], &[CK_SECRET, CI_SECRET])
 }
 
 fn get(key: &str) -> Value {
@@ -97,9 +89,14 @@ async fn checkissuing_token_with_basic_auth() {
 async fn checkissuing_access_denied_with_401_and_with_200() {
     let issuer = issuer().await;
     // Two keys: each has its own backoff, so the second is asked at once.
-    let url = issuer.token_url(Dialect::Checkissuing);
-    let keys = key("cards", &url, CI_ID, "wrong-secret-123", "")
-        + &key("cards2", &url, CI_ID, CI_SECRET, "");
+    let key = |name: &str, secret: &str| {
+        Key::new(name)
+            .issuer(&issuer, Dialect::Checkissuing)
+            .client(CI_ID, secret)
+            .allow_uids(&[0])
+            .toml()
+    };
+    let keys = key("cards", "wrong-secret-123") + &key("cards2", CI_SECRET);
     let daemon = Daemon::start("", &keys);
     assert_unavailable(
         &daemon.call(get("cards")).await,
@@ -164,13 +161,11 @@ async fn checkout_scopes_jwt_and_invalid_scope() {
 #[tokio::test]
 async fn wrong_secret_at_checkout_is_access_denied() {
     let issuer = issuer().await;
-    let keys = key(
-        "payments",
-        &issuer.token_url(Dialect::Checkout),
-        CK_ID,
-        "not-the-secret-42",
-        "",
-    );
+    let keys = Key::new("payments")
+        .issuer(&issuer, Dialect::Checkout)
+        .client(CK_ID, "not-the-secret-42")
+        .allow_uids(&[0])
+        .toml();
     let daemon = Daemon::start("", &keys);
     let answer = daemon.call(get("payments")).await;
     assert_unavailable(&answer, &["access denied", "HTTP 401", "invalid_client"]);
@@ -183,13 +178,11 @@ async fn client_id_and_secret_are_form_urlencoded_for_basic_auth() {
     let id = "tok:en+d%id with/space";
     let secret = "s3cr:et+with%percent and/slash";
     let issuer = Issuer::start(vec![ClientSpec::checkout(id, secret, &["gateway"])]).await;
-    let keys = key(
-        "tricky",
-        &issuer.token_url(Dialect::Checkout),
-        id,
-        secret,
-        "",
-    );
+    let keys = Key::new("tricky")
+        .issuer(&issuer, Dialect::Checkout)
+        .client(id, secret)
+        .allow_uids(&[0])
+        .toml();
     let daemon = Daemon::start("", &keys);
     let answer = daemon.call(get("tricky")).await;
     assert_eq!(answer["ok"], true, "{answer}");
@@ -266,10 +259,15 @@ async fn missing_expires_in_assumes_an_hour_and_says_so_once() {
 #[tokio::test]
 async fn error_shapes_become_unavailable_with_the_issuers_words() {
     let issuer = issuer().await;
-    let url = issuer.token_url(Dialect::Checkout);
     // One key per case: a failure starts that key's backoff.
     let keys: String = (0..5)
-        .map(|i| key(&format!("k{i}"), &url, CK_ID, CK_SECRET, ""))
+        .map(|i| {
+            Key::new(&format!("k{i}"))
+                .issuer(&issuer, Dialect::Checkout)
+                .client(CK_ID, CK_SECRET)
+                .allow_uids(&[0])
+                .toml()
+        })
         .collect();
     let daemon = Daemon::start("", &keys);
     let cases: Vec<(Fault, Vec<&str>)> = vec![
@@ -320,19 +318,17 @@ async fn error_shapes_become_unavailable_with_the_issuers_words() {
 async fn unreachable_and_slow_issuers() {
     let issuer = issuer().await;
     // Nothing listens on port 9 of loopback (discard is never enabled here).
-    let keys = key(
-        "down",
-        "http://127.0.0.1:9/token",
-        "id",
-        "secret-down-1",
-        "",
-    ) + &key(
-        "slow",
-        &issuer.token_url(Dialect::Checkout),
-        CK_ID,
-        CK_SECRET,
-        r#"request_timeout = "300ms""#,
-    );
+    let keys = Key::new("down")
+        .url("http://127.0.0.1:9/token")
+        .client("id", "secret-down-1")
+        .allow_uids(&[0])
+        .toml()
+        + &Key::new("slow")
+            .issuer(&issuer, Dialect::Checkout)
+            .client(CK_ID, CK_SECRET)
+            .allow_uids(&[0])
+            .extra(r#"request_timeout = "300ms""#)
+            .toml();
     let daemon = Daemon::start("", &keys);
     assert_unavailable(
         &daemon.call(get("down")).await,
@@ -396,7 +392,12 @@ async fn a_token_with_less_than_min_valid_left_is_not_handed_out() {
     // Still usable: cached.
     let again = daemon.call(get("payments")).await;
     assert_same_token(again.token(), first.token(), true, "still usable: cached");
-    // Past 1.5 s of its 2 s life it has less than 0.5 s left.
+    // Past 1.5 s of its 2 s life it has less than 0.5 s left. The sleep is
+    // the measurement: the condition is the token's age, which only the
+    // clock brings, and 1.6 s after the first answer is at least that long
+    // after tokend received the token. (Its refresh ahead, due by 1.5 s
+    // minus a margin, may renew it first; either way what it hands out
+    // now must not be the old token.)
     tokio::time::sleep(Duration::from_millis(1600)).await;
     let fresh = daemon.call(get("payments")).await;
     assert_same_token(

@@ -10,14 +10,17 @@ use std::time::Duration;
 use serde_json::json;
 use support::daemon::{write_private, Daemon, TOKEND};
 use support::issuer::{ClientSpec, Dialect, Fault, Issuer};
+use support::keys::{secrets, Key};
 
 const SECRET: &str = "lifecycle-secret-31";
 
 async fn keys(issuer: &Issuer, extra: &str) -> String {
-    format!(
-        "[keys.k]\ntoken_url = {:?}\nclient_id = \"c\"\nclient_secret = {SECRET:?}\nallow_uids = [0]\n{extra}\n",
-        issuer.token_url(Dialect::Checkout)
-    )
+    Key::new("k")
+        .issuer(issuer, Dialect::Checkout)
+        .client("c", SECRET)
+        .allow_uids(&[0])
+        .extra(extra)
+        .toml()
 }
 
 #[tokio::test]
@@ -60,9 +63,7 @@ async fn sigint_stops_cleanly_too() {
         "{status} {took:?}"
     );
     assert!(!daemon.socket.exists());
-    let mut secrets = issuer.issued_tokens();
-    secrets.push(SECRET.into());
-    support::daemon::assert_log_clean(&daemon.log(), &secrets);
+    support::daemon::assert_log_clean(&daemon.log(), &secrets(&[&issuer], &[SECRET]));
 }
 
 /// Runs `tokend serve` on a config whose socket is `socket` and returns its

@@ -12,6 +12,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use serde_json::{json, Value};
 use support::daemon::{assert_same_token, Answer, Daemon};
+use support::keys::Key;
 use support::oidc::OidcProvider;
 
 const PLAIN_ID: &str = "tokend-plain";
@@ -27,15 +28,11 @@ const WRONG_SECRET: &str = "wrong-secret-do-not-echo-5150";
 const REQUESTING: &str = "requesting a token from the issuer";
 
 /// One `[keys.NAME]` table readable by the uid running the tests.
-fn key(name: &str, provider: &OidcProvider, id: &str, secret: &str, extra: &str) -> String {
-    let quote = |s: &str| toml::Value::String(s.to_owned()).to_string();
-    format!(
-        "[keys.{name}]\ntoken_url = {}\nclient_id = {}\nclient_secret = {}\nallow_uids = [{}]\n{extra}\n\n",
-        quote(&provider.token_url()),
-        quote(id),
-        quote(secret),
-        nix::unistd::getuid().as_raw(),
-    )
+fn key(name: &str, provider: &OidcProvider, id: &str, secret: &str) -> Key {
+    Key::new(name)
+        .url(&provider.token_url())
+        .client(id, secret)
+        .allow_me()
 }
 
 async fn get(daemon: &Daemon, key: &str, scopes: &[&str]) -> Answer {
@@ -85,15 +82,16 @@ fn unavailable_message(answer: &Answer) -> String {
 
 /// Every client secret the tests use, plus `tokens`.
 fn secrets(tokens: &[String]) -> Vec<String> {
-    let mut all: Vec<String> = [
-        PLAIN_SECRET,
-        TRICKY_SECRET,
-        TRICKY_SECRET_ENCODED,
-        NARROW_SECRET,
-        WRONG_SECRET,
-    ]
-    .map(str::to_owned)
-    .to_vec();
+    let mut all = support::keys::secrets(
+        &[],
+        &[
+            PLAIN_SECRET,
+            TRICKY_SECRET,
+            TRICKY_SECRET_ENCODED,
+            NARROW_SECRET,
+            WRONG_SECRET,
+        ],
+    );
     all.extend_from_slice(tokens);
     all
 }
@@ -101,7 +99,7 @@ fn secrets(tokens: &[String]) -> Vec<String> {
 #[tokio::test]
 async fn plain_client_default_set_gets_a_cached_bearer_jwt() {
     let provider = OidcProvider::start();
-    let daemon = Daemon::start("", &key("plain", &provider, PLAIN_ID, PLAIN_SECRET, ""));
+    let daemon = Daemon::start("", &key("plain", &provider, PLAIN_ID, PLAIN_SECRET).toml());
 
     let first = get(&daemon, "plain", &[]).await;
     let token = token_of(&first);
@@ -128,13 +126,9 @@ async fn plain_client_default_set_gets_a_cached_bearer_jwt() {
 #[tokio::test]
 async fn requested_scopes_are_canonical_in_the_answer_and_granted_in_the_jwt() {
     let provider = OidcProvider::start();
-    let keys = key(
-        "plain",
-        &provider,
-        PLAIN_ID,
-        PLAIN_SECRET,
-        r#"scopes = ["gateway", "vault", "fx"]"#,
-    );
+    let keys = key("plain", &provider, PLAIN_ID, PLAIN_SECRET)
+        .extra(r#"scopes = ["gateway", "vault", "fx"]"#)
+        .toml();
     let daemon = Daemon::start("", &keys);
 
     let answer = get(&daemon, "plain", &["vault", "gateway"]).await;
@@ -150,19 +144,12 @@ async fn requested_scopes_are_canonical_in_the_answer_and_granted_in_the_jwt() {
 async fn reserved_characters_in_id_and_secret_work_with_basic_and_post() {
     let provider = OidcProvider::start();
     let scopes = r#"scopes = ["gateway", "vault"]"#;
-    let keys = key(
-        "basic",
-        &provider,
-        TRICKY_ID,
-        TRICKY_SECRET,
-        &format!("auth = \"basic\"\n{scopes}"),
-    ) + &key(
-        "post",
-        &provider,
-        TRICKY_ID,
-        TRICKY_SECRET,
-        &format!("auth = \"post\"\n{scopes}"),
-    );
+    let keys = key("basic", &provider, TRICKY_ID, TRICKY_SECRET)
+        .extra(&format!("auth = \"basic\"\n{scopes}"))
+        .toml()
+        + &key("post", &provider, TRICKY_ID, TRICKY_SECRET)
+            .extra(&format!("auth = \"post\"\n{scopes}"))
+            .toml();
     let daemon = Daemon::start("", &keys);
 
     let mut tokens = Vec::new();
@@ -188,13 +175,9 @@ async fn reserved_characters_in_id_and_secret_work_with_basic_and_post() {
 async fn scope_the_client_lacks_is_invalid_scope_and_other_sets_still_work() {
     let provider = OidcProvider::start();
     // The key lets callers ask for vault; the issuer does not give it.
-    let keys = key(
-        "narrow",
-        &provider,
-        NARROW_ID,
-        NARROW_SECRET,
-        r#"scopes = ["gateway", "vault"]"#,
-    );
+    let keys = key("narrow", &provider, NARROW_ID, NARROW_SECRET)
+        .extra(r#"scopes = ["gateway", "vault"]"#)
+        .toml();
     let daemon = Daemon::start("", &keys);
 
     let refused = get(&daemon, "narrow", &["vault"]).await;
@@ -213,7 +196,7 @@ async fn scope_the_client_lacks_is_invalid_scope_and_other_sets_still_work() {
 #[tokio::test]
 async fn wrong_secret_is_access_denied_without_echoing_the_secret() {
     let provider = OidcProvider::start();
-    let daemon = Daemon::start("", &key("plain", &provider, PLAIN_ID, WRONG_SECRET, ""));
+    let daemon = Daemon::start("", &key("plain", &provider, PLAIN_ID, WRONG_SECRET).toml());
 
     let answer = get(&daemon, "plain", &[]).await;
     let message = unavailable_message(&answer);
@@ -232,13 +215,9 @@ async fn wrong_secret_is_access_denied_without_echoing_the_secret() {
 async fn concurrent_cold_gets_share_one_issuer_request() {
     const CALLERS: usize = 50;
     let provider = OidcProvider::start();
-    let keys = key(
-        "plain",
-        &provider,
-        PLAIN_ID,
-        PLAIN_SECRET,
-        r#"scopes = ["gateway", "vault", "fx"]"#,
-    );
+    let keys = key("plain", &provider, PLAIN_ID, PLAIN_SECRET)
+        .extra(r#"scopes = ["gateway", "vault", "fx"]"#)
+        .toml();
     let daemon = Daemon::start("", &keys);
 
     // Every connection is open before any request is sent, and every

@@ -8,15 +8,18 @@ use serde_json::json;
 use support::cli::{as_caller, run, tokend, Ran};
 use support::daemon::{test_user, tokend_for_anyone, write_private, Daemon};
 use support::issuer::{ClientSpec, Dialect, Issuer};
+use support::keys::{secrets, Key};
 
 const SECRET_A: &str = "operator-secret-a-4411";
 const SECRET_B: &str = "operator-secret-b-9902";
 
-fn key(name: &str, issuer: &Issuer, client: &str, source: &str) -> String {
-    format!(
-        "[keys.{name}]\ntoken_url = {:?}\nclient_id = {client:?}\n{source}\nallow_uids = [0]\n",
-        issuer.token_url(Dialect::Checkout)
-    )
+/// A key for `issuer`'s Checkout `client`, readable by root; the secret's
+/// source is the caller's to add.
+fn key(name: &str, issuer: &Issuer, client: &str) -> Key {
+    Key::new(name)
+        .issuer(issuer, Dialect::Checkout)
+        .client_id(client)
+        .allow_uids(&[0])
 }
 
 async fn reload(daemon: &Daemon) -> Ran {
@@ -28,13 +31,13 @@ async fn reload(daemon: &Daemon) -> Ran {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_reports_its_outcome_and_only_privileged_callers_may_ask() {
     let issuer = Issuer::start(vec![ClientSpec::checkout("a", SECRET_A, &[])]).await;
-    let first = key("a", &issuer, "a", &format!("client_secret = {SECRET_A:?}"));
+    let first = key("a", &issuer, "a").secret(SECRET_A).toml();
     let daemon = Daemon::start("", &first);
     let token = daemon.call(json!({"op": "get", "key": "a"})).await;
     assert_eq!(token["ok"], true, "{token}");
 
     // A second key: reloaded, and the first key's token kept.
-    let second = key("b", &issuer, "a", &format!("client_secret = {SECRET_A:?}"));
+    let second = key("b", &issuer, "a").secret(SECRET_A).toml();
     daemon.rewrite_keys(&format!("{first}\n{second}"));
     let ran = reload(&daemon).await;
     assert_eq!(ran.code, Some(0), "{ran:?}");
@@ -84,9 +87,7 @@ async fn reload_reports_its_outcome_and_only_privileged_callers_may_ask() {
         .arg(daemon.dir.path().join("nothing.sock"));
     assert_eq!(run(command, b"").await.code, Some(3));
 
-    let mut secrets = issuer.issued_tokens();
-    secrets.push(SECRET_A.to_owned());
-    daemon.stop_and_check_log(&secrets);
+    daemon.stop_and_check_log(&secrets(&[&issuer], &[SECRET_A]));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -98,13 +99,8 @@ async fn an_unreadable_secret_leaves_the_other_keys_served_until_a_reload_fixes_
     .await;
     let secrets_dir = tempfile::tempdir().expect("dir");
     let missing = secrets_dir.path().join("b.secret");
-    let keys = key("a", &issuer, "a", &format!("client_secret = {SECRET_A:?}"))
-        + &key(
-            "b",
-            &issuer,
-            "b",
-            &format!("client_secret_file = {:?}", missing.display().to_string()),
-        );
+    let keys = key("a", &issuer, "a").secret(SECRET_A).toml()
+        + &key("b", &issuer, "b").secret_file(&missing).toml();
     let mut daemon = Daemon::start("", &keys);
     daemon.wait_for_log("key \"b\" is unusable until a reload");
     assert_eq!(
@@ -140,9 +136,7 @@ async fn an_unreadable_secret_leaves_the_other_keys_served_until_a_reload_fixes_
     let answer = daemon.call(json!({"op": "get", "key": "b"})).await;
     assert_eq!(answer["ok"], true, "{answer}");
 
-    let mut secrets = issuer.issued_tokens();
-    secrets.extend([SECRET_A.to_owned(), SECRET_B.to_owned()]);
-    daemon.stop_and_check_log(&secrets);
+    daemon.stop_and_check_log(&secrets(&[&issuer], &[SECRET_A, SECRET_B]));
 }
 
 /// A failed start names the step that failed, once, and leaves no socket

@@ -10,6 +10,7 @@ use tokio::io::AsyncWriteExt;
 use serde_json::{json, Value};
 use support::daemon::{assert_issued, assert_same_token, Daemon};
 use support::issuer::{ClientSpec, Dialect, Issuer};
+use support::keys::{secrets, tables, Key};
 
 const SECRET: &str = "proto-secret-9f8e7d";
 
@@ -20,32 +21,19 @@ async fn setup(daemon_extra: &str) -> (Issuer, Daemon) {
         &["gateway", "vault", "fx"],
     )])
     .await;
-    let keys = format!(
-        r#"
-[keys.payments]
-token_url = "{}"
-client_id = "proto-client"
-client_secret = "{SECRET}"
-scopes = ["gateway", "vault", "fx"]
-allow_uids = [0]
-
-[keys.hidden]
-token_url = "{}"
-client_id = "proto-client"
-client_secret = "{SECRET}"
-allow_uids = [4242]
-"#,
-        issuer.token_url(Dialect::Checkout),
-        issuer.token_url(Dialect::Checkout),
-    );
+    let key = |name: &str| {
+        Key::new(name)
+            .issuer(&issuer, Dialect::Checkout)
+            .client("proto-client", SECRET)
+    };
+    let keys = tables(&[
+        key("payments")
+            .allow_uids(&[0])
+            .extra(r#"scopes = ["gateway", "vault", "fx"]"#),
+        key("hidden").allow_uids(&[4242]),
+    ]);
     let daemon = Daemon::start(daemon_extra, &keys);
     (issuer, daemon)
-}
-
-fn secrets(issuer: &Issuer) -> Vec<String> {
-    let mut all = issuer.issued_tokens();
-    all.push(SECRET.to_owned());
-    all
 }
 
 #[tokio::test]
@@ -120,7 +108,7 @@ async fn get_returns_a_token_with_canonical_scopes() {
         Some("fx gateway vault"),
         "the default set of a key with scopes asks for all of them"
     );
-    daemon.stop_and_check_log(&secrets(&issuer));
+    daemon.stop_and_check_log(&secrets(&[&issuer], &[SECRET]));
 }
 
 #[tokio::test]
@@ -145,7 +133,7 @@ async fn pipelined_requests_are_answered_in_order_on_one_connection() {
     }
     // One token for the five gets.
     assert_eq!(issuer.requests().len(), 1);
-    daemon.stop_and_check_log(&secrets(&issuer));
+    daemon.stop_and_check_log(&secrets(&[&issuer], &[SECRET]));
 }
 
 #[tokio::test]
@@ -250,7 +238,7 @@ async fn keys_and_status_show_only_readable_keys_and_no_secrets() {
         "{status}"
     );
     assert!(sets[0].get("last_error").is_none());
-    daemon.stop_and_check_log(&secrets(&issuer));
+    daemon.stop_and_check_log(&secrets(&[&issuer], &[SECRET]));
 }
 
 #[tokio::test]
@@ -365,5 +353,5 @@ async fn printed_answers_show_fingerprints_not_tokens() {
             "{shown}"
         );
     }
-    daemon.stop_and_check_log(&secrets(&issuer));
+    daemon.stop_and_check_log(&secrets(&[&issuer], &[SECRET]));
 }

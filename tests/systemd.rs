@@ -12,9 +12,10 @@ use std::process::Command;
 use std::time::Duration;
 
 use serde_json::json;
-use support::daemon::{assert_same_token, write_private, Answer, Conn, TOKEND};
+use support::daemon::{assert_same_token, write_private, Answer, Conn, Daemon, TOKEND};
 use support::issuer::{ClientSpec, Dialect, Fault, Issuer};
-use support::systemd::{field, Unit};
+use support::keys::{secrets, Key};
+use support::systemd::field;
 
 const SECRET_A: &str = "systemd-secret-a-5521";
 const SECRET_B: &str = "systemd-secret-b-7730";
@@ -26,21 +27,28 @@ fn uid() -> u32 {
 
 /// A `[keys.NAME]` table for `issuer`'s Checkout endpoint.
 fn key(name: &str, issuer: &Issuer, client: &str, secret: &str, extra: &str) -> String {
-    format!(
-        "[keys.{name}]\ntoken_url = {:?}\nclient_id = {client:?}\nclient_secret = {secret:?}\nallow_uids = [{}]\n{extra}\n",
-        issuer.token_url(Dialect::Checkout),
-        uid()
-    )
+    Key::new(name)
+        .issuer(issuer, Dialect::Checkout)
+        .client(client, secret)
+        .allow_me()
+        .extra(extra)
+        .toml()
+}
+
+/// Started as systemd starts a notify service with a one-second watchdog
+/// (at an abstract `$NOTIFY_SOCKET` or a path), once `READY=1` came.
+fn start_notify(keys: &str, abstract_address: bool) -> Daemon {
+    let unit = Daemon::builder().keys(keys);
+    let unit = if abstract_address {
+        unit.notify_abstract()
+    } else {
+        unit.notify()
+    };
+    unit.watchdog(Duration::from_secs(1)).start()
 }
 
 async fn get(conn: &mut Conn, key: &str) -> Answer {
     conn.call(json!({"op": "get", "key": key})).await
-}
-
-fn secrets(issuers: &[&Issuer], more: &[&str]) -> Vec<String> {
-    let mut all: Vec<String> = issuers.iter().flat_map(|i| i.issued_tokens()).collect();
-    all.extend(more.iter().map(|s| (*s).to_owned()));
-    all
 }
 
 fn monotonic_usec() -> u64 {
@@ -68,13 +76,14 @@ async fn ready_before_prefetch_then_status_watchdog_and_stopping() {
     let keys = [
         key("k", &issuer, "a", SECRET_A, ""),
         key("bad", &issuer, "bad", "wrong-secret-1", "prefetch = [[]]"),
-        format!(
-            "[keys.slow]\ntoken_url = {silent_url:?}\nclient_id = \"s\"\nclient_secret = {SECRET_B:?}\n\
-             prefetch = [[]]\nrequest_timeout = \"60s\"\n"
-        ),
+        Key::new("slow")
+            .url(&silent_url)
+            .client("s", SECRET_B)
+            .extra("prefetch = [[]]\nrequest_timeout = \"60s\"")
+            .toml(),
     ]
     .concat();
-    let unit = Unit::start_notify(&keys, false);
+    let unit = start_notify(&keys, false);
     let notify = unit.notify();
     let (ready_at, ready) = notify.wait_for(0, "READY=1");
     assert!(
@@ -118,7 +127,7 @@ async fn sighup_serves_a_new_key_on_an_open_connection_and_keeps_tokens() {
     .await;
     let key_a = key("a", &issuer, "a", SECRET_A, "");
     // An abstract NOTIFY_SOCKET, as systemd gives services in containers.
-    let unit = Unit::start_notify(&key_a, true);
+    let unit = start_notify(&key_a, true);
     let notify = unit.notify();
     let (ready_at, _) = notify.wait_for(0, "READY=1");
     let mut conn = Conn::open(&unit.socket).await;
@@ -127,7 +136,7 @@ async fn sighup_serves_a_new_key_on_an_open_connection_and_keeps_tokens() {
     assert_eq!(get(&mut conn, "b").await["error"]["code"], "unknown_key");
 
     let key_b = key("b", &issuer, "b", SECRET_B, "");
-    unit.write_config(&Unit::config_text(unit.dir(), &format!("{key_a}{key_b}")));
+    unit.rewrite_keys(&format!("{key_a}{key_b}"));
     unit.signal(libc::SIGHUP);
     let (reloading_at, reloading) = notify.wait_for(ready_at + 1, "RELOADING=1");
     let stamp: u64 = reloading
@@ -168,13 +177,13 @@ async fn sighup_rereads_a_rotated_secret_file() {
     let secret_dir = tempfile::tempdir().expect("dir");
     let secret_file = secret_dir.path().join("c.secret");
     write_private(&secret_file, &format!("{OLD}\n"));
-    let keys = format!(
-        "[keys.c]\ntoken_url = {:?}\nclient_id = \"c\"\nclient_secret_file = {:?}\nallow_uids = [{}]\n",
-        issuer.token_url(Dialect::Checkout),
-        secret_file.display().to_string(),
-        uid()
-    );
-    let unit = Unit::start_notify(&keys, false);
+    let keys = Key::new("c")
+        .issuer(&issuer, Dialect::Checkout)
+        .client_id("c")
+        .secret_file(&secret_file)
+        .allow_me()
+        .toml();
+    let unit = start_notify(&keys, false);
     let notify = unit.notify();
     let (ready_at, _) = notify.wait_for(0, "READY=1");
     let mut conn = Conn::open(&unit.socket).await;
@@ -200,15 +209,12 @@ async fn a_broken_config_on_sighup_keeps_the_old_keys_served() {
     ])
     .await;
     let key_a = key("a", &issuer, "a", SECRET_A, "");
-    let mut unit = Unit::start_notify(&key_a, false);
+    let mut unit = start_notify(&key_a, false);
     let (ready_at, _) = unit.notify().wait_for(0, "READY=1");
     assert_eq!(unit_get(&unit, "a").await["ok"], true);
 
     // Key b is fine, but a typo further down breaks the whole file.
-    let good = Unit::config_text(
-        unit.dir(),
-        &format!("{key_a}{}", key("b", &issuer, "b", SECRET_B, "")),
-    );
+    let good = unit.config_text(&format!("{key_a}{}", key("b", &issuer, "b", SECRET_B, "")));
     let broken = format!("{good}min_valid = \"soon\"\n");
     let line = broken.lines().count();
     unit.write_config(&broken);
@@ -222,7 +228,7 @@ async fn a_broken_config_on_sighup_keeps_the_old_keys_served() {
             .is_some_and(|s| s.contains("last reload failed") && s.contains(&at)),
         "{ready:?}"
     );
-    let logged = unit.wait_for_log("reload failed");
+    let logged = unit.wait_for_log_line("reload failed");
     assert!(logged.contains(&at), "{logged}");
 
     assert_eq!(unit_get(&unit, "a").await["ok"], true);
@@ -248,7 +254,13 @@ async fn a_broken_config_on_sighup_keeps_the_old_keys_served() {
 async fn log_level_applies_without_rust_log_and_a_reload_changes_it() {
     let issuer = Issuer::start(vec![ClientSpec::checkout("a", SECRET_A, &[])]).await;
     let key_a = key("a", &issuer, "a", SECRET_A, "");
-    let mut unit = Unit::start_notify_with(&format!("log_level = \"debug\"\n{key_a}"), false, None);
+    let mut unit = Daemon::builder()
+        .daemon_lines("log_level = \"debug\"")
+        .keys(&key_a)
+        .env_remove("RUST_LOG")
+        .notify()
+        .watchdog(Duration::from_secs(1))
+        .start();
     let (ready_at, _) = unit.notify().wait_for(0, "READY=1");
     assert_eq!(unit_get(&unit, "a").await["ok"], true);
     unit.wait_for_log("connection opened"); // debug
@@ -256,22 +268,19 @@ async fn log_level_applies_without_rust_log_and_a_reload_changes_it() {
 
     // At "warn" a handout is not logged; the warning about a socket change
     // (which takes a restart) after it shows the log has caught up.
-    unit.write_config(&Unit::config_text(
-        unit.dir(),
-        &format!("log_level = \"warn\"\n{key_a}"),
-    ));
+    unit.rewrite("log_level = \"warn\"", &key_a);
     unit.signal(libc::SIGHUP);
     let (reloading_at, _) = unit.notify().wait_for(ready_at + 1, "RELOADING=1");
     let (ready_at, _) = unit.notify().wait_for(reloading_at + 1, "READY=1");
     assert_eq!(unit_get(&unit, "a").await["ok"], true);
-    let moved = unit.dir().join("elsewhere.sock");
+    let moved = unit.dir.path().join("elsewhere.sock");
     unit.write_config(&format!(
         "[daemon]\nsocket = {:?}\nlog_level = \"warn\"\n{key_a}",
         moved.display().to_string()
     ));
     unit.signal(libc::SIGHUP);
     unit.notify().wait_for(ready_at + 1, "RELOADING=1");
-    let warning = unit.wait_for_log("takes a restart");
+    let warning = unit.wait_for_log_line("takes a restart");
     assert!(warning.contains("socket changed"), "{warning}");
     assert_eq!(unit.log().matches("handed out a token").count(), 1);
     assert!(!moved.exists(), "a reload does not move the socket");
@@ -280,21 +289,24 @@ async fn log_level_applies_without_rust_log_and_a_reload_changes_it() {
     unit.stop_and_check_log(&secrets(&[&issuer], &[SECRET_A]));
 }
 
-async fn unit_get(unit: &Unit, key: &str) -> Answer {
+async fn unit_get(unit: &Daemon, key: &str) -> Answer {
     get(&mut Conn::open(&unit.socket).await, key).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn socket_activation_serves_on_the_passed_socket_and_binds_none() {
     let issuer = Issuer::start(vec![ClientSpec::checkout("a", SECRET_A, &[])]).await;
-    let mut unit = Unit::start_activated(&key("k", &issuer, "a", SECRET_A, ""));
-    let configured = unit.dir().join("tokend.sock");
+    let mut unit = Daemon::builder()
+        .keys(&key("k", &issuer, "a", SECRET_A, ""))
+        .socket_activated()
+        .start();
+    let configured = unit.dir.path().join("tokend.sock");
 
     // The first connection makes systemd-socket-activate exec tokend.
     let mut conn = Conn::open(&unit.socket).await;
     let answer = get(&mut conn, "k").await;
     assert_eq!(answer["ok"], true, "{answer}");
-    let passed = unit.wait_for_log("using the socket systemd passed");
+    let passed = unit.wait_for_log_line("using the socket systemd passed");
     assert!(
         passed.contains(&unit.socket.display().to_string()),
         "{passed}"
@@ -307,7 +319,8 @@ async fn socket_activation_serves_on_the_passed_socket_and_binds_none() {
 
     drop(conn);
     let socket = unit.socket.clone();
-    let _dir = unit.stop_and_check_log(&secrets(&[&issuer], &[SECRET_A]));
+    // Stopped in place: the directory stays until `unit` is dropped.
+    unit.stop_checked(&secrets(&[&issuer], &[SECRET_A]));
     assert!(socket.exists(), "the passed socket is systemd's to remove");
     assert!(!configured.exists());
 }
@@ -331,7 +344,7 @@ async fn logs_go_to_journald_with_fields_when_stderr_is_the_journal() {
         key("down", &failing, "f", SECRET_B, "prefetch = [[]]"),
     ]
     .concat();
-    let unit = Unit::start_journald(&keys);
+    let unit = Daemon::builder().keys(&keys).journald().start();
     let mut conn = Conn::open(&unit.socket).await;
     let answer = conn
         .call(json!({"op": "get", "key": "k", "scopes": ["gateway"]}))

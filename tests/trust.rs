@@ -16,6 +16,7 @@ use serde_json::json;
 use support::cli::{as_caller, run, tokend, Ran};
 use support::daemon::{test_user, tokend_for_anyone, write_private, Daemon};
 use support::issuer::{ClientSpec, Dialect, Fault, Issuer};
+use support::keys::{secrets, Key};
 
 /// A secret whose form-urlencoded and Basic forms differ from it.
 const SECRET: &str = "Echo+Secret/with=chars and:colon 42";
@@ -38,11 +39,12 @@ fn wire_forms() -> Vec<String> {
 }
 
 fn key(name: &str, issuer: &Issuer, auth: &str) -> String {
-    format!(
-        "[keys.{name}]\ntoken_url = {:?}\nclient_id = {CLIENT:?}\nclient_secret = {SECRET:?}\n\
-         auth = {auth:?}\nallow_uids = [0]\n",
-        issuer.token_url(Dialect::Checkout)
-    )
+    Key::new(name)
+        .issuer(issuer, Dialect::Checkout)
+        .client(CLIENT, SECRET)
+        .allow_uids(&[0])
+        .extra(&format!("auth = {auth:?}"))
+        .toml()
 }
 
 fn json_error(status: u16, description: &str) -> Fault {
@@ -160,11 +162,12 @@ async fn check_as(user: &support::daemon::TestUser, dir: &Path, secret: &Path) -
     let config = dir.join("tokend.toml");
     write_private(
         &config,
-        &format!(
-            "[keys.k]\ntoken_url = \"http://127.0.0.1:9/t\"\nclient_id = \"c\"\n\
-             client_secret_file = {:?}\nallow_uids = [0]\n",
-            secret.display().to_string()
-        ),
+        &Key::new("k")
+            .url("http://127.0.0.1:9/t")
+            .client_id("c")
+            .secret_file(secret)
+            .allow_uids(&[0])
+            .toml(),
     );
     std::os::unix::fs::chown(&config, Some(user.uid), Some(user.gid)).expect("chown");
     let mut command = as_caller(
@@ -192,12 +195,12 @@ async fn a_credential_as_systemd_254_writes_it_is_accepted_and_wider_ones_refuse
     let ran = check_as(&bob, dir.path(), &secret).await;
     assert_eq!(ran.code, Some(0), "{ran:?}");
     let (uid, gid, groups) = (bob.uid, bob.gid, bob.groups.clone());
-    let keys = format!(
-        "[keys.payments]\ntoken_url = {:?}\nclient_id = {CLIENT:?}\nclient_secret_file = {:?}\n\
-         allow_uids = [0]\n",
-        issuer.token_url(Dialect::Checkout),
-        secret.display().to_string()
-    );
+    let keys = Key::new("payments")
+        .issuer(&issuer, Dialect::Checkout)
+        .client_id(CLIENT)
+        .secret_file(&secret)
+        .allow_uids(&[0])
+        .toml();
     let daemon = Daemon::start_with(tempfile::tempdir().expect("dir"), "", &keys, |dir| {
         for entry in [dir.to_path_buf(), dir.join("tokend.toml")] {
             std::os::unix::fs::chown(&entry, Some(uid), Some(gid)).expect("chown");
@@ -206,9 +209,7 @@ async fn a_credential_as_systemd_254_writes_it_is_accepted_and_wider_ones_refuse
     });
     let answer = daemon.call(json!({"op": "get", "key": "payments"})).await;
     assert_eq!(answer["ok"], true, "{answer}");
-    let mut secrets = issuer.issued_tokens();
-    secrets.push(SECRET.to_owned());
-    daemon.stop_and_check_log(&secrets);
+    daemon.stop_and_check_log(&secrets(&[&issuer], &[SECRET]));
 
     // The same ACL entry for someone else: refused, the entry named.
     std::fs::remove_file(&secret).expect("rm");
@@ -320,12 +321,12 @@ async fn a_reload_on_a_fifo_keeps_the_daemon_serving_and_sigterm_still_stops_it(
     let secret_dir = tempfile::tempdir().expect("dir");
     let secret = secret_dir.path().join("secret");
     write_private(&secret, SECRET);
-    let keys = format!(
-        "[keys.k]\ntoken_url = {:?}\nclient_id = {CLIENT:?}\nclient_secret_file = {:?}\n\
-         allow_uids = [0]\n",
-        issuer.token_url(Dialect::Checkout),
-        secret.display().to_string()
-    );
+    let keys = Key::new("k")
+        .issuer(&issuer, Dialect::Checkout)
+        .client_id(CLIENT)
+        .secret_file(&secret)
+        .allow_uids(&[0])
+        .toml();
     let mut daemon = Daemon::start("", &keys);
     let first = daemon.call(json!({"op": "get", "key": "k"})).await;
     assert_eq!(first["ok"], true, "{first}");
@@ -351,7 +352,5 @@ async fn a_reload_on_a_fifo_keeps_the_daemon_serving_and_sigterm_still_stops_it(
     );
     assert_eq!(again.token(), first.token(), "the same cached token");
     println!("a reload on a FIFO failed in {took:?}");
-    let mut secrets = issuer.issued_tokens();
-    secrets.push(SECRET.to_owned());
-    daemon.stop_and_check_log(&secrets);
+    daemon.stop_and_check_log(&secrets(&[&issuer], &[SECRET]));
 }

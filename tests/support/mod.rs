@@ -1,12 +1,13 @@
 //! Test support: the loopback issuer, the oidc-provider server, the
-//! daemon harness, its systemd counterpart, and containers booting a real
-//! systemd.
+//! daemon harness (plain or as systemd runs it, with systemd's stand-ins),
+//! the key builder, and containers booting a real systemd.
 #![allow(dead_code, unreachable_pub)]
 
 pub mod cli;
 pub mod daemon;
 pub mod foreign;
 pub mod issuer;
+pub mod keys;
 pub mod nspawn;
 pub mod oidc;
 pub mod systemd;
