@@ -1,36 +1,27 @@
-//! The token cache: one entry per (key, scope set), each owned by one task
-//! that alone asks the issuer for its token.
+//! The token cache: one entry per (key, scope set), each owned by one task.
 //!
-//! # Who owns what
-//! - An entry's [`Owner`] task holds the entry's state and publishes it in a
-//!   `watch` channel. A get reads that snapshot: a usable token is returned
-//!   without waking anyone; otherwise the get wakes the owner and waits for
-//!   its next answer. Only the owner starts issuer requests, so there is one
-//!   at a time per entry by construction, and a caller that hangs up cancels
-//!   nothing. The owner sleeps on one timer until the entry next needs work
-//!   (its refresh point, its retry time, its idle eviction): thousands of
-//!   idle entries are thousands of parked timers and cost no CPU.
-//! - A key's issuer budget ([`Pause`]) is written by the owners of its sets
-//!   and read by gets. Issuers limit clients, not scope sets: a 429 or 503
-//!   with `Retry-After`, or rejected credentials, pause the whole key. During
-//!   a pause every set of the key answers `unavailable` at once, and when it
-//!   ends one owner probes while the others wait for its outcome.
-//! - A key's map of sets is touched by callers only (gets, reloads, status),
-//!   never by owners, and never across an `.await`. An owner that ends (its
-//!   set idle, its cache stopped) leaves a dead entry behind, which the next
-//!   caller to meet it replaces or skips.
-//! - On reload, the sets of a key whose credential did not change move to the
-//!   new cache: their owners are handed the new key and follow its settings
-//!   from then on. No entry ever has two owners.
+//! - An entry's [`Owner`] task alone asks the issuer for its token, and
+//!   publishes the entry in a `watch` channel. A get with a usable token
+//!   returns it without waking anyone; otherwise it wakes the owner and
+//!   waits for its next answer, so there is one request at a time per entry
+//!   by construction and a caller that hangs up cancels nothing. Between
+//!   requests an owner sleeps on one timer (refresh point, retry time, idle
+//!   eviction): thousands of idle entries cost no CPU.
+//! - Issuers limit clients, not scope sets: a 429 or 503 with `Retry-After`,
+//!   or rejected credentials, pause the whole key ([`Pause`], written by its
+//!   sets' owners, read by gets). While paused every set of the key answers
+//!   `unavailable` at once; after it, one owner probes, the others wait.
+//! - A key's map of sets is locked by callers only (gets, reloads, status).
+//!   An owner that ends (idle, or its cache stopped) leaves a dead entry,
+//!   which the next caller to meet it replaces or skips.
+//! - A reload moves the sets of unchanged keys, owners included, to the new
+//!   cache; the owner follows the new key's settings from then on.
 //!
-//! Expiry and refresh points are on the boot clock (`CLOCK_BOOTTIME`), which
-//! keeps counting while the machine is suspended; tokio's clock does not. So
-//! every wake-up and every get reads the boot clock: a token whose life ran
-//! out during a suspend is never handed out, and a refresh that fell due is
-//! made at once.
-//!
-//! The pure rules (what an owner does next, when to refresh, how long to
-//! back off) are free functions at the bottom, unit-tested with fixed draws.
+//! Times are on the boot clock (`CLOCK_BOOTTIME`), which counts while the
+//! machine is suspended and tokio's clock does not; owners and gets re-read
+//! it, so a token that died during a suspend is never handed out and a
+//! refresh that fell due is made at once. The pure rules (what an owner does
+//! next, when to refresh, how long to back off) are at the bottom.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -184,7 +175,7 @@ struct Key {
 /// one scope set's, no set of the key asks the issuer before `until`; then
 /// the first owner to try is the one probe (`probing`) and the others wait
 /// for its outcome.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 struct Pause {
     until: Option<Duration>,
     /// Client failures in a row; drives the backoff.
@@ -407,24 +398,16 @@ impl TokenCache {
             if !key.config.same_credential(&old_key.config) {
                 continue;
             }
-            {
-                let old_pause = old_key.pause.borrow();
-                // A probe of the old key's reports to whichever key its
-                // owner has then; not marking it here means at worst one
-                // more probe, never a key stuck waiting for one.
-                key.pause.send_replace(Pause {
-                    until: old_pause.until,
-                    failures: old_pause.failures,
-                    error: old_pause.error.clone(),
-                    probing: false,
-                });
-            }
-            for (flag, old_flag) in [
-                (&key.warned_no_expiry, &old_key.warned_no_expiry),
-                (&key.warned_min_valid, &old_key.warned_min_valid),
-            ] {
-                flag.store(old_flag.load(Ordering::Relaxed), Ordering::Relaxed);
-            }
+            // A probe under way reports to its owner's key of the moment;
+            // not marking it here risks one more probe, never a key stuck.
+            let pause = old_key.pause.borrow().clone();
+            key.pause.send_replace(Pause {
+                probing: false,
+                ..pause
+            });
+            let warned = |flag: &AtomicBool| flag.load(Ordering::Relaxed);
+            (key.warned_no_expiry).store(warned(&old_key.warned_no_expiry), Ordering::Relaxed);
+            (key.warned_min_valid).store(warned(&old_key.warned_min_valid), Ordering::Relaxed);
             let mut sets = lock(&key.sets);
             for (scopes, entry) in old_key.entries() {
                 // Also drops a set the new configuration would serve from
@@ -486,10 +469,11 @@ impl Key {
         };
         let (state, receiver) = watch::channel(initial);
         let (moves, moved) = mpsc::unbounded_channel();
+        let last_used = AtomicU64::new(NEVER_USED);
         let entry = Arc::new(Entry {
             state: receiver,
             wake: Notify::new(),
-            last_used: AtomicU64::new(NEVER_USED),
+            last_used,
             moves,
         });
         if asked {
