@@ -510,9 +510,10 @@ impl Key {
         let seen = {
             let current = state.borrow_and_update();
             if let Some(token) = current.token.as_ref().filter(|t| t.usable(now)) {
-                // Due yet unrenewed only after a suspend, which held back
-                // the owner's timer: renew now, and serve this one.
-                if now >= token.refresh_at {
+                // Due, not backing off, yet unrenewed: a suspend held back
+                // the owner's timer. Renew now, and serve this one.
+                let backing_off = current.retry_at.is_some_and(|at| now < at);
+                if now >= token.refresh_at && !backing_off {
                     entry.wake.notify_one();
                 }
                 return Some(Ok(token.clone()));
