@@ -8,7 +8,7 @@
 //! - [`secret_file`]: reading files that hold secrets, and who else may read them.
 //! - [`scope`]: canonical scope sets.
 //! - [`issuer`]: the token-endpoint client and the parser of its answers.
-//! - [`cache`]: one token per (key, scope set), single-flight fetches.
+//! - [`cache`]: one token per (key, scope set), each kept fresh by its one owner task; per-key issuer budget.
 //! - [`protocol`]: socket protocol v1, pure encode and decode.
 //! - [`peer`]: the caller's kernel-recorded identity and the allow decision.
 //! - [`service`]: what each request means for this caller.

@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use tokio::sync::{mpsc, oneshot};
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use zeroize::Zeroizing;
 
@@ -265,7 +264,7 @@ impl Service {
             };
             ErrorBody::new(code, e.to_string())
         })?;
-        let remaining = token.remaining(Instant::now());
+        let remaining = token.remaining(self.cache.now());
         self.audit.record(
             caller,
             Event::HandedOut {

@@ -135,6 +135,26 @@ pub enum Fault {
     DeniedWith200,
     /// A successful 200 JSON body padded to this many bytes (a `padding` member).
     HugeBody(usize),
+    /// `fault` for requests whose `scope` names `scope`; others are
+    /// answered normally. Issuers limit clients, not scope sets: this is
+    /// how a test makes one set of a key fail while the others work.
+    ForScope {
+        scope: String,
+        fault: Box<Fault>,
+    },
+}
+
+impl Fault {
+    /// The fault that applies to `request`, if any.
+    fn for_request(self, request: &Incoming) -> Option<Fault> {
+        match self {
+            Fault::ForScope { scope, fault } => request
+                .param("scope")
+                .is_some_and(|asked| asked.split(' ').any(|s| s == scope))
+                .then_some(*fault),
+            fault => Some(fault),
+        }
+    }
 }
 
 /// One request as the server saw it, with what it answered.
@@ -239,7 +259,11 @@ impl Issuer {
 
     /// Applies `fault` to every following request until cleared with `None`.
     pub fn set_fault(&self, fault: Option<Fault>) {
-        if let Some(Fault::Status { status, .. } | Fault::RetryAfter { status, .. }) = &fault {
+        let inner = match &fault {
+            Some(Fault::ForScope { fault, .. }) => Some(&**fault),
+            other => other.as_ref(),
+        };
+        if let Some(Fault::Status { status, .. } | Fault::RetryAfter { status, .. }) = inner {
             assert!(
                 StatusCode::from_u16(*status).is_ok(),
                 "fault status {status} is not a valid HTTP status code"
@@ -733,7 +757,8 @@ impl Outcome {
             | Fault::ExpiresInAsString
             | Fault::NoExpiresIn
             | Fault::LowercaseTokenType
-            | Fault::HugeBody(_) => None,
+            | Fault::HugeBody(_)
+            | Fault::ForScope { .. } => None,
         }
     }
 
@@ -839,8 +864,10 @@ async fn handle(
     body: Bytes,
 ) -> Response {
     let at = Instant::now();
-    let fault = lock(&shared.fault).clone();
     let request = Incoming::parse(method, &uri, &headers, &body);
+    let fault = lock(&shared.fault)
+        .clone()
+        .and_then(|fault| fault.for_request(&request));
     let outcome = shared.answer(&request, fault.as_ref());
     // Record before any await, so a client that gives up during a Delay
     // (dropping this future) is still in the log.
