@@ -8,6 +8,11 @@
 //! after every answer in flight was written. A socket systemd passed is
 //! neither bound nor removed here: it is systemd's.
 //!
+//! [`serve`] reads top to bottom: start-up, the signal loop, and shutdown
+//! in a straight line through the two phases of one [`Shutdown`] (stop
+//! taking work; at the answer deadline, give up what still waits), with the
+//! server draining its own connections in between.
+//!
 //! A reload builds a whole new [`Service`] beside the running one and swaps
 //! it in; handlers pick up the current one per request, so connections stay
 //! open across a reload. Logging is [`crate::logging`]'s, process hardening
@@ -29,19 +34,16 @@ use crate::config::{self, Config, DaemonConfig};
 use crate::hardening;
 use crate::issuer::IssuerClient;
 use crate::logging::Logging;
-use crate::server::{self, Limits, Listener};
+use crate::server::{self, Limits};
 use crate::service::{ReloadAsked, Service};
+use crate::shutdown::Shutdown;
 use crate::systemd::{self, Notifier};
 
-/// From the stop signal to the moment gets still waiting on an issuer are
-/// answered `unavailable`.
+/// From the stop signal to the answer deadline: gets still waiting on an
+/// issuer are answered `unavailable`, and connections that will not finish
+/// (a caller that does not read its answer) are given up. The server needs
+/// at most a quarter of a second more: the whole is under the 5 s we promise.
 const ANSWER_DEADLINE: Duration = Duration::from_millis(3500);
-/// From the stop signal to giving up on connections that will not finish
-/// (a caller that does not read its answer). Under the 5 s we promise.
-const DRAIN_DEADLINE: Duration = Duration::from_millis(4500);
-/// After the drain deadline, how long abandoned handlers get to close their
-/// connections (they only have to notice); still under the 5 s.
-const ABANDON_GRACE: Duration = Duration::from_millis(250);
 /// How often the STATUS= line is recomputed (and sent when it changed).
 /// Cheap: a summary takes each cache lock once, briefly.
 const STATUS_EVERY: Duration = Duration::from_secs(2);
@@ -53,6 +55,97 @@ const RELOAD_READ_LIMIT: Duration = Duration::from_secs(5);
 pub async fn serve(config_path: &Path) -> anyhow::Result<()> {
     let config = config::load_serving(config_path)?;
     let logging = Logging::init(config.daemon.log_level);
+    warn_unusable(&config);
+    // Watched before anything is announced: the default action of each of
+    // these signals would kill the daemon.
+    let mut signals = Signals::new()?;
+    hardening::apply();
+    let notifier = Arc::new(Notifier::from_env());
+    let mut socket = Socket::open(&config.daemon)?;
+    let shutdown = Shutdown::new();
+    // Reloads asked over the socket (`tokend reload`, systemd's
+    // ExecReload=) queue here; the signal loop below runs them.
+    let (reload_requests, mut asked_reloads) = mpsc::channel(4);
+    let limits = Limits::from(&config.daemon);
+    let mut reloader = Reloader::start(
+        config_path,
+        config,
+        &shutdown,
+        notifier.clone(),
+        logging,
+        reload_requests,
+    )?;
+    let server = tokio::spawn(server::run(
+        socket
+            .listener
+            .take()
+            .context("the socket was opened once")?,
+        reloader.current.subscribe(),
+        limits,
+        shutdown.clone(),
+    ));
+    tracing::info!(socket = %socket.shown, keys = reloader.keys(), "listening");
+    reloader.current.borrow().cache().prefetch();
+    notifier.notify(&reloader.status.ready()).await;
+    let chores = Chores::start(&notifier, &reloader);
+
+    let signal_name = run_until_stopped(&mut signals, &mut reloader, &mut asked_reloads).await?;
+
+    tracing::info!("{signal_name} received: shutting down");
+    notifier.notify(systemd::STOPPING).await;
+    shutdown.begin();
+    // Owners would otherwise keep refreshing (and retrying a failing
+    // issuer) until the deadline.
+    reloader.current.borrow().cache().stop();
+    drain(server, &shutdown).await;
+    chores.stop().await;
+    socket.remove();
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Reloads on SIGHUP or when asked over the socket, until SIGTERM or
+/// SIGINT, whose name it returns. A stop signal is acted on even while a
+/// reload is under way.
+async fn run_until_stopped(
+    signals: &mut Signals,
+    reloader: &mut Reloader,
+    asked_reloads: &mut mpsc::Receiver<ReloadAsked>,
+) -> anyhow::Result<&'static str> {
+    loop {
+        tokio::select! {
+            asked = signals.next() => match asked {
+                Some(Asked::Reload) => tokio::select! {
+                    _ = reloader.reload("SIGHUP received") => {}
+                    name = signals.stop() => return Ok(name),
+                },
+                Some(Asked::Stop(name)) => return Ok(name),
+                None => anyhow::bail!("signal handling ended unexpectedly"),
+            },
+            Some(reply) = asked_reloads.recv() => tokio::select! {
+                outcome = reloader.reload("asked over the socket") => {
+                    let _ = reply.send(outcome);
+                }
+                name = signals.stop() => return Ok(name),
+            },
+        }
+    }
+}
+
+/// Waits for the server to finish the answers in flight, and at the answer
+/// deadline tells everything still waiting to give up.
+async fn drain(mut server: tokio::task::JoinHandle<()>, shutdown: &Shutdown) {
+    tokio::select! {
+        _ = &mut server => return,
+        () = tokio::time::sleep(ANSWER_DEADLINE) => {
+            tracing::warn!("some connections did not finish in time; giving them up");
+            shutdown.expire();
+        }
+    }
+    let _ = server.await;
+}
+
+fn warn_unusable(config: &Config) {
     for (name, key) in &config.keys {
         if let Some(why) = &key.unusable {
             tracing::error!(
@@ -61,138 +154,45 @@ pub async fn serve(config_path: &Path) -> anyhow::Result<()> {
             );
         }
     }
-    // Watched before anything is announced: the default action of each of
-    // these signals would kill the daemon.
-    let mut signals = Signals::new()?;
-    hardening::apply();
-    let notifier = Arc::new(Notifier::from_env());
+}
 
-    let socket = Socket::open(&config.daemon)?;
+/// What runs beside the server until it has drained: the audit log's
+/// summaries (so the last answers are counted in them), and under systemd
+/// the watchdog and the STATUS= line.
+struct Chores {
+    stop: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
 
-    let shutdown = CancellationToken::new();
-    let deadline = CancellationToken::new();
-    let abandon = CancellationToken::new();
-    let tasks = TaskTracker::new();
-    let issuer = IssuerClient::new().context("failed to set up the HTTP client")?;
-    let config = Arc::new(config);
-    let cache = TokenCache::new(&config, issuer.clone(), tasks.clone(), deadline.clone());
-    let limits = Limits::from(&config.daemon);
-    // Reloads asked over the socket (`tokend reload`, systemd's
-    // ExecReload=) queue here; the signal loop below runs them.
-    let (reload_requests, mut asked_reloads) = mpsc::channel(4);
-    let audit = Arc::new(Audit::new());
-    let service = Arc::new(
-        Service::new(config.clone(), cache, deadline.clone(), audit.clone())
-            .with_reloads(reload_requests.clone()),
-    );
-    let (current, services) = watch::channel(service.clone());
-    let accept = tokio::spawn(
-        Listener {
-            listener: socket.listener,
-            services: services.clone(),
-            limits,
-            shutdown: shutdown.clone(),
-            abandon: abandon.clone(),
-            connections: tasks.clone(),
+impl Chores {
+    fn start(notifier: &Arc<Notifier>, reloader: &Reloader) -> Chores {
+        let stop = CancellationToken::new();
+        let mut tasks = vec![tokio::spawn(reloader.audit.clone().run(stop.clone()))];
+        if notifier.is_enabled() {
+            if let Some(every) = systemd::watchdog_interval() {
+                tasks.push(tokio::spawn(pet_watchdog(
+                    notifier.clone(),
+                    every,
+                    stop.clone(),
+                )));
+            }
+            tasks.push(tokio::spawn(reloader.status.clone().run(stop.clone())));
         }
-        .run(),
-    );
-    tracing::info!(socket = %socket.shown, keys = config.keys.len(), "listening");
-    service.cache().prefetch();
-    drop(service);
-
-    let status = Arc::new(Status::new(notifier.clone(), services));
-    notifier.notify(&status.ready()).await;
-    let housekeeping = CancellationToken::new();
-    // The audit log's summaries are written until after the drain, so the
-    // counts of the last answers are in them too.
-    let mut chores = vec![tokio::spawn(audit.clone().run(housekeeping.clone()))];
-    if notifier.is_enabled() {
-        if let Some(every) = systemd::watchdog_interval() {
-            chores.push(tokio::spawn(pet_watchdog(
-                notifier.clone(),
-                every,
-                housekeeping.clone(),
-            )));
-        }
-        chores.push(tokio::spawn(status.clone().run(housekeeping.clone())));
+        Chores { stop, tasks }
     }
 
-    let mut reloader = Reloader {
-        path: config_path.to_owned(),
-        current,
-        running: config.daemon.clone(),
-        issuer,
-        tasks: tasks.clone(),
-        deadline: deadline.clone(),
-        notifier: notifier.clone(),
-        status,
-        logging,
-        reload_requests,
-        audit,
-    };
-    drop(config);
-    let signal_name = loop {
-        // A stop signal is acted on even while a reload is under way.
-        tokio::select! {
-            asked = signals.next() => match asked {
-                Some(Asked::Reload) => tokio::select! {
-                    _ = reloader.reload("SIGHUP received") => {}
-                    name = signals.stop() => break name,
-                },
-                Some(Asked::Stop(name)) => break name,
-                None => anyhow::bail!("signal handling ended unexpectedly"),
-            },
-            Some(reply) = asked_reloads.recv() => tokio::select! {
-                outcome = reloader.reload("asked over the socket") => {
-                    let _ = reply.send(outcome);
-                }
-                name = signals.stop() => break name,
-            },
-        }
-    };
-
-    tracing::info!("{signal_name} received: shutting down");
-    notifier.notify(systemd::STOPPING).await;
-    let stopping = tokio::time::Instant::now();
-    shutdown.cancel();
-    // Refreshers would otherwise keep the task tracker busy (and keep
-    // retrying a failing issuer) until the deadline.
-    reloader.current.borrow().cache().stop();
-    let answer_deadline = deadline.clone();
-    tokio::spawn(async move {
-        tokio::time::sleep(ANSWER_DEADLINE).await;
-        answer_deadline.cancel();
-    });
-    let _ = accept.await;
-    tasks.close();
-    if tokio::time::timeout_at(stopping + DRAIN_DEADLINE, tasks.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!("some connections did not finish in time; closing them");
-        // Handlers blocked writing to callers that do not read close their
-        // connections now instead of waiting out `request_timeout_client`.
-        abandon.cancel();
-        let _ = tokio::time::timeout(ABANDON_GRACE, tasks.wait()).await;
-    }
-    deadline.cancel();
-    housekeeping.cancel();
-    for chore in chores {
-        let _ = chore.await;
-    }
-    if let Some(path) = socket.owned {
-        if let Err(e) = std::fs::remove_file(&path) {
-            tracing::warn!(socket = %path.display(), "failed to remove the socket: {e}");
+    async fn stop(self) {
+        self.stop.cancel();
+        for task in self.tasks {
+            let _ = task.await;
         }
     }
-    tracing::info!("stopped");
-    Ok(())
 }
 
 /// The listening socket: the one systemd passed, or one bound here.
 struct Socket {
-    listener: tokio::net::UnixListener,
+    /// Until the server takes it.
+    listener: Option<tokio::net::UnixListener>,
     /// The file to remove at shutdown: only one tokend bound itself.
     owned: Option<PathBuf>,
     /// Where it is, for the log.
@@ -200,6 +200,15 @@ struct Socket {
 }
 
 impl Socket {
+    /// Removes the socket file, when tokend made it.
+    fn remove(&self) {
+        if let Some(path) = &self.owned {
+            if let Err(e) = std::fs::remove_file(path) {
+                tracing::warn!(socket = %path.display(), "failed to remove the socket: {e}");
+            }
+        }
+    }
+
     fn open(daemon: &DaemonConfig) -> anyhow::Result<Socket> {
         if let Some(passed) = systemd::listener()? {
             let shown = systemd::listener_path(&passed);
@@ -207,17 +216,17 @@ impl Socket {
             let listener = tokio::net::UnixListener::from_std(passed)
                 .context("failed to register the socket systemd passed")?;
             return Ok(Socket {
-                listener,
+                listener: Some(listener),
                 owned: None,
                 shown,
             });
         }
         Ok(Socket {
-            listener: server::bind(
+            listener: Some(server::bind(
                 &daemon.socket,
                 daemon.socket_mode,
                 daemon.socket_group.as_deref(),
-            )?,
+            )?),
             owned: Some(daemon.socket.clone()),
             shown: daemon.socket.display().to_string(),
         })
@@ -272,8 +281,9 @@ struct Reloader {
     /// up at start and stay until a restart.
     running: DaemonConfig,
     issuer: IssuerClient,
-    tasks: TaskTracker,
-    deadline: CancellationToken,
+    /// Where the caches' owner tasks run.
+    owners: TaskTracker,
+    shutdown: Shutdown,
     notifier: Arc<Notifier>,
     status: Arc<Status>,
     logging: Logging,
@@ -284,6 +294,45 @@ struct Reloader {
 }
 
 impl Reloader {
+    /// The first service, for `config`.
+    fn start(
+        path: &Path,
+        config: Config,
+        shutdown: &Shutdown,
+        notifier: Arc<Notifier>,
+        logging: Logging,
+        reload_requests: mpsc::Sender<ReloadAsked>,
+    ) -> anyhow::Result<Reloader> {
+        let issuer = IssuerClient::new().context("failed to set up the HTTP client")?;
+        let owners = TaskTracker::new();
+        let audit = Arc::new(Audit::new());
+        let running = config.daemon.clone();
+        let config = Arc::new(config);
+        let cache = TokenCache::new(&config, issuer.clone(), owners.clone(), shutdown.deadline());
+        let service = Service::new(config, cache, shutdown.deadline(), audit.clone())
+            .with_reloads(reload_requests.clone());
+        let (current, services) = watch::channel(Arc::new(service));
+        let status = Arc::new(Status::new(notifier.clone(), services));
+        Ok(Reloader {
+            path: path.to_owned(),
+            current,
+            running,
+            issuer,
+            owners,
+            shutdown: shutdown.clone(),
+            notifier,
+            status,
+            logging,
+            reload_requests,
+            audit,
+        })
+    }
+
+    /// How many keys the service in force has.
+    fn keys(&self) -> usize {
+        self.current.borrow().key_count()
+    }
+
     /// Re-reads the configuration and its secret files; swaps in a new
     /// service when they are valid, keeps the running one when not. Either
     /// way systemd hears `READY=1` at the end. Returns the number of keys
@@ -319,8 +368,8 @@ impl Reloader {
         let cache = TokenCache::new(
             &config,
             self.issuer.clone(),
-            self.tasks.clone(),
-            self.deadline.clone(),
+            self.owners.clone(),
+            self.shutdown.deadline(),
         );
         let old = self.current.borrow().clone();
         let carried = cache.adopt(old.cache());
@@ -329,7 +378,7 @@ impl Reloader {
             Service::new(
                 config.clone(),
                 cache,
-                self.deadline.clone(),
+                self.shutdown.deadline(),
                 self.audit.clone(),
             )
             .with_reloads(self.reload_requests.clone()),

@@ -14,6 +14,7 @@
 //! - [`service`]: what each request means for this caller.
 //! - [`audit`]: the log of handouts and denials, and its bound on repeats.
 //! - [`server`]: the socket, the accept loop, per-connection handlers and limits.
+//! - [`shutdown`]: the two phases of a shutdown, as one value.
 //! - [`daemon`]: `tokend serve`: start-up, signals, reload and shutdown.
 //! - [`logging`]: journald or stderr, and the filter over both.
 //! - [`hardening`]: no core dumps, no same-uid debuggers, room for connections.
@@ -35,4 +36,5 @@ pub mod secret;
 pub mod secret_file;
 pub mod server;
 pub mod service;
+pub mod shutdown;
 pub mod systemd;

@@ -22,13 +22,13 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{watch, Semaphore};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::DaemonConfig;
 use crate::peer::{self, Caller};
 use crate::protocol::{self, ErrorBody, ErrorCode, Response};
 use crate::service::Service;
+use crate::shutdown::Shutdown;
 
 /// Why the socket could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -234,25 +234,58 @@ impl Drop for UidSlot {
     }
 }
 
-/// Owns the accept loop.
-pub struct Listener {
-    pub listener: UnixListener,
-    /// The current service; a reload replaces it.
-    pub services: watch::Receiver<Arc<Service>>,
-    pub limits: Limits,
-    /// Stop accepting and let handlers finish the request they are on.
-    pub shutdown: CancellationToken,
-    /// Cancelled when the shutdown drain's deadline passes: a handler still
-    /// writing an answer to a caller that does not read it gives up then,
-    /// rather than outliving the drain by up to `request_timeout`.
-    pub abandon: CancellationToken,
-    pub connections: TaskTracker,
+/// After the answer deadline, how long handlers get to notice it and close
+/// their connections (they only have to wake up).
+const CLOSE_GRACE: Duration = Duration::from_millis(250);
+
+/// Serves `listener` until `shutdown` begins, then drains its connections:
+/// each handler finishes the request it is on; at the answer deadline
+/// those still blocked (on an issuer, or on a caller that does not read)
+/// give up. Returns when every connection is closed, or [`CLOSE_GRACE`]
+/// after the deadline. `services` holds the service in force; a reload
+/// replaces it, and each request is answered by the one current then.
+pub async fn run(
+    listener: UnixListener,
+    services: watch::Receiver<Arc<Service>>,
+    limits: Limits,
+    shutdown: Shutdown,
+) {
+    let connections = TaskTracker::new();
+    Acceptor {
+        listener,
+        services,
+        limits,
+        shutdown: shutdown.clone(),
+        connections: connections.clone(),
+    }
+    .run()
+    .await;
+    connections.close();
+    tokio::select! {
+        () = connections.wait() => return,
+        () = shutdown.expired() => {}
+    }
+    if tokio::time::timeout(CLOSE_GRACE, connections.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("some connections did not close in time; leaving them");
+    }
 }
 
-impl Listener {
-    /// Accepts until `shutdown`; every connection runs in a task tracked by
-    /// `connections`.
-    pub async fn run(self) {
+/// The accept loop and what it hands each connection.
+struct Acceptor {
+    listener: UnixListener,
+    services: watch::Receiver<Arc<Service>>,
+    limits: Limits,
+    shutdown: Shutdown,
+    connections: TaskTracker,
+}
+
+impl Acceptor {
+    /// Accepts until the shutdown begins; every connection runs in a task
+    /// tracked by `connections`.
+    async fn run(self) {
         let slots = Arc::new(Semaphore::new(self.limits.max_connections));
         let per_uid = Arc::new(PerUid::default());
         loop {
@@ -267,7 +300,7 @@ impl Listener {
                         continue;
                     }
                 },
-                () = self.shutdown.cancelled() => break,
+                () = self.shutdown.stopping() => break,
             };
             // The kernel recorded who connected; reading it is two
             // getsockopt calls, cheap enough for the accept loop, and done
@@ -309,7 +342,6 @@ impl Listener {
                 services: self.services.clone(),
                 limits: self.limits,
                 shutdown: self.shutdown.clone(),
-                abandon: self.abandon.clone(),
             };
             self.connections.spawn(async move {
                 handler.run(stream, caller).await;
@@ -337,8 +369,7 @@ async fn refuse(mut stream: UnixStream, message: String, write_timeout: Duration
 struct Handler {
     services: watch::Receiver<Arc<Service>>,
     limits: Limits,
-    shutdown: CancellationToken,
-    abandon: CancellationToken,
+    shutdown: Shutdown,
 }
 
 impl Handler {
@@ -352,9 +383,12 @@ impl Handler {
         let mut lines = LineReader::new(read, self.limits.max_request_bytes);
         loop {
             let frame = tokio::select! {
+                // Between requests, stopping comes first: nothing is lost
+                // by stopping here, and a pipelined request read now would
+                // be work begun after the shutdown began.
+                biased;
+                () = self.shutdown.stopping() => break,
                 frame = lines.next(self.limits.idle_timeout, self.limits.request_timeout) => frame,
-                // Between requests: nothing is lost by stopping here.
-                () = self.shutdown.cancelled() => break,
             };
             let (answer, close) = match frame {
                 Ok(Frame::Idle) => {
@@ -395,12 +429,16 @@ impl Handler {
             // caller that pipelines requests and never reads would otherwise
             // keep its slots (and its uid's) for as long as it liked, since
             // we stop reading its requests while its answer waits.
+            // The write is tried first, so an answer made at the deadline
+            // (`unavailable`) still reaches a caller that reads; only one
+            // that would block gives up once the deadline has passed.
             let written = tokio::select! {
+                biased;
                 written = tokio::time::timeout(
                     self.limits.request_timeout,
                     write.write_all(&answer),
                 ) => written,
-                () = self.abandon.cancelled() => {
+                () = self.shutdown.expired() => {
                     tracing::debug!(
                         peer_uid = caller.uid,
                         "closing a connection whose answer was not taken by the end of the drain"

@@ -78,6 +78,11 @@ impl Service {
         self.needs_names
     }
 
+    /// How many keys this service's configuration has.
+    pub fn key_count(&self) -> usize {
+        self.config.keys.len()
+    }
+
     pub fn cache(&self) -> &TokenCache {
         &self.cache
     }
