@@ -44,16 +44,16 @@ use crate::scope::ScopeSet;
 /// How long repeats of a subject are counted before one line sums them up:
 /// a flood costs at most one line per subject per window, and journald's
 /// default rate limit (10,000 messages per 30 s per service) is far away.
-pub const WINDOW: Duration = Duration::from_secs(10);
+pub(crate) const WINDOW: Duration = Duration::from_secs(10);
 
 /// The most subjects tracked at once. A subject holds a configured key
 /// name, a scope set the key allows and a fingerprint, never a caller's
 /// free text: a few hundred bytes (twice, map and queue), so a few MiB at
 /// worst. Legitimate traffic (processes × keys × scope sets) is far below.
-pub const MAX_SUBJECTS: usize = 10_000;
+pub(crate) const MAX_SUBJECTS: usize = 10_000;
 
 /// One handout or denial, as [`crate::service`] saw it.
-pub enum Event<'a> {
+pub(crate) enum Event<'a> {
     HandedOut {
         key: &'a str,
         scopes: &'a ScopeSet,
@@ -277,7 +277,7 @@ impl Ledger {
 
 /// The audit log's one owner: what was seen in the current windows, and
 /// the wake-up of the task that writes their summaries.
-pub struct Audit {
+pub(crate) struct Audit {
     /// Held only to count, never while logging or awaiting.
     ledger: Mutex<Ledger>,
     /// Wakes [`Audit::run`] when a window opens while none was open: it
@@ -292,7 +292,7 @@ impl Default for Audit {
 }
 
 impl Audit {
-    pub fn new() -> Audit {
+    pub(crate) fn new() -> Audit {
         Audit::with_limits(WINDOW, MAX_SUBJECTS)
     }
 
@@ -312,7 +312,7 @@ impl Audit {
 
     /// Counts `event` of `caller` and logs it: at info if it is its
     /// subject's first in the window, else at debug.
-    pub fn record(&self, caller: &Caller, event: Event<'_>) {
+    pub(crate) fn record(&self, caller: &Caller, event: Event<'_>) {
         let subject = Subject::of(caller, &event);
         let (seen, was_idle, cap) = {
             let mut ledger = self.ledger();
@@ -336,7 +336,7 @@ impl Audit {
 
     /// Writes each window's summary when it ends, until `stop`; then
     /// everything still pending, so no count is lost at shutdown.
-    pub async fn run(self: Arc<Self>, stop: CancellationToken) {
+    pub(crate) async fn run(self: Arc<Self>, stop: CancellationToken) {
         loop {
             let (due, next) = {
                 let mut ledger = self.ledger();
@@ -363,7 +363,7 @@ impl Audit {
     }
 
     /// Writes every summary still owed now, windows ended or not.
-    pub fn flush(&self) {
+    pub(crate) fn flush(&self) {
         let all = self.ledger().drain();
         for summary in &all {
             log_summary(summary);

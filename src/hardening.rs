@@ -9,7 +9,7 @@ use nix::sys::resource::{getrlimit, setrlimit, Resource};
 /// open-file soft limit to the hard one. Failures are logged, not fatal:
 /// under the shipped unit systemd has set the limits already and its
 /// system call filter refuses setrlimit (@resources).
-pub fn apply() {
+pub(crate) fn apply() {
     if let Err(e) = nix::sys::prctl::set_dumpable(false) {
         tracing::warn!("failed to make the process non-dumpable: {e}");
     }

@@ -19,22 +19,37 @@
 //! - [`logging`]: journald or stderr, and the filter over both.
 //! - [`hardening`]: no core dumps, no same-uid debuggers, room for connections.
 //! - [`systemd`]: sd_notify, the watchdog, socket activation, journald detection.
-//! - [`client`]: `tokend get`'s side of the socket.
+//! - [`client`]: `tokend get`'s and `tokend reload`'s side of the socket.
+//!
+//! # How a get flows
+//! The [`server`]'s accept loop reads the caller's credentials from the
+//! kernel once (`SO_PEERCRED`, `SO_PEERGROUPS`), checks the connection
+//! limits, and hands the connection to a handler task. The handler reads one
+//! bounded line at a time and asks the [`service`] in force (a reload swaps
+//! it) to answer it: [`protocol::decode`] turns the line into a request,
+//! [`peer::allow`] decides on the key's allow lists, the key's scope rule
+//! picks the set ([`config::KeyConfig::effective_scopes`]), and the
+//! [`cache`] is asked for that set's token. A usable token comes straight
+//! from the entry's published snapshot; otherwise the get wakes the entry's
+//! owner task, the only one that talks to the [`issuer`], and waits for its
+//! answer. The [`audit`] log notes the handout (the first of its kind; repeats
+//! are counted), [`protocol::encode`] writes the answer into a buffer that
+//! is wiped once the handler has written it, within `request_timeout_client`.
 
-pub mod audit;
-pub mod cache;
+pub(crate) mod audit;
+pub(crate) mod cache;
 pub mod client;
 pub mod config;
 pub mod daemon;
-pub mod hardening;
+pub(crate) mod hardening;
 pub mod issuer;
-pub mod logging;
-pub mod peer;
+pub(crate) mod logging;
+pub(crate) mod peer;
 pub mod protocol;
 pub mod scope;
 pub mod secret;
 pub mod secret_file;
-pub mod server;
-pub mod service;
-pub mod shutdown;
-pub mod systemd;
+pub(crate) mod server;
+pub(crate) mod service;
+pub(crate) mod shutdown;
+pub(crate) mod systemd;

@@ -18,13 +18,13 @@ use crate::systemd;
 /// applies to tokend's own events only: the HTTP stack stays at `warn`
 /// unless `RUST_LOG` names it, because at `trace` it logs request headers,
 /// and with them the client's Basic credentials.
-pub struct Logging {
+pub(crate) struct Logging {
     /// `None` when `RUST_LOG` decides: then a reload leaves the level be.
     level: Option<reload::Handle<EnvFilter, Registry>>,
 }
 
 impl Logging {
-    pub fn init(level: LevelFilter) -> Logging {
+    pub(crate) fn init(level: LevelFilter) -> Logging {
         let from_env = std::env::var(EnvFilter::DEFAULT_ENV)
             .ok()
             .and_then(|text| EnvFilter::try_new(own_directives(&text)).ok());
@@ -57,7 +57,7 @@ impl Logging {
         }
     }
 
-    pub fn set_level(&self, level: LevelFilter) {
+    pub(crate) fn set_level(&self, level: LevelFilter) {
         if let Some(handle) = &self.level {
             if let Err(e) = handle.reload(EnvFilter::new(own_directives(&level.to_string()))) {
                 tracing::warn!("failed to change the log level: {e}");

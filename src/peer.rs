@@ -16,26 +16,26 @@ use crate::config::Acl;
 
 /// A connected caller as the kernel describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Caller {
-    pub uid: u32,
-    pub gid: u32,
+pub(crate) struct Caller {
+    pub(crate) uid: u32,
+    pub(crate) gid: u32,
     /// For log lines only: a PID can be reused, so it decides nothing.
-    pub pid: Option<i32>,
+    pub(crate) pid: Option<i32>,
     /// The primary group and every supplementary group.
-    pub gids: Vec<u32>,
+    pub(crate) gids: Vec<u32>,
     /// The user name of `uid`, when the system knows one (and names were
     /// looked up).
-    pub user: Option<String>,
+    pub(crate) user: Option<String>,
     /// The names of `gids` the system knows (when names were looked up).
-    pub groups: Vec<String>,
+    pub(crate) groups: Vec<String>,
     /// Whether `user` and `groups` were looked up.
-    pub named: bool,
+    pub(crate) named: bool,
 }
 
 impl Caller {
     /// Looks up the names of `uid` and `gids`. Blocking: may read /etc or
     /// ask NSS (LDAP, sssd), so call it off the async runtime's workers.
-    pub fn resolve_names(&mut self) {
+    pub(crate) fn resolve_names(&mut self) {
         self.user = User::from_uid(Uid::from_raw(self.uid))
             .ok()
             .flatten()
@@ -53,7 +53,7 @@ impl Caller {
 /// May `caller` read a key guarded by `acl`? An empty list allows nobody,
 /// root included.
 #[must_use]
-pub fn allow(caller: &Caller, acl: &Acl) -> bool {
+pub(crate) fn allow(caller: &Caller, acl: &Acl) -> bool {
     acl.uids.contains(&caller.uid)
         || caller
             .user
@@ -64,7 +64,7 @@ pub fn allow(caller: &Caller, acl: &Acl) -> bool {
 
 /// Reads the peer's credentials from a connected Unix stream, without
 /// names ([`Caller::resolve_names`] adds them).
-pub fn credentials(socket: &impl AsFd) -> io::Result<Caller> {
+pub(crate) fn credentials(socket: &impl AsFd) -> io::Result<Caller> {
     let cred = nix::sys::socket::getsockopt(socket, nix::sys::socket::sockopt::PeerCredentials)
         .map_err(io::Error::from)?;
     let fd = socket.as_fd().as_raw_fd();

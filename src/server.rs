@@ -32,7 +32,7 @@ use crate::shutdown::Shutdown;
 
 /// Why the socket could not be set up.
 #[derive(Debug, thiserror::Error)]
-pub enum BindError {
+pub(crate) enum BindError {
     #[error("{}: a file that is not a socket is in the way; tokend will not remove it", .0.display())]
     NotASocket(PathBuf),
     #[error("{}: another process is listening on this socket (is tokend already running?)", .0.display())]
@@ -65,7 +65,7 @@ pub enum BindError {
 
 /// Binds the listening socket at `path` with `mode` (and `group`, a group
 /// name, when set), replacing only a stale socket that nobody listens on.
-pub fn bind(path: &Path, mode: u32, group: Option<&str>) -> Result<UnixListener, BindError> {
+pub(crate) fn bind(path: &Path, mode: u32, group: Option<&str>) -> Result<UnixListener, BindError> {
     let io_err = |cause| BindError::Io {
         path: path.to_owned(),
         cause,
@@ -164,16 +164,16 @@ fn check_directory(path: &Path) -> Result<(), BindError> {
 
 /// Limits a connection lives under.
 #[derive(Debug, Clone, Copy)]
-pub struct Limits {
-    pub max_connections: usize,
+pub(crate) struct Limits {
+    pub(crate) max_connections: usize,
     /// So that no single uid can take every connection.
-    pub max_connections_per_uid: usize,
+    pub(crate) max_connections_per_uid: usize,
     /// Between requests: a connection that sends nothing this long is closed.
-    pub idle_timeout: Duration,
+    pub(crate) idle_timeout: Duration,
     /// From a line's first byte to its newline, and for writing one answer
     /// whole: a slow-drip client, or one that stops reading, is closed.
-    pub request_timeout: Duration,
-    pub max_request_bytes: usize,
+    pub(crate) request_timeout: Duration,
+    pub(crate) max_request_bytes: usize,
 }
 
 impl From<&DaemonConfig> for Limits {
@@ -244,7 +244,7 @@ const CLOSE_GRACE: Duration = Duration::from_millis(250);
 /// give up. Returns when every connection is closed, or [`CLOSE_GRACE`]
 /// after the deadline. `services` holds the service in force; a reload
 /// replaces it, and each request is answered by the one current then.
-pub async fn run(
+pub(crate) async fn run(
     listener: UnixListener,
     services: watch::Receiver<Arc<Service>>,
     limits: Limits,
@@ -494,7 +494,7 @@ async fn named(caller: Caller) -> Caller {
 
 /// One unit read from a connection.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Frame {
+pub(crate) enum Frame {
     /// A request line without its `\n`; also a final line that ended at EOF.
     Line(BytesMut),
     /// The line passed the limit; the rest of it was not read.
@@ -509,7 +509,7 @@ pub enum Frame {
 /// Reads `\n`-terminated lines holding at most `max` bytes of one line in
 /// memory, and says `TooLarge` as soon as a line passes the limit rather
 /// than waiting for its end.
-pub struct LineReader<R> {
+pub(crate) struct LineReader<R> {
     inner: R,
     buf: BytesMut,
     /// How far `buf` has been searched for `\n`, so a slowly arriving long
@@ -522,7 +522,7 @@ pub struct LineReader<R> {
 }
 
 impl<R: AsyncRead + Unpin> LineReader<R> {
-    pub fn new(inner: R, max: usize) -> Self {
+    pub(crate) fn new(inner: R, max: usize) -> Self {
         LineReader {
             inner,
             buf: BytesMut::new(),
@@ -535,7 +535,7 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
 
     /// The next frame. Waiting for a line to begin ends after `idle`; a
     /// line that has begun must end within `whole` of its first byte.
-    pub async fn next(&mut self, idle: Duration, whole: Duration) -> io::Result<Frame> {
+    pub(crate) async fn next(&mut self, idle: Duration, whole: Duration) -> io::Result<Frame> {
         let idle_deadline = Instant::now() + idle;
         loop {
             if let Some(pos) = self.buf[self.scanned..].iter().position(|&b| b == b'\n') {

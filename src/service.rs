@@ -24,7 +24,7 @@ use crate::protocol::{
 use crate::scope::ScopeSet;
 
 /// The daemon's answering logic over its configuration and cache.
-pub struct Service {
+pub(crate) struct Service {
     config: Arc<Config>,
     cache: TokenCache,
     /// Cancelled at the shutdown deadline: a get still waiting on the
@@ -43,10 +43,10 @@ pub struct Service {
 
 /// A reload asked for over the socket, and where its outcome goes: the
 /// number of keys now configured, or why the reload was refused.
-pub type ReloadAsked = oneshot::Sender<Result<usize, String>>;
+pub(crate) type ReloadAsked = oneshot::Sender<Result<usize, String>>;
 
 impl Service {
-    pub fn new(
+    pub(crate) fn new(
         config: Arc<Config>,
         cache: TokenCache,
         deadline: CancellationToken,
@@ -67,29 +67,29 @@ impl Service {
     }
 
     /// Lets privileged callers ask for a reload over the socket.
-    pub fn with_reloads(mut self, reloads: mpsc::Sender<ReloadAsked>) -> Service {
+    pub(crate) fn with_reloads(mut self, reloads: mpsc::Sender<ReloadAsked>) -> Service {
         self.reloads = Some(reloads);
         self
     }
 
     /// Whether any key's allow lists name a user or a group, so that
     /// callers' names must be looked up before they can be judged.
-    pub fn needs_names(&self) -> bool {
+    pub(crate) fn needs_names(&self) -> bool {
         self.needs_names
     }
 
     /// How many keys this service's configuration has.
-    pub fn key_count(&self) -> usize {
+    pub(crate) fn key_count(&self) -> usize {
         self.config.keys.len()
     }
 
-    pub fn cache(&self) -> &TokenCache {
+    pub(crate) fn cache(&self) -> &TokenCache {
         &self.cache
     }
 
     /// Answers one request line with one answer line.
     /// The answer lives in memory that is wiped once it is dropped.
-    pub async fn answer(&self, caller: &Caller, line: &[u8]) -> Zeroizing<Vec<u8>> {
+    pub(crate) async fn answer(&self, caller: &Caller, line: &[u8]) -> Zeroizing<Vec<u8>> {
         let request = match protocol::decode(line) {
             Ok(request) => request,
             Err(e) => {
@@ -314,6 +314,6 @@ fn set_status(entry: crate::cache::EntryStatus) -> SetStatus {
 }
 
 /// `2026-11-25T10:00:00Z`: whole seconds, UTC.
-pub fn rfc3339(time: SystemTime) -> String {
+pub(crate) fn rfc3339(time: SystemTime) -> String {
     humantime::format_rfc3339_seconds(time).to_string()
 }

@@ -16,40 +16,40 @@ use tokio_util::sync::CancellationToken;
 
 /// Both phases of a shutdown; cheap to clone, every clone sees the same.
 #[derive(Clone, Debug, Default)]
-pub struct Shutdown {
+pub(crate) struct Shutdown {
     stopping: CancellationToken,
     expired: CancellationToken,
 }
 
 impl Shutdown {
-    pub fn new() -> Shutdown {
+    pub(crate) fn new() -> Shutdown {
         Shutdown::default()
     }
 
     /// Phase 1: stop taking new work.
-    pub fn begin(&self) {
+    pub(crate) fn begin(&self) {
         self.stopping.cancel();
     }
 
     /// Phase 2: give up on work still waiting. Implies phase 1.
-    pub fn expire(&self) {
+    pub(crate) fn expire(&self) {
         self.stopping.cancel();
         self.expired.cancel();
     }
 
     /// Resolves once phase 1 has begun.
-    pub async fn stopping(&self) {
+    pub(crate) async fn stopping(&self) {
         self.stopping.cancelled().await;
     }
 
     /// Resolves once the answer deadline has passed.
-    pub async fn expired(&self) {
+    pub(crate) async fn expired(&self) {
         self.expired.cancelled().await;
     }
 
     /// The answer deadline as a token, for what takes one (the cache's
     /// issuer requests, gets waiting on them).
-    pub fn deadline(&self) -> CancellationToken {
+    pub(crate) fn deadline(&self) -> CancellationToken {
         self.expired.clone()
     }
 }

@@ -33,7 +33,7 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(1);
 /// Sends `sd_notify` messages to the socket in `$NOTIFY_SOCKET`, or nowhere
 /// when it is unset.
 #[derive(Debug)]
-pub struct Notifier {
+pub(crate) struct Notifier {
     addr: Option<SocketAddr>,
     /// Set after the first failed send, so a gone receiver costs one
     /// warning rather than one per watchdog tick.
@@ -43,7 +43,7 @@ pub struct Notifier {
 impl Notifier {
     /// Reads `$NOTIFY_SOCKET`. An address that is neither absolute nor
     /// abstract is logged and ignored, as libsystemd does.
-    pub fn from_env() -> Notifier {
+    pub(crate) fn from_env() -> Notifier {
         let addr = match std::env::var_os("NOTIFY_SOCKET") {
             None => None,
             Some(value) => match notify_address(value.as_encoded_bytes()) {
@@ -60,14 +60,14 @@ impl Notifier {
         }
     }
 
-    pub fn is_enabled(&self) -> bool {
+    pub(crate) fn is_enabled(&self) -> bool {
         self.addr.is_some()
     }
 
     /// Sends one message: newline-separated `NAME=value` assignments.
     /// Failures are logged, never returned: systemd's bookkeeping must not
     /// take the daemon down.
-    pub async fn notify(&self, message: &str) {
+    pub(crate) async fn notify(&self, message: &str) {
         let Some(addr) = &self.addr else { return };
         // A fresh socket per message, as libsystemd does: a socket connected
         // once would keep pointing at the old receiver after systemd
@@ -99,7 +99,7 @@ impl Notifier {
 
 /// Parses `$NOTIFY_SOCKET`: an absolute path, or `@name` for an abstract
 /// address.
-pub fn notify_address(value: &[u8]) -> io::Result<SocketAddr> {
+pub(crate) fn notify_address(value: &[u8]) -> io::Result<SocketAddr> {
     match value {
         [b'@', name @ ..] => SocketAddr::from_abstract_name(name),
         [b'/', ..] => {
@@ -115,21 +115,21 @@ pub fn notify_address(value: &[u8]) -> io::Result<SocketAddr> {
 }
 
 /// `READY=1` with a status line.
-pub fn ready(status: &str) -> String {
+pub(crate) fn ready(status: &str) -> String {
     format!("READY=1\nSTATUS={status}")
 }
 
 /// `RELOADING=1` stamped with `CLOCK_MONOTONIC` in microseconds, which
 /// systemd needs to tell this reload from an older one.
-pub fn reloading() -> String {
+pub(crate) fn reloading() -> String {
     format!("RELOADING=1\nMONOTONIC_USEC={}", monotonic_usec())
 }
 
-pub const STOPPING: &str = "STOPPING=1\nSTATUS=stopping";
-pub const WATCHDOG: &str = "WATCHDOG=1";
+pub(crate) const STOPPING: &str = "STOPPING=1\nSTATUS=stopping";
+pub(crate) const WATCHDOG: &str = "WATCHDOG=1";
 
 /// `CLOCK_MONOTONIC` in microseconds, the clock systemd compares with.
-pub fn monotonic_usec() -> u64 {
+pub(crate) fn monotonic_usec() -> u64 {
     match nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC) {
         Ok(now) => {
             let secs = u64::try_from(now.tv_sec()).unwrap_or_default();
@@ -143,7 +143,7 @@ pub fn monotonic_usec() -> u64 {
 
 /// How often to send `WATCHDOG=1`: half of `$WATCHDOG_USEC`, when the
 /// watchdog is on and meant for this process.
-pub fn watchdog_interval() -> Option<Duration> {
+pub(crate) fn watchdog_interval() -> Option<Duration> {
     let usec = std::env::var("WATCHDOG_USEC").ok();
     let pid = std::env::var("WATCHDOG_PID").ok();
     watchdog_interval_from(usec.as_deref(), pid.as_deref(), std::process::id())
@@ -161,7 +161,7 @@ fn watchdog_interval_from(usec: Option<&str>, pid: Option<&str>, me: u32) -> Opt
 
 /// The one-line state `systemctl status` shows, such as
 /// "3 keys, 5 tokens fresh, 1 failing: payments (500 from issuer)".
-pub fn status_line(summary: &CacheSummary) -> String {
+pub(crate) fn status_line(summary: &CacheSummary) -> String {
     let plural =
         |n: usize, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
     let mut line = format!(
@@ -186,7 +186,7 @@ pub fn status_line(summary: &CacheSummary) -> String {
 
 /// Why a socket systemd passed cannot be used.
 #[derive(Debug, thiserror::Error)]
-pub enum ActivationError {
+pub(crate) enum ActivationError {
     #[error("LISTEN_FDS={0:?} is not a number")]
     BadCount(String),
     #[error(
@@ -209,7 +209,7 @@ static TAKEN: AtomicBool = AtomicBool::new(false);
 /// The variables are left in the environment: tokend starts no children
 /// that could inherit them, and changing the environment of a running
 /// multi-threaded process races with other threads reading it.
-pub fn listener() -> Result<Option<UnixListener>, ActivationError> {
+pub(crate) fn listener() -> Result<Option<UnixListener>, ActivationError> {
     let fds = std::env::var("LISTEN_FDS").ok();
     let pid = std::env::var("LISTEN_PID").ok();
     let count = passed_count(fds.as_deref(), pid.as_deref(), std::process::id())?;
@@ -270,7 +270,7 @@ fn check_listener(fd: BorrowedFd<'_>) -> Result<(), ActivationError> {
 }
 
 /// Where a passed socket lives, for the log.
-pub fn listener_path(listener: &UnixListener) -> String {
+pub(crate) fn listener_path(listener: &UnixListener) -> String {
     match listener.local_addr() {
         Ok(addr) => match (addr.as_pathname(), addr.as_abstract_name()) {
             (Some(path), _) => path.display().to_string(),
@@ -285,7 +285,7 @@ pub fn listener_path(listener: &UnixListener) -> String {
 /// inode of the stream it connected stdout and stderr to; when stderr is
 /// still that stream (not redirected by a wrapper), logs should go to
 /// journald natively, with fields, rather than as lines of text.
-pub fn stderr_is_journal() -> bool {
+pub(crate) fn stderr_is_journal() -> bool {
     let Some(value) = std::env::var_os("JOURNAL_STREAM") else {
         return false;
     };

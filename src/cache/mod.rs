@@ -61,32 +61,32 @@ const NEVER_USED: u64 = u64::MAX;
 
 /// A token as we hold it. Its times are on the boot clock.
 #[derive(Debug)]
-pub struct CachedToken {
-    pub access_token: AccessToken,
-    pub token_type: String,
+pub(crate) struct CachedToken {
+    pub(crate) access_token: AccessToken,
+    pub(crate) token_type: String,
     /// What the issuer granted, or what was asked when it did not say.
-    pub scopes: ScopeSet,
+    pub(crate) scopes: ScopeSet,
     /// Boot-clock time of expiry: a wall-clock jump neither expires nor
     /// revives a token, and a suspend ages it.
-    pub expires: Duration,
+    pub(crate) expires: Duration,
     /// The wall-clock time of expiry as computed on receipt, for callers.
-    pub expires_at: SystemTime,
+    pub(crate) expires_at: SystemTime,
     /// The key's `min_valid`, capped at a quarter of this token's lifetime.
-    pub min_valid: Duration,
+    pub(crate) min_valid: Duration,
     /// Boot-clock time the owner renews it.
-    pub refresh_at: Duration,
+    pub(crate) refresh_at: Duration,
     /// As granted (or assumed), so that new settings can be applied to a
     /// token a reload carried over.
     lifetime: Duration,
 }
 
 impl CachedToken {
-    pub fn remaining(&self, now: Duration) -> Duration {
+    pub(crate) fn remaining(&self, now: Duration) -> Duration {
         self.expires.saturating_sub(now)
     }
 
     /// May this token still be handed out?
-    pub fn usable(&self, now: Duration) -> bool {
+    pub(crate) fn usable(&self, now: Duration) -> bool {
         self.remaining(now) > self.min_valid
     }
 
@@ -106,7 +106,7 @@ impl CachedToken {
 
 /// Why a `get` produced no token.
 #[derive(Debug, Clone, thiserror::Error)]
-pub enum GetError {
+pub(crate) enum GetError {
     #[error("no key named {0:?}")]
     UnknownKey(String),
     #[error("no valid token can be had now: {0}")]
@@ -122,28 +122,28 @@ pub enum GetError {
 
 /// A point-in-time view of one entry for `status`.
 #[derive(Debug)]
-pub struct EntryStatus {
-    pub scopes: ScopeSet,
-    pub expires_at: Option<SystemTime>,
-    pub remaining: Option<Duration>,
-    pub usable: bool,
-    pub fetching: bool,
-    pub last_refresh: Option<SystemTime>,
-    pub last_error: Option<String>,
+pub(crate) struct EntryStatus {
+    pub(crate) scopes: ScopeSet,
+    pub(crate) expires_at: Option<SystemTime>,
+    pub(crate) remaining: Option<Duration>,
+    pub(crate) usable: bool,
+    pub(crate) fetching: bool,
+    pub(crate) last_refresh: Option<SystemTime>,
+    pub(crate) last_error: Option<String>,
 }
 
 /// The cache in numbers, for systemd's STATUS= line.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct CacheSummary {
-    pub keys: usize,
+pub(crate) struct CacheSummary {
+    pub(crate) keys: usize,
     /// Scope sets holding a token that may be handed out.
-    pub fresh: usize,
+    pub(crate) fresh: usize,
     /// Keys whose last fetch failed, with a short reason such as
     /// "500 from issuer".
-    pub failing: Vec<(String, String)>,
+    pub(crate) failing: Vec<(String, String)>,
 }
 
-pub struct TokenCache {
+pub(crate) struct TokenCache {
     keys: BTreeMap<String, Arc<Key>>,
     /// Stops this cache's owners: cancelled at shutdown and when a reload
     /// replaces this cache.
@@ -249,7 +249,7 @@ struct Owner {
 impl TokenCache {
     /// `deadline` stops issuer requests under way; `tasks` tracks the
     /// owners so shutdown can wait for them.
-    pub fn new(
+    pub(crate) fn new(
         config: &Config,
         issuer: IssuerClient,
         tasks: TaskTracker,
@@ -290,14 +290,14 @@ impl TokenCache {
     }
 
     /// Now on the cache's clock, for [`CachedToken::remaining`].
-    pub fn now(&self) -> Duration {
+    pub(crate) fn now(&self) -> Duration {
         (self.clock)()
     }
 
     /// Starts fetching every key's `prefetch` sets without waiting for
     /// them. Sets a reload carried over keep their schedule: a reload never
     /// skips a backoff.
-    pub fn prefetch(&self) {
+    pub(crate) fn prefetch(&self) {
         for key in self.keys.values() {
             for set in &key.config.prefetch {
                 if let Ok((entry, true)) = key.entry(set, false) {
@@ -311,7 +311,11 @@ impl TokenCache {
     /// than `min_valid` left, else the outcome of the owner's next issuer
     /// request. While the key is paused or the set is backing off, the last
     /// error at once.
-    pub async fn get(&self, key: &str, scopes: &ScopeSet) -> Result<Arc<CachedToken>, GetError> {
+    pub(crate) async fn get(
+        &self,
+        key: &str,
+        scopes: &ScopeSet,
+    ) -> Result<Arc<CachedToken>, GetError> {
         let key = self
             .keys
             .get(key)
@@ -328,7 +332,7 @@ impl TokenCache {
     }
 
     /// Every cached entry of `key`, sorted by scope set.
-    pub fn status(&self, key: &str) -> Vec<EntryStatus> {
+    pub(crate) fn status(&self, key: &str) -> Vec<EntryStatus> {
         let Some(key) = self.keys.get(key) else {
             return Vec::new();
         };
@@ -356,7 +360,7 @@ impl TokenCache {
 
     /// Counts for a one-line status: keys, fresh sets, and the keys whose
     /// last fetch failed with the reason.
-    pub fn summary(&self) -> CacheSummary {
+    pub(crate) fn summary(&self) -> CacheSummary {
         let now = self.now();
         let mut summary = CacheSummary {
             keys: self.keys.len(),
@@ -388,7 +392,7 @@ impl TokenCache {
     ///
     /// The old cache keeps its handles to moved entries, so a request
     /// still running on the old service is answered by their new owner.
-    pub fn adopt(&self, old: &TokenCache) -> usize {
+    pub(crate) fn adopt(&self, old: &TokenCache) -> usize {
         let now = self.now();
         let mut carried = 0;
         for (name, key) in &self.keys {
@@ -430,7 +434,7 @@ impl TokenCache {
 
     /// Stops this cache's owners. Issuer requests under way still settle,
     /// so callers waiting on them get their answer.
-    pub fn stop(&self) {
+    pub(crate) fn stop(&self) {
         self.stop.cancel();
     }
 }
@@ -946,7 +950,7 @@ fn timing(key: &KeyConfig, lifetime: Duration, latency: Duration) -> (Duration, 
 
 /// `min_valid` capped at a quarter of the token's lifetime: a 60 s
 /// `min_valid` would make a 60 s token useless on arrival.
-pub fn effective_min_valid(min_valid: Duration, lifetime: Duration) -> Duration {
+pub(crate) fn effective_min_valid(min_valid: Duration, lifetime: Duration) -> Duration {
     min_valid.min(lifetime / 4)
 }
 
@@ -955,7 +959,7 @@ pub fn effective_min_valid(min_valid: Duration, lifetime: Duration) -> Duration 
 /// in step; but no later than leaves `margin` for the new token to arrive
 /// before the old one has only `min_valid` left, and no earlier than a
 /// quarter of its life, so a tiny token cannot make us spin.
-pub fn refresh_delay(
+pub(crate) fn refresh_delay(
     lifetime: Duration,
     min_valid: Duration,
     margin: Duration,
@@ -970,7 +974,7 @@ pub fn refresh_delay(
 /// between half and all of min(`max_backoff`, 1 s × 2ⁿ) with n = failures − 1,
 /// so retries never bunch up and never spin; at least what `Retry-After`
 /// asked (capped at ten minutes).
-pub fn backoff(
+pub(crate) fn backoff(
     failures: u32,
     max_backoff: Duration,
     retry_after: Option<Duration>,
