@@ -551,6 +551,18 @@ mod tests {
         assert!(err.error.message.len() < 200, "{}", err.error.message);
     }
 
+    /// A token answer for key payments, token "tok", scope gateway.
+    fn token_answer() -> Response {
+        Response::Token(TokenAnswer {
+            key: "payments".into(),
+            access_token: AccessToken::new("tok".into()),
+            token_type: "Bearer".into(),
+            expires_in: 10,
+            expires_at: "2026-11-25T10:00:00Z".into(),
+            scopes: vec!["gateway".into()],
+        })
+    }
+
     #[test]
     fn encodes_answers_as_one_line() {
         let id = json!(3);
@@ -566,14 +578,7 @@ mod tests {
             err.as_slice(),
             b"{\"ok\":false,\"error\":{\"code\":\"scope_not_allowed\",\"message\":\"no\"}}\n"
         );
-        let token = Response::Token(TokenAnswer {
-            key: "payments".into(),
-            access_token: AccessToken::new("tok".into()),
-            token_type: "Bearer".into(),
-            expires_in: 10,
-            expires_at: "2026-11-25T10:00:00Z".into(),
-            scopes: vec!["gateway".into()],
-        });
+        let token = token_answer();
         let value: Value = serde_json::from_slice(&encode(None, &token)).unwrap();
         assert_eq!(
             value,
@@ -613,14 +618,7 @@ mod tests {
 
     #[test]
     fn a_client_reads_answers_into_the_shared_types() {
-        let token = Response::Token(TokenAnswer {
-            key: "payments".into(),
-            access_token: AccessToken::new("tok".into()),
-            token_type: "Bearer".into(),
-            expires_in: 10,
-            expires_at: "2026-11-25T10:00:00Z".into(),
-            scopes: vec!["gateway".into()],
-        });
+        let token = token_answer();
         let line = String::from_utf8(encode(Some(&json!(1)), &token).to_vec()).unwrap();
         let read: TokenAnswer = decode_reply(&line).unwrap().unwrap();
         assert_eq!(read.access_token.expose(), "tok");
