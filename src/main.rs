@@ -213,7 +213,7 @@ The configuration (mode 0600, owner tokend). \fBtokend check\fR validates it.
 The socket callers connect to; members of group \fBtokend\fR may connect, and each key's allow lists decide what they may read.
 .TP
 \fI/etc/tokend/credentials/\fR
-Client secrets loaded by systemd (\fBLoadCredential=\fR) into \fI/run/credentials/tokend.service/secret_NAME\fR.
+Client secrets loaded by systemd (\fBLoadCredential=\fR) into \fI/run/credentials/tokend.service/secret_NAME\fR; a key names one with \fBclient_secret_credential = "NAME"\fR, and \fBtokend check\fR outside the service reads it here.
 .SH SIGNALS
 .TP
 \fBSIGHUP\fR
