@@ -605,6 +605,8 @@ async fn memory(tokend: &Path, work: &Path, url: &str) -> Result<Vec<Row>> {
     fetch_sets(&sets.socket, 1..2_001).await?;
     fetch_sets(&plain.socket, 1..2_001).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
+    // A point on the way, to show whether the growth is linear.
+    let added_2000 = rss_kib(sets.pid())?.saturating_sub(idle);
     let before = [cpu_ticks(sets.pid())?, cpu_ticks(plain.pid())?];
     let before_ns = [cpu_ns(sets.pid())?, cpu_ns(plain.pid())?];
     tokio::time::sleep(Duration::from_secs(10)).await;
@@ -650,6 +652,7 @@ async fn memory(tokend: &Path, work: &Path, url: &str) -> Result<Vec<Row>> {
         "MiB",
         16.0,
     ));
+    rows.last_mut().unwrap().reference = format!("{:.1} MiB at 2,000", mib(added_2000));
     drop(sets);
 
     let conns = Tokend::start(tokend, work, "conns", &config(work, "conns", url, 1), true)?;
