@@ -58,7 +58,7 @@ pub(crate) enum Event<'a> {
         key: &'a str,
         scopes: &'a ScopeSet,
         /// The token's fingerprint, never the token.
-        fingerprint: String,
+        fingerprint: &'a str,
         expires_in: u64,
     },
     /// `shown` is the caller's key name, bounded and without control
@@ -127,7 +127,7 @@ impl Subject {
                 pid: caller.pid,
                 key: (*key).to_owned(),
                 scopes: (*scopes).clone(),
-                fingerprint: fingerprint.clone(),
+                fingerprint: (*fingerprint).to_owned(),
             },
             Event::NoSuchKey { .. } => denied(Denial::NoSuchKey, None),
             Event::Forbidden { key } => denied(Denial::Forbidden, Some(key)),
@@ -535,7 +535,7 @@ mod tests {
         Event::HandedOut {
             key,
             scopes,
-            fingerprint: "abcd1234".into(),
+            fingerprint: "abcd1234",
             expires_in: 3600,
         }
     }

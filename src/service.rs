@@ -275,7 +275,7 @@ impl Service {
             Event::HandedOut {
                 key: name,
                 scopes: &scopes,
-                fingerprint: token.access_token.fingerprint(),
+                fingerprint: &token.fingerprint,
                 expires_in: remaining.as_secs(),
             },
         );

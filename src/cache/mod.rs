@@ -63,6 +63,9 @@ const NEVER_USED: u64 = u64::MAX;
 #[derive(Debug)]
 pub(crate) struct CachedToken {
     pub(crate) access_token: AccessToken,
+    /// The token's fingerprint for log lines, worked out once here rather
+    /// than hashed again on every handout.
+    pub(crate) fingerprint: String,
     pub(crate) token_type: String,
     /// What the issuer granted, or what was asked when it did not say.
     pub(crate) scopes: ScopeSet,
@@ -95,6 +98,7 @@ impl CachedToken {
         let (min_valid, refresh_in) = timing(key, self.lifetime, latency);
         CachedToken {
             access_token: self.access_token.clone(),
+            fingerprint: self.fingerprint.clone(),
             token_type: self.token_type.clone(),
             scopes: self.scopes.clone(),
             min_valid,
@@ -643,6 +647,7 @@ impl Key {
             "received a token"
         );
         CachedToken {
+            fingerprint: grant.access_token.fingerprint(),
             access_token: grant.access_token,
             token_type: grant.token_type,
             scopes: grant.scope.unwrap_or_else(|| asked.clone()),
@@ -1088,6 +1093,7 @@ mod tests {
     fn token(now: Duration, refresh_in: Duration) -> Arc<CachedToken> {
         Arc::new(CachedToken {
             access_token: AccessToken::new("t".into()),
+            fingerprint: "unchecked".into(),
             token_type: "Bearer".into(),
             scopes: ScopeSet::default(),
             expires: now + s(100),
