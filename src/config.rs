@@ -175,16 +175,7 @@ pub enum ConfigError {
 /// Reads and validates the configuration at `path`, secret files and
 /// credentials included.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    // The file may hold an inline secret: its text lives in memory that is
-    // wiped, and who else may read it is judged from the same descriptor.
-    let file = secret_file::read(path, MAX_CONFIG_BYTES)?;
-    let credentials = std::env::var_os(CREDENTIALS_ENV).map(PathBuf::from);
-    let sources = Sources {
-        config_exposure: file.exposure.as_ref(),
-        credentials: credentials.as_deref(),
-        lenient: false,
-    };
-    build(&file.text, path, sources, read_secret_file)
+    read(path, false)
 }
 
 /// Like [`load`], for a daemon that is starting: a key whose secret cannot
@@ -192,12 +183,18 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 /// a restart loop from failing the socket unit). It is kept with the
 /// reason in [`KeyConfig::unusable`]. Every other error still is one.
 pub fn load_serving(path: &Path) -> Result<Config, ConfigError> {
+    read(path, true)
+}
+
+fn read(path: &Path, lenient: bool) -> Result<Config, ConfigError> {
+    // The file may hold an inline secret: its text lives in memory that is
+    // wiped, and who else may read it is judged from the same descriptor.
     let file = secret_file::read(path, MAX_CONFIG_BYTES)?;
     let credentials = std::env::var_os(CREDENTIALS_ENV).map(PathBuf::from);
     let sources = Sources {
         config_exposure: file.exposure.as_ref(),
         credentials: credentials.as_deref(),
-        lenient: true,
+        lenient,
     };
     build(&file.text, path, sources, read_secret_file)
 }
