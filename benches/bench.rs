@@ -840,9 +840,7 @@ impl Tokend {
 
 impl Drop for Tokend {
     fn drop(&mut self) {
-        // SAFETY: kill(2) on our own child's pid, which we have not reaped.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
-        let _ = self.child.wait();
+        terminate(&mut self.child);
     }
 }
 
@@ -881,10 +879,15 @@ impl Issuer {
     }
 
     fn stop(&mut self) {
-        // SAFETY: kill(2) on our own unreaped child.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
-        let _ = self.child.wait();
+        terminate(&mut self.child);
     }
+}
+
+/// Stops a child we started with SIGTERM, as systemd would, and reaps it.
+fn terminate(child: &mut Child) {
+    // SAFETY: kill(2) on our own child's pid, which we have not reaped yet.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    let _ = child.wait();
 }
 
 /// The floor server as a child process.
