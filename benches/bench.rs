@@ -44,6 +44,9 @@ fn main() -> Result<()> {
             .parse()?;
         return floor::run(PathBuf::from(socket), len);
     }
+    if let Ok(shape) = std::env::var("BENCH_LOAD") {
+        return load(&shape);
+    }
     let started = Instant::now();
     raise_fd_limit()?;
     let tokend = PathBuf::from(
@@ -66,6 +69,63 @@ fn main() -> Result<()> {
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// A steady load of one shape for a profiler to watch (`BENCH_LOAD` =
+/// `sequential` or `pipelined`, against the sockets in `BENCH_LOAD_SOCKET`,
+/// `:`-separated and taken call by call in turn as the table's rows do, for
+/// `BENCH_LOAD_SECONDS`, default 10): the table's calls without the table,
+/// so `perf record -p` sees only the serving path.
+fn load(shape: &str) -> Result<()> {
+    let sockets: Vec<PathBuf> = std::env::split_paths(
+        &std::env::var_os("BENCH_LOAD_SOCKET").context("BENCH_LOAD_SOCKET unset")?,
+    )
+    .collect();
+    let seconds: u64 = std::env::var("BENCH_LOAD_SECONDS").map_or(Ok(10), |s| s.parse())?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let until = Instant::now() + Duration::from_secs(seconds);
+    runtime.block_on(async {
+        match shape {
+            "sequential" => {
+                let mut conns = Vec::new();
+                for socket in &sockets {
+                    conns.push(Conn::open(socket).await?);
+                }
+                let mut lat = vec![Vec::new(); conns.len()];
+                while Instant::now() < until {
+                    for _ in 0..1000 {
+                        for (conn, lat) in conns.iter_mut().zip(&mut lat) {
+                            let t = Instant::now();
+                            conn.call(GET).await?;
+                            lat.push(t.elapsed().as_nanos() as u64);
+                        }
+                    }
+                }
+                for (socket, lat) in sockets.iter().zip(&mut lat) {
+                    lat.sort_unstable();
+                    eprintln!(
+                        "bench: {}: {} answers, p50 {}, p99 {}",
+                        socket.display(),
+                        lat.len(),
+                        us(pct(lat, 50)),
+                        us(pct(lat, 99))
+                    );
+                }
+            }
+            "pipelined" => {
+                while Instant::now() < until {
+                    for socket in &sockets {
+                        let rate = pipelined(socket, 64, 400).await?;
+                        eprintln!("bench: {}: {rate:.0} answers/s", socket.display());
+                    }
+                }
+            }
+            other => bail!("BENCH_LOAD={other}: expected sequential or pipelined"),
+        }
+        anyhow::Ok(())
+    })
 }
 
 /// One figure of the table.
