@@ -11,18 +11,23 @@
 //! request, so a reload's new configuration answers the next request even
 //! on a connection opened before it.
 
-use std::io;
+use std::future::Future;
+use std::io::{self, IoSlice};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{watch, Semaphore};
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 use tokio_util::task::TaskTracker;
+use zeroize::Zeroizing;
 
 use crate::config::DaemonConfig;
 use crate::peer::{self, Caller};
@@ -372,101 +377,243 @@ struct Handler {
     shutdown: Shutdown,
 }
 
+/// The most answers written with one `writev`: enough that a pipelining
+/// caller costs one write per batch rather than one per answer, few enough
+/// that the iovec array stays on the stack (Linux allows 1024).
+const MAX_BATCH: usize = 64;
+
+/// Answers made but not yet written, oldest first. Each is its own wiped
+/// buffer, written in place by a vectored write: gathering them into one
+/// growing buffer would leave copies of tokens behind in freed memory.
+type Outbox = Vec<Zeroizing<Vec<u8>>>;
+
+/// Why a connection ends while answers are written.
+enum Closed {
+    Io(io::Error),
+    /// The answers were not taken within `request_timeout`.
+    Stalled,
+    /// The shutdown's answer deadline passed first.
+    Expired,
+}
+
 impl Handler {
     async fn run(self, stream: UnixStream, mut caller: Caller) {
-        tracing::debug!(
-            peer_uid = caller.uid,
-            peer_pid = caller.pid,
-            "connection opened"
-        );
+        let uid = caller.uid;
+        tracing::debug!(peer_uid = uid, peer_pid = caller.pid, "connection opened");
         let (read, mut write) = stream.into_split();
         let mut lines = LineReader::new(read, self.limits.max_request_bytes);
-        loop {
+        let mut outbox = Outbox::new();
+        // Both shutdown phases are watched through one future each for the
+        // whole connection: registered once, not once per request.
+        let stopping = self.shutdown.stopping();
+        tokio::pin!(stopping);
+        let expired = self.shutdown.expired();
+        tokio::pin!(expired);
+        'connection: loop {
             let frame = tokio::select! {
                 // Between requests, stopping comes first: nothing is lost
                 // by stopping here, and a pipelined request read now would
                 // be work begun after the shutdown began.
                 biased;
-                () = self.shutdown.stopping() => break,
+                () = &mut stopping => break,
                 frame = lines.next(self.limits.idle_timeout, self.limits.request_timeout) => frame,
             };
-            let (answer, close) = match frame {
+            let mut frame = match frame {
                 Ok(Frame::Idle) => {
-                    tracing::debug!(peer_uid = caller.uid, "closing an idle connection");
+                    tracing::debug!(peer_uid = uid, "closing an idle connection");
                     break;
                 }
                 Ok(Frame::Slow) => {
                     tracing::debug!(
-                        peer_uid = caller.uid,
+                        peer_uid = uid,
                         "closing a connection whose request line did not arrive in time"
                     );
                     break;
                 }
                 Err(e) => {
-                    tracing::debug!(peer_uid = caller.uid, "connection read failed: {e}");
+                    tracing::debug!(peer_uid = uid, "connection read failed: {e}");
                     break;
                 }
                 Ok(Frame::Eof) => break,
-                Ok(Frame::TooLarge) => {
-                    let message = format!(
-                        "request line is longer than max_request_bytes ({})",
-                        self.limits.max_request_bytes
-                    );
-                    let error = Response::Error(ErrorBody::new(ErrorCode::TooLarge, message));
-                    (protocol::encode(None, &error), true)
-                }
-                Ok(Frame::Line(line)) => {
-                    // Cloned out so the watch's lock is released at once,
-                    // not held across the answer.
-                    let service = self.services.borrow().clone();
-                    if service.needs_names() && !caller.named {
-                        caller = named(caller).await;
+                Ok(frame) => frame,
+            };
+            // This request and every whole one already read behind it are
+            // answered in order, and the answers written together: a
+            // pipelining caller costs one write per batch.
+            let mut close = false;
+            loop {
+                let line = match frame {
+                    Frame::Line(line) => line,
+                    // Idle, Slow and Eof come only from waiting: not here.
+                    _ => {
+                        outbox.push(self.too_large());
+                        close = true;
+                        break;
                     }
-                    (service.answer(&caller, &line).await, false)
-                }
-            };
-            // The answer must be taken whole within `request_timeout`: a
-            // caller that pipelines requests and never reads would otherwise
-            // keep its slots (and its uid's) for as long as it liked, since
-            // we stop reading its requests while its answer waits.
-            // The write is tried first, so an answer made at the deadline
-            // (`unavailable`) still reaches a caller that reads; only one
-            // that would block gives up once the deadline has passed.
-            let written = tokio::select! {
-                biased;
-                written = tokio::time::timeout(
-                    self.limits.request_timeout,
-                    write.write_all(&answer),
-                ) => written,
-                () = self.shutdown.expired() => {
-                    tracing::debug!(
-                        peer_uid = caller.uid,
-                        "closing a connection whose answer was not taken by the end of the drain"
-                    );
+                };
+                let answering = self.answer(&mut caller, &line);
+                tokio::pin!(answering);
+                let answer = match now_or_never(answering.as_mut()).await {
+                    Some(answer) => answer,
+                    None => {
+                        // This one waits (on the issuer, a reload, a name
+                        // look-up): the answers before it go out now
+                        // rather than wait with it.
+                        if !self
+                            .flush(&mut outbox, &mut write, expired.as_mut(), uid)
+                            .await
+                        {
+                            break 'connection;
+                        }
+                        answering.await
+                    }
+                };
+                outbox.push(answer);
+                if outbox.len() >= MAX_BATCH {
                     break;
                 }
-            };
-            match written {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    tracing::debug!(peer_uid = caller.uid, "connection write failed: {e}");
+                if now_or_never(stopping.as_mut()).await.is_some() {
+                    // Answer what was answered, then stop between requests.
+                    close = true;
                     break;
                 }
-                Err(_) => {
-                    tracing::debug!(
-                        peer_uid = caller.uid,
-                        "closing a connection that did not read its answer in time"
-                    );
-                    break;
+                match lines.buffered() {
+                    Some(next) => frame = next,
+                    None => break,
                 }
             }
-            if close {
+            if !self
+                .flush(&mut outbox, &mut write, expired.as_mut(), uid)
+                .await
+                || close
+            {
                 break;
             }
         }
         let _ = write.shutdown().await;
-        tracing::trace!(peer_uid = caller.uid, "connection closed");
+        tracing::trace!(peer_uid = uid, "connection closed");
     }
+
+    /// One request line's answer, from the service in force now.
+    async fn answer(&self, caller: &mut Caller, line: &[u8]) -> Zeroizing<Vec<u8>> {
+        // Cloned out so the watch's lock is released at once, not held
+        // across the answer.
+        let service = self.services.borrow().clone();
+        if service.needs_names() && !caller.named {
+            *caller = named(caller.clone()).await;
+        }
+        service.answer(caller, line).await
+    }
+
+    fn too_large(&self) -> Zeroizing<Vec<u8>> {
+        let message = format!(
+            "request line is longer than max_request_bytes ({})",
+            self.limits.max_request_bytes
+        );
+        protocol::encode(
+            None,
+            &Response::Error(ErrorBody::new(ErrorCode::TooLarge, message)),
+        )
+    }
+
+    /// Writes every answer in `outbox` and wipes them; false when the
+    /// connection must end instead.
+    async fn flush(
+        &self,
+        outbox: &mut Outbox,
+        write: &mut OwnedWriteHalf,
+        expired: Pin<&mut impl Future<Output = ()>>,
+        uid: u32,
+    ) -> bool {
+        if outbox.is_empty() {
+            return true;
+        }
+        // The answers must be taken whole within `request_timeout`: a
+        // caller that pipelines requests and never reads would otherwise
+        // keep its slots (and its uid's) for as long as it liked, since we
+        // stop reading its requests while its answers wait.
+        // The write is tried first, so an answer made at the deadline
+        // (`unavailable`) still reaches a caller that reads; only one that
+        // would block gives up once the deadline has passed.
+        let written = tokio::select! {
+            biased;
+            written = tokio::time::timeout(
+                self.limits.request_timeout,
+                write_answers(write, outbox),
+            ) => written.unwrap_or(Err(Closed::Stalled)),
+            () = expired => Err(Closed::Expired),
+        };
+        outbox.clear();
+        match written {
+            Ok(()) => true,
+            Err(Closed::Io(e)) => {
+                tracing::debug!(peer_uid = uid, "connection write failed: {e}");
+                false
+            }
+            Err(Closed::Stalled) => {
+                tracing::debug!(
+                    peer_uid = uid,
+                    "closing a connection that did not read its answer in time"
+                );
+                false
+            }
+            Err(Closed::Expired) => {
+                tracing::debug!(
+                    peer_uid = uid,
+                    "closing a connection whose answer was not taken by the end of the drain"
+                );
+                false
+            }
+        }
+    }
+}
+
+/// Writes `answers` whole, in order, with as few writes as the socket
+/// allows: one `writev` for the lot when its buffer has room.
+async fn write_answers(
+    write: &mut OwnedWriteHalf,
+    answers: &[Zeroizing<Vec<u8>>],
+) -> Result<(), Closed> {
+    if let [one] = answers {
+        return write.write_all(one).await.map_err(Closed::Io);
+    }
+    // The first answer not wholly written, and how much of it was.
+    let (mut first, mut offset) = (0, 0);
+    while first < answers.len() {
+        let mut slices = [IoSlice::new(&[]); MAX_BATCH];
+        let mut count = 0;
+        for (slot, answer) in slices.iter_mut().zip(&answers[first..]) {
+            let start = if count == 0 { offset } else { 0 };
+            *slot = IoSlice::new(&answer[start..]);
+            count += 1;
+        }
+        let mut written = write
+            .write_vectored(&slices[..count])
+            .await
+            .map_err(Closed::Io)?;
+        if written == 0 {
+            return Err(Closed::Io(io::ErrorKind::WriteZero.into()));
+        }
+        while first < answers.len() && written >= answers[first].len() - offset {
+            written -= answers[first].len() - offset;
+            first += 1;
+            offset = 0;
+        }
+        offset += written;
+    }
+    Ok(())
+}
+
+/// Polls `future` once: its output if it is ready at once, else `None`,
+/// leaving it to be awaited later.
+async fn now_or_never<F: Future + ?Sized>(mut future: Pin<&mut F>) -> Option<F::Output> {
+    std::future::poll_fn(|cx| {
+        Poll::Ready(match future.as_mut().poll(cx) {
+            Poll::Ready(output) => Some(output),
+            Poll::Pending => None,
+        })
+    })
+    .await
 }
 
 /// `caller` with its user and group names, looked up off the runtime: the
@@ -506,6 +653,29 @@ pub(crate) enum Frame {
     Slow,
 }
 
+/// A byte source that can say when a read would not block, so that a
+/// connection holds no read buffer while it waits (10,000 idle connections
+/// would otherwise hold 10,000 buffers).
+pub(crate) trait Source: AsyncRead + Unpin {
+    /// Ready once a read would not block. The default, for in-memory
+    /// sources, is always ready.
+    fn poll_readable(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl Source for OwnedReadHalf {
+    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let stream: &UnixStream = (*self).as_ref();
+        stream.poll_read_ready(cx)
+    }
+}
+
+/// How much is read at a time: a pipelining caller's requests come in a
+/// few reads, and the buffer, taken only once data is there, is given back
+/// when the connection goes idle.
+const READ_CHUNK: usize = 8 * 1024;
+
 /// Reads `\n`-terminated lines holding at most `max` bytes of one line in
 /// memory, and says `TooLarge` as soon as a line passes the limit rather
 /// than waiting for its end.
@@ -519,9 +689,16 @@ pub(crate) struct LineReader<R> {
     eof: bool,
     /// When the first byte of the line in `buf` arrived.
     line_started: Option<Instant>,
+    /// The connection's one timer, made at its first wait. It is moved
+    /// earlier when a wait's deadline is earlier, but never later: a
+    /// timer left at a past request's deadline fires, finds the wait's
+    /// real deadline still ahead, and is moved on then. So a busy
+    /// connection touches the timer wheel about once per idle timeout,
+    /// not twice per request.
+    timer: Option<Pin<Box<Sleep>>>,
 }
 
-impl<R: AsyncRead + Unpin> LineReader<R> {
+impl<R: Source> LineReader<R> {
     pub(crate) fn new(inner: R, max: usize) -> Self {
         LineReader {
             inner,
@@ -530,6 +707,7 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
             max,
             eof: false,
             line_started: None,
+            timer: None,
         }
     }
 
@@ -538,21 +716,8 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
     pub(crate) async fn next(&mut self, idle: Duration, whole: Duration) -> io::Result<Frame> {
         let idle_deadline = Instant::now() + idle;
         loop {
-            if let Some(pos) = self.buf[self.scanned..].iter().position(|&b| b == b'\n') {
-                let end = self.scanned + pos;
-                if end > self.max {
-                    return Ok(Frame::TooLarge);
-                }
-                let mut line = self.buf.split_to(end + 1);
-                line.truncate(end);
-                self.scanned = 0;
-                // A pipelined next line gets its own full window.
-                self.line_started = (!self.buf.is_empty()).then(Instant::now);
-                return Ok(Frame::Line(line));
-            }
-            self.scanned = self.buf.len();
-            if self.buf.len() > self.max {
-                return Ok(Frame::TooLarge);
+            if let Some(frame) = self.buffered() {
+                return Ok(frame);
             }
             if self.eof {
                 return Ok(if self.buf.is_empty() {
@@ -566,26 +731,81 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
                 Some(started) => (started + whole, Frame::Slow),
                 None => (idle_deadline, Frame::Idle),
             };
-            // Read no further than one byte past the limit.
-            let room = self.max + 1 - self.buf.len();
-            let mut chunk = (&mut self.inner).take(room.min(16 * 1024) as u64);
-            match tokio::time::timeout_at(deadline, chunk.read_buf(&mut self.buf)).await {
-                Err(_) => return Ok(expired),
-                Ok(read) => {
-                    if read? == 0 {
-                        self.eof = true;
-                    } else if self.line_started.is_none() {
-                        self.line_started = Some(Instant::now());
+            match self.fill(deadline).await? {
+                None => return Ok(expired),
+                Some(0) => self.eof = true,
+                Some(_) if self.line_started.is_none() => self.line_started = Some(Instant::now()),
+                Some(_) => {}
+            }
+        }
+    }
+
+    /// A whole line (or `TooLarge`) from what was already read, without
+    /// reading more: how a handler finds pipelined requests to answer in
+    /// the same batch.
+    pub(crate) fn buffered(&mut self) -> Option<Frame> {
+        if let Some(pos) = self.buf[self.scanned..].iter().position(|&b| b == b'\n') {
+            let end = self.scanned + pos;
+            if end > self.max {
+                return Some(Frame::TooLarge);
+            }
+            let mut line = self.buf.split_to(end + 1);
+            line.truncate(end);
+            self.scanned = 0;
+            // A pipelined next line gets its own full window.
+            self.line_started = (!self.buf.is_empty()).then(Instant::now);
+            return Some(Frame::Line(line));
+        }
+        self.scanned = self.buf.len();
+        (self.buf.len() > self.max).then_some(Frame::TooLarge)
+    }
+
+    /// Reads once, waiting no later than `deadline`: the bytes read (0 at
+    /// EOF), or `None` if the deadline came first.
+    async fn fill(&mut self, deadline: Instant) -> io::Result<Option<usize>> {
+        if self.buf.is_empty() {
+            // Give back the last batch's buffer before a wait that may be
+            // long; the next read takes one when data is there.
+            self.buf = BytesMut::new();
+        }
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if timer.deadline() > deadline {
+            timer.as_mut().reset(deadline);
+        }
+        loop {
+            tokio::select! {
+                biased;
+                read = read_some(&mut self.inner, &mut self.buf, self.max) => return read.map(Some),
+                () = timer.as_mut() => {
+                    if Instant::now() >= deadline {
+                        return Ok(None);
                     }
+                    timer.as_mut().reset(deadline);
                 }
             }
         }
     }
 }
 
+/// Waits until `inner` has data, then reads what fits into `buf`, never
+/// past one byte over the line limit `max`.
+async fn read_some<R: Source>(inner: &mut R, buf: &mut BytesMut, max: usize) -> io::Result<usize> {
+    std::future::poll_fn(|cx| inner.poll_readable(cx)).await?;
+    // Read no further than one byte past the limit.
+    let room = (max + 1).saturating_sub(buf.len()).min(READ_CHUNK);
+    buf.reserve(room);
+    (&mut *inner).take(room as u64).read_buf(buf).await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl Source for &[u8] {}
+    impl Source for tokio::io::DuplexStream {}
+    impl Source for tokio::io::Repeat {}
 
     async fn frames(input: &[u8], max: usize) -> Vec<Frame> {
         let mut reader = LineReader::new(input, max);
