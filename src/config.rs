@@ -138,9 +138,19 @@ impl KeyConfig {
     /// (Checkout.com) grant every scope of the credential when asked for
     /// none, which would widen what the operator allowed.
     pub fn effective_scopes(&self, asked: ScopeSet) -> ScopeSet {
+        if asked.is_empty() {
+            self.effective_scopes_of(&asked).clone()
+        } else {
+            asked
+        }
+    }
+
+    /// [`KeyConfig::effective_scopes`] without a copy: what a get serves
+    /// is either what it asked for or one of the key's own sets.
+    pub fn effective_scopes_of<'a>(&'a self, asked: &'a ScopeSet) -> &'a ScopeSet {
         match (&self.scopes, &self.default_scopes) {
-            (Some(_), Some(default)) if asked.is_empty() => default.clone(),
-            (Some(all), None) if asked.is_empty() => all.clone(),
+            (Some(_), Some(default)) if asked.is_empty() => default,
+            (Some(all), None) if asked.is_empty() => all,
             _ => asked,
         }
     }

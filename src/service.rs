@@ -14,12 +14,12 @@ use tokio_util::sync::CancellationToken;
 use zeroize::Zeroizing;
 
 use crate::audit::{Audit, Event};
-use crate::cache::{GetError, TokenCache};
+use crate::cache::{CachedToken, GetError, TokenCache};
 use crate::config::{Config, KeyConfig};
 use crate::peer::{self, Caller};
 use crate::protocol::{
     self, ErrorBody, ErrorCode, KeyInfo, KeyStatus, Op, ReloadAnswer, Response, SetState,
-    SetStatus, TokenAnswer,
+    SetStatus, TokenLine,
 };
 use crate::scope::ScopeSet;
 
@@ -106,7 +106,17 @@ impl Service {
                 Err(error) => Response::Error(error),
             },
             Op::Get { key, scopes } => match self.get(caller, &key, scopes).await {
-                Ok(answer) => Response::Token(answer),
+                Ok((token, expires_in)) => {
+                    let line = TokenLine {
+                        key: &key,
+                        access_token: &token.access_token,
+                        token_type: &token.token_type,
+                        expires_in,
+                        expires_at: token.expires_at,
+                        scopes: token.scopes.as_slice(),
+                    };
+                    return protocol::encode_token(request.id.as_ref(), &line);
+                }
                 Err(error) => Response::Error(error),
             },
         };
@@ -204,12 +214,13 @@ impl Service {
             .collect()
     }
 
+    /// The token for a get, and its whole seconds left.
     async fn get(
         &self,
         caller: &Caller,
         name: &str,
         scopes: Vec<String>,
-    ) -> Result<TokenAnswer, ErrorBody> {
+    ) -> Result<(Arc<CachedToken>, u64), ErrorBody> {
         let Some(key) = self.config.keys.get(name) else {
             // The name is the caller's, not ours: without control
             // characters (a newline could forge a log line) and bounded.
@@ -248,9 +259,9 @@ impl Service {
                 format!("key {name:?} does not allow scopes {outside:?}"),
             ));
         }
-        let scopes = key.effective_scopes(scopes);
+        let scopes = key.effective_scopes_of(&scopes);
         let token = tokio::select! {
-            token = self.cache.get(name, &scopes) => token,
+            token = self.cache.get(name, scopes) => token,
             () = self.deadline.cancelled() => Err(GetError::ShuttingDown),
         };
         let token = token.map_err(|e| {
@@ -258,7 +269,7 @@ impl Service {
                 caller,
                 Event::NoToken {
                     key: name,
-                    scopes: &scopes,
+                    scopes,
                     error: &e,
                 },
             );
@@ -269,24 +280,17 @@ impl Service {
             };
             ErrorBody::new(code, e.to_string())
         })?;
-        let remaining = token.remaining(self.cache.now());
+        let expires_in = token.remaining(self.cache.now()).as_secs();
         self.audit.record(
             caller,
             Event::HandedOut {
                 key: name,
-                scopes: &scopes,
+                scopes,
                 fingerprint: &token.fingerprint,
-                expires_in: remaining.as_secs(),
+                expires_in,
             },
         );
-        Ok(TokenAnswer {
-            key: name.to_owned(),
-            access_token: token.access_token.clone(),
-            token_type: token.token_type.clone(),
-            expires_in: remaining.as_secs(),
-            expires_at: rfc3339(token.expires_at),
-            scopes: token.scopes.as_slice().to_vec(),
-        })
+        Ok((token, expires_in))
     }
 }
 
