@@ -30,6 +30,7 @@
 //! module: a handout carries its fingerprint.
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -83,7 +84,7 @@ pub(crate) enum Event<'a> {
 }
 
 /// What repeats of an event are counted under.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug)]
 enum Subject {
     HandedOut {
         uid: u32,
@@ -100,6 +101,25 @@ enum Subject {
     },
 }
 
+/// A [`Subject`] borrowed from its event: every event is looked up in the
+/// ledger this way, so a repeat (most events, in a flood) copies nothing;
+/// only the first of a window is made into an owned [`Subject`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum SubjectRef<'a> {
+    HandedOut {
+        uid: u32,
+        pid: Option<i32>,
+        key: &'a str,
+        scopes: &'a ScopeSet,
+        fingerprint: &'a str,
+    },
+    Denied {
+        uid: u32,
+        denial: Denial,
+        key: Option<&'a str>,
+    },
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum Denial {
     NoSuchKey,
@@ -110,24 +130,25 @@ enum Denial {
 }
 
 impl Subject {
-    fn of(caller: &Caller, event: &Event<'_>) -> Subject {
-        let denied = |denial, key: Option<&str>| Subject::Denied {
+    /// The subject of `event`, borrowed from it.
+    fn of<'a>(caller: &Caller, event: &Event<'a>) -> SubjectRef<'a> {
+        let denied = |denial, key| SubjectRef::Denied {
             uid: caller.uid,
             denial,
-            key: key.map(str::to_owned),
+            key,
         };
-        match event {
+        match *event {
             Event::HandedOut {
                 key,
                 scopes,
                 fingerprint,
                 ..
-            } => Subject::HandedOut {
+            } => SubjectRef::HandedOut {
                 uid: caller.uid,
                 pid: caller.pid,
-                key: (*key).to_owned(),
-                scopes: (*scopes).clone(),
-                fingerprint: (*fingerprint).to_owned(),
+                key,
+                scopes,
+                fingerprint,
             },
             Event::NoSuchKey { .. } => denied(Denial::NoSuchKey, None),
             Event::Forbidden { key } => denied(Denial::Forbidden, Some(key)),
@@ -143,7 +164,108 @@ impl Subject {
             }
         }
     }
+
+    fn view(&self) -> SubjectRef<'_> {
+        match self {
+            Subject::HandedOut {
+                uid,
+                pid,
+                key,
+                scopes,
+                fingerprint,
+            } => SubjectRef::HandedOut {
+                uid: *uid,
+                pid: *pid,
+                key,
+                scopes,
+                fingerprint,
+            },
+            Subject::Denied { uid, denial, key } => SubjectRef::Denied {
+                uid: *uid,
+                denial: *denial,
+                key: key.as_deref(),
+            },
+        }
+    }
 }
+
+impl SubjectRef<'_> {
+    fn to_owned(self) -> Subject {
+        match self {
+            SubjectRef::HandedOut {
+                uid,
+                pid,
+                key,
+                scopes,
+                fingerprint,
+            } => Subject::HandedOut {
+                uid,
+                pid,
+                key: key.to_owned(),
+                scopes: scopes.clone(),
+                fingerprint: fingerprint.to_owned(),
+            },
+            SubjectRef::Denied { uid, denial, key } => Subject::Denied {
+                uid,
+                denial,
+                key: key.map(str::to_owned),
+            },
+        }
+    }
+}
+
+/// Either form of a subject, so the ledger's map (of owned subjects) can
+/// be searched with a borrowed one. Hash and equality are the borrowed
+/// form's for both, which is what `Borrow` asks.
+trait AsSubject {
+    fn subject(&self) -> SubjectRef<'_>;
+}
+
+impl AsSubject for Subject {
+    fn subject(&self) -> SubjectRef<'_> {
+        self.view()
+    }
+}
+
+impl AsSubject for SubjectRef<'_> {
+    fn subject(&self) -> SubjectRef<'_> {
+        *self
+    }
+}
+
+impl<'a> std::borrow::Borrow<dyn AsSubject + 'a> for Subject {
+    fn borrow(&self) -> &(dyn AsSubject + 'a) {
+        self
+    }
+}
+
+impl Hash for dyn AsSubject + '_ {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.subject().hash(state);
+    }
+}
+
+impl PartialEq for dyn AsSubject + '_ {
+    fn eq(&self, other: &Self) -> bool {
+        self.subject() == other.subject()
+    }
+}
+
+impl Eq for dyn AsSubject + '_ {}
+
+impl Hash for Subject {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.view().hash(state);
+    }
+}
+
+impl PartialEq for Subject {
+    fn eq(&self, other: &Self) -> bool {
+        self.view() == other.view()
+    }
+}
+
+impl Eq for Subject {}
 
 /// How an event stands in its subject's window.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -191,8 +313,8 @@ impl Ledger {
         }
     }
 
-    fn record(&mut self, subject: Subject, now: Instant) -> Seen {
-        if let Some(repeats) = self.counts.get_mut(&subject) {
+    fn record(&mut self, subject: SubjectRef<'_>, now: Instant) -> Seen {
+        if let Some(repeats) = self.counts.get_mut(&subject as &dyn AsSubject) {
             *repeats += 1;
             return Seen::Repeat;
         }
@@ -208,6 +330,7 @@ impl Ledger {
                 }
             };
         }
+        let subject = subject.to_owned();
         self.ends.push_back((now + self.window, subject.clone()));
         self.counts.insert(subject, 0);
         Seen::First
