@@ -377,7 +377,7 @@ pub(crate) struct TokenLine<'a> {
 /// escaping are [`encode`]'s (a test holds the two to the same bytes).
 pub(crate) fn encode_token(id: Option<&Value>, answer: &TokenLine<'_>) -> Zeroizing<Vec<u8>> {
     // Measured first, so the buffer is allocated once at its final size
-    // (see `encode`): counting costs a fraction of the real pass.
+    // (see `encode`).
     let mut size = ByteCount(0);
     let mut out = Zeroizing::new(Vec::new());
     let written = write_token(&mut size, id, answer).and_then(|()| {
@@ -405,25 +405,98 @@ fn write_token<W: std::io::Write>(
         serde_json::to_writer(&mut *out, id)?;
     }
     out.write_all(b",\"key\":")?;
-    serde_json::to_writer(&mut *out, answer.key)?;
+    json_string(out, answer.key)?;
     out.write_all(b",\"access_token\":")?;
-    serde_json::to_writer(&mut *out, answer.access_token.expose())?;
+    json_string(out, answer.access_token.expose())?;
     out.write_all(b",\"token_type\":")?;
-    serde_json::to_writer(&mut *out, answer.token_type)?;
+    json_string(out, answer.token_type)?;
+    out.write_all(b",\"expires_in\":")?;
+    out.write_all(decimal(answer.expires_in, &mut [0; 20]))?;
     // RFC 3339 in UTC is digits, `-`, `:`, `T` and `Z`: nothing to escape.
-    write!(
-        out,
-        ",\"expires_in\":{},\"expires_at\":\"{}\",\"scopes\":[",
-        answer.expires_in,
-        humantime::format_rfc3339_seconds(answer.expires_at)
-    )?;
+    out.write_all(b",\"expires_at\":\"")?;
+    match rfc3339_seconds(answer.expires_at) {
+        Some(text) => out.write_all(&text)?,
+        None => write!(
+            out,
+            "{}",
+            humantime::format_rfc3339_seconds(answer.expires_at)
+        )?,
+    }
+    out.write_all(b"\",\"scopes\":[")?;
     for (i, scope) in answer.scopes.iter().enumerate() {
         if i > 0 {
             out.write_all(b",")?;
         }
-        serde_json::to_writer(&mut *out, scope)?;
+        json_string(out, scope)?;
     }
     out.write_all(b"]}\n")
+}
+
+/// `text` as a JSON string, escaped exactly as serde_json escapes it.
+/// Tokens, names and scopes almost never hold a byte that needs escaping,
+/// and checking for one is a loop the compiler vectorises (a fold without
+/// an early exit), where serde_json's escaper goes byte by byte.
+fn json_string<W: std::io::Write>(out: &mut W, text: &str) -> std::io::Result<()> {
+    // serde_json escapes `"`, `\` and the C0 controls, nothing else.
+    let escaped = text.as_bytes().iter().fold(false, |any, &b| {
+        any | (b < 0x20) | (b == b'"') | (b == b'\\')
+    });
+    if !escaped {
+        out.write_all(b"\"")?;
+        out.write_all(text.as_bytes())?;
+        out.write_all(b"\"")
+    } else {
+        serde_json::to_writer(out, text).map_err(std::io::Error::from)
+    }
+}
+
+/// `n` in decimal, written at the end of `buf`.
+fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut start = buf.len();
+    loop {
+        start -= 1;
+        buf[start] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &buf[start..];
+        }
+    }
+}
+
+/// `2026-11-25T10:00:00Z`, what `humantime::format_rfc3339_seconds` writes,
+/// without going through `fmt`; `None` outside years 1970 to 9999.
+fn rfc3339_seconds(time: std::time::SystemTime) -> Option<[u8; 20]> {
+    let secs = time.duration_since(std::time::UNIX_EPOCH).ok()?.as_secs();
+    // 9999-12-31T23:59:59Z
+    if secs > 253_402_300_799 {
+        return None;
+    }
+    let (days, rest) = ((secs / 86_400) as i64, secs % 86_400);
+    // Howard Hinnant's civil_from_days, for days since 1970-01-01.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let mut text = *b"0000-00-00T00:00:00Z";
+    let mut put = |at: usize, value: i64, width: usize| {
+        let mut value = value;
+        for i in (at..at + width).rev() {
+            text[i] = b'0' + (value % 10) as u8;
+            value /= 10;
+        }
+    };
+    put(0, year, 4);
+    put(5, month, 2);
+    put(8, day, 2);
+    put(11, (rest / 3_600) as i64, 2);
+    put(14, (rest / 60 % 60) as i64, 2);
+    put(17, (rest % 60) as i64, 2);
+    Some(text)
 }
 
 /// What an answer says when it could not be encoded.
@@ -635,8 +708,12 @@ mod tests {
 
     #[test]
     fn a_token_line_is_the_token_answer_encoded() {
-        let scopes = vec!["gateway".to_string(), "va\"ult".to_string()];
-        let token = AccessToken::new("tok\\en".into());
+        let scopes = vec![
+            "gateway".to_string(),
+            "va\"ult".to_string(),
+            "é\u{7f}".into(),
+        ];
+        let token = AccessToken::new("tok\\en\u{1}".into());
         let expires_at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_795_600_800);
         let general = Response::Token(TokenAnswer {
             key: "pay\nments".into(),
@@ -662,6 +739,27 @@ mod tests {
                 fast.len(),
                 "allocated once, at its final size"
             );
+        }
+    }
+
+    #[test]
+    fn dates_and_numbers_are_written_as_fmt_would() {
+        let mut secs = 0u64;
+        while secs < 253_402_300_800 {
+            let time = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+            let ours = rfc3339_seconds(time).unwrap();
+            let theirs = humantime::format_rfc3339_seconds(time).to_string();
+            assert_eq!(std::str::from_utf8(&ours).unwrap(), theirs, "{secs}");
+            secs += 86_400 * 7 + 3_601 + secs / 1_000;
+        }
+        let last = std::time::UNIX_EPOCH + std::time::Duration::from_secs(253_402_300_799);
+        assert_eq!(&rfc3339_seconds(last).unwrap(), b"9999-12-31T23:59:59Z");
+        assert_eq!(
+            rfc3339_seconds(last + std::time::Duration::from_secs(1)),
+            None
+        );
+        for n in [0, 7, 10, 3542, u64::MAX] {
+            assert_eq!(decimal(n, &mut [0; 20]), n.to_string().as_bytes());
         }
     }
 
