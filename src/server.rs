@@ -727,6 +727,12 @@ impl<R: Source> LineReader<R> {
                     Frame::Line(self.buf.split())
                 });
             }
+            if self.line_started.is_none() && !self.buf.is_empty() {
+                // The rest of a pipelined line: its window opens now, when
+                // it is waited for, not when the line before it was taken
+                // (which may have waited on the issuer since).
+                self.line_started = Some(Instant::now());
+            }
             let (deadline, expired) = match self.line_started {
                 Some(started) => (started + whole, Frame::Slow),
                 None => (idle_deadline, Frame::Idle),
@@ -752,8 +758,9 @@ impl<R: Source> LineReader<R> {
             let mut line = self.buf.split_to(end + 1);
             line.truncate(end);
             self.scanned = 0;
-            // A pipelined next line gets its own full window.
-            self.line_started = (!self.buf.is_empty()).then(Instant::now);
+            // A pipelined next line gets its own full window, opened when
+            // `next` has to wait for its end.
+            self.line_started = None;
             return Some(Frame::Line(line));
         }
         self.scanned = self.buf.len();
