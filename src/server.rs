@@ -21,7 +21,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{watch, Semaphore};
@@ -451,8 +451,10 @@ impl Handler {
                         break;
                     }
                 };
-                let answering = self.answer(&mut caller, &line);
-                tokio::pin!(answering);
+                // Boxed: an answer's future (the service, the cache, a
+                // reload) is the largest part of a connection's task, and
+                // inline it would be carried by every idle connection too.
+                let mut answering = Box::pin(self.answer(&mut caller, &line));
                 let answer = match now_or_never(answering.as_mut()).await {
                     Some(answer) => answer,
                     None => {
@@ -579,29 +581,36 @@ async fn write_answers(
     }
     // The first answer not wholly written, and how much of it was.
     let (mut first, mut offset) = (0, 0);
-    while first < answers.len() {
-        let mut slices = [IoSlice::new(&[]); MAX_BATCH];
-        let mut count = 0;
-        for (slot, answer) in slices.iter_mut().zip(&answers[first..]) {
-            let start = if count == 0 { offset } else { 0 };
-            *slot = IoSlice::new(&answer[start..]);
-            count += 1;
+    std::future::poll_fn(|cx| {
+        while first < answers.len() {
+            // Built afresh on each poll, so the iovec array lives on the
+            // stack of the poll and not in every connection's task.
+            let mut slices = [IoSlice::new(&[]); MAX_BATCH];
+            let mut count = 0;
+            for (slot, answer) in slices.iter_mut().zip(&answers[first..]) {
+                let start = if count == 0 { offset } else { 0 };
+                *slot = IoSlice::new(&answer[start..]);
+                count += 1;
+            }
+            let mut written = match Pin::new(&mut *write).poll_write_vectored(cx, &slices[..count])
+            {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(Closed::Io(e))),
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(Closed::Io(io::ErrorKind::WriteZero.into())))
+                }
+                Poll::Ready(Ok(n)) => n,
+            };
+            while first < answers.len() && written >= answers[first].len() - offset {
+                written -= answers[first].len() - offset;
+                first += 1;
+                offset = 0;
+            }
+            offset += written;
         }
-        let mut written = write
-            .write_vectored(&slices[..count])
-            .await
-            .map_err(Closed::Io)?;
-        if written == 0 {
-            return Err(Closed::Io(io::ErrorKind::WriteZero.into()));
-        }
-        while first < answers.len() && written >= answers[first].len() - offset {
-            written -= answers[first].len() - offset;
-            first += 1;
-            offset = 0;
-        }
-        offset += written;
-    }
-    Ok(())
+        Poll::Ready(Ok(()))
+    })
+    .await
 }
 
 /// Polls `future` once: its output if it is ready at once, else `None`,
@@ -657,14 +666,20 @@ pub(crate) enum Frame {
 /// connection holds no read buffer while it waits (10,000 idle connections
 /// would otherwise hold 10,000 buffers).
 pub(crate) trait Source: AsyncRead + Unpin {
-    /// Ready once a read would not block. The default, for in-memory
-    /// sources, is always ready.
+    /// Whether [`Source::poll_readable`] means anything; in-memory sources
+    /// (tests) are simply read.
+    const SAYS_READABLE: bool = false;
+
+    /// Ready once a read may not block; like epoll, it can be wrong, and a
+    /// read that then blocks makes the wait start again.
     fn poll_readable(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Poll::Ready(Ok(()))
     }
 }
 
 impl Source for OwnedReadHalf {
+    const SAYS_READABLE: bool = true;
+
     fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let stream: &UnixStream = (*self).as_ref();
         stream.poll_read_ready(cx)
@@ -799,11 +814,28 @@ impl<R: Source> LineReader<R> {
 /// Waits until `inner` has data, then reads what fits into `buf`, never
 /// past one byte over the line limit `max`.
 async fn read_some<R: Source>(inner: &mut R, buf: &mut BytesMut, max: usize) -> io::Result<usize> {
-    std::future::poll_fn(|cx| inner.poll_readable(cx)).await?;
     // Read no further than one byte past the limit.
     let room = (max + 1).saturating_sub(buf.len()).min(READ_CHUNK);
-    buf.reserve(room);
-    (&mut *inner).take(room as u64).read_buf(buf).await
+    if !R::SAYS_READABLE {
+        buf.reserve(room);
+        return inner.take(room as u64).read_buf(buf).await;
+    }
+    loop {
+        std::future::poll_fn(|cx| inner.poll_readable(cx)).await?;
+        buf.reserve(room);
+        let mut chunk = (&mut *inner).take(room as u64);
+        let reading = chunk.read_buf(buf);
+        tokio::pin!(reading);
+        if let Some(read) = now_or_never(reading).await {
+            return read;
+        }
+        // Readiness said yes and the read said no (it does so once for
+        // every new connection: strace shows one recvfrom with EAGAIN
+        // each): wait again without the buffer.
+        if buf.is_empty() {
+            *buf = BytesMut::new();
+        }
+    }
 }
 
 #[cfg(test)]
