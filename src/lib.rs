@@ -33,8 +33,10 @@
 //! from the entry's published snapshot; otherwise the get wakes the entry's
 //! owner task, the only one that talks to the [`issuer`], and waits for its
 //! answer. The [`audit`] log notes the handout (the first of its kind; repeats
-//! are counted), [`protocol::encode`] writes the answer into a buffer that
-//! is wiped once the handler has written it, within `request_timeout_client`.
+//! are counted), and the answer is written into a buffer of its own (a token
+//! straight from the cache's copy) that is wiped once the handler has
+//! written it, within `request_timeout_client`; the answers to pipelined
+//! requests already read go out together, in one `writev`.
 
 pub(crate) mod audit;
 pub(crate) mod cache;
