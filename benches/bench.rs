@@ -72,7 +72,7 @@ fn main() -> Result<()> {
 }
 
 /// A steady load of one shape for a profiler to watch (`BENCH_LOAD` =
-/// `sequential` or `pipelined`, against the sockets in `BENCH_LOAD_SOCKET`,
+/// `sequential`, `pipelined` or `connect` (+ one get + close), against the sockets in `BENCH_LOAD_SOCKET`,
 /// `:`-separated and taken call by call in turn as the table's rows do, for
 /// `BENCH_LOAD_SECONDS`, default 10): the table's calls without the table,
 /// so `perf record -p` sees only the serving path.
@@ -122,7 +122,14 @@ fn load(shape: &str) -> Result<()> {
                     }
                 }
             }
-            other => bail!("BENCH_LOAD={other}: expected sequential or pipelined"),
+            "connect" => {
+                while Instant::now() < until {
+                    for socket in &sockets {
+                        Conn::open(socket).await?.call(GET).await?;
+                    }
+                }
+            }
+            other => bail!("BENCH_LOAD={other}: expected sequential, pipelined or connect"),
         }
         anyhow::Ok(())
     })
