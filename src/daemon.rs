@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::audit::Audit;
-use crate::cache::TokenCache;
+use crate::cache::{CacheSummary, TokenCache};
 use crate::config::{self, Config, DaemonConfig};
 use crate::hardening;
 use crate::issuer::IssuerClient;
@@ -44,9 +44,9 @@ use crate::systemd::{self, Notifier};
 /// (a caller that does not read its answer) are given up. The server needs
 /// at most a quarter of a second more: the whole is under the 5 s we promise.
 const ANSWER_DEADLINE: Duration = Duration::from_millis(3500);
-/// How often the STATUS= line is recomputed (and sent when it changed).
-/// Cheap: a summary takes each cache lock once, briefly.
-const STATUS_EVERY: Duration = Duration::from_secs(2);
+/// The least time between two recomputations of the STATUS= line, so that
+/// many sets refreshing together cost one summary, not one each.
+const STATUS_GAP: Duration = Duration::from_secs(2);
 /// How long a reload may take to read the configuration and its secret
 /// files. Past it (a hung network mount), the reload fails like an invalid
 /// one and the running configuration stays.
@@ -452,7 +452,11 @@ impl Status {
 
     fn line(&self) -> String {
         let service = self.services.borrow().clone();
-        let mut line = systemd::status_line(&service.cache().summary());
+        self.line_of(&service.cache().summary())
+    }
+
+    fn line_of(&self, summary: &CacheSummary) -> String {
+        let mut line = systemd::status_line(summary);
         if let Some(error) = &*lock(&self.reload_error) {
             line.push_str("; last reload failed: ");
             line.push_str(error);
@@ -472,26 +476,46 @@ impl Status {
         systemd::ready(&line)
     }
 
-    /// Recomputes the line every [`STATUS_EVERY`] and sends it when it
-    /// changed.
+    /// Sends the line when it changed: after an owner published an
+    /// outcome or ended, after a reload, or when a fresh token drops under
+    /// `min_valid`; at most once per [`STATUS_GAP`]. Nothing wakes an idle
+    /// daemon for it.
     async fn run(self: Arc<Self>, stop: CancellationToken) {
+        let mut services = self.services.clone();
         loop {
+            let service = services.borrow_and_update().clone();
+            let summary = service.cache().summary();
+            self.send_if_changed(self.line_of(&summary)).await;
+            let stale = async {
+                match summary.stale_in {
+                    Some(after) => tokio::time::sleep(after).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
-                () = tokio::time::sleep(STATUS_EVERY) => {}
+                () = service.cache().changed() => {}
+                () = stale => {}
+                changed = services.changed() => if changed.is_err() { return },
                 () = stop.cancelled() => return,
             }
-            let line = self.line();
-            let changed = {
-                let mut sent = lock(&self.sent);
-                let changed = *sent != line;
-                if changed {
-                    sent.clone_from(&line);
-                }
-                changed
-            };
-            if changed {
-                self.notifier.notify(&format!("STATUS={line}")).await;
+            tokio::select! {
+                () = tokio::time::sleep(STATUS_GAP) => {}
+                () = stop.cancelled() => return,
             }
+        }
+    }
+
+    async fn send_if_changed(&self, line: String) {
+        let changed = {
+            let mut sent = lock(&self.sent);
+            let changed = *sent != line;
+            if changed {
+                sent.clone_from(&line);
+            }
+            changed
+        };
+        if changed {
+            self.notifier.notify(&format!("STATUS={line}")).await;
         }
     }
 }
