@@ -115,7 +115,9 @@ impl Owner {
         let key = self.key.clone();
         let started = tokio::time::Instant::now();
         let result = tokio::select! {
-            result = key.issuer.fetch(&key.config, &self.scopes) => result,
+            // Boxed: inline, the request's state would make every idle
+            // owner task as large as one in the middle of a request.
+            result = Box::pin(key.issuer.fetch(&key.config, &self.scopes)) => result,
             // Dropping the state's sender tells waiting gets there will be
             // no answer.
             () = key.deadline.cancelled() => return false,
