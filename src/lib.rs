@@ -19,7 +19,8 @@
 //! - [`logging`]: journald or stderr, and the filter over both.
 //! - [`hardening`]: no core dumps, no same-uid debuggers, room for connections.
 //! - [`systemd`]: sd_notify, the watchdog, socket activation, journald detection.
-//! - [`client`]: `tokend get`'s and `tokend reload`'s side of the socket.
+//! - [`client`]: the CLI's side of the socket (`get`, `reload`, `status`, `keys`).
+//! - [`report`]: the tables and JSON `tokend status` and `tokend keys` print.
 //!
 //! # How a get flows
 //! The [`server`]'s accept loop reads the caller's credentials from the
@@ -46,6 +47,7 @@ pub mod issuer;
 pub(crate) mod logging;
 pub(crate) mod peer;
 pub mod protocol;
+pub mod report;
 pub mod scope;
 pub mod secret;
 pub mod secret_file;

@@ -122,20 +122,33 @@ pub struct TokenAnswer {
     pub scopes: Vec<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct KeyInfo {
     pub name: String,
     pub scopes: Vec<String>,
 }
 
-#[derive(Debug, Serialize)]
+/// The body of a `keys` answer, as a client reads it.
+#[derive(Debug, Deserialize)]
+pub struct KeysAnswer {
+    pub keys: Vec<KeyInfo>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
 pub struct KeyStatus {
     pub name: String,
     pub sets: Vec<SetStatus>,
 }
 
+/// The body of a `status` answer, as a client reads it.
+#[derive(Debug, Deserialize)]
+pub struct StatusAnswer {
+    pub keys: Vec<KeyStatus>,
+}
+
 /// The state of one cached (key, scope set). Never a token or a secret.
-#[derive(Debug, Serialize)]
+/// Times are RFC 3339 UTC; durations whole seconds.
+#[derive(Debug, Serialize, Deserialize)]
 pub struct SetStatus {
     pub scopes: Vec<String>,
     pub state: SetState,
@@ -148,6 +161,56 @@ pub struct SetStatus {
     pub last_refresh: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// For operators: `tokend status`'s STATE column.
+    pub health: SetHealth,
+    /// A `prefetch` set: `tokend status` exits 1 unless it is healthy.
+    pub prefetch: bool,
+    /// Until tokend next asks the issuer for this set on its own: 0 when
+    /// due or under way; absent when only a get would make it ask.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_refresh_in: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_refresh_at: Option<String>,
+    /// The issuer's HTTP status in `last_error`, when it answered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error_status: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error_at: Option<String>,
+    /// Issuer requests made for this set since it was cached.
+    pub issuer_requests: u64,
+    /// Gets answered with a token from this set since it was cached.
+    pub gets: u64,
+}
+
+impl SetStatus {
+    /// What `tokend status` vouches for: a prefetch set holds a token with
+    /// more than `min_valid` left, and its last request did not fail.
+    pub fn healthy(&self) -> bool {
+        !self.prefetch || (self.state == SetState::Fresh && self.last_error.is_none())
+    }
+}
+
+/// How a scope set is doing, in an operator's words. The first that
+/// applies, in this order (but a usable token under refresh is
+/// `refreshing`, one that ran out is `expired`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SetHealth {
+    /// The key is paused after a client failure (a rate limit, rejected
+    /// credentials): no set of it asks the issuer until the pause ends.
+    Paused,
+    /// The last request failed; the backoff decides when the next goes.
+    Failing,
+    /// A usable token, and a request for the next one is under way; or
+    /// the first request for the set.
+    Refreshing,
+    /// A token with more than `min_valid` left.
+    Fresh,
+    /// The token has less than `min_valid` left: gets wait for the issuer
+    /// (a refresh may be under way).
+    Expired,
+    /// No token yet, and no request has failed.
+    NeverFetched,
 }
 
 /// What `status` says of a scope set.

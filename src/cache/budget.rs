@@ -34,6 +34,11 @@ impl Key {
             .and(pause.error.clone())
     }
 
+    /// When the key's pause ends, while it is paused.
+    pub(super) fn paused_until(&self, now: Duration) -> Option<Duration> {
+        self.pause.borrow().until.filter(|until| now < *until)
+    }
+
     /// May an owner ask the issuer now? `Ok(probe)`: yes, and `probe` says
     /// it is the one request a pause that just ended allows. `Err(Some(t))`:
     /// the key is paused until `t`. `Err(None)`: another set's probe is out.

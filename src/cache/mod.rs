@@ -49,7 +49,7 @@ mod schedule;
 
 use budget::Pause;
 use owner::Owner;
-use schedule::timing;
+use schedule::{due, timing};
 
 /// What we assume when an issuer leaves `expires_in` out. RFC 6749 lets it,
 /// and reusing such a token forever (as some clients do) ends in failures
@@ -123,16 +123,31 @@ pub(crate) enum GetError {
     ShuttingDown,
 }
 
-/// A point-in-time view of one entry for `status`.
-#[derive(Debug)]
+/// A point-in-time view of one entry for `status`. Never a token.
+#[derive(Debug, Default)]
 pub(crate) struct EntryStatus {
     pub(crate) scopes: ScopeSet,
+    /// A `prefetch` set, which `tokend status` vouches for.
+    pub(crate) prefetch: bool,
     pub(crate) expires_at: Option<SystemTime>,
     pub(crate) remaining: Option<Duration>,
     pub(crate) usable: bool,
     pub(crate) fetching: bool,
+    /// The key is paused after a client failure (a rate limit, rejected
+    /// credentials): no set of it asks the issuer until the pause ends.
+    pub(crate) paused: bool,
+    /// Until the owner next asks the issuer on its own: zero when due or
+    /// under way, `None` when only a get would make it ask.
+    pub(crate) next_request: Option<Duration>,
     pub(crate) last_refresh: Option<SystemTime>,
     pub(crate) last_error: Option<String>,
+    /// The issuer's HTTP status in the last error, when it answered.
+    pub(crate) last_error_status: Option<u16>,
+    pub(crate) last_failure: Option<SystemTime>,
+    /// Issuer requests made for this set.
+    pub(crate) requests: u64,
+    /// Gets answered with a token from this set.
+    pub(crate) served: u64,
 }
 
 /// The cache in numbers, for systemd's STATUS= line.
@@ -191,6 +206,8 @@ struct Entry {
     last_used: AtomicU64,
     /// Hands the owner over to a new cache's key on reload.
     moves: mpsc::UnboundedSender<Arc<Key>>,
+    /// Gets answered with a token, counted by the callers.
+    served: AtomicU64,
 }
 
 /// An entry as its owner keeps it and callers see it.
@@ -218,6 +235,10 @@ struct EntryState {
     fetching: bool,
     /// Counts the owner's answers, so a get can wait for the next one.
     answers: u64,
+    /// When the last request failed (wall clock, for `status`).
+    last_failure: Option<SystemTime>,
+    /// Issuer requests made, for `status`.
+    requests: u64,
 }
 
 impl TokenCache {
@@ -306,6 +327,9 @@ impl TokenCache {
         for _ in 0..2 {
             let (entry, _) = key.entry(scopes, true)?;
             if let Some(answer) = key.ask(&entry).await {
+                if answer.is_ok() {
+                    entry.served.fetch_add(1, Ordering::Relaxed);
+                }
                 return answer;
             }
         }
@@ -318,23 +342,24 @@ impl TokenCache {
             return Vec::new();
         };
         let now = self.now();
+        let paused_until = key.paused_until(now);
         let mut out: Vec<EntryStatus> = key
             .entries()
             .into_iter()
-            .map(|(scopes, entry)| {
-                let state = entry.state.borrow();
-                let token = state.token.as_ref();
-                EntryStatus {
-                    scopes,
-                    expires_at: token.map(|t| t.expires_at),
-                    remaining: token.map(|t| t.remaining(now)),
-                    usable: token.is_some_and(|t| t.usable(now)),
-                    fetching: state.fetching,
-                    last_refresh: state.last_refresh,
-                    last_error: state.last_error.as_ref().map(|e| e.to_string()),
-                }
-            })
+            .map(|(scopes, entry)| entry.status(scopes, paused_until, now))
             .collect();
+        // A prefetch set whose owner has not started (or has ended) is
+        // still one `status` vouches for: it shows as never fetched.
+        for set in &key.config.prefetch {
+            if !out.iter().any(|status| &status.scopes == set) {
+                out.push(EntryStatus {
+                    scopes: set.clone(),
+                    prefetch: true,
+                    paused: paused_until.is_some(),
+                    ..EntryStatus::default()
+                });
+            }
+        }
         out.sort_by(|a, b| a.scopes.cmp(&b.scopes));
         out
     }
@@ -464,6 +489,7 @@ impl Key {
             wake: Notify::new(),
             last_used,
             moves,
+            served: AtomicU64::new(0),
         });
         if asked {
             entry.touch(now);
@@ -594,6 +620,40 @@ impl Entry {
         match self.last_used.load(Ordering::Relaxed) {
             NEVER_USED => None,
             nanos => Some(Duration::from_nanos(nanos)),
+        }
+    }
+
+    /// This entry for `status`, its key paused until `paused_until`.
+    fn status(
+        &self,
+        scopes: ScopeSet,
+        paused_until: Option<Duration>,
+        now: Duration,
+    ) -> EntryStatus {
+        let state = self.state.borrow();
+        let token = state.token.as_ref();
+        let next_request = if state.fetching {
+            Some(Duration::ZERO)
+        } else {
+            paused_until
+                .or_else(|| due(&state, now))
+                .map(|at| at.saturating_sub(now))
+        };
+        EntryStatus {
+            scopes,
+            prefetch: state.kept,
+            expires_at: token.map(|t| t.expires_at),
+            remaining: token.map(|t| t.remaining(now)),
+            usable: token.is_some_and(|t| t.usable(now)),
+            fetching: state.fetching,
+            paused: paused_until.is_some(),
+            next_request,
+            last_refresh: state.last_refresh,
+            last_error: state.last_error.as_ref().map(|e| e.to_string()),
+            last_error_status: state.last_error.as_ref().and_then(|e| e.status()),
+            last_failure: state.last_failure,
+            requests: state.requests,
+            served: self.served.load(Ordering::Relaxed),
         }
     }
 }

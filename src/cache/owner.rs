@@ -110,7 +110,10 @@ impl Owner {
     }
 
     async fn fetch(&mut self, probe: bool) -> bool {
-        self.state.send_modify(|state| state.fetching = true);
+        self.state.send_modify(|state| {
+            state.fetching = true;
+            state.requests += 1;
+        });
         tracing::debug!(key = %self.key.name, scopes = %self.scopes, probe, "requesting a token from the issuer");
         let key = self.key.clone();
         let started = tokio::time::Instant::now();
@@ -178,6 +181,7 @@ impl Owner {
             state.failures = failures;
             state.retry_at = Some(retry_at);
             state.last_error = Some(error);
+            state.last_failure = Some(received.1);
             state.refused = refused;
             state.fetching = false;
             state.answers += 1;

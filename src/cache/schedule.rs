@@ -43,25 +43,30 @@ pub(super) fn next_step(state: &EntryState, key: &KeyConfig, now: Duration) -> N
     if idle_until.is_some_and(|until| now >= until) {
         return Next::Evict;
     }
-    let due = match (&state.token, state.retry_at) {
-        // After a failure the backoff decides, and only for sets worth
-        // keeping fresh: prefetch sets, and sets whose token is still in
-        // use. A failing set nobody is waiting for waits for the next get;
-        // so does a scope set the issuer refused.
-        (token, Some(retry_at)) => {
-            let worth = state.kept || token.as_ref().is_some_and(|t| t.usable(now));
-            (worth && !state.refused).then_some(retry_at)
-        }
-        (Some(token), None) => Some(token.refresh_at),
-        // Never fetched: the get or prefetch that created it wakes us.
-        (None, None) => None,
-    };
+    let due = due(state, now);
     match (due, idle_until) {
         (Some(due), _) if now >= due => Next::Fetch,
         (Some(due), Some(idle)) => Next::SleepUntil(due.min(idle)),
         (Some(due), None) => Next::SleepUntil(due),
         (None, Some(idle)) => Next::SleepUntil(idle),
         (None, None) => Next::Wait,
+    }
+}
+
+/// When the owner of an entry in `state` asks the issuer next on its own
+/// (boot clock), if it will. After a failure the backoff decides, and only
+/// for sets worth keeping fresh: prefetch sets, and sets whose token is
+/// still in use. A failing set nobody is waiting for waits for the next get;
+/// so does a scope set the issuer refused, and one never fetched (the get
+/// or prefetch that created it wakes the owner).
+pub(super) fn due(state: &EntryState, now: Duration) -> Option<Duration> {
+    match (&state.token, state.retry_at) {
+        (token, Some(retry_at)) => {
+            let worth = state.kept || token.as_ref().is_some_and(|t| t.usable(now));
+            (worth && !state.refused).then_some(retry_at)
+        }
+        (Some(token), None) => Some(token.refresh_at),
+        (None, None) => None,
     }
 }
 
