@@ -37,6 +37,10 @@ const SUITES: [&str; 2] = ["bookworm", "trixie"];
 
 const PAYMENTS_SECRET: &str = "real-systemd-payments-secret-3170";
 const CARDS_SECRET: &str = "real-systemd-cards-secret-8825";
+/// A secret the issuer rejects, for a key that makes tokend unhealthy.
+const WRONG_SECRET: &str = "real-systemd-wrong-secret-6041";
+/// Its file.
+const WRONG_SECRET_FILE: &str = "/etc/tokend/wrong.secret";
 
 const UNITS: [&str; 2] = ["tokend.service", "tokend.socket"];
 const CONFIG: &str = "/etc/tokend/tokend.toml";
@@ -223,7 +227,11 @@ fn nspawn_root(suite: &str) -> Result<PathBuf, String> {
 /// Every string the journal must not hold: the client secrets and every
 /// token the issuer handed out so far.
 fn secrets(issuer: &Issuer) -> Vec<String> {
-    let mut all = vec![PAYMENTS_SECRET.to_owned(), CARDS_SECRET.to_owned()];
+    let mut all = vec![
+        PAYMENTS_SECRET.to_owned(),
+        CARDS_SECRET.to_owned(),
+        WRONG_SECRET.to_owned(),
+    ];
     all.extend(issuer.issued_tokens());
     all
 }
@@ -235,6 +243,32 @@ fn redact(text: &str, issuer: &Issuer) -> String {
         .fold(text.to_owned(), |text, secret| {
             text.replace(secret, &format!("[secret {}]", fingerprint(secret)))
         })
+}
+
+/// The units in README.md's health-check example: its `ini` block, cut at
+/// each `# /etc/systemd/system/NAME` comment into (path, text).
+fn readme_health_units(readme: &str) -> Result<Vec<(String, String)>, String> {
+    let block = readme
+        .split("```ini\n")
+        .skip(1)
+        .filter_map(|rest| rest.split_once("```").map(|(block, _)| block))
+        .find(|block| block.contains("tokend-health.timer"))
+        .ok_or("README.md has no ini block with tokend-health.timer")?;
+    let mut units: Vec<(String, String)> = Vec::new();
+    for line in block.lines() {
+        if let Some(path) = line.strip_prefix("# /etc/systemd/system/") {
+            units.push((format!("/etc/systemd/system/{path}"), String::new()));
+        } else if let Some((_, text)) = units.last_mut() {
+            text.push_str(line);
+            text.push('\n');
+        }
+    }
+    match units.len() {
+        2 => Ok(units),
+        n => Err(format!(
+            "README.md's health-check block holds {n} units, not 2"
+        )),
+    }
 }
 
 /// `ran` if it exited 0, else a reason naming `what`.
@@ -291,6 +325,7 @@ impl<'a> Release<'a> {
             "broken reload refused and reported",
             Self::broken_reload_refused,
         );
+        self.check("README's health-check timer", Self::health_check_timer);
         self.check("journald fields", Self::journald_fields);
         self.check("watchdog restart", Self::watchdog_restart);
         self.check(
@@ -694,6 +729,93 @@ impl<'a> Release<'a> {
             .find(|l| names_location(l, CONFIG, line))
             .unwrap_or_default();
         Ok(format!("exit {:?}; {}", reload.code, reason.trim()))
+    }
+
+    /// The README's health-check units, copied as an operator would: the
+    /// check passes while every prefetch set is fresh, and fails, so that
+    /// `OnFailure=` pages, once a key's secret is rejected.
+    fn health_check_timer(&self) -> Outcome {
+        let readme = std::fs::read_to_string(Path::new(REPO).join("README.md"))
+            .map_err(|e| format!("read README.md: {e}"))?;
+        let units = readme_health_units(&readme)?;
+        for (path, text) in &units {
+            self.install_file(path, text, "0644", "root")?;
+        }
+        // What the README's OnFailure= names, standing in for a pager.
+        self.install_file(
+            "/etc/systemd/system/page-the-operator@.service",
+            "[Service]\nType=oneshot\nExecStart=/bin/sh -c 'echo %i >> /run/paged'\n",
+            "0644",
+            "root",
+        )?;
+        self.systemctl("daemon-reload")?;
+        self.systemctl("enable --now tokend-health.timer")?;
+        self.systemctl("start tokend-health.service")?;
+
+        let good = self.config("", &[self.payments_key(), self.cards_key()]);
+        let wrong = format!(
+            "[keys.wrong]\ntoken_url = {:?}\nclient_id = \"payments\"\n\
+             client_secret_file = {WRONG_SECRET_FILE:?}\nallow_users = [\"alice\"]\n\
+             prefetch = [[]]\n\n",
+            self.issuer.token_url(Dialect::Checkout)
+        );
+        self.install_file(
+            WRONG_SECRET_FILE,
+            &format!("{WRONG_SECRET}\n"),
+            "0600",
+            "tokend",
+        )?;
+        self.write_config(&format!("{good}{wrong}"))?;
+        self.systemctl("reload tokend")?;
+        let started = Instant::now();
+        let unhealthy = loop {
+            let ran = self.container.run_as("tokend", "tokend status");
+            if ran.code == Some(1) || started.elapsed() > PATIENCE {
+                break ran;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        let failed = self.sh("systemctl start tokend-health.service");
+        let paged = loop {
+            let paged = self.sh("cat /run/paged 2>/dev/null").stdout;
+            if paged.contains("tokend-health") || started.elapsed() > PATIENCE {
+                break paged;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+
+        // Healthy again for the checks that follow.
+        self.write_config(&good)?;
+        self.systemctl("reload tokend")?;
+        self.systemctl("disable --now tokend-health.timer")?;
+        // The operator's own files: purge, later, must find only its own.
+        let mut paths: Vec<&str> = units.iter().map(|(path, _)| path.as_str()).collect();
+        paths.push("/etc/systemd/system/page-the-operator@.service");
+        paths.push(WRONG_SECRET_FILE);
+        self.sh_ok(&format!("rm -f {}", paths.join(" ")))?;
+        self.systemctl("daemon-reload")?;
+        ensure!(
+            unhealthy.code == Some(1) && unhealthy.stdout.contains("wrong"),
+            "tokend status as tokend with a rejected secret: {unhealthy:?}"
+        );
+        ensure!(
+            failed.code != Some(0),
+            "systemctl start tokend-health.service passed while key wrong failed: {failed:?}"
+        );
+        ensure!(
+            paged.contains("tokend-health.service"),
+            "OnFailure= did not run: /run/paged holds {paged:?}"
+        );
+        let row = unhealthy
+            .stdout
+            .lines()
+            .find(|l| l.starts_with("wrong"))
+            .unwrap_or_default()
+            .split_whitespace()
+            .take(4)
+            .collect::<Vec<_>>()
+            .join(" ");
+        Ok(format!("healthy: exit 0; then {row:?}, exit 1, paged"))
     }
 
     fn journald_fields(&self) -> Outcome {
