@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
-use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 
 use tokend::client::{self, ClientError};
 use tokend::config::{self, DEFAULT_CONFIG, DEFAULT_SOCKET};
@@ -83,34 +83,14 @@ enum Command {
                       credentials). Colour on a terminal only, never with NO_COLOR.\n\nExit status: \
                       0 every prefetch set holds a token with more than min_valid left and its last \
                       refresh did not fail, 1 otherwise (or the daemon refused), 3 the daemon could \
-                      not be reached. Usable as a health check: ExecStartPost=, a timer, nagios."
+                      not be reached: a health check for a timer unit, a load balancer hook or nagios."
     )]
-    Status {
-        /// Print the rows as JSON (with a `healthy` verdict) instead of a table.
-        #[arg(long)]
-        json: bool,
-        /// The daemon's socket.
-        #[arg(long, value_name = "PATH", env = "TOKEND_SOCKET", default_value = DEFAULT_SOCKET)]
-        socket: PathBuf,
-        /// How long to wait for the answer.
-        #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
-        timeout: Duration,
-    },
+    Status(Listing),
     /// List the keys the caller may read, with their allowed scopes.
     #[command(
         after_help = "Exit status: 0 listed, 1 the daemon refused, 3 the daemon could not be reached."
     )]
-    Keys {
-        /// Print the daemon's JSON list instead of a table.
-        #[arg(long)]
-        json: bool,
-        /// The daemon's socket.
-        #[arg(long, value_name = "PATH", env = "TOKEND_SOCKET", default_value = DEFAULT_SOCKET)]
-        socket: PathBuf,
-        /// How long to wait for the answer.
-        #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
-        timeout: Duration,
-    },
+    Keys(Listing),
     /// Validate the configuration and secret files without starting.
     #[command(after_help = "Exit status: 0 valid, 1 invalid (FILE:LINE:COL: message on stderr).")]
     Check {
@@ -121,6 +101,20 @@ enum Command {
     /// Print the tokend(8) manual page (roff) generated from these definitions.
     #[command(hide = true)]
     Man,
+}
+
+/// The options `status` and `keys` share.
+#[derive(Args)]
+struct Listing {
+    /// Print JSON for scripts instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// The daemon's socket.
+    #[arg(long, value_name = "PATH", env = "TOKEND_SOCKET", default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// How long to wait for the answer.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -155,16 +149,8 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             timeout,
         } => Ok(get(&socket, &key, &scopes, format, timeout)),
         Command::Reload { socket, timeout } => Ok(reload(&socket, timeout)),
-        Command::Status {
-            json,
-            socket,
-            timeout,
-        } => Ok(status(&socket, json, timeout)),
-        Command::Keys {
-            json,
-            socket,
-            timeout,
-        } => Ok(keys(&socket, json, timeout)),
+        Command::Status(listing) => Ok(status(&listing)),
+        Command::Keys(listing) => Ok(keys(&listing)),
         Command::Check { config } => Ok(check(&config)),
         Command::Man => man(),
     }
@@ -219,7 +205,13 @@ fn reload(socket: &Path, timeout: Duration) -> ExitCode {
     }
 }
 
-fn status(socket: &Path, json: bool, timeout: Duration) -> ExitCode {
+fn status(
+    &Listing {
+        json,
+        ref socket,
+        timeout,
+    }: &Listing,
+) -> ExitCode {
     let keys = match client::status(socket, timeout) {
         Ok(keys) => keys,
         Err(err) => return client_failure(&err),
@@ -247,7 +239,13 @@ fn status(socket: &Path, json: bool, timeout: Duration) -> ExitCode {
     }
 }
 
-fn keys(socket: &Path, json: bool, timeout: Duration) -> ExitCode {
+fn keys(
+    &Listing {
+        json,
+        ref socket,
+        timeout,
+    }: &Listing,
+) -> ExitCode {
     let keys = match client::keys(socket, timeout) {
         Ok(keys) => keys,
         Err(err) => return client_failure(&err),
