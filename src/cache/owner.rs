@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use rand::Rng;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 use super::budget::{pauses_key, Pause};
 use super::schedule::{backoff, next_step, Next};
@@ -22,7 +22,6 @@ pub(super) struct Owner {
     pub(super) scopes: ScopeSet,
     pub(super) entry: Arc<Entry>,
     pub(super) state: watch::Sender<EntryState>,
-    pub(super) moves: mpsc::UnboundedReceiver<Arc<Key>>,
     /// The key's budget, watched while another set's probe is out.
     pub(super) pause: watch::Receiver<Pause>,
 }
@@ -57,7 +56,7 @@ impl Owner {
             // must win over that stop.
             tokio::select! {
                 biased;
-                Some(key) = self.moves.recv() => self.moved(key),
+                () = self.entry.moved.notified() => self.take_move(),
                 () = key.stop.cancelled() => if self.stopped() { return },
                 () = self.entry.wake.notified() => if !self.woken().await { return },
                 () = sleep_until(until, key.clock) => {}
@@ -126,7 +125,7 @@ impl Owner {
             () = key.deadline.cancelled() => return false,
         };
         // A reload during the request: the outcome is the new key's.
-        self.take_moves();
+        self.take_move();
         self.settle(result, started.elapsed(), probe);
         self.key.changes.notify_one();
         true
@@ -214,8 +213,8 @@ impl Owner {
         self.key = key;
     }
 
-    fn take_moves(&mut self) {
-        while let Ok(key) = self.moves.try_recv() {
+    fn take_move(&mut self) {
+        if let Some(key) = self.entry.move_to.swap(None) {
             self.moved(key);
         }
     }
@@ -223,7 +222,7 @@ impl Owner {
     /// Whether the cache this entry belongs to has stopped, after taking
     /// any move to a new cache handed over before the old one stopped.
     fn stopped(&mut self) -> bool {
-        self.take_moves();
+        self.take_move();
         self.key.stop.is_cancelled()
     }
 }
