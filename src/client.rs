@@ -1,5 +1,6 @@
-//! The caller's side of the socket, as `tokend get` and `tokend reload` use
-//! it: one request, one answer, with a timeout and a bound on what is read.
+//! The caller's side of the socket, as `tokend get`, `tokend reload` and
+//! `tokend metrics` use it: one request, one answer, with a timeout and a
+//! bound on what is read.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -8,11 +9,14 @@ use std::time::Duration;
 
 use zeroize::Zeroizing;
 
-use crate::protocol::{self, ErrorBody, Op, ReloadAnswer, Request, TokenAnswer};
+use crate::protocol::{self, ErrorBody, MetricsAnswer, Op, ReloadAnswer, Request, TokenAnswer};
 use crate::secret::AccessToken;
 
 /// Answers longer than this are not tokend's.
 const MAX_ANSWER: u64 = 1 << 20;
+/// The metrics grow with the scope sets cached: a few hundred bytes per
+/// set, and `max_scope_sets` allows up to 100,000 per key.
+const MAX_METRICS_ANSWER: u64 = 256 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -56,7 +60,7 @@ pub fn get(
             scopes: scopes.to_vec(),
         },
     };
-    let line = Zeroizing::new(exchange(socket, &request.encode(), timeout)?);
+    let line = Zeroizing::new(exchange(socket, &request.encode(), timeout, MAX_ANSWER)?);
     let answer: TokenAnswer = reply(socket, &line)?;
     Ok(Token {
         access_token: answer.access_token,
@@ -71,9 +75,21 @@ pub fn reload(socket: &Path, timeout: Duration) -> Result<usize, ClientError> {
         id: None,
         op: Op::Reload,
     };
-    let line = exchange(socket, &request.encode(), timeout)?;
+    let line = exchange(socket, &request.encode(), timeout, MAX_ANSWER)?;
     let answer: ReloadAnswer = reply(socket, &line)?;
     Ok(answer.keys)
+}
+
+/// Asks the daemon at `socket` for its metrics, in the Prometheus text
+/// format.
+pub fn metrics(socket: &Path, timeout: Duration) -> Result<String, ClientError> {
+    let request = Request {
+        id: None,
+        op: Op::Metrics,
+    };
+    let line = exchange(socket, &request.encode(), timeout, MAX_METRICS_ANSWER)?;
+    let answer: MetricsAnswer = reply(socket, &line)?;
+    Ok(answer.text)
 }
 
 /// The body of a successful answer, or the daemon's error.
@@ -85,8 +101,14 @@ fn reply<T: serde::de::DeserializeOwned>(socket: &Path, line: &str) -> Result<T,
     }
 }
 
-/// Sends one request line and reads one answer line.
-fn exchange(socket: &Path, request: &str, timeout: Duration) -> Result<String, ClientError> {
+/// Sends one request line and reads one answer line of at most `max`
+/// bytes.
+fn exchange(
+    socket: &Path,
+    request: &str,
+    timeout: Duration,
+    max: u64,
+) -> Result<String, ClientError> {
     let io_err = |source| ClientError::Io {
         path: socket.to_owned(),
         source,
@@ -108,7 +130,7 @@ fn exchange(socket: &Path, request: &str, timeout: Duration) -> Result<String, C
         .write_all(format!("{request}\n").as_bytes())
         .map_err(io_err)?;
     let mut answer = String::new();
-    BufReader::new(stream.take(MAX_ANSWER))
+    BufReader::new(stream.take(max))
         .read_line(&mut answer)
         .map_err(io_err)?;
     if !answer.ends_with('\n') {

@@ -74,6 +74,20 @@ enum Command {
         #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
         timeout: Duration,
     },
+    /// Print the running daemon's metrics in the Prometheus text format.
+    #[command(
+        after_help = "Root, tokend's own user and the uids in [daemon] metrics_allow_uids may \
+                      read the metrics.\n\nExit status: 0 printed, 1 refused (the reason on \
+                      stderr), 3 the daemon could not be reached."
+    )]
+    Metrics {
+        /// The daemon's socket.
+        #[arg(long, value_name = "PATH", env = "TOKEND_SOCKET", default_value = DEFAULT_SOCKET)]
+        socket: PathBuf,
+        /// How long to wait for the answer.
+        #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
     /// Validate the configuration and secret files without starting.
     #[command(after_help = "Exit status: 0 valid, 1 invalid (FILE:LINE:COL: message on stderr).")]
     Check {
@@ -118,6 +132,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             timeout,
         } => Ok(get(&socket, &key, &scopes, format, timeout)),
         Command::Reload { socket, timeout } => Ok(reload(&socket, timeout)),
+        Command::Metrics { socket, timeout } => Ok(metrics(&socket, timeout)),
         Command::Check { config } => Ok(check(&config)),
         Command::Man => man(),
     }
@@ -184,6 +199,28 @@ fn reload(socket: &Path, timeout: Duration) -> ExitCode {
     }
 }
 
+fn metrics(socket: &Path, timeout: Duration) -> ExitCode {
+    match client::metrics(socket, timeout) {
+        Ok(text) => {
+            let mut out = std::io::stdout().lock();
+            match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("tokend: failed to write the metrics: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Err(err) => {
+            eprintln!("tokend: {err}");
+            match err {
+                ClientError::Refused(_) => ExitCode::from(EXIT_REFUSED),
+                _ => ExitCode::from(EXIT_UNREACHABLE),
+            }
+        }
+    }
+}
+
 fn check(path: &Path) -> ExitCode {
     match config::load(path) {
         Ok(config) => {
@@ -238,7 +275,7 @@ Socket activation: tokend serves on the socket it is passed and neither creates 
 \fBJOURNAL_STREAM\fR
 When stderr is the journal, tokend logs to journald with the fields KEY, SCOPES, PEER_UID, PEER_PID and ISSUER_STATUS.
 .SH EXIT STATUS
-\fBserve\fR: 0 after a clean stop, 1 on a start-up error. \fBget\fR: 0 token printed, 1 refused, 2 usage error, 3 unreachable. \fBcheck\fR: 0 valid, 1 invalid.
+\fBserve\fR: 0 after a clean stop, 1 on a start-up error. \fBget\fR: 0 token printed, 1 refused, 2 usage error, 3 unreachable. \fBmetrics\fR: 0 printed, 1 refused, 3 unreachable. \fBcheck\fR: 0 valid, 1 invalid.
 .SH SEE ALSO
 \fBsystemctl\fR(1), \fBsystemd.exec\fR(5), \fBsystemd-creds\fR(1)
 "#;
