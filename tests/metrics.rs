@@ -361,6 +361,46 @@ async fn ten_thousand_gets_for_made_up_key_names_add_no_series() {
     daemon.stop_and_check_log(&secrets(&[&issuer], &[SECRET, OTHER_SECRET]));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scrapers_that_send_nothing_are_cut_off_and_hold_no_more_than_eight_slots() {
+    let (issuer, mut daemon) = setup("metrics_listen = \"127.0.0.1:0\"").await;
+    let endpoint = endpoint(&mut daemon);
+    let http = reqwest::Client::new();
+    // Eight connections that never send a request take every slot.
+    let mut idle = Vec::new();
+    for _ in 0..8 {
+        idle.push(
+            tokio::net::TcpStream::connect(&endpoint)
+                .await
+                .expect("connect"),
+        );
+    }
+    // A ninth scrape waits in the backlog until the header timeout (5 s)
+    // frees the slots, then is served.
+    let started = std::time::Instant::now();
+    let text = tokio::time::timeout(std::time::Duration::from_secs(15), scrape(&http, &endpoint))
+        .await
+        .expect("served once the idle connections were cut off");
+    let waited = started.elapsed();
+    assert!(text.contains("tokend_build_info"), "{text}");
+    assert!(
+        waited >= std::time::Duration::from_secs(4),
+        "served after {waited:?}: more than eight connections were taken at once"
+    );
+    // The idle ones were closed by the daemon.
+    for mut stream in idle {
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(
+            std::time::Duration::from_secs(1),
+            tokio::io::AsyncReadExt::read(&mut stream, &mut byte),
+        )
+        .await
+        .expect("closed, not still waiting");
+        assert!(!matches!(read, Ok(n) if n > 0), "{read:?}");
+    }
+    daemon.stop_and_check_log(&secrets(&[&issuer], &[SECRET, OTHER_SECRET]));
+}
+
 #[tokio::test]
 async fn check_refuses_a_non_loopback_metrics_listen_unless_told_otherwise() {
     let dir = tempfile::tempdir().expect("dir");
