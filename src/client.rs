@@ -1,5 +1,5 @@
-//! The caller's side of the socket, as `tokend get`, `reload`, `status` and
-//! `keys` use it: one request, one answer, with a timeout and a bound on
+//! The caller's side of the socket, as `tokend get`, `reload`, `status`,
+//! `keys` and `metrics` use it: one request, one answer, with a timeout and a bound on
 //! what is read.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -10,16 +10,17 @@ use std::time::Duration;
 use zeroize::Zeroizing;
 
 use crate::protocol::{
-    self, ErrorBody, KeyInfo, KeyStatus, KeysAnswer, Op, ReloadAnswer, Request, StatusAnswer,
-    TokenAnswer,
+    self, ErrorBody, KeyInfo, KeyStatus, KeysAnswer, MetricsAnswer, Op, ReloadAnswer, Request,
+    StatusAnswer, TokenAnswer,
 };
 use crate::secret::AccessToken;
 
 /// Token answers longer than this are not tokend's.
 const MAX_TOKEN_ANSWER: u64 = 1 << 20;
-/// Other answers longer than this are not tokend's: a status of 100,000
-/// scope sets is under 64 MiB.
-const MAX_ANSWER: u64 = 64 << 20;
+/// Other answers longer than this are not tokend's. Status and metrics
+/// grow with the cached scope sets, a few hundred bytes each, and
+/// `max_scope_sets` allows up to 100,000 per key.
+const MAX_ANSWER: u64 = 256 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -93,6 +94,12 @@ pub fn status(socket: &Path, timeout: Duration) -> Result<Vec<KeyStatus>, Client
 pub fn keys(socket: &Path, timeout: Duration) -> Result<Vec<KeyInfo>, ClientError> {
     let answer: KeysAnswer = ask(socket, Op::Keys, timeout)?;
     Ok(answer.keys)
+}
+
+/// The daemon's metrics, in the Prometheus text format.
+pub fn metrics(socket: &Path, timeout: Duration) -> Result<String, ClientError> {
+    let answer: MetricsAnswer = ask(socket, Op::Metrics, timeout)?;
+    Ok(answer.text)
 }
 
 /// One request without a token in its answer.

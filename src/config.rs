@@ -9,6 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -69,11 +70,21 @@ pub struct DaemonConfig {
     /// Where `client_secret_credential` reads from when systemd has not
     /// set `$CREDENTIALS_DIRECTORY` (say, `tokend check` in a shell).
     pub credentials_directory: PathBuf,
+    /// Uids that may ask for the metrics over the socket, besides root and
+    /// tokend's own user.
+    pub metrics_allow_uids: Vec<u32>,
+    /// Where the HTTP `/metrics` endpoint listens; none when unset. A
+    /// loopback address unless `metrics_listen_non_loopback` said otherwise.
+    pub metrics_listen: Option<SocketAddr>,
+    pub metrics_listen_non_loopback: bool,
 }
 
 /// One credential at one issuer.
 #[derive(Debug, Clone, PartialEq)]
 pub struct KeyConfig {
+    /// The key's name in `[keys.NAME]`, for what reports on the key
+    /// without the map around it (the issuer's metrics).
+    pub name: String,
     pub token_url: Url,
     pub client_id: String,
     pub client_secret: ClientSecret,
@@ -225,7 +236,7 @@ fn build(
     read_file: impl Fn(&Path) -> Result<ClientSecret, String>,
 ) -> Result<Config, ConfigError> {
     let raw = parse_raw(text, path)?;
-    let daemon = DaemonConfig::from(raw.daemon);
+    let daemon = raw.daemon.finish(text, path)?;
     let mut keys = BTreeMap::new();
     for (name, key) in raw.keys {
         let start = key.span().start;
@@ -337,6 +348,11 @@ struct RawDaemon {
     #[serde(deserialize_with = "log_level")]
     log_level: LevelFilter,
     credentials_directory: PathBuf,
+    metrics_allow_uids: Vec<u32>,
+    /// Spanned: whether the address may be used depends on another setting,
+    /// and the error must still point at this one.
+    metrics_listen: Option<Spanned<String>>,
+    metrics_listen_non_loopback: bool,
 }
 
 impl Default for RawDaemon {
@@ -352,27 +368,63 @@ impl Default for RawDaemon {
             max_request_bytes: 65536,
             log_level: LevelFilter::INFO,
             credentials_directory: PathBuf::from(DEFAULT_CREDENTIALS_DIRECTORY),
+            metrics_allow_uids: Vec::new(),
+            metrics_listen: None,
+            metrics_listen_non_loopback: false,
         }
     }
 }
 
-impl From<RawDaemon> for DaemonConfig {
-    fn from(raw: RawDaemon) -> Self {
-        DaemonConfig {
-            socket: raw.socket,
-            socket_mode: raw.socket_mode,
-            socket_group: raw.socket_group,
-            max_connections: raw.max_connections,
-            max_connections_per_uid: raw
+impl RawDaemon {
+    /// Checks what one field's type cannot: the metrics address against
+    /// the setting that allows a non-loopback one.
+    fn finish(self, text: &str, path: &Path) -> Result<DaemonConfig, ConfigError> {
+        let metrics_listen = match &self.metrics_listen {
+            Some(listen) => Some(
+                metrics_address(listen.get_ref(), self.metrics_listen_non_loopback)
+                    .map_err(|message| locate(text, path, listen.span().start, message))?,
+            ),
+            None => None,
+        };
+        Ok(DaemonConfig {
+            socket: self.socket,
+            socket_mode: self.socket_mode,
+            socket_group: self.socket_group,
+            max_connections: self.max_connections,
+            max_connections_per_uid: self
                 .max_connections_per_uid
-                .unwrap_or((raw.max_connections / 2).max(1)),
-            idle_timeout: raw.idle_timeout,
-            request_timeout_client: raw.request_timeout_client,
-            max_request_bytes: raw.max_request_bytes,
-            log_level: raw.log_level,
-            credentials_directory: raw.credentials_directory,
-        }
+                .unwrap_or((self.max_connections / 2).max(1)),
+            idle_timeout: self.idle_timeout,
+            request_timeout_client: self.request_timeout_client,
+            max_request_bytes: self.max_request_bytes,
+            log_level: self.log_level,
+            credentials_directory: self.credentials_directory,
+            metrics_allow_uids: self.metrics_allow_uids,
+            metrics_listen,
+            metrics_listen_non_loopback: self.metrics_listen_non_loopback,
+        })
     }
+}
+
+/// `metrics_listen` as an address. Only an IP address and port: a host
+/// name would be resolved once, at start, to whatever it meant then. A
+/// non-loopback address opens the metrics to everyone who can reach it, so
+/// it takes `metrics_listen_non_loopback = true` to say that is meant.
+fn metrics_address(text: &str, non_loopback: bool) -> Result<SocketAddr, String> {
+    let address: SocketAddr = text.parse().map_err(|_| {
+        format!(
+            "bad metrics_listen {text:?}: write an IP address and port, such as \"127.0.0.1:9464\" \
+             or \"[::1]:9464\""
+        )
+    })?;
+    if !address.ip().is_loopback() && !non_loopback {
+        return Err(format!(
+            "metrics_listen {address} is not a loopback address: anyone who can reach it could \
+             read the metrics; use 127.0.0.1 or [::1], or set metrics_listen_non_loopback = true \
+             if that is meant"
+        ));
+    }
+    Ok(address)
 }
 
 #[derive(Deserialize)]
@@ -503,6 +555,7 @@ impl RawKey {
             }
         };
         let mut key = KeyConfig {
+            name: name.to_owned(),
             token_url: self.token_url,
             client_id: self.client_id,
             client_secret,
@@ -1036,6 +1089,36 @@ allow_groups = ["billing"]
             .unwrap_err()
             .to_string();
         assert!(e.contains("may not be empty"), "{e}");
+    }
+
+    #[test]
+    fn metrics_listen_is_loopback_unless_the_operator_says_otherwise() {
+        let daemon = |lines: &str| parse(&format!("[daemon]\n{lines}"), Path::new("t.toml"));
+        let config =
+            daemon("metrics_listen = \"127.0.0.1:9464\"\nmetrics_allow_uids = [7]\n").unwrap();
+        assert_eq!(
+            config.daemon.metrics_listen,
+            Some("127.0.0.1:9464".parse().unwrap())
+        );
+        assert_eq!(config.daemon.metrics_allow_uids, [7]);
+        assert!(daemon("metrics_listen = \"[::1]:0\"\n").is_ok());
+        assert_eq!(daemon("").unwrap().daemon.metrics_listen, None);
+        for address in ["0.0.0.0:9464", "192.0.2.7:9464", "[::]:9464"] {
+            let e = err(&format!("[daemon]\nmetrics_listen = \"{address}\"\n"));
+            assert!(
+                e.starts_with("t.toml:2:18: metrics_listen") && e.contains("not a loopback"),
+                "{e}"
+            );
+            let open =
+                format!("metrics_listen = \"{address}\"\nmetrics_listen_non_loopback = true\n");
+            assert!(daemon(&open).is_ok(), "{address}");
+        }
+        for bad in ["localhost:9464", "127.0.0.1", "9464", ""] {
+            let e = err(&format!("[daemon]\nmetrics_listen = \"{bad}\"\n"));
+            assert!(e.starts_with("t.toml:2:18: bad metrics_listen"), "{e}");
+        }
+        let e = err("[daemon]\nmetrics_allow_uids = [-1]\n");
+        assert!(e.starts_with("t.toml:2:"), "{e}");
     }
 
     #[test]

@@ -34,6 +34,7 @@ use crate::config::{self, Config, DaemonConfig};
 use crate::hardening;
 use crate::issuer::IssuerClient;
 use crate::logging::Logging;
+use crate::metrics::{self, http::Endpoint};
 use crate::server::{self, Limits};
 use crate::service::{ReloadAsked, Service};
 use crate::shutdown::Shutdown;
@@ -62,6 +63,7 @@ pub async fn serve(config_path: &Path) -> anyhow::Result<()> {
     hardening::apply();
     let notifier = Arc::new(Notifier::from_env());
     let mut socket = Socket::open(&config.daemon)?;
+    let metrics_endpoint = Endpoint::bind(&config.daemon)?;
     let shutdown = Shutdown::new();
     // Reloads asked over the socket (`tokend reload`, systemd's
     // ExecReload=) queue here; the signal loop below runs them.
@@ -87,7 +89,7 @@ pub async fn serve(config_path: &Path) -> anyhow::Result<()> {
     tracing::info!(socket = %socket.shown, keys = reloader.keys(), "listening");
     reloader.current.borrow().cache().prefetch();
     notifier.notify(&reloader.status.ready()).await;
-    let chores = Chores::start(&notifier, &reloader);
+    let chores = Chores::start(&notifier, &reloader, metrics_endpoint);
 
     let signal_name = run_until_stopped(&mut signals, &mut reloader, &mut asked_reloads).await?;
 
@@ -157,7 +159,8 @@ fn warn_unusable(config: &Config) {
 }
 
 /// What runs beside the server until it has drained: the audit log's
-/// summaries (so the last answers are counted in them), and under systemd
+/// summaries (so the last answers are counted in them), the metrics
+/// endpoint when configured (scrapes see the drain too), and under systemd
 /// the watchdog and the STATUS= line.
 struct Chores {
     stop: CancellationToken,
@@ -165,9 +168,17 @@ struct Chores {
 }
 
 impl Chores {
-    fn start(notifier: &Arc<Notifier>, reloader: &Reloader) -> Chores {
+    fn start(
+        notifier: &Arc<Notifier>,
+        reloader: &Reloader,
+        metrics_endpoint: Option<Endpoint>,
+    ) -> Chores {
         let stop = CancellationToken::new();
         let mut tasks = vec![tokio::spawn(reloader.audit.clone().run(stop.clone()))];
+        if let Some(endpoint) = metrics_endpoint {
+            let services = reloader.current.subscribe();
+            tasks.push(tokio::spawn(endpoint.run(services, stop.clone())));
+        }
         if notifier.is_enabled() {
             if let Some(every) = systemd::watchdog_interval() {
                 tasks.push(tokio::spawn(pet_watchdog(
@@ -355,6 +366,7 @@ impl Reloader {
         if let Err(e) = &outcome {
             tracing::error!("reload failed; still serving the previous configuration: {e}");
         }
+        metrics::reloaded(outcome.is_ok());
         self.status.reload_failed(outcome.as_ref().err().cloned());
         self.notifier.notify(&self.status.ready()).await;
         outcome
@@ -415,6 +427,7 @@ impl Reloader {
                 "max_request_bytes",
                 old.max_request_bytes != new.max_request_bytes,
             ),
+            ("metrics_listen", old.metrics_listen != new.metrics_listen),
         ]
         .into_iter()
         .filter_map(|(name, differs)| differs.then_some(name))

@@ -139,8 +139,19 @@ impl IssuerClient {
     }
 
     /// Asks `key`'s issuer for a token with `scopes` (the issuer's default
-    /// set when empty).
+    /// set when empty), and counts the request in the metrics.
     pub async fn fetch(&self, key: &KeyConfig, scopes: &ScopeSet) -> Result<Grant, IssuerError> {
+        let started = tokio::time::Instant::now();
+        let result = self.fetch_uncounted(key, scopes).await;
+        crate::metrics::issuer_answered(&key.name, &result, started.elapsed());
+        result
+    }
+
+    async fn fetch_uncounted(
+        &self,
+        key: &KeyConfig,
+        scopes: &ScopeSet,
+    ) -> Result<Grant, IssuerError> {
         let fail = |kind| IssuerError {
             url: key.token_url.to_string(),
             kind,

@@ -13,6 +13,7 @@
 //! - [`peer`]: the caller's kernel-recorded identity and the allow decision.
 //! - [`service`]: what each request means for this caller.
 //! - [`audit`]: the log of handouts and denials, and its bound on repeats.
+//! - [`metrics`]: counters and gauges in the Prometheus text format, who may read them, and the HTTP `/metrics` endpoint.
 //! - [`server`]: the socket, the accept loop, per-connection handlers and limits.
 //! - [`shutdown`]: the two phases of a shutdown, as one value.
 //! - [`daemon`]: `tokend serve`: start-up, signals, reload and shutdown.
@@ -45,6 +46,7 @@ pub mod daemon;
 pub(crate) mod hardening;
 pub mod issuer;
 pub(crate) mod logging;
+pub(crate) mod metrics;
 pub(crate) mod peer;
 pub mod protocol;
 pub mod report;

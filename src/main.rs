@@ -91,6 +91,20 @@ enum Command {
         after_help = "Exit status: 0 listed, 1 the daemon refused, 3 the daemon could not be reached."
     )]
     Keys(Listing),
+    /// Print the running daemon's metrics in the Prometheus text format.
+    #[command(
+        after_help = "Root, tokend's own user and the uids in [daemon] metrics_allow_uids may \
+                      read the metrics.\n\nExit status: 0 printed, 1 refused (the reason on \
+                      stderr), 3 the daemon could not be reached."
+    )]
+    Metrics {
+        /// The daemon's socket.
+        #[arg(long, value_name = "PATH", env = "TOKEND_SOCKET", default_value = DEFAULT_SOCKET)]
+        socket: PathBuf,
+        /// How long to wait for the answer.
+        #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
     /// Validate the configuration and secret files without starting.
     #[command(after_help = "Exit status: 0 valid, 1 invalid (FILE:LINE:COL: message on stderr).")]
     Check {
@@ -151,6 +165,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Reload { socket, timeout } => Ok(reload(&socket, timeout)),
         Command::Status(listing) => Ok(status(&listing)),
         Command::Keys(listing) => Ok(keys(&listing)),
+        Command::Metrics { socket, timeout } => Ok(metrics(&socket, timeout)),
         Command::Check { config } => Ok(check(&config)),
         Command::Man => man(),
     }
@@ -280,6 +295,20 @@ fn client_failure(err: &ClientError) -> ExitCode {
     }
 }
 
+fn metrics(socket: &Path, timeout: Duration) -> ExitCode {
+    let text = match client::metrics(socket, timeout) {
+        Ok(text) => text,
+        Err(err) => return client_failure(&err),
+    };
+    match print(&text) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tokend: failed to write the metrics: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn check(path: &Path) -> ExitCode {
     match config::load(path) {
         Ok(config) => {
@@ -334,7 +363,7 @@ Socket activation: tokend serves on the socket it is passed and neither creates 
 \fBJOURNAL_STREAM\fR
 When stderr is the journal, tokend logs to journald with the fields KEY, SCOPES, PEER_UID, PEER_PID and ISSUER_STATUS.
 .SH EXIT STATUS
-\fBserve\fR: 0 after a clean stop, 1 on a start-up error. \fBget\fR: 0 token printed, 1 refused, 2 usage error, 3 unreachable. \fBstatus\fR: 0 every prefetch set fresh and not failing, 1 otherwise, 3 unreachable. \fBkeys\fR and \fBreload\fR: 0 done, 1 refused, 3 unreachable. \fBcheck\fR: 0 valid, 1 invalid.
+\fBserve\fR: 0 after a clean stop, 1 on a start-up error. \fBget\fR: 0 token printed, 1 refused, 2 usage error, 3 unreachable. \fBstatus\fR: 0 every prefetch set fresh and not failing, 1 otherwise, 3 unreachable. \fBkeys\fR, \fBmetrics\fR and \fBreload\fR: 0 done, 1 refused, 3 unreachable. \fBcheck\fR: 0 valid, 1 invalid.
 .SH SEE ALSO
 \fBsystemctl\fR(1), \fBsystemd.exec\fR(5), \fBsystemd-creds\fR(1)
 "#;

@@ -51,6 +51,9 @@ pub enum Op {
     /// Re-read the configuration and say whether it took; only root and
     /// tokend's own user may ask (it is what `systemctl reload` runs).
     Reload,
+    /// The metrics in the Prometheus text format; root, tokend's own user
+    /// and `metrics_allow_uids` may ask.
+    Metrics,
 }
 
 /// The error codes of protocol v1. Callers match on these strings.
@@ -102,7 +105,14 @@ pub enum Response {
     Keys(Vec<KeyInfo>),
     Status(Vec<KeyStatus>),
     Reloaded(ReloadAnswer),
+    Metrics(MetricsAnswer),
     Error(ErrorBody),
+}
+
+/// The metrics, as a Prometheus text-format scrape would have them.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct MetricsAnswer {
+    pub text: String,
 }
 
 /// The reload took; this many keys are now configured.
@@ -291,13 +301,13 @@ fn interpret(fields: &Map<String, Value>) -> Result<Op, ErrorBody> {
         None => return Err(bad("missing field `op`".into())),
     };
     let allowed: &[&str] = match op {
-        "ping" | "keys" | "status" | "reload" => &["op", "id"],
+        "ping" | "keys" | "status" | "reload" | "metrics" => &["op", "id"],
         "get" => &["op", "id", "key", "scopes"],
         _ => {
             return Err(ErrorBody::new(
                 ErrorCode::UnknownOp,
                 format!(
-                    "unknown op {:?}: expected ping, get, keys, status or reload",
+                    "unknown op {:?}: expected ping, get, keys, status, reload or metrics",
                     clip(op)
                 ),
             ))
@@ -314,6 +324,7 @@ fn interpret(fields: &Map<String, Value>) -> Result<Op, ErrorBody> {
         "keys" => Op::Keys,
         "status" => Op::Status,
         "reload" => Op::Reload,
+        "metrics" => Op::Metrics,
         _ => Op::Get {
             key: match fields.get("key") {
                 Some(Value::String(key)) => key.clone(),
@@ -419,6 +430,7 @@ pub fn encode(id: Option<&Value>, response: &Response) -> Zeroizing<Vec<u8>> {
         Response::Keys(keys) => line(true, id, Keys { keys }, false),
         Response::Status(keys) => line(true, id, Keys { keys }, false),
         Response::Reloaded(reloaded) => line(true, id, reloaded, false),
+        Response::Metrics(metrics) => line(true, id, metrics, false),
         Response::Error(error) => line(false, id, Failure { error }, false),
     }
 }
@@ -525,6 +537,7 @@ mod tests {
         assert_eq!(decode(br#"{"op":"ping"}"#).unwrap().op, Op::Ping);
         assert_eq!(decode(br#"{"op":"keys"}"#).unwrap().op, Op::Keys);
         assert_eq!(decode(br#"{"op":"status"}"#).unwrap().op, Op::Status);
+        assert_eq!(decode(br#"{"op":"metrics"}"#).unwrap().op, Op::Metrics);
         let get = decode(br#"{"op":"get","key":"payments","scopes":["vault","gateway"],"id":7}"#)
             .unwrap();
         assert_eq!(get.id, Some(json!(7)));
@@ -661,6 +674,7 @@ mod tests {
             Op::Keys,
             Op::Status,
             Op::Reload,
+            Op::Metrics,
             Op::Get {
                 key: "payments".into(),
                 scopes: vec!["vault".into(), "gateway".into()],

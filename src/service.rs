@@ -16,10 +16,11 @@ use zeroize::Zeroizing;
 use crate::audit::{Audit, Event};
 use crate::cache::{GetError, TokenCache};
 use crate::config::{Config, KeyConfig};
+use crate::metrics::{self, MetricsError};
 use crate::peer::{self, Caller};
 use crate::protocol::{
-    self, ErrorBody, ErrorCode, KeyInfo, KeyStatus, Op, ReloadAnswer, Response, SetHealth,
-    SetState, SetStatus, TokenAnswer,
+    self, ErrorBody, ErrorCode, KeyInfo, KeyStatus, MetricsAnswer, Op, ReloadAnswer, Response,
+    SetHealth, SetState, SetStatus, TokenAnswer,
 };
 use crate::scope::ScopeSet;
 
@@ -105,10 +106,18 @@ impl Service {
                 Ok(keys) => Response::Reloaded(ReloadAnswer { keys }),
                 Err(error) => Response::Error(error),
             },
-            Op::Get { key, scopes } => match self.get(caller, &key, scopes).await {
-                Ok(answer) => Response::Token(answer),
+            Op::Metrics => match self.metrics(caller) {
+                Ok(answer) => Response::Metrics(answer),
                 Err(error) => Response::Error(error),
             },
+            Op::Get { key, scopes } => {
+                let answer = self.get(caller, &key, scopes).await;
+                metrics::get_answered(&self.config, &key, answer.as_ref().err().map(|e| e.code));
+                match answer {
+                    Ok(answer) => Response::Token(answer),
+                    Err(error) => Response::Error(error),
+                }
+            }
         };
         protocol::encode(request.id.as_ref(), &response)
     }
@@ -165,6 +174,38 @@ impl Service {
             )),
             None => Err(unavailable()),
         }
+    }
+
+    /// The metrics, for root, tokend's own user and `metrics_allow_uids`.
+    fn metrics(&self, caller: &Caller) -> Result<MetricsAnswer, ErrorBody> {
+        let allowed = &self.config.daemon.metrics_allow_uids;
+        if !metrics::may_read(caller.uid, allowed) {
+            // Debug, as for reload: the answer says it, and a line per
+            // attempt at info would let anyone flood the journal.
+            tracing::debug!(
+                peer_uid = caller.uid,
+                peer_pid = caller.pid,
+                "denied: metrics"
+            );
+            return Err(ErrorBody::new(
+                ErrorCode::Forbidden,
+                format!(
+                    "uid {} may not read the metrics (root, tokend's own user and \
+                     metrics_allow_uids may)",
+                    caller.uid
+                ),
+            ));
+        }
+        let text = self
+            .render_metrics()
+            .map_err(|e| ErrorBody::new(ErrorCode::Unavailable, e.to_string()))?;
+        Ok(MetricsAnswer { text })
+    }
+
+    /// The metrics in the Prometheus text format, with this service's keys
+    /// and cache; for the socket op and the HTTP endpoint.
+    pub(crate) fn render_metrics(&self) -> Result<String, MetricsError> {
+        metrics::render(&self.config, &self.cache)
     }
 
     fn readable<'a>(

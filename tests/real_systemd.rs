@@ -327,6 +327,10 @@ impl<'a> Release<'a> {
         );
         self.check("README's health-check timer", Self::health_check_timer);
         self.check("journald fields", Self::journald_fields);
+        self.check(
+            "metrics endpoint under the unit",
+            Self::metrics_endpoint_under_the_unit,
+        );
         self.check("watchdog restart", Self::watchdog_restart);
         self.check(
             "unreadable secret keeps the socket up",
@@ -834,6 +838,40 @@ impl<'a> Release<'a> {
         }
         ensure!(entries > 0, "no journal entry with KEY=payments");
         Ok(format!("{entries} entries with KEY=payments"))
+    }
+
+    /// `metrics_listen` under the shipped unit's sandbox: the endpoint
+    /// binds and answers a scrape from inside the container, and `tokend
+    /// metrics` answers root. The configuration before is put back.
+    fn metrics_endpoint_under_the_unit(&self) -> Outcome {
+        let before = self.sh_ok(&format!("cat {CONFIG}"))?.stdout;
+        let with_metrics = before.replacen(
+            "[daemon]\n",
+            "[daemon]\nmetrics_listen = \"127.0.0.1:9464\"\n",
+            1,
+        );
+        ensure!(with_metrics != before, "no [daemon] table in {CONFIG}");
+        self.write_config(&with_metrics)?;
+        self.systemctl("restart tokend.service")?;
+        // bash's /dev/tcp: the roots have no HTTP client, and this is a
+        // plain HTTP/1.1 request as any scraper sends.
+        let scraped = self.sh(
+            "bash -c \"exec 3<>/dev/tcp/127.0.0.1/9464 && printf 'GET /metrics HTTP/1.1\\r\\n\
+             Host: localhost\\r\\nConnection: close\\r\\n\\r\\n' >&3 && cat <&3\"",
+        );
+        let op = self.sh("tokend metrics");
+        self.write_config(&before)?;
+        self.systemctl("restart tokend.service")?;
+        let status = scraped.stdout.lines().next().unwrap_or_default();
+        ensure!(
+            status.starts_with("HTTP/1.1 200") && scraped.stdout.contains("tokend_build_info{"),
+            "no metrics over HTTP on 127.0.0.1:9464: {scraped:?}"
+        );
+        ensure!(
+            op.code == Some(0) && op.stdout.contains("tokend_build_info{"),
+            "tokend metrics as root: {op:?}"
+        );
+        Ok(format!("{}; tokend metrics exit 0", status.trim()))
     }
 
     fn watchdog_restart(&self) -> Outcome {
