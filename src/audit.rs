@@ -523,6 +523,8 @@ pub(crate) enum ReloadOutcome {
 
 /// The audit line of a reload: who asked, and how it ended. Not counted:
 /// only root and tokend's own user may ask, so there is no flood to bound.
+/// The outcome is a field only: the message does not say "reloaded",
+/// which the lines about the reload itself say.
 pub(crate) fn reloaded(asked_by: ReloadAsker<'_>, outcome: ReloadOutcome) {
     let (outcome, keys) = match outcome {
         ReloadOutcome::Reloaded(keys) => ("reloaded", Some(keys)),
@@ -530,12 +532,9 @@ pub(crate) fn reloaded(asked_by: ReloadAsker<'_>, outcome: ReloadOutcome) {
         ReloadOutcome::NotRun => ("not_run", None),
     };
     match asked_by {
-        ReloadAsker::Signal => tracing::info!(
-            asked_by = "signal",
-            outcome,
-            keys,
-            "reload asked by SIGHUP: {outcome}"
-        ),
+        ReloadAsker::Signal => {
+            tracing::info!(asked_by = "signal", outcome, keys, "reload asked by SIGHUP")
+        }
         ReloadAsker::Socket(caller) => {
             let process = caller.process();
             tracing::info!(
@@ -547,7 +546,7 @@ pub(crate) fn reloaded(asked_by: ReloadAsker<'_>, outcome: ReloadOutcome) {
                 peer_gid = caller.gid,
                 peer_exe = process.exe.as_str(),
                 peer_comm = process.comm.as_str(),
-                "reload asked over the socket: {outcome}"
+                "reload asked over the socket"
             );
         }
     }

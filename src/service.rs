@@ -138,11 +138,6 @@ impl Service {
         };
         let reloads = self.reloads.as_ref().ok_or_else(unavailable)?;
         let (reply, outcome) = oneshot::channel();
-        tracing::info!(
-            peer_uid = caller.uid,
-            peer_pid = caller.pid,
-            "reload asked over the socket"
-        );
         // Neither queueing nor waiting outlives the shutdown deadline: the
         // daemon stops running reloads once it is stopping.
         let asked = async {
