@@ -908,6 +908,14 @@ impl<'a> Release<'a> {
             "systemctl reload: {by_socket}"
         );
         ensure!(signalled["OUTCOME"] == "reloaded", "SIGHUP: {signalled}");
+        // Two matches of one field are alternatives (README's query).
+        let reloads = self.entries("ASKED_BY=signal ASKED_BY=socket")?;
+        ensure!(
+            reloads.len() == asked.len() + 1,
+            "ASKED_BY=signal ASKED_BY=socket: {} entries, {} by socket and one by SIGHUP",
+            reloads.len(),
+            asked.len()
+        );
         Ok(format!(
             "alice (uid {uid}): PEER_EXE={} PEER_COMM={}; systemctl reload: PEER_UID={} \
              PEER_EXE={} PEER_COMM={}; SIGHUP: OUTCOME={}",
