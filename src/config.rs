@@ -67,6 +67,9 @@ pub struct DaemonConfig {
     pub max_request_bytes: usize,
     /// The log level when `RUST_LOG` does not set one.
     pub log_level: LevelFilter,
+    /// Whether token handouts are audit lines at info (`true`) or only
+    /// debug lines; denials are logged either way. A reload applies it.
+    pub audit: bool,
     /// Where `client_secret_credential` reads from when systemd has not
     /// set `$CREDENTIALS_DIRECTORY` (say, `tokend check` in a shell).
     pub credentials_directory: PathBuf,
@@ -347,6 +350,7 @@ struct RawDaemon {
     max_request_bytes: usize,
     #[serde(deserialize_with = "log_level")]
     log_level: LevelFilter,
+    audit: bool,
     credentials_directory: PathBuf,
     metrics_allow_uids: Vec<u32>,
     /// Spanned: whether the address may be used depends on another setting,
@@ -367,6 +371,7 @@ impl Default for RawDaemon {
             request_timeout_client: Duration::from_secs(10),
             max_request_bytes: 65536,
             log_level: LevelFilter::INFO,
+            audit: true,
             credentials_directory: PathBuf::from(DEFAULT_CREDENTIALS_DIRECTORY),
             metrics_allow_uids: Vec::new(),
             metrics_listen: None,
@@ -398,6 +403,7 @@ impl RawDaemon {
             request_timeout_client: self.request_timeout_client,
             max_request_bytes: self.max_request_bytes,
             log_level: self.log_level,
+            audit: self.audit,
             credentials_directory: self.credentials_directory,
             metrics_allow_uids: self.metrics_allow_uids,
             metrics_listen,
@@ -887,6 +893,7 @@ max_connections = 8
 idle_timeout = "5s"
 max_request_bytes = 4096
 log_level = "debug"
+audit = false
 
 [keys.payments]
 token_url = "https://access.sandbox.checkout.com/connect/token"
@@ -914,6 +921,7 @@ allow_groups = ["billing"]
         assert_eq!(config.daemon.max_connections, 8);
         assert_eq!(config.daemon.idle_timeout, Duration::from_secs(5));
         assert_eq!(config.daemon.log_level, LevelFilter::DEBUG);
+        assert!(!config.daemon.audit);
         let key = &config.keys["payments"];
         assert_eq!(key.auth, AuthMethod::Post);
         assert_eq!(key.scopes.as_ref().unwrap().joined(), "fx gateway vault");
@@ -941,6 +949,7 @@ allow_groups = ["billing"]
         );
         assert_eq!(config.daemon.socket_group, None);
         assert_eq!(config.daemon.log_level, LevelFilter::INFO);
+        assert!(config.daemon.audit);
         let key = &config.keys["a"];
         assert_eq!(key.auth, AuthMethod::Basic);
         assert_eq!(key.scopes, None);
@@ -963,6 +972,11 @@ allow_groups = ["billing"]
         assert!(err("[daemon]\nsocket_mode = \"0999\"\n").starts_with("t.toml:2:15: bad mode"));
         assert!(err("[daemon]\nsocket_mode = \"01777\"\n").contains("bad mode"));
         assert!(err("[daemon]\nlog_level = \"loud\"\n").starts_with("t.toml:2:13: bad log_level"));
+        let audit = err("[daemon]\naudit = \"no\"\n");
+        assert!(
+            audit.starts_with("t.toml:2:9: invalid type: string \"no\", expected a boolean"),
+            "{audit}"
+        );
     }
 
     #[test]

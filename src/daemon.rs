@@ -28,7 +28,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::audit::Audit;
+use crate::audit::{self, Audit, ReloadAsker, ReloadOutcome};
 use crate::cache::{CacheSummary, TokenCache};
 use crate::config::{self, Config, DaemonConfig};
 use crate::hardening;
@@ -118,7 +118,13 @@ async fn run_until_stopped(
         tokio::select! {
             asked = signals.next() => match asked {
                 Some(Asked::Reload) => tokio::select! {
-                    _ = reloader.reload("SIGHUP received") => {}
+                    outcome = reloader.reload("SIGHUP received") => {
+                        let outcome = match outcome {
+                            Ok(keys) => ReloadOutcome::Reloaded(keys),
+                            Err(_) => ReloadOutcome::Failed,
+                        };
+                        audit::reloaded(ReloadAsker::Signal, outcome);
+                    }
                     name = signals.stop() => return Ok(name),
                 },
                 Some(Asked::Stop(name)) => return Ok(name),
@@ -317,6 +323,7 @@ impl Reloader {
         let issuer = IssuerClient::new().context("failed to set up the HTTP client")?;
         let owners = TaskTracker::new();
         let audit = Arc::new(Audit::new());
+        audit.set_handouts_logged(config.daemon.audit);
         let running = config.daemon.clone();
         let config = Arc::new(config);
         let cache = TokenCache::new(&config, issuer.clone(), owners.clone(), shutdown.deadline());
@@ -376,6 +383,7 @@ impl Reloader {
     fn swap(&mut self, config: Config) -> usize {
         self.warn_restart_needed(&config.daemon);
         self.logging.set_level(config.daemon.log_level);
+        self.audit.set_handouts_logged(config.daemon.audit);
         let config = Arc::new(config);
         let cache = TokenCache::new(
             &config,

@@ -12,7 +12,7 @@
 //! - [`protocol`]: socket protocol v1, pure encode and decode.
 //! - [`peer`]: the caller's kernel-recorded identity and the allow decision.
 //! - [`service`]: what each request means for this caller.
-//! - [`audit`]: the log of handouts and denials, and its bound on repeats.
+//! - [`audit`]: the log of handouts, denials and reloads, and its bound on repeats.
 //! - [`metrics`]: counters and gauges in the Prometheus text format, who may read them, and the HTTP `/metrics` endpoint.
 //! - [`server`]: the socket, the accept loop, per-connection handlers and limits.
 //! - [`shutdown`]: the two phases of a shutdown, as one value.

@@ -1,10 +1,10 @@
 //! What each request means: decoding it, deciding whether this caller may
 //! have what it asks for, and turning cache results into answers.
 //!
-//! Every token handout and every denial is reported to the audit log
-//! ([`crate::audit`]), with the key, the scope set and the caller's uid and
-//! pid, and never the token; the audit log decides which of them are lines
-//! of their own and which are counted.
+//! Every token handout, every denial and every reload asked over the
+//! socket is reported to the audit log ([`crate::audit`]), with the key,
+//! the scope set and the caller, and never the token; the audit log
+//! decides which of them are lines of their own and which are counted.
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use zeroize::Zeroizing;
 
-use crate::audit::{Audit, Event};
+use crate::audit::{self, Audit, Event, ReloadAsker, ReloadOutcome};
 use crate::cache::{GetError, TokenCache};
 use crate::config::{Config, KeyConfig};
 use crate::metrics::{self, MetricsError};
@@ -128,13 +128,9 @@ impl Service {
     async fn reload(&self, caller: &Caller) -> Result<usize, ErrorBody> {
         let own = nix::unistd::geteuid().as_raw();
         if caller.uid != 0 && caller.uid != own {
-            // Debug: the caller learns it from the answer, and a line per
-            // attempt at info would let anyone flood the journal.
-            tracing::debug!(
-                peer_uid = caller.uid,
-                peer_pid = caller.pid,
-                "denied: reload"
-            );
+            // Counted like every denial: anyone may ask, so a line per
+            // attempt would let anyone flood the journal.
+            self.audit.record(caller, Event::ReloadForbidden);
             return Err(ErrorBody::new(
                 ErrorCode::Forbidden,
                 format!(
@@ -151,11 +147,6 @@ impl Service {
         };
         let reloads = self.reloads.as_ref().ok_or_else(unavailable)?;
         let (reply, outcome) = oneshot::channel();
-        tracing::info!(
-            peer_uid = caller.uid,
-            peer_pid = caller.pid,
-            "reload asked over the socket"
-        );
         // Neither queueing nor waiting outlives the shutdown deadline: the
         // daemon stops running reloads once it is stopping.
         let asked = async {
@@ -166,6 +157,14 @@ impl Service {
             outcome = asked => outcome,
             () = self.deadline.cancelled() => None,
         };
+        audit::reloaded(
+            ReloadAsker::Socket(caller),
+            match &outcome {
+                Some(Ok(keys)) => ReloadOutcome::Reloaded(*keys),
+                Some(Err(_)) => ReloadOutcome::Failed,
+                None => ReloadOutcome::NotRun,
+            },
+        );
         match outcome {
             Some(Ok(keys)) => Ok(keys),
             Some(Err(why)) => Err(ErrorBody::new(

@@ -51,6 +51,8 @@ const CREDENTIAL: &str = "/etc/tokend/credentials/payments";
 /// changes when the service starts.
 const CARDS_SECRET_FILE: &str = "/etc/tokend/cards.secret";
 const WATCHDOG_DROP_IN: &str = "/etc/systemd/system/tokend.service.d/test-watchdog.conf";
+/// The drop-in README suggests to operators who want callers' `comm`.
+const PROC_DROP_IN: &str = "/etc/systemd/system/tokend.service.d/test-protectproc.conf";
 
 /// The watchdog interval the watchdog check lowers `WatchdogSec=` to.
 const WATCHDOG_SEC: u64 = 4;
@@ -331,6 +333,11 @@ impl<'a> Release<'a> {
             "metrics endpoint under the unit",
             Self::metrics_endpoint_under_the_unit,
         );
+        self.check("audit fields under the unit", Self::audit_fields);
+        self.check(
+            "audit fields with a ProtectProc=default drop-in",
+            Self::audit_fields_with_proc_drop_in,
+        );
         self.check("watchdog restart", Self::watchdog_restart);
         self.check(
             "unreadable secret keeps the socket up",
@@ -398,6 +405,14 @@ impl<'a> Release<'a> {
             let journal = self.container.journal_after(&UNITS, Some(&cursor));
             format!("{e}\nthe journal meanwhile:\n{journal}")
         })
+    }
+
+    /// Restarts tokend.service. These checks restart it more often than
+    /// any operator would, and systemd's default start limit (5 starts in
+    /// 10 s) is not what they test: its counter is reset first.
+    fn restart(&self) -> Result<Ran, String> {
+        self.sh_ok("systemctl reset-failed tokend.service")?;
+        self.systemctl("restart tokend.service")
     }
 
     /// Puts `text` at `path` in the container with the mode and owner
@@ -636,6 +651,18 @@ impl<'a> Release<'a> {
             "tokend has {own} seccomp filters, PID 1 {inherited}: the unit's filter is not applied"
         );
 
+        let (score, overall) = self.exposure()?;
+        if score > EXPOSURE_LIMIT {
+            return Err(format!("{overall}: above {EXPOSURE_LIMIT}"));
+        }
+        Ok(format!(
+            "uid {tokend_uid}, no capabilities, NoNewPrivs, seccomp filters {own} > {inherited}; {overall}"
+        ))
+    }
+
+    /// `systemd-analyze security`'s rating of tokend.service, as a number
+    /// and as its line.
+    fn exposure(&self) -> Result<(f64, String), String> {
         let analyze = self.sh_ok("systemd-analyze security --no-pager tokend.service")?;
         let overall = analyze
             .stdout
@@ -648,13 +675,7 @@ impl<'a> Release<'a> {
             .and_then(|rest| rest.split_whitespace().next())
             .and_then(|n| n.parse().ok())
             .ok_or_else(|| format!("unreadable exposure level: {overall}"))?;
-        let overall = overall.trim_start_matches('→').trim();
-        if score > EXPOSURE_LIMIT {
-            return Err(format!("{overall}: above {EXPOSURE_LIMIT}"));
-        }
-        Ok(format!(
-            "uid {tokend_uid}, no capabilities, NoNewPrivs, seccomp filters {own} > {inherited}; {overall}"
-        ))
+        Ok((score, overall.trim_start_matches('→').trim().to_owned()))
     }
 
     fn reload_keeping_tokens(&self) -> Outcome {
@@ -852,7 +873,7 @@ impl<'a> Release<'a> {
         );
         ensure!(with_metrics != before, "no [daemon] table in {CONFIG}");
         self.write_config(&with_metrics)?;
-        self.systemctl("restart tokend.service")?;
+        self.restart()?;
         // bash's /dev/tcp: the roots have no HTTP client, and this is a
         // plain HTTP/1.1 request as any scraper sends.
         let scraped = self.sh(
@@ -861,7 +882,7 @@ impl<'a> Release<'a> {
         );
         let op = self.sh("tokend metrics");
         self.write_config(&before)?;
-        self.systemctl("restart tokend.service")?;
+        self.restart()?;
         let status = scraped.stdout.lines().next().unwrap_or_default();
         ensure!(
             status.starts_with("HTTP/1.1 200") && scraped.stdout.contains("tokend_build_info{"),
@@ -872,6 +893,131 @@ impl<'a> Release<'a> {
             "tokend metrics as root: {op:?}"
         );
         Ok(format!("{}; tokend metrics exit 0", status.trim()))
+    }
+
+    /// The journal entries of tokend.service matching `filter`
+    /// (`FIELD=value` words), as JSON.
+    fn entries(&self, filter: &str) -> Result<Vec<Value>, String> {
+        let ran = self.sh_ok(&format!(
+            "journalctl --sync && journalctl -u tokend {filter} -o json --no-pager"
+        ))?;
+        ran.stdout
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).map_err(|e| format!("not JSON ({e}): {l}")))
+            .collect()
+    }
+
+    /// What the shipped unit's `ProtectProc=invisible` lets tokend see of
+    /// its callers, found with the queries the README shows: alice's
+    /// handouts by `PEER_UID=`, reloads by `ASKED_BY=`.
+    fn audit_fields(&self) -> Outcome {
+        let uid = self.sh_ok("id -u alice")?.stdout.trim().to_owned();
+        let gid = self.sh_ok("id -g alice")?.stdout.trim().to_owned();
+        let handouts = self.entries(&format!("PEER_UID={uid} MESSAGE='handed out a token'"))?;
+        let first = handouts
+            .first()
+            .ok_or_else(|| format!("no handout to uid {uid} in the journal"))?;
+        ensure!(
+            first["PEER_GID"] == gid.as_str() && first["PEER_PID"].is_string(),
+            "alice's handout: {first}"
+        );
+        let sighup = self.sh("systemctl kill --signal=SIGHUP --kill-whom=main tokend.service");
+        ensure!(sighup.code == Some(0), "SIGHUP: {sighup:?}");
+        let deadline = Instant::now() + PATIENCE;
+        let signalled = loop {
+            if let Some(entry) = self.entries("ASKED_BY=signal")?.pop() {
+                break entry;
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "no reload entry with ASKED_BY=signal"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        let asked = self.entries("ASKED_BY=socket")?;
+        let by_socket = asked
+            .last()
+            .ok_or_else(|| "no reload entry with ASKED_BY=socket".to_owned())?;
+        // ProtectProc=invisible: another uid's process is not there for
+        // tokend; its own user's `tokend reload` (ExecReload=) is.
+        ensure!(
+            first["PEER_EXE"] == "?" && first["PEER_COMM"] == "?",
+            "alice's handout: {first}"
+        );
+        let tokend_uid = self.sh_ok("id -u tokend")?.stdout.trim().to_owned();
+        ensure!(
+            by_socket["PEER_UID"] == tokend_uid.as_str()
+                && by_socket["PEER_EXE"] == "/usr/bin/tokend"
+                && by_socket["PEER_COMM"] == "tokend"
+                && by_socket["OUTCOME"] == "reloaded",
+            "systemctl reload: {by_socket}"
+        );
+        ensure!(signalled["OUTCOME"] == "reloaded", "SIGHUP: {signalled}");
+        // Two matches of one field are alternatives (README's query).
+        let reloads = self.entries("ASKED_BY=signal ASKED_BY=socket")?;
+        ensure!(
+            reloads.len() == asked.len() + 1,
+            "ASKED_BY=signal ASKED_BY=socket: {} entries, {} by socket and one by SIGHUP",
+            reloads.len(),
+            asked.len()
+        );
+        Ok(format!(
+            "alice (uid {uid}): PEER_EXE={} PEER_COMM={}; systemctl reload: PEER_UID={} \
+             PEER_EXE={} PEER_COMM={}; SIGHUP: OUTCOME={}",
+            first["PEER_EXE"],
+            first["PEER_COMM"],
+            by_socket["PEER_UID"],
+            by_socket["PEER_EXE"],
+            by_socket["PEER_COMM"],
+            signalled["OUTCOME"]
+        ))
+    }
+
+    /// What an operator gets from the drop-in README describes: callers'
+    /// `comm` becomes readable, their `exe` stays `?` (reading another
+    /// uid's exe link takes ptrace access), and the rating it costs.
+    fn audit_fields_with_proc_drop_in(&self) -> Outcome {
+        self.sh_ok("mkdir -p /etc/systemd/system/tokend.service.d")?;
+        self.install_file(
+            PROC_DROP_IN,
+            "[Service]\nProtectProc=default\n",
+            "0644",
+            "root",
+        )?;
+        let observed = self.alice_seen_after_restart();
+        let exposure = self.exposure();
+        self.sh_ok(&format!("rm -f {PROC_DROP_IN}"))?;
+        self.sh_ok("systemctl daemon-reload")?;
+        self.restart()?;
+        let (exe, comm) = observed?;
+        let (_, overall) = exposure?;
+        ensure!(
+            exe == "?" && comm == "socat",
+            "alice's socat with ProtectProc=default: PEER_EXE={exe} PEER_COMM={comm}"
+        );
+        Ok(format!(
+            "alice's socat: PEER_EXE={exe} PEER_COMM={comm}; {overall}"
+        ))
+    }
+
+    /// Restarts tokend under the drop-ins in place, has alice's socat get
+    /// a token, and returns the PEER_EXE and PEER_COMM of its handout.
+    fn alice_seen_after_restart(&self) -> Result<(String, String), String> {
+        self.sh_ok("systemctl daemon-reload")?;
+        self.restart()?;
+        let answer = self.socat_get("alice", "payments")?;
+        ensure!(answer["ok"] == true, "socat as alice: {answer}");
+        let uid = self.sh_ok("id -u alice")?.stdout.trim().to_owned();
+        let pid = self.main_pid()?;
+        let handout = self
+            .entries(&format!(
+                "_PID={pid} PEER_UID={uid} MESSAGE='handed out a token'"
+            ))?
+            .pop()
+            .ok_or_else(|| format!("no handout to uid {uid} by pid {pid}"))?;
+        let text = |name: &str| handout[name].as_str().unwrap_or("(none)").to_owned();
+        Ok((text("PEER_EXE"), text("PEER_COMM")))
     }
 
     fn watchdog_restart(&self) -> Outcome {
@@ -895,7 +1041,7 @@ impl<'a> Release<'a> {
         self.sh_ok(
             "systemctl daemon-reload && systemctl reset-failed tokend.service tokend.socket",
         )?;
-        self.systemctl("restart tokend.service")?;
+        self.restart()?;
         let shown = self.show("WatchdogUSec")?;
         ensure!(
             shown.iter().any(|(_, v)| v == &format!("{WATCHDOG_SEC}s")),
@@ -949,14 +1095,14 @@ impl<'a> Release<'a> {
         let stash = "/root/payments.moved";
         self.sh_ok(&format!("mv /etc/tokend/credentials/payments {stash}"))?;
         let cursor = self.container.journal_cursor();
-        let restarted = self.systemctl("restart tokend.service");
+        let restarted = self.restart();
         let journal = self.container.journal_after(&UNITS, Some(&cursor));
         let cards = self.token_as("alice", "cards");
         let payments = self.container.run_as("alice", "tokend get payments");
         let active = self.sh("systemctl is-active tokend.service tokend.socket");
         // Put back, and restart: credentials are copied at start.
         self.sh_ok(&format!("mv {stash} /etc/tokend/credentials/payments"))?;
-        self.systemctl("restart tokend.service")?;
+        self.restart()?;
         let back = self.token_as("alice", "payments")?;
 
         restarted?;
