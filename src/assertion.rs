@@ -115,16 +115,18 @@ pub enum Audience {
     /// The key's `token_url`, what RFC 7523 3 asks for.
     TokenEndpoint,
     /// A URL the operator named, such as the issuer identifier some
-    /// issuers expect instead.
-    Url(Url),
+    /// issuers expect instead. Kept as written: issuers compare strings,
+    /// and a parsed `Url` would add a `/` to a bare origin.
+    Named(String),
 }
 
 /// Why a key cannot sign, or an assertion could not be made. Never
-/// carries key bytes.
+/// carries key bytes. The messages of a key that cannot be loaded follow
+/// the file's name: "/etc/tokend/a.pem holds a public key …".
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AssertionError {
     #[error(
-        "not a private key tokend can sign with: write an unencrypted PEM private key \
+        "is not a private key tokend can sign with: write an unencrypted PEM private key \
          (RSA of 2048 bits or more, EC P-256 or Ed25519; PKCS#8, or PKCS#1 for RSA)"
     )]
     NotAKey,
@@ -137,11 +139,11 @@ pub enum AssertionError {
     Sec1,
     #[error("holds an encrypted private key; tokend needs it unencrypted (the file's permissions protect it)")]
     Encrypted,
-    #[error("signing_alg {alg} does not fit {kind}; use {} or leave signing_alg out", kind.alg())]
+    #[error("holds {kind}, which signing_alg {alg} does not fit; use {} or leave signing_alg out", kind.alg())]
     AlgMismatch { alg: SigningAlg, kind: KeyKind },
     /// The key parsed but the trial signature failed (an RSA key under
     /// 2048 bits, an EC key on a curve other than P-256).
-    #[error("{kind} that cannot sign {alg} ({cause}); use an RSA key of 2048 bits or more, an EC P-256 or an Ed25519 key")]
+    #[error("holds {kind} that cannot sign {alg} ({cause}); use an RSA key of 2048 bits or more, an EC P-256 or an Ed25519 key")]
     Unusable {
         kind: KeyKind,
         alg: SigningAlg,
@@ -296,7 +298,7 @@ impl ClientAssertion {
         let key = self.key.as_ref().ok_or(AssertionError::NotLoaded)?;
         let aud = match &self.audience {
             Audience::TokenEndpoint => token_url.as_str(),
-            Audience::Url(url) => url.as_str(),
+            Audience::Named(url) => url.as_str(),
         };
         let jti = new_jti();
         let claims = Claims {
@@ -493,7 +495,7 @@ mod tests {
     fn a_named_audience_replaces_the_token_endpoint() {
         let (private, public) = rsa();
         let mut assertion = settings(SigningKey::from_pem(private, None).unwrap());
-        assertion.audience = Audience::Url(Url::parse("https://issuer.example/token").unwrap());
+        assertion.audience = Audience::Named("https://issuer.example/token".into());
         let elsewhere = Url::parse("https://other.example/t").unwrap();
         let (_, claims) = verify(
             &assertion.sign("c", &elsewhere).unwrap(),
@@ -509,7 +511,7 @@ mod tests {
         let e = SigningKey::from_pem(private, Some(SigningAlg::ES256)).unwrap_err();
         assert_eq!(
             e.to_string(),
-            "signing_alg ES256 does not fit an RSA key; use RS256 or leave signing_alg out"
+            "holds an RSA key, which signing_alg ES256 does not fit; use RS256 or leave signing_alg out"
         );
         let (private, _) = ed25519();
         let e = SigningKey::from_pem(private, Some(SigningAlg::RS256)).unwrap_err();
