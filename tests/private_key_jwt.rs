@@ -310,6 +310,30 @@ async fn a_changed_key_file_is_a_changed_credential_on_reload() {
     stop_and_check(daemon, &[&rsa, &stranger]);
 }
 
+#[tokio::test]
+async fn a_daemon_serves_a_key_it_cannot_read_as_unavailable_until_a_reload() {
+    let (_keys, rsa, _ec, provider) = start();
+    std::fs::set_permissions(&rsa, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let mut daemon = Daemon::start("", &jwt_key("rsa", &provider, RSA_CLIENT, &rsa, "").toml());
+
+    // Started anyway: the key is unusable, with the reason and the fix.
+    let message = unavailable_message(&get(&daemon, "rsa").await);
+    let shown = rsa.display();
+    assert!(
+        message.contains(&format!(
+            "private_key_file: {shown} is readable by others (mode 0644); chmod 0600 {shown}"
+        )),
+        "{message}"
+    );
+    assert!(message.contains("fix it and reload"), "{message}");
+
+    std::fs::set_permissions(&rsa, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    assert!(daemon.reload_and_wait());
+    token_of(&get(&daemon, "rsa").await);
+
+    stop_and_check(daemon, &[&rsa]);
+}
+
 /// `tokend check` on `keys` after a minimal `[daemon]` section: its exit
 /// code and its one stderr line.
 async fn check(dir: &Path, keys: &str) -> (Option<i32>, String) {
