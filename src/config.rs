@@ -681,9 +681,7 @@ impl RawKey {
         }
         Ok(key)
     }
-}
 
-impl RawKey {
     /// The `private_key_jwt` settings, which only that method takes and
     /// which it needs a key file for. The file itself is read later.
     fn assertion(&self, name: &str) -> Result<Option<ClientAssertion>, String> {
