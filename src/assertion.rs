@@ -45,8 +45,9 @@ use zeroize::Zeroizing;
 /// `client_assertion_type` for a JWT (RFC 7523 2.2).
 pub const ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 
-/// How long an assertion is valid. It is used at once; a short life limits
-/// what a copy of it is worth, and 60 s is what many issuers allow at most.
+/// How long an assertion is valid. It is used at once, so a short life
+/// costs nothing and limits what a copy is worth; Auth0 recommends a
+/// minute at most, and the issue asks for no more.
 pub const LIFETIME: u64 = 60;
 
 /// Random bytes in a `jti`: 128 bits, so two never collide.
