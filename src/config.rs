@@ -17,7 +17,9 @@ use serde::{Deserialize, Deserializer};
 use toml::Spanned;
 use tracing_subscriber::filter::LevelFilter;
 use url::Url;
+use zeroize::Zeroizing;
 
+use crate::assertion::{Audience, ClientAssertion, SigningAlg, SigningKey};
 use crate::scope::ScopeSet;
 use crate::secret::ClientSecret;
 use crate::secret_file::{self, Exposure, FileError};
@@ -96,6 +98,8 @@ pub struct KeyConfig {
     /// `unavailable` with this reason until a reload brings the secret.
     pub unusable: Option<String>,
     pub auth: AuthMethod,
+    /// How `private_key_jwt` signs; `Some` exactly for that auth method.
+    pub assertion: Option<ClientAssertion>,
     /// What callers may ask for; `None` means only the default (empty) set.
     pub scopes: Option<ScopeSet>,
     /// What a get without scopes asks the issuer for when `scopes` is set:
@@ -122,6 +126,9 @@ pub enum AuthMethod {
     Basic,
     /// `client_id` and `client_secret` in the form body.
     Post,
+    /// A JWT signed with `private_key_file` (RFC 7523 2.2); no secret.
+    #[serde(rename = "private_key_jwt")]
+    PrivateKeyJwt,
 }
 
 /// Who may read a key. Empty means nobody, root included.
@@ -166,6 +173,8 @@ impl KeyConfig {
             && self.client_secret == other.client_secret
             && self.unusable == other.unusable
             && self.auth == other.auth
+            // The key file's path and text, and how it signs.
+            && self.assertion == other.assertion
     }
 }
 
@@ -209,6 +218,7 @@ fn read(path: &Path, lenient: bool) -> Result<Config, ConfigError> {
         config_exposure: file.exposure.as_ref(),
         credentials: credentials.as_deref(),
         lenient,
+        read_key: Some(read_private_key),
     };
     build(&file.text, path, sources, read_secret_file)
 }
@@ -230,7 +240,12 @@ struct Sources<'a> {
     credentials: Option<&'a Path>,
     /// Keep keys whose secret cannot be read, marked unusable.
     lenient: bool,
+    /// Reads `private_key_file`; `None` leaves keys unread (`parse`).
+    read_key: Option<ReadKey>,
 }
+
+/// Reads a private key file's text, or says why not.
+type ReadKey = fn(&Path) -> Result<Zeroizing<String>, String>;
 
 fn build(
     text: &str,
@@ -259,9 +274,12 @@ fn build(
             .credentials
             .map(|dir| (dir, CREDENTIAL_PREFIX))
             .unwrap_or((&daemon.credentials_directory, ""));
-        let key = key
+        let mut key = key
             .finish(&name, credentials, sources.lenient, &read_file)
             .map_err(at)?;
+        if let Some(read_key) = sources.read_key {
+            load_signing_key(&name, &mut key, read_key, sources.lenient).map_err(at)?;
+        }
         keys.insert(name, key);
     }
     Ok(Config { daemon, keys })
@@ -320,6 +338,44 @@ fn read_secret_file(path: &Path) -> Result<ClientSecret, String> {
         return Err(format!("client_secret_file {shown} is empty"));
     }
     Ok(ClientSecret::new(std::mem::take(&mut *text)))
+}
+
+/// Reads `private_key_file` into `key` and proves it signs. A key that
+/// cannot is an error, or in lenient mode the reason the key is unusable.
+fn load_signing_key(
+    name: &str,
+    key: &mut KeyConfig,
+    read_key: ReadKey,
+    lenient: bool,
+) -> Result<(), String> {
+    let Some(assertion) = &mut key.assertion else {
+        return Ok(());
+    };
+    let path = &assertion.key_file;
+    let loaded = read_key(path).and_then(|pem| {
+        SigningKey::from_pem(pem, assertion.signing_alg)
+            .map_err(|e| format!("{} {e}", path.display()))
+    });
+    match loaded {
+        Ok(signing) => assertion.key = Some(signing),
+        Err(e) if lenient => key.unusable = Some(format!("private_key_file: {e}")),
+        Err(e) => return Err(format!("key {name:?}: private_key_file: {e}")),
+    }
+    Ok(())
+}
+
+/// Reads a private key file under the same rule as a secret file. The
+/// text is kept whole: a PEM parser ignores the trailing newline.
+fn read_private_key(path: &Path) -> Result<Zeroizing<String>, String> {
+    let file = secret_file::read(path, MAX_SECRET_BYTES).map_err(|e| e.to_string())?;
+    if let Some(exposure) = &file.exposure {
+        return Err(format!(
+            "{} {exposure}; {}",
+            path.display(),
+            exposure.advice(path)
+        ));
+    }
+    Ok(file.text)
 }
 
 #[derive(Deserialize)]
@@ -444,6 +500,11 @@ struct RawKey {
     client_secret_credential: Option<String>,
     #[serde(default = "default_auth")]
     auth: AuthMethod,
+    private_key_file: Option<PathBuf>,
+    key_id: Option<String>,
+    signing_alg: Option<SigningAlg>,
+    #[serde(default, deserialize_with = "assertion_audience")]
+    assertion_audience: Option<Audience>,
     #[serde(default, deserialize_with = "optional_scopes")]
     scopes: Option<ScopeSet>,
     #[serde(default, deserialize_with = "optional_scopes")]
@@ -524,11 +585,29 @@ impl RawKey {
             }
             Err(e) => Err(format!("key {name:?}: {setting}: {e}")),
         };
+        let assertion = self.assertion(name)?;
         let client_secret = match (
             self.client_secret,
             self.client_secret_file,
             self.client_secret_credential,
         ) {
+            // The signed assertion is the credential; a secret beside it
+            // would be sent nowhere, and the operator should know.
+            (None, None, None) if assertion.is_some() => ClientSecret::new(String::new()),
+            (secret, file, credential) if assertion.is_some() => {
+                let set = [
+                    ("client_secret", secret.is_some()),
+                    ("client_secret_file", file.is_some()),
+                    ("client_secret_credential", credential.is_some()),
+                ]
+                .into_iter()
+                .find_map(|(setting, given)| given.then_some(setting))
+                .unwrap_or("client_secret");
+                return Err(format!(
+                    "key {name:?} sets both auth = \"private_key_jwt\" and {set}; that method \
+                     signs with private_key_file and sends no secret: remove {set}"
+                ));
+            }
             (Some(secret), None, None) if secret.expose().is_empty() => {
                 return Err(format!("key {name:?}: client_secret may not be empty"))
             }
@@ -567,6 +646,7 @@ impl RawKey {
             client_secret,
             unusable,
             auth: self.auth,
+            assertion,
             scopes: self.scopes,
             default_scopes: self.default_scopes,
             prefetch: self.prefetch,
@@ -606,6 +686,49 @@ impl RawKey {
             ));
         }
         Ok(key)
+    }
+
+    /// The `private_key_jwt` settings, which only that method takes and
+    /// which it needs a key file for. The file itself is read later.
+    fn assertion(&self, name: &str) -> Result<Option<ClientAssertion>, String> {
+        if self.auth != AuthMethod::PrivateKeyJwt {
+            let stray = [
+                ("private_key_file", self.private_key_file.is_some()),
+                ("key_id", self.key_id.is_some()),
+                ("signing_alg", self.signing_alg.is_some()),
+                ("assertion_audience", self.assertion_audience.is_some()),
+            ]
+            .into_iter()
+            .find_map(|(setting, given)| given.then_some(setting));
+            return match stray {
+                Some(setting) => Err(format!(
+                    "key {name:?}: {setting} is only used with auth = \"private_key_jwt\" \
+                     (this key's auth is \"{}\")",
+                    self.auth
+                )),
+                None => Ok(None),
+            };
+        }
+        let Some(key_file) = self.private_key_file.clone() else {
+            return Err(format!(
+                "key {name:?}: auth = \"private_key_jwt\" needs private_key_file (a PEM private key)"
+            ));
+        };
+        if self.key_id.as_deref() == Some("") {
+            return Err(format!(
+                "key {name:?}: key_id may not be empty (leave it out to send no kid)"
+            ));
+        }
+        Ok(Some(ClientAssertion {
+            key_file,
+            key_id: self.key_id.clone(),
+            signing_alg: self.signing_alg,
+            audience: self
+                .assertion_audience
+                .clone()
+                .unwrap_or(Audience::TokenEndpoint),
+            key: None,
+        }))
     }
 }
 
@@ -838,6 +961,31 @@ fn token_url<'de, D: Deserializer<'de>>(d: D) -> Result<Url, D::Error> {
     }
 }
 
+/// `"token_endpoint"` or an http(s) URL such as the issuer identifier.
+/// `"issuer"` is refused by name: tokend has no `issuer` setting yet.
+fn assertion_audience<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Audience>, D::Error> {
+    let text = String::deserialize(d)?;
+    match text.as_str() {
+        "token_endpoint" => return Ok(Some(Audience::TokenEndpoint)),
+        "issuer" => {
+            return Err(serde::de::Error::custom(
+                "assertion_audience = \"issuer\" needs an issuer setting, which tokend does not \
+                 have yet; write the issuer identifier's URL instead",
+            ))
+        }
+        _ => {}
+    }
+    match Url::parse(&text) {
+        Ok(url) if matches!(url.scheme(), "https" | "http") && url.has_host() => {
+            Ok(Some(Audience::Named(text)))
+        }
+        _ => Err(serde::de::Error::custom(format!(
+            "bad assertion_audience {text:?}: write \"token_endpoint\" or the URL the issuer \
+             expects, such as its issuer identifier"
+        ))),
+    }
+}
+
 fn is_loopback(url: &Url) -> bool {
     match url.host() {
         Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
@@ -877,6 +1025,7 @@ impl fmt::Display for AuthMethod {
         f.write_str(match self {
             AuthMethod::Basic => "basic",
             AuthMethod::Post => "post",
+            AuthMethod::PrivateKeyJwt => "private_key_jwt",
         })
     }
 }
@@ -1158,5 +1307,152 @@ allow_groups = ["billing"]
         );
         let e = err(&format!("{KEY}client_secret_credential = \"../x\"\n"));
         assert!(e.contains("must be 1 to 64 letters"), "{e}");
+    }
+
+    const JWT_KEY: &str = "[keys.a]\ntoken_url = \"https://x/t\"\nclient_id = \"i\"\n\
+                           auth = \"private_key_jwt\"\n";
+
+    #[test]
+    fn private_key_jwt_settings_parse_without_reading_the_file() {
+        let text = format!(
+            "{JWT_KEY}private_key_file = \"/etc/tokend/a.pem\"\nkey_id = \"k1\"\n\
+             signing_alg = \"ES256\"\nassertion_audience = \"https://x\"\n"
+        );
+        let config = parse(&text, Path::new("t.toml")).unwrap();
+        let key = &config.keys["a"];
+        assert_eq!(key.auth, AuthMethod::PrivateKeyJwt);
+        assert_eq!(key.auth.to_string(), "private_key_jwt");
+        let assertion = key.assertion.as_ref().unwrap();
+        assert_eq!(assertion.key_file, PathBuf::from("/etc/tokend/a.pem"));
+        assert_eq!(assertion.key_id.as_deref(), Some("k1"));
+        assert_eq!(assertion.signing_alg, Some(SigningAlg::ES256));
+        assert_eq!(assertion.audience, Audience::Named("https://x".into()));
+        assert!(assertion.key.is_none());
+        let plain = parse(
+            &format!("{JWT_KEY}private_key_file = \"/k\"\n"),
+            Path::new("t"),
+        )
+        .unwrap();
+        let assertion = plain.keys["a"].assertion.clone().unwrap();
+        assert_eq!(assertion.audience, Audience::TokenEndpoint);
+        assert_eq!(assertion.signing_alg, None);
+        // Secret-based keys carry no assertion settings.
+        let basic = parse(&format!("{KEY}client_secret = \"s\"\n"), Path::new("t")).unwrap();
+        assert!(basic.keys["a"].assertion.is_none());
+    }
+
+    #[test]
+    fn private_key_jwt_needs_a_key_file_and_no_secret() {
+        let e = err(JWT_KEY);
+        assert_eq!(
+            e,
+            "t.toml:1:1: key \"a\": auth = \"private_key_jwt\" needs private_key_file (a PEM private key)"
+        );
+        for secret in [
+            "client_secret = \"s\"",
+            "client_secret_file = \"/s\"",
+            "client_secret_credential = \"c\"",
+        ] {
+            let e = err(&format!("{JWT_KEY}private_key_file = \"/k\"\n{secret}\n"));
+            let setting = secret.split(' ').next().unwrap();
+            assert_eq!(
+                e,
+                format!(
+                    "t.toml:1:1: key \"a\" sets both auth = \"private_key_jwt\" and {setting}; \
+                     that method signs with private_key_file and sends no secret: remove {setting}"
+                )
+            );
+        }
+        let e = err(&format!(
+            "{JWT_KEY}private_key_file = \"/k\"\nkey_id = \"\"\n"
+        ));
+        assert!(e.contains("key_id may not be empty"), "{e}");
+    }
+
+    #[test]
+    fn key_settings_without_private_key_jwt_are_refused() {
+        for (line, setting) in [
+            ("private_key_file = \"/k\"", "private_key_file"),
+            ("key_id = \"k\"", "key_id"),
+            ("signing_alg = \"RS256\"", "signing_alg"),
+            (
+                "assertion_audience = \"token_endpoint\"",
+                "assertion_audience",
+            ),
+        ] {
+            let e = err(&format!(
+                "{KEY}client_secret = \"s\"\nauth = \"post\"\n{line}\n"
+            ));
+            assert_eq!(
+                e,
+                format!(
+                    "t.toml:1:1: key \"a\": {setting} is only used with auth = \"private_key_jwt\" \
+                     (this key's auth is \"post\")"
+                )
+            );
+        }
+    }
+
+    #[test]
+    fn bad_algorithms_and_audiences_point_at_the_value() {
+        let e = err(&format!(
+            "{JWT_KEY}private_key_file = \"/k\"\nsigning_alg = \"HS256\"\n"
+        ));
+        assert!(e.starts_with("t.toml:6:15: unknown variant `HS256`"), "{e}");
+        let e = err(&format!(
+            "{JWT_KEY}private_key_file = \"/k\"\nassertion_audience = \"issuer\"\n"
+        ));
+        assert!(
+            e.starts_with("t.toml:6:22: assertion_audience = \"issuer\" needs an issuer setting"),
+            "{e}"
+        );
+        let e = err(&format!(
+            "{JWT_KEY}private_key_file = \"/k\"\nassertion_audience = \"ftp://x/\"\n"
+        ));
+        assert!(e.contains("bad assertion_audience \"ftp://x/\""), "{e}");
+    }
+
+    fn unreadable(_: &Path) -> Result<Zeroizing<String>, String> {
+        Err("failed to open /k: gone".to_owned())
+    }
+
+    #[test]
+    fn an_unreadable_key_file_is_an_error_or_in_a_daemon_an_unusable_key() {
+        let text = format!("{JWT_KEY}private_key_file = \"/k\"\n");
+        let secret = |_: &Path| Ok(ClientSecret::new("x".into()));
+        let strict = Sources {
+            read_key: Some(unreadable),
+            ..Sources::default()
+        };
+        let e = build(&text, Path::new("t"), strict, secret)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "t:1:1: key \"a\": private_key_file: failed to open /k: gone"
+        );
+        let lenient = Sources {
+            lenient: true,
+            ..strict
+        };
+        let config = build(&text, Path::new("t"), lenient, secret).unwrap();
+        assert_eq!(
+            config.keys["a"].unusable.as_deref(),
+            Some("private_key_file: failed to open /k: gone")
+        );
+    }
+
+    #[test]
+    fn a_moved_key_file_is_a_changed_credential() {
+        let key = |file: &str| {
+            let text = format!("{JWT_KEY}private_key_file = \"{file}\"\n");
+            parse(&text, Path::new("t"))
+                .unwrap()
+                .keys
+                .remove("a")
+                .unwrap()
+        };
+        assert!(key("/k1").same_credential(&key("/k1")));
+        assert!(!key("/k1").same_credential(&key("/k2")));
     }
 }

@@ -6,6 +6,7 @@
 //! - [`config`]: the TOML file into typed, validated settings.
 //! - [`secret`]: client secrets and access tokens, wiped on drop, redacted in `Debug`.
 //! - [`secret_file`]: reading files that hold secrets, and who else may read them.
+//! - [`assertion`]: signed client assertions for `auth = "private_key_jwt"`.
 //! - [`scope`]: canonical scope sets.
 //! - [`issuer`]: the token-endpoint client and the parser of its answers.
 //! - [`cache`]: one token per (key, scope set), each kept fresh by its one owner task; per-key issuer budget.
@@ -38,6 +39,7 @@
 //! are counted), [`protocol::encode`] writes the answer into a buffer that
 //! is wiped once the handler has written it, within `request_timeout_client`.
 
+pub mod assertion;
 pub(crate) mod audit;
 pub(crate) mod cache;
 pub mod client;

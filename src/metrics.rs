@@ -364,7 +364,7 @@ fn failure_label(kind: &FailureKind) -> Option<&'static str> {
         FailureKind::TooLarge => "too_large",
         FailureKind::Timeout(_) => "timeout",
         FailureKind::Transport(_) => "unreachable",
-        FailureKind::NoSecret(_) => return None,
+        FailureKind::NoSecret(_) | FailureKind::Assertion(_) => return None,
     })
 }
 
