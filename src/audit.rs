@@ -1,13 +1,24 @@
-//! The audit log: the lines tokend writes about token handouts and denials,
-//! and the bound that keeps any one caller from flooding them.
+//! The audit log: the lines tokend writes about token handouts, denials
+//! and reloads, and the bound that keeps any one caller from flooding them.
+//!
+//! A line about a caller carries its key and scope set (where it has them)
+//! and the caller's `peer_uid`, `peer_pid` and `peer_gid` as the kernel
+//! recorded them when it connected, and `peer_exe` and `peer_comm`: the
+//! target of `/proc/<pid>/exe` and the contents of `/proc/<pid>/comm`.
+//! Those two are informational only: the pid may have been reused by the
+//! time they are read, a process picks its own `comm`, and where /proc
+//! hides the process from tokend (the shipped unit's `ProtectProc=`) they
+//! are `?`. They are read once per connection, when its first line is
+//! written ([`crate::peer::Caller::process`]), never for counted repeats.
 //!
 //! Every handout and every denial belongs to a *subject*:
 //! - a handout: the caller's uid and pid, the key, the scope set and the
 //!   token's fingerprint (so: the first time a process gets a token);
 //! - a denial: its kind (no such key, forbidden, scopes not allowed,
-//!   unavailable, busy for too many scope sets), the caller's uid and the
-//!   key. For "no such key" the uid alone: the name is the caller's choice,
-//!   and random names would each make a subject of their own.
+//!   unavailable, busy for too many scope sets, a reload it may not ask
+//!   for), the caller's uid and the key. For "no such key" the uid alone:
+//!   the name is the caller's choice, and random names would each make a
+//!   subject of their own.
 //!
 //! The first event of a subject is logged at once, at info, and opens a
 //! [`WINDOW`]. Further events of it within the window are counted (and
@@ -18,7 +29,14 @@
 //! without any is forgotten, and its next event is logged in full again.
 //! At most [`MAX_SUBJECTS`] subjects are tracked at once: events of further
 //! ones are counted and summed up as "events not itemised", so memory stays
-//! bounded whatever callers do.
+//! bounded whatever callers do. A summary carries its subject's fields,
+//! not a process's `peer_exe` and `peer_comm`: those are on the subject's
+//! first line.
+//!
+//! `[daemon] audit = false` ([`Audit::set_handouts_logged`]) writes
+//! handouts at debug, uncounted, for hosts too busy for a line per process
+//! and token; denials are logged as ever. Reloads ([`reloaded`]) are
+//! always logged: only root and tokend's own user can ask for one.
 //!
 //! [`Audit`] is that state's one owner, shared by every
 //! [`crate::service::Service`] so counts survive a reload; its
@@ -31,12 +49,14 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Level;
 
 use crate::cache::GetError;
 use crate::peer::Caller;
@@ -81,6 +101,8 @@ pub(crate) enum Event<'a> {
         scopes: &'a ScopeSet,
         error: &'a GetError,
     },
+    /// A reload asked for by a caller other than root and tokend's user.
+    ReloadForbidden,
 }
 
 /// What repeats of an event are counted under.
@@ -127,6 +149,7 @@ enum Denial {
     ScopesNotAllowed,
     Unavailable,
     TooManySets,
+    Reload,
 }
 
 impl Subject {
@@ -162,6 +185,7 @@ impl Subject {
                 };
                 denied(denial, Some(key))
             }
+            Event::ReloadForbidden => denied(Denial::Reload, None),
         }
     }
 
@@ -406,6 +430,9 @@ pub(crate) struct Audit {
     /// Wakes [`Audit::run`] when a window opens while none was open: it
     /// has no timer to wait on then.
     opened: Notify,
+    /// `[daemon] audit`: whether handouts are counted and logged at info.
+    /// A reload sets it; requests read it without a lock.
+    handouts_logged: AtomicBool,
 }
 
 impl Default for Audit {
@@ -423,7 +450,16 @@ impl Audit {
         Audit {
             ledger: Mutex::new(Ledger::new(window, cap)),
             opened: Notify::new(),
+            handouts_logged: AtomicBool::new(true),
         }
+    }
+
+    /// Applies `[daemon] audit`, at start and on every reload. Handouts
+    /// already counted are still summed up when their window ends.
+    pub(crate) fn set_handouts_logged(&self, logged: bool) {
+        // Relaxed: no other memory is published with it; a request that
+        // races a reload may go either way, as it may with any setting.
+        self.handouts_logged.store(logged, Ordering::Relaxed);
     }
 
     fn ledger(&self) -> MutexGuard<'_, Ledger> {
@@ -434,8 +470,15 @@ impl Audit {
     }
 
     /// Counts `event` of `caller` and logs it: at info if it is its
-    /// subject's first in the window, else at debug.
+    /// subject's first in the window, else at debug. With `audit = false`
+    /// a handout is logged at debug and not counted: on a host that busy,
+    /// the lock and the map are worth saving too.
     pub(crate) fn record(&self, caller: &Caller, event: Event<'_>) {
+        if matches!(event, Event::HandedOut { .. }) && !self.handouts_logged.load(Ordering::Relaxed)
+        {
+            log_event(caller, &event, Level::DEBUG);
+            return;
+        }
         let subject = Subject::of(caller, &event);
         let (seen, was_idle, cap) = {
             let mut ledger = self.ledger();
@@ -447,7 +490,12 @@ impl Audit {
         if was_idle {
             self.opened.notify_one();
         }
-        log_event(caller, &event, seen);
+        let level = if seen == Seen::First {
+            Level::INFO
+        } else {
+            Level::DEBUG
+        };
+        log_event(caller, &event, level);
         if seen == (Seen::Untracked { first: true }) {
             tracing::warn!(
                 "the audit log already tracks {} callers and keys in this window; \
@@ -494,16 +542,42 @@ impl Audit {
     }
 }
 
-/// The line of one event, with the journald fields it always had.
-fn log_event(caller: &Caller, event: &Event<'_>, seen: Seen) {
+/// The line of one event at `level` (info or debug): the fields it always
+/// had, then `peer_gid`, `peer_exe` and `peer_comm`.
+fn log_event(caller: &Caller, event: &Event<'_>, level: Level) {
+    // Asked first so that /proc is read only for a line that is written:
+    // counted repeats, at the default level, cost no reads.
+    let enabled = if level == Level::INFO {
+        tracing::enabled!(Level::INFO)
+    } else {
+        tracing::enabled!(Level::DEBUG)
+    };
+    if !enabled {
+        return;
+    }
+    let process = caller.process();
     // The level is part of a tracing call site, so each line is written
-    // out once per level.
+    // out once per level. The process's fields are `&str`, not `%`: the
+    // text log quotes them (a path may hold spaces or `key=`), the journal
+    // takes them as they are.
     macro_rules! at_level {
-        ($($line:tt)+) => {
-            if seen == Seen::First {
-                tracing::info!($($line)+)
+        ([$($field:tt)+] $($message:tt)+) => {
+            if level == Level::INFO {
+                tracing::info!(
+                    $($field)+
+                    peer_gid = caller.gid,
+                    peer_exe = process.exe.as_str(),
+                    peer_comm = process.comm.as_str(),
+                    $($message)+
+                )
             } else {
-                tracing::debug!($($line)+)
+                tracing::debug!(
+                    $($field)+
+                    peer_gid = caller.gid,
+                    peer_exe = process.exe.as_str(),
+                    peer_comm = process.comm.as_str(),
+                    $($message)+
+                )
             }
         };
     }
@@ -514,41 +588,90 @@ fn log_event(caller: &Caller, event: &Event<'_>, seen: Seen) {
             scopes,
             fingerprint,
             expires_in,
-        } => at_level!(
+        } => at_level!([
             key = %key,
             scopes = %scopes,
             peer_uid = uid,
             peer_pid = pid,
             expires_in = *expires_in,
             fingerprint = %fingerprint,
-            "handed out a token"
-        ),
-        Event::NoSuchKey { shown } => at_level!(
+        ] "handed out a token"),
+        Event::NoSuchKey { shown } => at_level!([
             key = %shown,
             peer_uid = uid,
             peer_pid = pid,
-            "denied: no such key"
-        ),
-        Event::Forbidden { key } => at_level!(
+        ] "denied: no such key"),
+        Event::Forbidden { key } => at_level!([
             key = %key,
             peer_uid = uid,
             peer_pid = pid,
-            "denied: caller is not on the key's allow lists"
-        ),
-        Event::ScopesNotAllowed { key, scopes } => at_level!(
+        ] "denied: caller is not on the key's allow lists"),
+        Event::ScopesNotAllowed { key, scopes } => at_level!([
             key = %key,
             scopes = %scopes,
             peer_uid = uid,
             peer_pid = pid,
-            "denied: scopes not allowed"
-        ),
-        Event::NoToken { key, scopes, error } => at_level!(
+        ] "denied: scopes not allowed"),
+        Event::NoToken { key, scopes, error } => at_level!([
             key = %key,
             scopes = %scopes,
             peer_uid = uid,
             peer_pid = pid,
-            "no token to hand out: {error}"
-        ),
+        ] "no token to hand out: {error}"),
+        Event::ReloadForbidden => at_level!([
+            peer_uid = uid,
+            peer_pid = pid,
+        ] "denied: reload (only root and tokend's own user may ask)"),
+    }
+}
+
+/// Who asked for a reload.
+pub(crate) enum ReloadAsker<'a> {
+    /// SIGHUP: the kernel does not say who sent it.
+    Signal,
+    /// The `reload` op, by this caller.
+    Socket(&'a Caller),
+}
+
+/// How a reload ended.
+pub(crate) enum ReloadOutcome {
+    /// The new configuration is in force, with this many keys.
+    Reloaded(usize),
+    /// Refused; the previous configuration stays (the reason is on the
+    /// line before, at error).
+    Failed,
+    /// Asked while shutting down: not run.
+    NotRun,
+}
+
+/// The audit line of a reload: who asked, and how it ended. Not counted:
+/// only root and tokend's own user may ask, so there is no flood to bound.
+/// The outcome is a field only: the message does not say "reloaded",
+/// which the lines about the reload itself say.
+pub(crate) fn reloaded(asked_by: ReloadAsker<'_>, outcome: ReloadOutcome) {
+    let (outcome, keys) = match outcome {
+        ReloadOutcome::Reloaded(keys) => ("reloaded", Some(keys)),
+        ReloadOutcome::Failed => ("failed", None),
+        ReloadOutcome::NotRun => ("not_run", None),
+    };
+    match asked_by {
+        ReloadAsker::Signal => {
+            tracing::info!(asked_by = "signal", outcome, keys, "reload asked by SIGHUP")
+        }
+        ReloadAsker::Socket(caller) => {
+            let process = caller.process();
+            tracing::info!(
+                asked_by = "socket",
+                outcome,
+                keys,
+                peer_uid = caller.uid,
+                peer_pid = caller.pid,
+                peer_gid = caller.gid,
+                peer_exe = process.exe.as_str(),
+                peer_comm = process.comm.as_str(),
+                "reload asked over the socket"
+            );
+        }
     }
 }
 
@@ -586,6 +709,16 @@ fn log_summary(summary: &Summary) {
                     plural(*repeats, "denial"),
                     denial.reason()
                 ),
+                Subject::Denied {
+                    uid,
+                    key: None,
+                    denial: Denial::Reload,
+                } => tracing::info!(
+                    peer_uid = *uid,
+                    repeats = *repeats,
+                    "… and {n} more {} of a reload to uid {uid}",
+                    plural(*repeats, "denial")
+                ),
                 Subject::Denied { uid, key: None, .. } => tracing::info!(
                     peer_uid = *uid,
                     repeats = *repeats,
@@ -612,6 +745,7 @@ impl Denial {
             Denial::ScopesNotAllowed => "scopes not allowed",
             Denial::Unavailable => "no token to hand out",
             Denial::TooManySets => "busy: the key's max_scope_sets is reached",
+            Denial::Reload => "only root and tokend's own user may reload",
         }
     }
 }
@@ -651,6 +785,7 @@ mod tests {
             user: None,
             groups: Vec::new(),
             named: false,
+            process: std::sync::OnceLock::new(),
         }
     }
 
@@ -916,5 +1051,74 @@ mod tests {
         assert_eq!(log.take().len(), 1);
         stop.cancel();
         flusher.await.unwrap();
+    }
+
+    #[test]
+    fn lines_carry_the_process_read_only_for_a_line_that_is_written() {
+        let (log, _capturing) = Captured::start();
+        let audit = Audit::new();
+        let scopes = ScopeSet::default();
+        let me = std::process::id() as i32;
+        let first = caller(0, me);
+        audit.record(&first, handout("k", &scopes));
+        let exe = std::env::current_exe().unwrap();
+        let lines = log.take();
+        assert_eq!(lines.len(), 1, "{lines:#?}");
+        let fields = format!(
+            "fingerprint=abcd1234 peer_gid=0 peer_exe={:?} peer_comm={:?}",
+            exe.to_string_lossy(),
+            first.process().comm
+        );
+        assert!(lines[0].ends_with(&fields), "{lines:#?}\n{fields}");
+        // The same process on another connection: a repeat, at debug,
+        // which is not written, so /proc is not read for it.
+        let again = caller(0, me);
+        audit.record(&again, handout("k", &scopes));
+        assert_eq!(log.take(), Vec::<String>::new());
+        assert!(again.process.get().is_none(), "a repeat read /proc");
+        // A process that cannot be found is `?`, and the line is written.
+        let gone = Caller {
+            pid: None,
+            ..caller(5, 0)
+        };
+        audit.record(&gone, Event::Forbidden { key: "k" });
+        let lines = log.take();
+        assert!(
+            lines[0].ends_with("peer_uid=5 peer_gid=5 peer_exe=\"?\" peer_comm=\"?\""),
+            "{lines:#?}"
+        );
+    }
+
+    #[test]
+    fn without_audit_handouts_are_debug_and_uncounted_and_denials_stay() {
+        let (log, _capturing) = Captured::start();
+        let audit = Audit::new();
+        audit.set_handouts_logged(false);
+        let scopes = ScopeSet::default();
+        let alice = caller(1000, 42);
+        audit.record(&alice, handout("k", &scopes));
+        assert_eq!(log.take(), Vec::<String>::new());
+        assert!(forgot_everything(&audit), "a handout was counted");
+        audit.record(&alice, Event::Forbidden { key: "j" });
+        let lines = log.take();
+        assert_eq!(lines.len(), 1, "{lines:#?}");
+        assert!(lines[0].contains("INFO"), "{lines:#?}");
+        // A reload turns them back on.
+        audit.set_handouts_logged(true);
+        audit.record(&alice, handout("k", &scopes));
+        assert_eq!(log.take().len(), 1);
+    }
+
+    #[test]
+    fn reload_denials_are_counted_per_uid() {
+        let mut ledger = Ledger::new(WINDOW, 100);
+        let now = Instant::now();
+        let mut seen = |c: &Caller| ledger.record(Subject::of(c, &Event::ReloadForbidden), now);
+        assert_eq!(seen(&caller(1000, 1)), Seen::First);
+        assert_eq!(seen(&caller(1000, 2)), Seen::Repeat);
+        assert_eq!(seen(&caller(1001, 1)), Seen::First);
+        // Not the same subject as a caller's unknown key names.
+        let name = Subject::of(&caller(1000, 1), &Event::NoSuchKey { shown: "x" });
+        assert_eq!(ledger.record(name, now), Seen::First);
     }
 }

@@ -1,5 +1,6 @@
-//! The caller's side of the socket, as `tokend get` and `tokend reload` use
-//! it: one request, one answer, with a timeout and a bound on what is read.
+//! The caller's side of the socket, as `tokend get`, `reload`, `status`,
+//! `keys` and `metrics` use it: one request, one answer, with a timeout and a bound on
+//! what is read.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -8,11 +9,18 @@ use std::time::Duration;
 
 use zeroize::Zeroizing;
 
-use crate::protocol::{self, ErrorBody, Op, ReloadAnswer, Request, TokenAnswer};
+use crate::protocol::{
+    self, ErrorBody, KeyInfo, KeyStatus, KeysAnswer, MetricsAnswer, Op, ReloadAnswer, Request,
+    StatusAnswer, TokenAnswer,
+};
 use crate::secret::AccessToken;
 
-/// Answers longer than this are not tokend's.
-const MAX_ANSWER: u64 = 1 << 20;
+/// Token answers longer than this are not tokend's.
+const MAX_TOKEN_ANSWER: u64 = 1 << 20;
+/// Other answers longer than this are not tokend's. Status and metrics
+/// grow with the cached scope sets, a few hundred bytes each, and
+/// `max_scope_sets` allows up to 100,000 per key.
+const MAX_ANSWER: u64 = 256 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -56,7 +64,12 @@ pub fn get(
             scopes: scopes.to_vec(),
         },
     };
-    let line = Zeroizing::new(exchange(socket, &request.encode(), timeout)?);
+    let line = Zeroizing::new(exchange(
+        socket,
+        &request.encode(),
+        timeout,
+        MAX_TOKEN_ANSWER,
+    )?);
     let answer: TokenAnswer = reply(socket, &line)?;
     Ok(Token {
         access_token: answer.access_token,
@@ -67,13 +80,41 @@ pub fn get(
 
 /// Asks the daemon at `socket` to reload; returns how many keys it now has.
 pub fn reload(socket: &Path, timeout: Duration) -> Result<usize, ClientError> {
-    let request = Request {
-        id: None,
-        op: Op::Reload,
-    };
-    let line = exchange(socket, &request.encode(), timeout)?;
-    let answer: ReloadAnswer = reply(socket, &line)?;
+    let answer: ReloadAnswer = ask(socket, Op::Reload, timeout)?;
     Ok(answer.keys)
+}
+
+/// The daemon's view of every key the caller may see, set by set.
+pub fn status(socket: &Path, timeout: Duration) -> Result<Vec<KeyStatus>, ClientError> {
+    let answer: StatusAnswer = ask(socket, Op::Status, timeout)?;
+    Ok(answer.keys)
+}
+
+/// The keys the caller may read, with their allowed scopes.
+pub fn keys(socket: &Path, timeout: Duration) -> Result<Vec<KeyInfo>, ClientError> {
+    let answer: KeysAnswer = ask(socket, Op::Keys, timeout)?;
+    Ok(answer.keys)
+}
+
+/// The daemon's metrics, in the Prometheus text format.
+pub fn metrics(socket: &Path, timeout: Duration) -> Result<String, ClientError> {
+    let answer: MetricsAnswer = ask(socket, Op::Metrics, timeout)?;
+    Ok(answer.text)
+}
+
+/// One request without a token in its answer.
+fn ask<T: serde::de::DeserializeOwned>(
+    socket: &Path,
+    op: Op,
+    timeout: Duration,
+) -> Result<T, ClientError> {
+    let line = exchange(
+        socket,
+        &Request { id: None, op }.encode(),
+        timeout,
+        MAX_ANSWER,
+    )?;
+    reply(socket, &line)
 }
 
 /// The body of a successful answer, or the daemon's error.
@@ -85,8 +126,14 @@ fn reply<T: serde::de::DeserializeOwned>(socket: &Path, line: &str) -> Result<T,
     }
 }
 
-/// Sends one request line and reads one answer line.
-fn exchange(socket: &Path, request: &str, timeout: Duration) -> Result<String, ClientError> {
+/// Sends one request line and reads one answer line of at most `limit`
+/// bytes.
+fn exchange(
+    socket: &Path,
+    request: &str,
+    timeout: Duration,
+    limit: u64,
+) -> Result<String, ClientError> {
     let io_err = |source| ClientError::Io {
         path: socket.to_owned(),
         source,
@@ -108,7 +155,7 @@ fn exchange(socket: &Path, request: &str, timeout: Duration) -> Result<String, C
         .write_all(format!("{request}\n").as_bytes())
         .map_err(io_err)?;
     let mut answer = String::new();
-    BufReader::new(stream.take(MAX_ANSWER))
+    BufReader::new(stream.take(limit))
         .read_line(&mut answer)
         .map_err(io_err)?;
     if !answer.ends_with('\n') {

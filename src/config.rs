@@ -9,6 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -16,7 +17,9 @@ use serde::{Deserialize, Deserializer};
 use toml::Spanned;
 use tracing_subscriber::filter::LevelFilter;
 use url::Url;
+use zeroize::Zeroizing;
 
+use crate::assertion::{Audience, ClientAssertion, SigningAlg, SigningKey};
 use crate::scope::ScopeSet;
 use crate::secret::ClientSecret;
 use crate::secret_file::{self, Exposure, FileError};
@@ -66,14 +69,27 @@ pub struct DaemonConfig {
     pub max_request_bytes: usize,
     /// The log level when `RUST_LOG` does not set one.
     pub log_level: LevelFilter,
+    /// Whether token handouts are audit lines at info (`true`) or only
+    /// debug lines; denials are logged either way. A reload applies it.
+    pub audit: bool,
     /// Where `client_secret_credential` reads from when systemd has not
     /// set `$CREDENTIALS_DIRECTORY` (say, `tokend check` in a shell).
     pub credentials_directory: PathBuf,
+    /// Uids that may ask for the metrics over the socket, besides root and
+    /// tokend's own user.
+    pub metrics_allow_uids: Vec<u32>,
+    /// Where the HTTP `/metrics` endpoint listens; none when unset. A
+    /// loopback address unless `metrics_listen_non_loopback` said otherwise.
+    pub metrics_listen: Option<SocketAddr>,
+    pub metrics_listen_non_loopback: bool,
 }
 
 /// One credential at one issuer.
 #[derive(Debug, Clone, PartialEq)]
 pub struct KeyConfig {
+    /// The key's name in `[keys.NAME]`, for what reports on the key
+    /// without the map around it (the issuer's metrics).
+    pub name: String,
     pub token_url: Url,
     pub client_id: String,
     pub client_secret: ClientSecret,
@@ -82,6 +98,8 @@ pub struct KeyConfig {
     /// `unavailable` with this reason until a reload brings the secret.
     pub unusable: Option<String>,
     pub auth: AuthMethod,
+    /// How `private_key_jwt` signs; `Some` exactly for that auth method.
+    pub assertion: Option<ClientAssertion>,
     /// What callers may ask for; `None` means only the default (empty) set.
     pub scopes: Option<ScopeSet>,
     /// What a get without scopes asks the issuer for when `scopes` is set:
@@ -108,6 +126,9 @@ pub enum AuthMethod {
     Basic,
     /// `client_id` and `client_secret` in the form body.
     Post,
+    /// A JWT signed with `private_key_file` (RFC 7523 2.2); no secret.
+    #[serde(rename = "private_key_jwt")]
+    PrivateKeyJwt,
 }
 
 /// Who may read a key. Empty means nobody, root included.
@@ -162,6 +183,8 @@ impl KeyConfig {
             && self.client_secret == other.client_secret
             && self.unusable == other.unusable
             && self.auth == other.auth
+            // The key file's path and text, and how it signs.
+            && self.assertion == other.assertion
     }
 }
 
@@ -205,6 +228,7 @@ fn read(path: &Path, lenient: bool) -> Result<Config, ConfigError> {
         config_exposure: file.exposure.as_ref(),
         credentials: credentials.as_deref(),
         lenient,
+        read_key: Some(read_private_key),
     };
     build(&file.text, path, sources, read_secret_file)
 }
@@ -226,7 +250,12 @@ struct Sources<'a> {
     credentials: Option<&'a Path>,
     /// Keep keys whose secret cannot be read, marked unusable.
     lenient: bool,
+    /// Reads `private_key_file`; `None` leaves keys unread (`parse`).
+    read_key: Option<ReadKey>,
 }
+
+/// Reads a private key file's text, or says why not.
+type ReadKey = fn(&Path) -> Result<Zeroizing<String>, String>;
 
 fn build(
     text: &str,
@@ -235,7 +264,7 @@ fn build(
     read_file: impl Fn(&Path) -> Result<ClientSecret, String>,
 ) -> Result<Config, ConfigError> {
     let raw = parse_raw(text, path)?;
-    let daemon = DaemonConfig::from(raw.daemon);
+    let daemon = raw.daemon.finish(text, path)?;
     let mut keys = BTreeMap::new();
     for (name, key) in raw.keys {
         let start = key.span().start;
@@ -255,9 +284,12 @@ fn build(
             .credentials
             .map(|dir| (dir, CREDENTIAL_PREFIX))
             .unwrap_or((&daemon.credentials_directory, ""));
-        let key = key
+        let mut key = key
             .finish(&name, credentials, sources.lenient, &read_file)
             .map_err(at)?;
+        if let Some(read_key) = sources.read_key {
+            load_signing_key(&name, &mut key, read_key, sources.lenient).map_err(at)?;
+        }
         keys.insert(name, key);
     }
     Ok(Config { daemon, keys })
@@ -318,6 +350,44 @@ fn read_secret_file(path: &Path) -> Result<ClientSecret, String> {
     Ok(ClientSecret::new(std::mem::take(&mut *text)))
 }
 
+/// Reads `private_key_file` into `key` and proves it signs. A key that
+/// cannot is an error, or in lenient mode the reason the key is unusable.
+fn load_signing_key(
+    name: &str,
+    key: &mut KeyConfig,
+    read_key: ReadKey,
+    lenient: bool,
+) -> Result<(), String> {
+    let Some(assertion) = &mut key.assertion else {
+        return Ok(());
+    };
+    let path = &assertion.key_file;
+    let loaded = read_key(path).and_then(|pem| {
+        SigningKey::from_pem(pem, assertion.signing_alg)
+            .map_err(|e| format!("{} {e}", path.display()))
+    });
+    match loaded {
+        Ok(signing) => assertion.key = Some(signing),
+        Err(e) if lenient => key.unusable = Some(format!("private_key_file: {e}")),
+        Err(e) => return Err(format!("key {name:?}: private_key_file: {e}")),
+    }
+    Ok(())
+}
+
+/// Reads a private key file under the same rule as a secret file. The
+/// text is kept whole: a PEM parser ignores the trailing newline.
+fn read_private_key(path: &Path) -> Result<Zeroizing<String>, String> {
+    let file = secret_file::read(path, MAX_SECRET_BYTES).map_err(|e| e.to_string())?;
+    if let Some(exposure) = &file.exposure {
+        return Err(format!(
+            "{} {exposure}; {}",
+            path.display(),
+            exposure.advice(path)
+        ));
+    }
+    Ok(file.text)
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
@@ -346,7 +416,13 @@ struct RawDaemon {
     max_request_bytes: usize,
     #[serde(deserialize_with = "log_level")]
     log_level: LevelFilter,
+    audit: bool,
     credentials_directory: PathBuf,
+    metrics_allow_uids: Vec<u32>,
+    /// Spanned: whether the address may be used depends on another setting,
+    /// and the error must still point at this one.
+    metrics_listen: Option<Spanned<String>>,
+    metrics_listen_non_loopback: bool,
 }
 
 impl Default for RawDaemon {
@@ -361,28 +437,66 @@ impl Default for RawDaemon {
             request_timeout_client: Duration::from_secs(10),
             max_request_bytes: 65536,
             log_level: LevelFilter::INFO,
+            audit: true,
             credentials_directory: PathBuf::from(DEFAULT_CREDENTIALS_DIRECTORY),
+            metrics_allow_uids: Vec::new(),
+            metrics_listen: None,
+            metrics_listen_non_loopback: false,
         }
     }
 }
 
-impl From<RawDaemon> for DaemonConfig {
-    fn from(raw: RawDaemon) -> Self {
-        DaemonConfig {
-            socket: raw.socket,
-            socket_mode: raw.socket_mode,
-            socket_group: raw.socket_group,
-            max_connections: raw.max_connections,
-            max_connections_per_uid: raw
+impl RawDaemon {
+    /// Checks what one field's type cannot: the metrics address against
+    /// the setting that allows a non-loopback one.
+    fn finish(self, text: &str, path: &Path) -> Result<DaemonConfig, ConfigError> {
+        let metrics_listen = match &self.metrics_listen {
+            Some(listen) => Some(
+                metrics_address(listen.get_ref(), self.metrics_listen_non_loopback)
+                    .map_err(|message| locate(text, path, listen.span().start, message))?,
+            ),
+            None => None,
+        };
+        Ok(DaemonConfig {
+            socket: self.socket,
+            socket_mode: self.socket_mode,
+            socket_group: self.socket_group,
+            max_connections: self.max_connections,
+            max_connections_per_uid: self
                 .max_connections_per_uid
-                .unwrap_or((raw.max_connections / 2).max(1)),
-            idle_timeout: raw.idle_timeout,
-            request_timeout_client: raw.request_timeout_client,
-            max_request_bytes: raw.max_request_bytes,
-            log_level: raw.log_level,
-            credentials_directory: raw.credentials_directory,
-        }
+                .unwrap_or((self.max_connections / 2).max(1)),
+            idle_timeout: self.idle_timeout,
+            request_timeout_client: self.request_timeout_client,
+            max_request_bytes: self.max_request_bytes,
+            log_level: self.log_level,
+            audit: self.audit,
+            credentials_directory: self.credentials_directory,
+            metrics_allow_uids: self.metrics_allow_uids,
+            metrics_listen,
+            metrics_listen_non_loopback: self.metrics_listen_non_loopback,
+        })
     }
+}
+
+/// `metrics_listen` as an address. Only an IP address and port: a host
+/// name would be resolved once, at start, to whatever it meant then. A
+/// non-loopback address opens the metrics to everyone who can reach it, so
+/// it takes `metrics_listen_non_loopback = true` to say that is meant.
+fn metrics_address(text: &str, non_loopback: bool) -> Result<SocketAddr, String> {
+    let address: SocketAddr = text.parse().map_err(|_| {
+        format!(
+            "bad metrics_listen {text:?}: write an IP address and port, such as \"127.0.0.1:9464\" \
+             or \"[::1]:9464\""
+        )
+    })?;
+    if !address.ip().is_loopback() && !non_loopback {
+        return Err(format!(
+            "metrics_listen {address} is not a loopback address: anyone who can reach it could \
+             read the metrics; use 127.0.0.1 or [::1], or set metrics_listen_non_loopback = true \
+             if that is meant"
+        ));
+    }
+    Ok(address)
 }
 
 #[derive(Deserialize)]
@@ -396,6 +510,11 @@ struct RawKey {
     client_secret_credential: Option<String>,
     #[serde(default = "default_auth")]
     auth: AuthMethod,
+    private_key_file: Option<PathBuf>,
+    key_id: Option<String>,
+    signing_alg: Option<SigningAlg>,
+    #[serde(default, deserialize_with = "assertion_audience")]
+    assertion_audience: Option<Audience>,
     #[serde(default, deserialize_with = "optional_scopes")]
     scopes: Option<ScopeSet>,
     #[serde(default, deserialize_with = "optional_scopes")]
@@ -476,11 +595,29 @@ impl RawKey {
             }
             Err(e) => Err(format!("key {name:?}: {setting}: {e}")),
         };
+        let assertion = self.assertion(name)?;
         let client_secret = match (
             self.client_secret,
             self.client_secret_file,
             self.client_secret_credential,
         ) {
+            // The signed assertion is the credential; a secret beside it
+            // would be sent nowhere, and the operator should know.
+            (None, None, None) if assertion.is_some() => ClientSecret::new(String::new()),
+            (secret, file, credential) if assertion.is_some() => {
+                let set = [
+                    ("client_secret", secret.is_some()),
+                    ("client_secret_file", file.is_some()),
+                    ("client_secret_credential", credential.is_some()),
+                ]
+                .into_iter()
+                .find_map(|(setting, given)| given.then_some(setting))
+                .unwrap_or("client_secret");
+                return Err(format!(
+                    "key {name:?} sets both auth = \"private_key_jwt\" and {set}; that method \
+                     signs with private_key_file and sends no secret: remove {set}"
+                ));
+            }
             (Some(secret), None, None) if secret.expose().is_empty() => {
                 return Err(format!("key {name:?}: client_secret may not be empty"))
             }
@@ -513,11 +650,13 @@ impl RawKey {
             }
         };
         let mut key = KeyConfig {
+            name: name.to_owned(),
             token_url: self.token_url,
             client_id: self.client_id,
             client_secret,
             unusable,
             auth: self.auth,
+            assertion,
             scopes: self.scopes,
             default_scopes: self.default_scopes,
             prefetch: self.prefetch,
@@ -557,6 +696,49 @@ impl RawKey {
             ));
         }
         Ok(key)
+    }
+
+    /// The `private_key_jwt` settings, which only that method takes and
+    /// which it needs a key file for. The file itself is read later.
+    fn assertion(&self, name: &str) -> Result<Option<ClientAssertion>, String> {
+        if self.auth != AuthMethod::PrivateKeyJwt {
+            let stray = [
+                ("private_key_file", self.private_key_file.is_some()),
+                ("key_id", self.key_id.is_some()),
+                ("signing_alg", self.signing_alg.is_some()),
+                ("assertion_audience", self.assertion_audience.is_some()),
+            ]
+            .into_iter()
+            .find_map(|(setting, given)| given.then_some(setting));
+            return match stray {
+                Some(setting) => Err(format!(
+                    "key {name:?}: {setting} is only used with auth = \"private_key_jwt\" \
+                     (this key's auth is \"{}\")",
+                    self.auth
+                )),
+                None => Ok(None),
+            };
+        }
+        let Some(key_file) = self.private_key_file.clone() else {
+            return Err(format!(
+                "key {name:?}: auth = \"private_key_jwt\" needs private_key_file (a PEM private key)"
+            ));
+        };
+        if self.key_id.as_deref() == Some("") {
+            return Err(format!(
+                "key {name:?}: key_id may not be empty (leave it out to send no kid)"
+            ));
+        }
+        Ok(Some(ClientAssertion {
+            key_file,
+            key_id: self.key_id.clone(),
+            signing_alg: self.signing_alg,
+            audience: self
+                .assertion_audience
+                .clone()
+                .unwrap_or(Audience::TokenEndpoint),
+            key: None,
+        }))
     }
 }
 
@@ -789,6 +971,31 @@ fn token_url<'de, D: Deserializer<'de>>(d: D) -> Result<Url, D::Error> {
     }
 }
 
+/// `"token_endpoint"` or an http(s) URL such as the issuer identifier.
+/// `"issuer"` is refused by name: tokend has no `issuer` setting yet.
+fn assertion_audience<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Audience>, D::Error> {
+    let text = String::deserialize(d)?;
+    match text.as_str() {
+        "token_endpoint" => return Ok(Some(Audience::TokenEndpoint)),
+        "issuer" => {
+            return Err(serde::de::Error::custom(
+                "assertion_audience = \"issuer\" needs an issuer setting, which tokend does not \
+                 have yet; write the issuer identifier's URL instead",
+            ))
+        }
+        _ => {}
+    }
+    match Url::parse(&text) {
+        Ok(url) if matches!(url.scheme(), "https" | "http") && url.has_host() => {
+            Ok(Some(Audience::Named(text)))
+        }
+        _ => Err(serde::de::Error::custom(format!(
+            "bad assertion_audience {text:?}: write \"token_endpoint\" or the URL the issuer \
+             expects, such as its issuer identifier"
+        ))),
+    }
+}
+
 fn is_loopback(url: &Url) -> bool {
     match url.host() {
         Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
@@ -828,6 +1035,7 @@ impl fmt::Display for AuthMethod {
         f.write_str(match self {
             AuthMethod::Basic => "basic",
             AuthMethod::Post => "post",
+            AuthMethod::PrivateKeyJwt => "private_key_jwt",
         })
     }
 }
@@ -844,6 +1052,7 @@ max_connections = 8
 idle_timeout = "5s"
 max_request_bytes = 4096
 log_level = "debug"
+audit = false
 
 [keys.payments]
 token_url = "https://access.sandbox.checkout.com/connect/token"
@@ -871,6 +1080,7 @@ allow_groups = ["billing"]
         assert_eq!(config.daemon.max_connections, 8);
         assert_eq!(config.daemon.idle_timeout, Duration::from_secs(5));
         assert_eq!(config.daemon.log_level, LevelFilter::DEBUG);
+        assert!(!config.daemon.audit);
         let key = &config.keys["payments"];
         assert_eq!(key.auth, AuthMethod::Post);
         assert_eq!(key.scopes.as_ref().unwrap().joined(), "fx gateway vault");
@@ -898,6 +1108,7 @@ allow_groups = ["billing"]
         );
         assert_eq!(config.daemon.socket_group, None);
         assert_eq!(config.daemon.log_level, LevelFilter::INFO);
+        assert!(config.daemon.audit);
         let key = &config.keys["a"];
         assert_eq!(key.auth, AuthMethod::Basic);
         assert_eq!(key.scopes, None);
@@ -920,6 +1131,11 @@ allow_groups = ["billing"]
         assert!(err("[daemon]\nsocket_mode = \"0999\"\n").starts_with("t.toml:2:15: bad mode"));
         assert!(err("[daemon]\nsocket_mode = \"01777\"\n").contains("bad mode"));
         assert!(err("[daemon]\nlog_level = \"loud\"\n").starts_with("t.toml:2:13: bad log_level"));
+        let audit = err("[daemon]\naudit = \"no\"\n");
+        assert!(
+            audit.starts_with("t.toml:2:9: invalid type: string \"no\", expected a boolean"),
+            "{audit}"
+        );
     }
 
     #[test]
@@ -1049,6 +1265,36 @@ allow_groups = ["billing"]
     }
 
     #[test]
+    fn metrics_listen_is_loopback_unless_the_operator_says_otherwise() {
+        let daemon = |lines: &str| parse(&format!("[daemon]\n{lines}"), Path::new("t.toml"));
+        let config =
+            daemon("metrics_listen = \"127.0.0.1:9464\"\nmetrics_allow_uids = [7]\n").unwrap();
+        assert_eq!(
+            config.daemon.metrics_listen,
+            Some("127.0.0.1:9464".parse().unwrap())
+        );
+        assert_eq!(config.daemon.metrics_allow_uids, [7]);
+        assert!(daemon("metrics_listen = \"[::1]:0\"\n").is_ok());
+        assert_eq!(daemon("").unwrap().daemon.metrics_listen, None);
+        for address in ["0.0.0.0:9464", "192.0.2.7:9464", "[::]:9464"] {
+            let e = err(&format!("[daemon]\nmetrics_listen = \"{address}\"\n"));
+            assert!(
+                e.starts_with("t.toml:2:18: metrics_listen") && e.contains("not a loopback"),
+                "{e}"
+            );
+            let open =
+                format!("metrics_listen = \"{address}\"\nmetrics_listen_non_loopback = true\n");
+            assert!(daemon(&open).is_ok(), "{address}");
+        }
+        for bad in ["localhost:9464", "127.0.0.1", "9464", ""] {
+            let e = err(&format!("[daemon]\nmetrics_listen = \"{bad}\"\n"));
+            assert!(e.starts_with("t.toml:2:18: bad metrics_listen"), "{e}");
+        }
+        let e = err("[daemon]\nmetrics_allow_uids = [-1]\n");
+        assert!(e.starts_with("t.toml:2:"), "{e}");
+    }
+
+    #[test]
     fn a_credential_reads_from_the_credentials_directory() {
         let text = format!("{KEY}client_secret_credential = \"payments\"\n");
         let seen = std::cell::RefCell::new(Vec::new());
@@ -1071,5 +1317,152 @@ allow_groups = ["billing"]
         );
         let e = err(&format!("{KEY}client_secret_credential = \"../x\"\n"));
         assert!(e.contains("must be 1 to 64 letters"), "{e}");
+    }
+
+    const JWT_KEY: &str = "[keys.a]\ntoken_url = \"https://x/t\"\nclient_id = \"i\"\n\
+                           auth = \"private_key_jwt\"\n";
+
+    #[test]
+    fn private_key_jwt_settings_parse_without_reading_the_file() {
+        let text = format!(
+            "{JWT_KEY}private_key_file = \"/etc/tokend/a.pem\"\nkey_id = \"k1\"\n\
+             signing_alg = \"ES256\"\nassertion_audience = \"https://x\"\n"
+        );
+        let config = parse(&text, Path::new("t.toml")).unwrap();
+        let key = &config.keys["a"];
+        assert_eq!(key.auth, AuthMethod::PrivateKeyJwt);
+        assert_eq!(key.auth.to_string(), "private_key_jwt");
+        let assertion = key.assertion.as_ref().unwrap();
+        assert_eq!(assertion.key_file, PathBuf::from("/etc/tokend/a.pem"));
+        assert_eq!(assertion.key_id.as_deref(), Some("k1"));
+        assert_eq!(assertion.signing_alg, Some(SigningAlg::ES256));
+        assert_eq!(assertion.audience, Audience::Named("https://x".into()));
+        assert!(assertion.key.is_none());
+        let plain = parse(
+            &format!("{JWT_KEY}private_key_file = \"/k\"\n"),
+            Path::new("t"),
+        )
+        .unwrap();
+        let assertion = plain.keys["a"].assertion.clone().unwrap();
+        assert_eq!(assertion.audience, Audience::TokenEndpoint);
+        assert_eq!(assertion.signing_alg, None);
+        // Secret-based keys carry no assertion settings.
+        let basic = parse(&format!("{KEY}client_secret = \"s\"\n"), Path::new("t")).unwrap();
+        assert!(basic.keys["a"].assertion.is_none());
+    }
+
+    #[test]
+    fn private_key_jwt_needs_a_key_file_and_no_secret() {
+        let e = err(JWT_KEY);
+        assert_eq!(
+            e,
+            "t.toml:1:1: key \"a\": auth = \"private_key_jwt\" needs private_key_file (a PEM private key)"
+        );
+        for secret in [
+            "client_secret = \"s\"",
+            "client_secret_file = \"/s\"",
+            "client_secret_credential = \"c\"",
+        ] {
+            let e = err(&format!("{JWT_KEY}private_key_file = \"/k\"\n{secret}\n"));
+            let setting = secret.split(' ').next().unwrap();
+            assert_eq!(
+                e,
+                format!(
+                    "t.toml:1:1: key \"a\" sets both auth = \"private_key_jwt\" and {setting}; \
+                     that method signs with private_key_file and sends no secret: remove {setting}"
+                )
+            );
+        }
+        let e = err(&format!(
+            "{JWT_KEY}private_key_file = \"/k\"\nkey_id = \"\"\n"
+        ));
+        assert!(e.contains("key_id may not be empty"), "{e}");
+    }
+
+    #[test]
+    fn key_settings_without_private_key_jwt_are_refused() {
+        for (line, setting) in [
+            ("private_key_file = \"/k\"", "private_key_file"),
+            ("key_id = \"k\"", "key_id"),
+            ("signing_alg = \"RS256\"", "signing_alg"),
+            (
+                "assertion_audience = \"token_endpoint\"",
+                "assertion_audience",
+            ),
+        ] {
+            let e = err(&format!(
+                "{KEY}client_secret = \"s\"\nauth = \"post\"\n{line}\n"
+            ));
+            assert_eq!(
+                e,
+                format!(
+                    "t.toml:1:1: key \"a\": {setting} is only used with auth = \"private_key_jwt\" \
+                     (this key's auth is \"post\")"
+                )
+            );
+        }
+    }
+
+    #[test]
+    fn bad_algorithms_and_audiences_point_at_the_value() {
+        let e = err(&format!(
+            "{JWT_KEY}private_key_file = \"/k\"\nsigning_alg = \"HS256\"\n"
+        ));
+        assert!(e.starts_with("t.toml:6:15: unknown variant `HS256`"), "{e}");
+        let e = err(&format!(
+            "{JWT_KEY}private_key_file = \"/k\"\nassertion_audience = \"issuer\"\n"
+        ));
+        assert!(
+            e.starts_with("t.toml:6:22: assertion_audience = \"issuer\" needs an issuer setting"),
+            "{e}"
+        );
+        let e = err(&format!(
+            "{JWT_KEY}private_key_file = \"/k\"\nassertion_audience = \"ftp://x/\"\n"
+        ));
+        assert!(e.contains("bad assertion_audience \"ftp://x/\""), "{e}");
+    }
+
+    fn unreadable(_: &Path) -> Result<Zeroizing<String>, String> {
+        Err("failed to open /k: gone".to_owned())
+    }
+
+    #[test]
+    fn an_unreadable_key_file_is_an_error_or_in_a_daemon_an_unusable_key() {
+        let text = format!("{JWT_KEY}private_key_file = \"/k\"\n");
+        let secret = |_: &Path| Ok(ClientSecret::new("x".into()));
+        let strict = Sources {
+            read_key: Some(unreadable),
+            ..Sources::default()
+        };
+        let e = build(&text, Path::new("t"), strict, secret)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "t:1:1: key \"a\": private_key_file: failed to open /k: gone"
+        );
+        let lenient = Sources {
+            lenient: true,
+            ..strict
+        };
+        let config = build(&text, Path::new("t"), lenient, secret).unwrap();
+        assert_eq!(
+            config.keys["a"].unusable.as_deref(),
+            Some("private_key_file: failed to open /k: gone")
+        );
+    }
+
+    #[test]
+    fn a_moved_key_file_is_a_changed_credential() {
+        let key = |file: &str| {
+            let text = format!("{JWT_KEY}private_key_file = \"{file}\"\n");
+            parse(&text, Path::new("t"))
+                .unwrap()
+                .keys
+                .remove("a")
+                .unwrap()
+        };
+        assert!(key("/k1").same_credential(&key("/k1")));
+        assert!(!key("/k1").same_credential(&key("/k2")));
     }
 }

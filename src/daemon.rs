@@ -28,12 +28,13 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::audit::Audit;
-use crate::cache::TokenCache;
+use crate::audit::{self, Audit, ReloadAsker, ReloadOutcome};
+use crate::cache::{CacheSummary, TokenCache};
 use crate::config::{self, Config, DaemonConfig};
 use crate::hardening;
 use crate::issuer::IssuerClient;
 use crate::logging::Logging;
+use crate::metrics::{self, http::Endpoint};
 use crate::server::{self, Limits};
 use crate::service::{ReloadAsked, Service};
 use crate::shutdown::Shutdown;
@@ -44,9 +45,9 @@ use crate::systemd::{self, Notifier};
 /// (a caller that does not read its answer) are given up. The server needs
 /// at most a quarter of a second more: the whole is under the 5 s we promise.
 const ANSWER_DEADLINE: Duration = Duration::from_millis(3500);
-/// How often the STATUS= line is recomputed (and sent when it changed).
-/// Cheap: a summary takes each cache lock once, briefly.
-const STATUS_EVERY: Duration = Duration::from_secs(2);
+/// The least time between two recomputations of the STATUS= line, so that
+/// many sets refreshing together cost one summary, not one each.
+const STATUS_GAP: Duration = Duration::from_secs(2);
 /// How long a reload may take to read the configuration and its secret
 /// files. Past it (a hung network mount), the reload fails like an invalid
 /// one and the running configuration stays.
@@ -62,6 +63,7 @@ pub async fn serve(config_path: &Path) -> anyhow::Result<()> {
     hardening::apply();
     let notifier = Arc::new(Notifier::from_env());
     let mut socket = Socket::open(&config.daemon)?;
+    let metrics_endpoint = Endpoint::bind(&config.daemon)?;
     let shutdown = Shutdown::new();
     // Reloads asked over the socket (`tokend reload`, systemd's
     // ExecReload=) queue here; the signal loop below runs them.
@@ -87,7 +89,7 @@ pub async fn serve(config_path: &Path) -> anyhow::Result<()> {
     tracing::info!(socket = %socket.shown, keys = reloader.keys(), "listening");
     reloader.current.borrow().cache().prefetch();
     notifier.notify(&reloader.status.ready()).await;
-    let chores = Chores::start(&notifier, &reloader);
+    let chores = Chores::start(&notifier, &reloader, metrics_endpoint);
 
     let signal_name = run_until_stopped(&mut signals, &mut reloader, &mut asked_reloads).await?;
 
@@ -116,7 +118,13 @@ async fn run_until_stopped(
         tokio::select! {
             asked = signals.next() => match asked {
                 Some(Asked::Reload) => tokio::select! {
-                    _ = reloader.reload("SIGHUP received") => {}
+                    outcome = reloader.reload("SIGHUP received") => {
+                        let outcome = match outcome {
+                            Ok(keys) => ReloadOutcome::Reloaded(keys),
+                            Err(_) => ReloadOutcome::Failed,
+                        };
+                        audit::reloaded(ReloadAsker::Signal, outcome);
+                    }
                     name = signals.stop() => return Ok(name),
                 },
                 Some(Asked::Stop(name)) => return Ok(name),
@@ -157,7 +165,8 @@ fn warn_unusable(config: &Config) {
 }
 
 /// What runs beside the server until it has drained: the audit log's
-/// summaries (so the last answers are counted in them), and under systemd
+/// summaries (so the last answers are counted in them), the metrics
+/// endpoint when configured (scrapes see the drain too), and under systemd
 /// the watchdog and the STATUS= line.
 struct Chores {
     stop: CancellationToken,
@@ -165,9 +174,17 @@ struct Chores {
 }
 
 impl Chores {
-    fn start(notifier: &Arc<Notifier>, reloader: &Reloader) -> Chores {
+    fn start(
+        notifier: &Arc<Notifier>,
+        reloader: &Reloader,
+        metrics_endpoint: Option<Endpoint>,
+    ) -> Chores {
         let stop = CancellationToken::new();
         let mut tasks = vec![tokio::spawn(reloader.audit.clone().run(stop.clone()))];
+        if let Some(endpoint) = metrics_endpoint {
+            let services = reloader.current.subscribe();
+            tasks.push(tokio::spawn(endpoint.run(services, stop.clone())));
+        }
         if notifier.is_enabled() {
             if let Some(every) = systemd::watchdog_interval() {
                 tasks.push(tokio::spawn(pet_watchdog(
@@ -306,6 +323,7 @@ impl Reloader {
         let issuer = IssuerClient::new().context("failed to set up the HTTP client")?;
         let owners = TaskTracker::new();
         let audit = Arc::new(Audit::new());
+        audit.set_handouts_logged(config.daemon.audit);
         let running = config.daemon.clone();
         let config = Arc::new(config);
         let cache = TokenCache::new(&config, issuer.clone(), owners.clone(), shutdown.deadline());
@@ -355,6 +373,7 @@ impl Reloader {
         if let Err(e) = &outcome {
             tracing::error!("reload failed; still serving the previous configuration: {e}");
         }
+        metrics::reloaded(outcome.is_ok());
         self.status.reload_failed(outcome.as_ref().err().cloned());
         self.notifier.notify(&self.status.ready()).await;
         outcome
@@ -364,6 +383,7 @@ impl Reloader {
     fn swap(&mut self, config: Config) -> usize {
         self.warn_restart_needed(&config.daemon);
         self.logging.set_level(config.daemon.log_level);
+        self.audit.set_handouts_logged(config.daemon.audit);
         let config = Arc::new(config);
         let cache = TokenCache::new(
             &config,
@@ -415,6 +435,7 @@ impl Reloader {
                 "max_request_bytes",
                 old.max_request_bytes != new.max_request_bytes,
             ),
+            ("metrics_listen", old.metrics_listen != new.metrics_listen),
         ]
         .into_iter()
         .filter_map(|(name, differs)| differs.then_some(name))
@@ -452,7 +473,11 @@ impl Status {
 
     fn line(&self) -> String {
         let service = self.services.borrow().clone();
-        let mut line = systemd::status_line(&service.cache().summary());
+        self.line_of(&service.cache().summary())
+    }
+
+    fn line_of(&self, summary: &CacheSummary) -> String {
+        let mut line = systemd::status_line(summary);
         if let Some(error) = &*lock(&self.reload_error) {
             line.push_str("; last reload failed: ");
             line.push_str(error);
@@ -472,26 +497,46 @@ impl Status {
         systemd::ready(&line)
     }
 
-    /// Recomputes the line every [`STATUS_EVERY`] and sends it when it
-    /// changed.
+    /// Sends the line when it changed: after an owner published an
+    /// outcome or ended, after a reload, or when a fresh token drops under
+    /// `min_valid`; at most once per [`STATUS_GAP`]. Nothing wakes an idle
+    /// daemon for it.
     async fn run(self: Arc<Self>, stop: CancellationToken) {
+        let mut services = self.services.clone();
         loop {
+            let service = services.borrow_and_update().clone();
+            let summary = service.cache().summary();
+            self.send_if_changed(self.line_of(&summary)).await;
+            let stale = async {
+                match summary.stale_in {
+                    Some(after) => tokio::time::sleep(after).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
-                () = tokio::time::sleep(STATUS_EVERY) => {}
+                () = service.cache().changed() => {}
+                () = stale => {}
+                changed = services.changed() => if changed.is_err() { return },
                 () = stop.cancelled() => return,
             }
-            let line = self.line();
-            let changed = {
-                let mut sent = lock(&self.sent);
-                let changed = *sent != line;
-                if changed {
-                    sent.clone_from(&line);
-                }
-                changed
-            };
-            if changed {
-                self.notifier.notify(&format!("STATUS={line}")).await;
+            tokio::select! {
+                () = tokio::time::sleep(STATUS_GAP) => {}
+                () = stop.cancelled() => return,
             }
+        }
+    }
+
+    async fn send_if_changed(&self, line: String) {
+        let changed = {
+            let mut sent = lock(&self.sent);
+            let changed = *sent != line;
+            if changed {
+                sent.clone_from(&line);
+            }
+            changed
+        };
+        if changed {
+            self.notifier.notify(&format!("STATUS={line}")).await;
         }
     }
 }

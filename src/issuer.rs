@@ -7,8 +7,9 @@
 //! module caches nothing and knows nothing of sockets.
 //!
 //! Issuer text (error words, content types, token types) reaches callers
-//! and the journal, so every form the secret takes on the wire is scrubbed
-//! from it ([`Scrubber`]) before it is cut to length. The secret's copies we
+//! and the journal, so every form the secret (or, for `private_key_jwt`,
+//! the request's signed assertion) takes on the wire is scrubbed from it
+//! ([`Scrubber`]) before it is cut to length. The secret's copies we
 //! make for a request (the form body, the Basic header) live in buffers
 //! that are wiped when the HTTP stack drops them, and the token is parsed
 //! straight into an [`AccessToken`], never into a `serde_json::Value`.
@@ -23,6 +24,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use zeroize::Zeroizing;
 
+use crate::assertion::{self, AssertionError, Jws};
 use crate::config::{AuthMethod, KeyConfig};
 use crate::scope::ScopeSet;
 use crate::secret::AccessToken;
@@ -83,6 +85,9 @@ pub enum FailureKind {
     /// The key's secret could not be read at start; the issuer was not asked.
     #[error("the client secret could not be read ({0}); fix it and reload")]
     NoSecret(String),
+    /// No client assertion could be signed; the issuer was not asked.
+    #[error("{0}")]
+    Assertion(AssertionError),
 }
 
 impl IssuerError {
@@ -97,6 +102,7 @@ impl IssuerError {
             FailureKind::Timeout(_) => "issuer timed out".to_owned(),
             FailureKind::Transport(_) => "issuer unreachable".to_owned(),
             FailureKind::NoSecret(_) => "secret unreadable".to_owned(),
+            FailureKind::Assertion(_) => "assertion unsigned".to_owned(),
         }
     }
 
@@ -110,7 +116,8 @@ impl IssuerError {
             FailureKind::TooLarge
             | FailureKind::Timeout(_)
             | FailureKind::Transport(_)
-            | FailureKind::NoSecret(_) => None,
+            | FailureKind::NoSecret(_)
+            | FailureKind::Assertion(_) => None,
         }
     }
 }
@@ -139,8 +146,19 @@ impl IssuerClient {
     }
 
     /// Asks `key`'s issuer for a token with `scopes` (the issuer's default
-    /// set when empty).
+    /// set when empty), and counts the request in the metrics.
     pub async fn fetch(&self, key: &KeyConfig, scopes: &ScopeSet) -> Result<Grant, IssuerError> {
+        let started = tokio::time::Instant::now();
+        let result = self.fetch_uncounted(key, scopes).await;
+        crate::metrics::issuer_answered(&key.name, &result, started.elapsed());
+        result
+    }
+
+    async fn fetch_uncounted(
+        &self,
+        key: &KeyConfig,
+        scopes: &ScopeSet,
+    ) -> Result<Grant, IssuerError> {
         let fail = |kind| IssuerError {
             url: key.token_url.to_string(),
             kind,
@@ -149,14 +167,27 @@ impl IssuerClient {
         if let Some(why) = &key.unusable {
             return Err(fail(FailureKind::NoSecret(why.clone())));
         }
-        let exchange = self.exchange(key, scopes);
+        // Signed per request: each assertion has its own jti and a life
+        // of a minute. A millisecond or two of CPU for RSA, on this task.
+        let assertion = match &key.assertion {
+            Some(settings) => Some(
+                settings
+                    .sign(&key.client_id, &key.token_url)
+                    .map_err(|e| fail(FailureKind::Assertion(e)))?,
+            ),
+            None => None,
+        };
+        let exchange = self.exchange(key, scopes, assertion.as_ref());
         let (status, headers, body) =
             match tokio::time::timeout(key.request_timeout, exchange).await {
                 Ok(Ok(answer)) => answer,
                 Ok(Err(kind)) => return Err(fail(kind)),
                 Err(_) => return Err(fail(FailureKind::Timeout(key.request_timeout))),
             };
-        let scrubber = Scrubber::for_key(key);
+        let mut scrubber = Scrubber::for_key(key);
+        if let Some(jws) = &assertion {
+            scrubber.add_assertion(jws);
+        }
         parse_answer(status, content_type(&headers), &body, &scrubber).map_err(|kind| IssuerError {
             url: key.token_url.to_string(),
             kind,
@@ -168,8 +199,9 @@ impl IssuerClient {
         &self,
         key: &KeyConfig,
         scopes: &ScopeSet,
+        assertion: Option<&Jws>,
     ) -> Result<(u16, HeaderMap, Zeroizing<Vec<u8>>), FailureKind> {
-        let request = build_request(&self.http, key, scopes);
+        let request = build_request(&self.http, key, scopes, assertion);
         let mut response = request.send().await.map_err(transport)?;
         let status = response.status().as_u16();
         if response
@@ -189,10 +221,12 @@ impl IssuerClient {
     }
 }
 
+/// `assertion` is what `private_key_jwt` sends; other methods have none.
 fn build_request(
     http: &reqwest::Client,
     key: &KeyConfig,
     scopes: &ScopeSet,
+    assertion: Option<&Jws>,
 ) -> reqwest::RequestBuilder {
     // The cache already asks for effective sets; this makes sure no path
     // can send a key that lists `scopes` to the issuer without `scope`.
@@ -200,7 +234,11 @@ fn build_request(
     let secret = key.client_secret.expose();
     // Sized up front so the buffer never grows: growing would leave copies
     // of the secret in freed memory.
-    let room = 64 + 3 * (scopes.joined().len() + key.client_id.len() + secret.len());
+    let jws = assertion.map_or("", Jws::expose);
+    let room = 64
+        + 3 * (scopes.joined().len() + key.client_id.len() + secret.len())
+        + 3 * assertion::ASSERTION_TYPE.len()
+        + jws.len();
     let mut form = form_urlencoded::Serializer::new(String::with_capacity(room));
     form.append_pair("grant_type", "client_credentials");
     if !scopes.is_empty() {
@@ -215,6 +253,13 @@ fn build_request(
         AuthMethod::Post => {
             form.append_pair("client_id", &key.client_id);
             form.append_pair("client_secret", secret);
+            request
+        }
+        AuthMethod::PrivateKeyJwt => {
+            form.append_pair("client_id", &key.client_id);
+            form.append_pair("client_assertion_type", assertion::ASSERTION_TYPE);
+            // base64url and dots: the form encoding leaves it as it is.
+            form.append_pair("client_assertion", jws);
             request
         }
     };
@@ -266,6 +311,11 @@ pub struct Scrubber {
 impl Scrubber {
     pub fn for_key(key: &KeyConfig) -> Scrubber {
         let secret = key.client_secret.expose();
+        // A key without a secret (`private_key_jwt`) has none to scrub;
+        // the encodings of an empty one would only blank the client id.
+        if secret.is_empty() {
+            return Scrubber::none();
+        }
         let encoded =
             Zeroizing::new(form_urlencoded::byte_serialize(secret.as_bytes()).collect::<String>());
         let b64 =
@@ -282,6 +332,19 @@ impl Scrubber {
         forms.sort_by_key(|f| std::cmp::Reverse(f.len()));
         forms.dedup();
         Scrubber { forms }
+    }
+
+    /// Also scrubs a request's signed assertion: whole, and its payload
+    /// and signature alone (an issuer may quote a part). The header, the
+    /// same for every request and secret in no way, is left.
+    pub fn add_assertion(&mut self, jws: &Jws) {
+        let whole = jws.expose();
+        let parts = whole.split('.').skip(1).filter(|p| !p.is_empty());
+        self.forms.push(Zeroizing::new(whole.to_owned()));
+        self.forms
+            .extend(parts.map(|part| Zeroizing::new(part.to_owned())));
+        self.forms.sort_by_key(|f| std::cmp::Reverse(f.len()));
+        self.forms.dedup();
     }
 
     /// One that scrubs nothing, for answers no secret went into.
@@ -772,6 +835,77 @@ mod tests {
             ),
             Err(FailureKind::Malformed { .. })
         ));
+    }
+
+    /// A `private_key_jwt` key with a fresh Ed25519 key.
+    fn jwt_key() -> KeyConfig {
+        let text = "[keys.k]\ntoken_url = \"https://issuer.example/t\"\nclient_id = \"id\"\n\
+                    auth = \"private_key_jwt\"\nprivate_key_file = \"/k\"\n";
+        let mut key = crate::config::parse(text, std::path::Path::new("t"))
+            .unwrap()
+            .keys
+            .remove("k")
+            .unwrap();
+        let (pem, _) = assertion::openssl_key(&["-algorithm", "ed25519"]);
+        let signing = assertion::SigningKey::from_pem(pem, None).unwrap();
+        key.assertion.as_mut().unwrap().key = Some(signing);
+        key
+    }
+
+    #[test]
+    fn private_key_jwt_sends_the_assertion_and_no_secret() {
+        let key = jwt_key();
+        let jws = key
+            .assertion
+            .as_ref()
+            .unwrap()
+            .sign(&key.client_id, &key.token_url)
+            .unwrap();
+        let http = reqwest::Client::new();
+        let scopes = ScopeSet::new(["a"]).unwrap();
+        let request = build_request(&http, &key, &scopes, Some(&jws))
+            .build()
+            .unwrap();
+        assert!(request.headers().get(AUTHORIZATION).is_none());
+        let body = request.body().unwrap().as_bytes().unwrap();
+        let pairs: Vec<(String, String)> = form_urlencoded::parse(body).into_owned().collect();
+        let expected = [
+            ("grant_type", "client_credentials"),
+            ("scope", "a"),
+            ("client_id", "id"),
+            ("client_assertion_type", assertion::ASSERTION_TYPE),
+            ("client_assertion", jws.expose()),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned()));
+        assert_eq!(pairs, expected);
+    }
+
+    #[test]
+    fn the_assertion_and_its_parts_are_scrubbed() {
+        let key = jwt_key();
+        let jws = key
+            .assertion
+            .as_ref()
+            .unwrap()
+            .sign(&key.client_id, &key.token_url)
+            .unwrap();
+        let mut scrubber = Scrubber::for_key(&key);
+        scrubber.add_assertion(&jws);
+        let parts: Vec<&str> = jws.expose().split('.').collect();
+        for echoed in [jws.expose(), parts[1], parts[2]] {
+            let body = serde_json::json!({"error": "invalid_client", "error_description": format!("got {echoed}")});
+            let shown = parse_answer(401, JSON, body.to_string().as_bytes(), &scrubber)
+                .unwrap_err()
+                .to_string();
+            assert!(!shown.contains(echoed), "{shown}");
+            assert!(shown.contains("got [redacted]"), "{shown}");
+        }
+        // Without a secret, the client id is issuer text like any other.
+        let body = br#"{"error":"invalid_client","error_description":"unknown id"}"#;
+        let shown = parse_answer(401, JSON, body, &scrubber)
+            .unwrap_err()
+            .to_string();
+        assert!(shown.contains("unknown id"), "{shown}");
     }
 
     #[test]

@@ -6,20 +6,23 @@
 //! - [`config`]: the TOML file into typed, validated settings.
 //! - [`secret`]: client secrets and access tokens, wiped on drop, redacted in `Debug`.
 //! - [`secret_file`]: reading files that hold secrets, and who else may read them.
+//! - [`assertion`]: signed client assertions for `auth = "private_key_jwt"`.
 //! - [`scope`]: canonical scope sets.
 //! - [`issuer`]: the token-endpoint client and the parser of its answers.
 //! - [`cache`]: one token per (key, scope set), each kept fresh by its one owner task; per-key issuer budget.
 //! - [`protocol`]: socket protocol v1, pure encode and decode.
 //! - [`peer`]: the caller's kernel-recorded identity and the allow decision.
 //! - [`service`]: what each request means for this caller.
-//! - [`audit`]: the log of handouts and denials, and its bound on repeats.
+//! - [`audit`]: the log of handouts, denials and reloads, and its bound on repeats.
+//! - [`metrics`]: counters and gauges in the Prometheus text format, who may read them, and the HTTP `/metrics` endpoint.
 //! - [`server`]: the socket, the accept loop, per-connection handlers and limits.
 //! - [`shutdown`]: the two phases of a shutdown, as one value.
 //! - [`daemon`]: `tokend serve`: start-up, signals, reload and shutdown.
 //! - [`logging`]: journald or stderr, and the filter over both.
 //! - [`hardening`]: no core dumps, no same-uid debuggers, room for connections.
 //! - [`systemd`]: sd_notify, the watchdog, socket activation, journald detection.
-//! - [`client`]: `tokend get`'s and `tokend reload`'s side of the socket.
+//! - [`client`]: the CLI's side of the socket (`get`, `reload`, `status`, `keys`).
+//! - [`report`]: the tables and JSON `tokend status` and `tokend keys` print.
 //!
 //! # How a get flows
 //! The [`server`]'s accept loop reads the caller's credentials from the
@@ -38,6 +41,7 @@
 //! written it, within `request_timeout_client`; the answers to pipelined
 //! requests already read go out together, in one `writev`.
 
+pub mod assertion;
 pub(crate) mod audit;
 pub(crate) mod cache;
 pub mod client;
@@ -46,8 +50,10 @@ pub mod daemon;
 pub(crate) mod hardening;
 pub mod issuer;
 pub(crate) mod logging;
+pub(crate) mod metrics;
 pub(crate) mod peer;
 pub mod protocol;
+pub mod report;
 pub mod scope;
 pub mod secret;
 pub mod secret_file;

@@ -1,15 +1,16 @@
 //! The `tokend` command: parses the command line, runs one subcommand and
 //! turns its outcome into an exit code. All the work lives in the library.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
-use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 
 use tokend::client::{self, ClientError};
 use tokend::config::{self, DEFAULT_CONFIG, DEFAULT_SOCKET};
+use tokend::report;
 
 /// Exit code when the daemon answered with an error.
 const EXIT_REFUSED: u8 = 1;
@@ -74,6 +75,36 @@ enum Command {
         #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
         timeout: Duration,
     },
+    /// Show each key's scope sets: state, time left, next refresh, last success and error.
+    #[command(
+        after_help = "One row per key and scope set the caller may see (tokend's own user, when not \
+                      root, sees every key). STATE is fresh, refreshing, failing, expired, never \
+                      fetched or paused (the key's issuer asked for quiet or rejected the \
+                      credentials). Colour on a terminal only, never with NO_COLOR.\n\nExit status: \
+                      0 every prefetch set holds a token with more than min_valid left and its last \
+                      refresh did not fail, 1 otherwise (or the daemon refused), 3 the daemon could \
+                      not be reached: a health check for a timer unit, a load balancer hook or nagios."
+    )]
+    Status(Listing),
+    /// List the keys the caller may read, with their allowed scopes.
+    #[command(
+        after_help = "Exit status: 0 listed, 1 the daemon refused, 3 the daemon could not be reached."
+    )]
+    Keys(Listing),
+    /// Print the running daemon's metrics in the Prometheus text format.
+    #[command(
+        after_help = "Root, tokend's own user and the uids in [daemon] metrics_allow_uids may \
+                      read the metrics.\n\nExit status: 0 printed, 1 refused (the reason on \
+                      stderr), 3 the daemon could not be reached."
+    )]
+    Metrics {
+        /// The daemon's socket.
+        #[arg(long, value_name = "PATH", env = "TOKEND_SOCKET", default_value = DEFAULT_SOCKET)]
+        socket: PathBuf,
+        /// How long to wait for the answer.
+        #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
     /// Validate the configuration and secret files without starting.
     #[command(after_help = "Exit status: 0 valid, 1 invalid (FILE:LINE:COL: message on stderr).")]
     Check {
@@ -84,6 +115,20 @@ enum Command {
     /// Print the tokend(8) manual page (roff) generated from these definitions.
     #[command(hide = true)]
     Man,
+}
+
+/// The options `status` and `keys` share.
+#[derive(Args)]
+struct Listing {
+    /// Print JSON for scripts instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// The daemon's socket.
+    #[arg(long, value_name = "PATH", env = "TOKEND_SOCKET", default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// How long to wait for the answer.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -118,6 +163,9 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             timeout,
         } => Ok(get(&socket, &key, &scopes, format, timeout)),
         Command::Reload { socket, timeout } => Ok(reload(&socket, timeout)),
+        Command::Status(listing) => Ok(status(&listing)),
+        Command::Keys(listing) => Ok(keys(&listing)),
+        Command::Metrics { socket, timeout } => Ok(metrics(&socket, timeout)),
         Command::Check { config } => Ok(check(&config)),
         Command::Man => man(),
     }
@@ -158,13 +206,7 @@ fn get(socket: &Path, key: &str, scopes: &[String], format: Format, timeout: Dur
                 }
             }
         }
-        Err(err) => {
-            eprintln!("tokend: {err}");
-            match err {
-                ClientError::Refused(_) => ExitCode::from(EXIT_REFUSED),
-                _ => ExitCode::from(EXIT_UNREACHABLE),
-            }
-        }
+        Err(err) => client_failure(&err),
     }
 }
 
@@ -174,12 +216,95 @@ fn reload(socket: &Path, timeout: Duration) -> ExitCode {
             println!("tokend: reloaded ({keys} keys)");
             ExitCode::SUCCESS
         }
-        Err(err) => {
-            eprintln!("tokend: {err}");
-            match err {
-                ClientError::Refused(_) => ExitCode::from(EXIT_REFUSED),
-                _ => ExitCode::from(EXIT_UNREACHABLE),
-            }
+        Err(err) => client_failure(&err),
+    }
+}
+
+fn status(
+    &Listing {
+        json,
+        ref socket,
+        timeout,
+    }: &Listing,
+) -> ExitCode {
+    let keys = match client::status(socket, timeout) {
+        Ok(keys) => keys,
+        Err(err) => return client_failure(&err),
+    };
+    let rows = report::status_rows(&keys);
+    let text = if json {
+        report::status_json(&rows) + "\n"
+    } else {
+        let out = std::io::stdout();
+        let colour =
+            out.is_terminal() && std::env::var_os("NO_COLOR").map_or(true, |v| v.is_empty());
+        report::status_table(&rows, SystemTime::now(), colour)
+    };
+    if rows.is_empty() {
+        eprintln!("tokend: no keys to show: status lists the keys this user may read");
+    }
+    if let Err(e) = print(&text) {
+        eprintln!("tokend: failed to write the status: {e}");
+        return ExitCode::from(EXIT_REFUSED);
+    }
+    if rows.iter().all(|row| row.healthy) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_REFUSED)
+    }
+}
+
+fn keys(
+    &Listing {
+        json,
+        ref socket,
+        timeout,
+    }: &Listing,
+) -> ExitCode {
+    let keys = match client::keys(socket, timeout) {
+        Ok(keys) => keys,
+        Err(err) => return client_failure(&err),
+    };
+    let text = if json {
+        serde_json::json!({ "keys": keys }).to_string() + "\n"
+    } else {
+        report::keys_table(&keys)
+    };
+    match print(&text) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tokend: failed to write the keys: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn print(text: &str) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())?;
+    out.flush()
+}
+
+/// Says why a request failed; 1 when the daemon refused, 3 when it could
+/// not be reached.
+fn client_failure(err: &ClientError) -> ExitCode {
+    eprintln!("tokend: {err}");
+    match err {
+        ClientError::Refused(_) => ExitCode::from(EXIT_REFUSED),
+        _ => ExitCode::from(EXIT_UNREACHABLE),
+    }
+}
+
+fn metrics(socket: &Path, timeout: Duration) -> ExitCode {
+    let text = match client::metrics(socket, timeout) {
+        Ok(text) => text,
+        Err(err) => return client_failure(&err),
+    };
+    match print(&text) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tokend: failed to write the metrics: {e}");
+            ExitCode::FAILURE
         }
     }
 }
@@ -238,7 +363,7 @@ Socket activation: tokend serves on the socket it is passed and neither creates 
 \fBJOURNAL_STREAM\fR
 When stderr is the journal, tokend logs to journald with the fields KEY, SCOPES, PEER_UID, PEER_PID and ISSUER_STATUS.
 .SH EXIT STATUS
-\fBserve\fR: 0 after a clean stop, 1 on a start-up error. \fBget\fR: 0 token printed, 1 refused, 2 usage error, 3 unreachable. \fBcheck\fR: 0 valid, 1 invalid.
+\fBserve\fR: 0 after a clean stop, 1 on a start-up error. \fBget\fR: 0 token printed, 1 refused, 2 usage error, 3 unreachable. \fBstatus\fR: 0 every prefetch set fresh and not failing, 1 otherwise, 3 unreachable. \fBkeys\fR, \fBmetrics\fR and \fBreload\fR: 0 done, 1 refused, 3 unreachable. \fBcheck\fR: 0 valid, 1 invalid.
 .SH SEE ALSO
 \fBsystemctl\fR(1), \fBsystemd.exec\fR(5), \fBsystemd-creds\fR(1)
 "#;

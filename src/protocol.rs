@@ -51,6 +51,9 @@ pub enum Op {
     /// Re-read the configuration and say whether it took; only root and
     /// tokend's own user may ask (it is what `systemctl reload` runs).
     Reload,
+    /// The metrics in the Prometheus text format; root, tokend's own user
+    /// and `metrics_allow_uids` may ask.
+    Metrics,
 }
 
 /// The error codes of protocol v1. Callers match on these strings.
@@ -102,7 +105,14 @@ pub enum Response {
     Keys(Vec<KeyInfo>),
     Status(Vec<KeyStatus>),
     Reloaded(ReloadAnswer),
+    Metrics(MetricsAnswer),
     Error(ErrorBody),
+}
+
+/// The metrics, as a Prometheus text-format scrape would have them.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct MetricsAnswer {
+    pub text: String,
 }
 
 /// The reload took; this many keys are now configured.
@@ -122,20 +132,33 @@ pub struct TokenAnswer {
     pub scopes: Vec<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct KeyInfo {
     pub name: String,
     pub scopes: Vec<String>,
 }
 
-#[derive(Debug, Serialize)]
+/// The body of a `keys` answer, as a client reads it.
+#[derive(Debug, Deserialize)]
+pub struct KeysAnswer {
+    pub keys: Vec<KeyInfo>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
 pub struct KeyStatus {
     pub name: String,
     pub sets: Vec<SetStatus>,
 }
 
+/// The body of a `status` answer, as a client reads it.
+#[derive(Debug, Deserialize)]
+pub struct StatusAnswer {
+    pub keys: Vec<KeyStatus>,
+}
+
 /// The state of one cached (key, scope set). Never a token or a secret.
-#[derive(Debug, Serialize)]
+/// Times are RFC 3339 UTC; durations whole seconds.
+#[derive(Debug, Serialize, Deserialize)]
 pub struct SetStatus {
     pub scopes: Vec<String>,
     pub state: SetState,
@@ -148,6 +171,56 @@ pub struct SetStatus {
     pub last_refresh: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// For operators: `tokend status`'s STATE column.
+    pub health: SetHealth,
+    /// A `prefetch` set: `tokend status` exits 1 unless it is healthy.
+    pub prefetch: bool,
+    /// Until tokend next asks the issuer for this set on its own: 0 when
+    /// due or under way; absent when only a get would make it ask.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_refresh_in: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_refresh_at: Option<String>,
+    /// The issuer's HTTP status in `last_error`, when it answered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error_status: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error_at: Option<String>,
+    /// Issuer requests made for this set since it was cached.
+    pub issuer_requests: u64,
+    /// Gets answered with a token from this set since it was cached.
+    pub gets: u64,
+}
+
+impl SetStatus {
+    /// What `tokend status` vouches for: a prefetch set holds a token with
+    /// more than `min_valid` left, and its last request did not fail.
+    pub fn healthy(&self) -> bool {
+        !self.prefetch || (self.state == SetState::Fresh && self.last_error.is_none())
+    }
+}
+
+/// How a scope set is doing, in an operator's words. The first that
+/// applies, in this order (but a usable token under refresh is
+/// `refreshing`, one that ran out is `expired`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SetHealth {
+    /// The key is paused after a client failure (a rate limit, rejected
+    /// credentials): no set of it asks the issuer until the pause ends.
+    Paused,
+    /// The last request failed; the backoff decides when the next goes.
+    Failing,
+    /// A usable token, and a request for the next one is under way; or
+    /// the first request for the set.
+    Refreshing,
+    /// A token with more than `min_valid` left.
+    Fresh,
+    /// The token has less than `min_valid` left: gets wait for the issuer
+    /// (a refresh may be under way).
+    Expired,
+    /// No token yet, and no request has failed.
+    NeverFetched,
 }
 
 /// What `status` says of a scope set.
@@ -228,13 +301,13 @@ fn interpret(fields: &Map<String, Value>) -> Result<Op, ErrorBody> {
         None => return Err(bad("missing field `op`".into())),
     };
     let allowed: &[&str] = match op {
-        "ping" | "keys" | "status" | "reload" => &["op", "id"],
+        "ping" | "keys" | "status" | "reload" | "metrics" => &["op", "id"],
         "get" => &["op", "id", "key", "scopes"],
         _ => {
             return Err(ErrorBody::new(
                 ErrorCode::UnknownOp,
                 format!(
-                    "unknown op {:?}: expected ping, get, keys, status or reload",
+                    "unknown op {:?}: expected ping, get, keys, status, reload or metrics",
                     clip(op)
                 ),
             ))
@@ -251,6 +324,7 @@ fn interpret(fields: &Map<String, Value>) -> Result<Op, ErrorBody> {
         "keys" => Op::Keys,
         "status" => Op::Status,
         "reload" => Op::Reload,
+        "metrics" => Op::Metrics,
         _ => Op::Get {
             key: match fields.get("key") {
                 Some(Value::String(key)) => key.clone(),
@@ -354,6 +428,7 @@ pub fn encode(id: Option<&Value>, response: &Response) -> Zeroizing<Vec<u8>> {
         Response::Keys(keys) => line(true, id, Keys { keys }, false),
         Response::Status(keys) => line(true, id, Keys { keys }, false),
         Response::Reloaded(reloaded) => line(true, id, reloaded, false),
+        Response::Metrics(metrics) => line(true, id, metrics, false),
         Response::Error(error) => line(false, id, Failure { error }, false),
     }
 }
@@ -605,6 +680,7 @@ mod tests {
         assert_eq!(decode(br#"{"op":"ping"}"#).unwrap().op, Op::Ping);
         assert_eq!(decode(br#"{"op":"keys"}"#).unwrap().op, Op::Keys);
         assert_eq!(decode(br#"{"op":"status"}"#).unwrap().op, Op::Status);
+        assert_eq!(decode(br#"{"op":"metrics"}"#).unwrap().op, Op::Metrics);
         let get = decode(br#"{"op":"get","key":"payments","scopes":["vault","gateway"],"id":7}"#)
             .unwrap();
         assert_eq!(get.id, Some(json!(7)));
@@ -798,6 +874,7 @@ mod tests {
             Op::Keys,
             Op::Status,
             Op::Reload,
+            Op::Metrics,
             Op::Get {
                 key: "payments".into(),
                 scopes: vec!["vault".into(), "gateway".into()],

@@ -30,6 +30,7 @@ use tokio_util::task::TaskTracker;
 use zeroize::Zeroizing;
 
 use crate::config::DaemonConfig;
+use crate::metrics::{self, BusyLimit};
 use crate::peer::{self, Caller};
 use crate::protocol::{self, ErrorBody, ErrorCode, Response};
 use crate::service::Service;
@@ -325,6 +326,7 @@ impl Acceptor {
                     peer_uid = uid,
                     "refused a connection: uid at max_connections_per_uid"
                 );
+                metrics::busy_refused(BusyLimit::MaxConnectionsPerUid);
                 let message = format!(
                     "uid {uid} is at max_connections_per_uid ({})",
                     self.limits.max_connections_per_uid
@@ -335,6 +337,7 @@ impl Acceptor {
             };
             let Ok(permit) = slots.clone().try_acquire_owned() else {
                 tracing::debug!(peer_uid = uid, "refused a connection: at max_connections");
+                metrics::busy_refused(BusyLimit::MaxConnections);
                 let message = format!(
                     "tokend is at max_connections ({})",
                     self.limits.max_connections
@@ -348,9 +351,10 @@ impl Acceptor {
                 limits: self.limits,
                 shutdown: self.shutdown.clone(),
             };
+            let open = metrics::connection_opened();
             self.connections.spawn(async move {
                 handler.run(stream, caller).await;
-                drop((permit, uid_slot));
+                drop((permit, uid_slot, open));
             });
         }
     }

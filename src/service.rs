@@ -1,10 +1,10 @@
 //! What each request means: decoding it, deciding whether this caller may
 //! have what it asks for, and turning cache results into answers.
 //!
-//! Every token handout and every denial is reported to the audit log
-//! ([`crate::audit`]), with the key, the scope set and the caller's uid and
-//! pid, and never the token; the audit log decides which of them are lines
-//! of their own and which are counted.
+//! Every token handout, every denial and every reload asked over the
+//! socket is reported to the audit log ([`crate::audit`]), with the key,
+//! the scope set and the caller, and never the token; the audit log
+//! decides which of them are lines of their own and which are counted.
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -13,13 +13,14 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use zeroize::Zeroizing;
 
-use crate::audit::{Audit, Event};
+use crate::audit::{self, Audit, Event, ReloadAsker, ReloadOutcome};
 use crate::cache::{CachedToken, GetError, TokenCache};
 use crate::config::{Config, KeyConfig};
+use crate::metrics::{self, MetricsError};
 use crate::peer::{self, Caller};
 use crate::protocol::{
-    self, ErrorBody, ErrorCode, KeyInfo, KeyStatus, Op, ReloadAnswer, Response, SetState,
-    SetStatus, TokenLine,
+    self, ErrorBody, ErrorCode, KeyInfo, KeyStatus, MetricsAnswer, Op, ReloadAnswer, Response,
+    SetHealth, SetState, SetStatus, TokenLine,
 };
 use crate::scope::ScopeSet;
 
@@ -105,20 +106,28 @@ impl Service {
                 Ok(keys) => Response::Reloaded(ReloadAnswer { keys }),
                 Err(error) => Response::Error(error),
             },
-            Op::Get { key, scopes } => match self.get(caller, &key, scopes).await {
-                Ok((token, expires_in)) => {
-                    let line = TokenLine {
-                        key: &key,
-                        access_token: &token.access_token,
-                        token_type: &token.token_type,
-                        expires_in,
-                        expires_at: token.expires_at,
-                        scopes: token.scopes.as_slice(),
-                    };
-                    return protocol::encode_token(request.id.as_ref(), &line);
-                }
+            Op::Metrics => match self.metrics(caller) {
+                Ok(answer) => Response::Metrics(answer),
                 Err(error) => Response::Error(error),
             },
+            Op::Get { key, scopes } => {
+                let answer = self.get(caller, &key, scopes).await;
+                metrics::get_answered(&self.config, &key, answer.as_ref().err().map(|e| e.code));
+                match answer {
+                    Ok((token, expires_in)) => {
+                        let line = TokenLine {
+                            key: &key,
+                            access_token: &token.access_token,
+                            token_type: &token.token_type,
+                            expires_in,
+                            expires_at: token.expires_at,
+                            scopes: token.scopes.as_slice(),
+                        };
+                        return protocol::encode_token(request.id.as_ref(), &line);
+                    }
+                    Err(error) => Response::Error(error),
+                }
+            }
         };
         protocol::encode(request.id.as_ref(), &response)
     }
@@ -129,13 +138,9 @@ impl Service {
     async fn reload(&self, caller: &Caller) -> Result<usize, ErrorBody> {
         let own = nix::unistd::geteuid().as_raw();
         if caller.uid != 0 && caller.uid != own {
-            // Debug: the caller learns it from the answer, and a line per
-            // attempt at info would let anyone flood the journal.
-            tracing::debug!(
-                peer_uid = caller.uid,
-                peer_pid = caller.pid,
-                "denied: reload"
-            );
+            // Counted like every denial: anyone may ask, so a line per
+            // attempt would let anyone flood the journal.
+            self.audit.record(caller, Event::ReloadForbidden);
             return Err(ErrorBody::new(
                 ErrorCode::Forbidden,
                 format!(
@@ -152,11 +157,6 @@ impl Service {
         };
         let reloads = self.reloads.as_ref().ok_or_else(unavailable)?;
         let (reply, outcome) = oneshot::channel();
-        tracing::info!(
-            peer_uid = caller.uid,
-            peer_pid = caller.pid,
-            "reload asked over the socket"
-        );
         // Neither queueing nor waiting outlives the shutdown deadline: the
         // daemon stops running reloads once it is stopping.
         let asked = async {
@@ -167,6 +167,14 @@ impl Service {
             outcome = asked => outcome,
             () = self.deadline.cancelled() => None,
         };
+        audit::reloaded(
+            ReloadAsker::Socket(caller),
+            match &outcome {
+                Some(Ok(keys)) => ReloadOutcome::Reloaded(*keys),
+                Some(Err(_)) => ReloadOutcome::Failed,
+                None => ReloadOutcome::NotRun,
+            },
+        );
         match outcome {
             Some(Ok(keys)) => Ok(keys),
             Some(Err(why)) => Err(ErrorBody::new(
@@ -175,6 +183,38 @@ impl Service {
             )),
             None => Err(unavailable()),
         }
+    }
+
+    /// The metrics, for root, tokend's own user and `metrics_allow_uids`.
+    fn metrics(&self, caller: &Caller) -> Result<MetricsAnswer, ErrorBody> {
+        let allowed = &self.config.daemon.metrics_allow_uids;
+        if !metrics::may_read(caller.uid, allowed) {
+            // Debug, as for reload: the answer says it, and a line per
+            // attempt at info would let anyone flood the journal.
+            tracing::debug!(
+                peer_uid = caller.uid,
+                peer_pid = caller.pid,
+                "denied: metrics"
+            );
+            return Err(ErrorBody::new(
+                ErrorCode::Forbidden,
+                format!(
+                    "uid {} may not read the metrics (root, tokend's own user and \
+                     metrics_allow_uids may)",
+                    caller.uid
+                ),
+            ));
+        }
+        let text = self
+            .render_metrics()
+            .map_err(|e| ErrorBody::new(ErrorCode::Unavailable, e.to_string()))?;
+        Ok(MetricsAnswer { text })
+    }
+
+    /// The metrics in the Prometheus text format, with this service's keys
+    /// and cache; for the socket op and the HTTP endpoint.
+    pub(crate) fn render_metrics(&self) -> Result<String, MetricsError> {
+        metrics::render(&self.config, &self.cache)
     }
 
     fn readable<'a>(
@@ -200,8 +240,16 @@ impl Service {
             .collect()
     }
 
+    /// The keys `caller` may read; every key for tokend's own user when
+    /// that is not root, which holds every secret already, so that a health
+    /// check run as the service (`ExecStartPost=tokend status`) sees all.
     fn status(&self, caller: &Caller) -> Vec<KeyStatus> {
-        self.readable(caller)
+        let own = nix::unistd::geteuid().as_raw();
+        let everything = own != 0 && caller.uid == own;
+        self.config
+            .keys
+            .iter()
+            .filter(|(_, key)| everything || peer::allow(caller, &key.acl))
             .map(|(name, _)| KeyStatus {
                 name: name.clone(),
                 sets: self
@@ -306,6 +354,17 @@ fn set_status(entry: crate::cache::EntryStatus) -> SetStatus {
         (false, false, Some(_), _) => SetState::Expired,
         (false, false, None, _) => SetState::Failed,
     };
+    let health = match entry {
+        _ if entry.paused => SetHealth::Paused,
+        _ if entry.last_error.is_some() => SetHealth::Failing,
+        _ if entry.usable && entry.fetching => SetHealth::Refreshing,
+        _ if entry.usable => SetHealth::Fresh,
+        // Ran out, a refresh under way or not: callers wait for the issuer.
+        _ if entry.expires_at.is_some() => SetHealth::Expired,
+        _ if entry.fetching => SetHealth::Refreshing,
+        _ => SetHealth::NeverFetched,
+    };
+    let now = SystemTime::now();
     SetStatus {
         scopes: entry.scopes.as_slice().to_vec(),
         state,
@@ -314,6 +373,17 @@ fn set_status(entry: crate::cache::EntryStatus) -> SetStatus {
         expires_in: entry.remaining.map(|r| r.as_secs()),
         last_refresh: entry.last_refresh.map(rfc3339),
         last_error: entry.last_error,
+        health,
+        prefetch: entry.prefetch,
+        // Rounded up: a pause ending in 0.7 s is not due "now".
+        next_refresh_in: entry
+            .next_request
+            .map(|d| d.as_secs() + u64::from(d.subsec_nanos() > 0)),
+        next_refresh_at: entry.next_request.map(|d| rfc3339(now + d)),
+        last_error_status: entry.last_error_status,
+        last_error_at: entry.last_failure.map(rfc3339),
+        issuer_requests: entry.requests,
+        gets: entry.served,
     }
 }
 

@@ -370,6 +370,7 @@ mod tests {
             keys: 3,
             fresh: 5,
             failing: vec![("payments".into(), "500 from issuer".into())],
+            ..CacheSummary::default()
         };
         assert_eq!(
             status_line(&summary),
@@ -383,7 +384,7 @@ mod tests {
         let one = CacheSummary {
             keys: 1,
             fresh: 1,
-            failing: vec![],
+            ..CacheSummary::default()
         };
         assert_eq!(status_line(&one), "1 key, 1 token fresh");
         assert_eq!(

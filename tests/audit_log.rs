@@ -256,3 +256,290 @@ async fn a_flood_of_gets_costs_a_few_lines_and_others_still_appear_at_once() {
     );
     assert!(log.contains(&flushed), "{log}");
 }
+
+/// The key every test below hands out, readable by `uids`.
+fn plain_key(issuer: &Issuer, name: &str, uids: &[u32]) -> Key {
+    Key::new(name)
+        .issuer(issuer, Dialect::Checkout)
+        .client("c", SECRET)
+        .allow_uids(uids)
+}
+
+/// Runs `command` with `request` as its input; its pid and its answer.
+async fn ask_as(command: Command, request: serde_json::Value) -> (u32, serde_json::Value) {
+    let mut command = tokio::process::Command::from(command);
+    command
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = command.spawn().expect("start the caller");
+    let pid = child.id().expect("a pid");
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin
+        .write_all(format!("{request}\n").as_bytes())
+        .await
+        .expect("write the request");
+    drop(stdin);
+    let output = tokio::time::timeout(support::daemon::PATIENCE, child.wait_with_output())
+        .await
+        .expect("the caller ends in time")
+        .expect("wait");
+    let answer = serde_json::from_slice(&output.stdout).expect("one JSON answer");
+    (pid, answer)
+}
+
+/// `socat` run as `user`, talking to `socket`.
+fn socat_as(user: &support::daemon::TestUser, socket: &std::path::Path) -> Command {
+    let mut socat = support::cli::as_caller("/usr/bin/socat", user.uid, user.gid, &user.groups);
+    socat
+        .arg("-")
+        .arg(format!("UNIX-CONNECT:{}", socket.display()));
+    socat
+}
+
+/// The one log line containing every one of `parts`.
+fn the_line(log: &str, parts: &[&str]) -> String {
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| parts.iter().all(|p| l.contains(p)))
+        .collect();
+    assert_eq!(lines.len(), 1, "{parts:?} in:\n{log}");
+    lines[0].to_owned()
+}
+
+/// Handouts and denials name the caller as the kernel recorded it (uid,
+/// gid, pid) and its executable as /proc shows it: socat run as alice and
+/// as bob, under uids other than the daemon's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_lines_carry_the_callers_uid_gid_pid_and_executable() {
+    let alice = test_user("tokend-test-alice");
+    let bob = test_user("tokend-test-bob");
+    let issuer = Issuer::start(vec![ClientSpec::checkout("c", SECRET, &[])]).await;
+    let keys = tables(&[plain_key(&issuer, "k", &[alice.uid])]);
+    let mut daemon = Daemon::start(r#"socket_mode = "0666""#, &keys);
+    let request = json!({"op":"get","key":"k"});
+
+    let (pid, answer) = ask_as(socat_as(&alice, &daemon.socket), request.clone()).await;
+    assert_eq!(answer["ok"], true, "{answer}");
+    let token = answer["access_token"].as_str().expect("a token");
+    let line = daemon.wait_for_log_line(&format!("peer_pid={pid} "));
+    assert!(
+        line.contains(&format!(
+            "handed out a token key=k scopes=[] peer_uid={} peer_pid={pid} expires_in=",
+            alice.uid
+        )),
+        "{line}"
+    );
+    assert!(
+        line.ends_with(&format!(
+            "fingerprint={} peer_gid={} peer_exe=\"/usr/bin/socat\" peer_comm=\"socat\"",
+            support::daemon::fingerprint(token),
+            alice.gid
+        )),
+        "{line}"
+    );
+
+    let (pid, answer) = ask_as(socat_as(&bob, &daemon.socket), request).await;
+    assert_eq!(answer["error"]["code"], "forbidden", "{answer}");
+    let line = daemon.wait_for_log_line(&format!("peer_pid={pid} "));
+    assert!(
+        line.ends_with(&format!(
+            "denied: caller is not on the key's allow lists key=k peer_uid={} peer_pid={pid} \
+             peer_gid={} peer_exe=\"/usr/bin/socat\" peer_comm=\"socat\"",
+            bob.uid, bob.gid
+        )),
+        "{line}"
+    );
+    daemon.stop_and_check_log(&secrets(&[&issuer], &[SECRET]));
+}
+
+/// A process names its own `comm`, newlines included: it reaches the log
+/// as one field of one line. And `comm` is read once per connection: a
+/// change after the connection's first line shows on the next connection
+/// only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_comm_stays_in_its_field_and_is_read_once_per_connection() {
+    let issuer = Issuer::start(vec![ClientSpec::checkout("c", SECRET, &[])]).await;
+    let keys = tables(&[plain_key(&issuer, "k", &[0]), plain_key(&issuer, "j", &[0])]);
+    let mut daemon = Daemon::start("", &keys);
+    // The kernel keeps 15 bytes of a comm: "x\nhanded out a" is 14.
+    let script = r#"
+import json, socket, sys
+def comm(name):
+    with open("/proc/self/comm", "w") as f:
+        f.write(name)
+def connect():
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(sys.argv[1])
+    return s.makefile("rwb")
+def ask(conn, key):
+    conn.write((json.dumps({"op": "get", "key": key}) + "\n").encode())
+    conn.flush()
+    print(conn.readline().decode().strip())
+comm("first")
+one = connect()
+ask(one, "k")
+comm("x\nhanded out a")
+ask(one, "j")
+two = connect()
+ask(two, "nope")
+"#;
+    let mut python = Command::new("/usr/bin/python3");
+    python.args(["-c", script]).arg(&daemon.socket);
+    let ran = support::cli::run(python, b"").await;
+    assert_eq!(ran.code, Some(0), "{ran:?}");
+    let answers: Vec<serde_json::Value> = ran
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON"))
+        .collect();
+    assert_eq!(answers[0]["ok"], true, "{answers:?}");
+    assert_eq!(answers[1]["ok"], true, "{answers:?}");
+    assert_eq!(answers[2]["error"]["code"], "unknown_key", "{answers:?}");
+
+    let log = daemon.wait_for_log("denied: no such key key=nope");
+    let k = the_line(&log, &["handed out a token key=k "]);
+    let j = the_line(&log, &["handed out a token key=j "]);
+    assert!(k.ends_with("peer_comm=\"first\""), "{k}");
+    assert!(j.ends_with("peer_comm=\"first\""), "read again: {j}");
+    let nope = the_line(&log, &["denied: no such key key=nope"]);
+    assert!(nope.ends_with("peer_comm=\"x?handed out a\""), "{nope}");
+    assert!(
+        log.lines().all(|l| !l.starts_with("handed out a")),
+        "a forged line:\n{log}"
+    );
+    daemon.stop_and_check_log(&secrets(&[&issuer], &[SECRET]));
+}
+
+/// /proc is read when a line is written, not when the caller connects: a
+/// caller whose process is gone by its first audited request is logged
+/// with `?` for its executable, and its request is answered as ever. The
+/// connection is made by a python process, which hands it to the test and
+/// exits once the daemon has answered a `ping` on it (not an audited op).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_executable_is_read_when_the_first_line_is_written_not_at_connect() {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    use std::os::unix::process::CommandExt;
+
+    let issuer = Issuer::start(vec![ClientSpec::checkout("c", SECRET, &[])]).await;
+    let keys = tables(&[plain_key(&issuer, "k", &[0])]);
+    let mut daemon = Daemon::start("", &keys);
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+    let script = r#"
+import socket, sys
+channel = socket.socket(fileno=3)
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect(sys.argv[1])
+socket.send_fds(channel, [b"x"], [s.fileno()])
+channel.recv(1)
+"#;
+    let mut python = Command::new("/usr/bin/python3");
+    python.args(["-c", script]).arg(&daemon.socket);
+    let fd = theirs.as_raw_fd();
+    // SAFETY: dup2 is async-signal-safe; it gives the child our end of the
+    // pair as fd 3, without close-on-exec.
+    unsafe {
+        python.pre_exec(move || {
+            if libc::dup2(fd, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = python.spawn().expect("start python");
+    drop(theirs);
+    let received = support::foreign::receive_fd(ours.as_raw_fd()).expect("the connection");
+    // SAFETY: the fd was just received and is owned by nobody else.
+    let stream = unsafe { std::os::unix::net::UnixStream::from_raw_fd(received) };
+    stream.set_nonblocking(true).expect("nonblocking");
+    let mut conn =
+        support::daemon::Conn::from_stream(UnixStream::from_std(stream).expect("register"));
+    // Accepted and served while the process lives.
+    assert_eq!(conn.call(json!({"op":"ping"})).await["ok"], true);
+    drop(ours);
+    let status = child.wait().expect("python ends");
+    assert!(status.success(), "{status}");
+    let pid = child.id();
+
+    let answer = conn.call(json!({"op":"get","key":"k"})).await;
+    assert_eq!(answer["ok"], true, "{answer}");
+    let line = daemon.wait_for_log_line(&format!("peer_pid={pid} "));
+    assert!(
+        line.contains("handed out a token key=k")
+            && line.ends_with("peer_gid=0 peer_exe=\"?\" peer_comm=\"?\""),
+        "{line}"
+    );
+    daemon.stop_and_check_log(&secrets(&[&issuer], &[SECRET]));
+}
+
+/// `audit = false`: handouts are not logged at info, denials are; a reload
+/// applies the setting. Reloads themselves are audited with who asked:
+/// `signal` for SIGHUP, the caller for the `reload` op.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_false_keeps_handouts_off_info_and_reloads_say_who_asked() {
+    let alice = test_user("tokend-test-alice");
+    let issuer = Issuer::start(vec![ClientSpec::checkout("c", SECRET, &[])]).await;
+    let keys = tables(&[plain_key(&issuer, "k", &[0]), plain_key(&issuer, "f", &[])]);
+    let dir = tempfile::tempdir().expect("dir");
+    // At info, as in production: debug lines would show handouts anyway.
+    let mut daemon =
+        Daemon::start_with(dir, "audit = false\nsocket_mode = \"0666\"", &keys, |_| {
+            let mut command = Command::new(TOKEND);
+            command.env_remove("RUST_LOG");
+            command
+        });
+    let mut conn = daemon.connect().await;
+    for key in ["k", "f", "k"] {
+        conn.call(json!({"op":"get","key":key})).await;
+    }
+    daemon.wait_for_log("denied: caller is not on the key's allow lists key=f");
+    assert!(!daemon.log().contains("handed out"), "{}", daemon.log());
+
+    // SIGHUP with audit back on: the next handout is a line of its own.
+    daemon.rewrite("socket_mode = \"0666\"", &keys);
+    assert!(daemon.reload_and_wait(), "{}", daemon.log());
+    let line = daemon.wait_for_log_line("reload asked by SIGHUP");
+    assert!(
+        line.ends_with("reload asked by SIGHUP asked_by=\"signal\" outcome=\"reloaded\" keys=2"),
+        "{line}"
+    );
+    conn.call(json!({"op":"get","key":"k"})).await;
+    daemon.wait_for_log("handed out a token key=k");
+
+    // Over the socket: root's `tokend reload` is named, alice's refused.
+    let mut reload = support::cli::tokend();
+    reload.arg("reload").arg("--socket").arg(&daemon.socket);
+    let mut reload = tokio::process::Command::from(reload);
+    let child = reload
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("tokend reload");
+    let pid = child.id().expect("pid");
+    let status = child.wait_with_output().await.expect("wait").status;
+    assert!(status.success(), "{status}");
+    let line = daemon.wait_for_log_line("reload asked over the socket asked_by");
+    let exe = std::fs::canonicalize(TOKEND).expect("tokend's path");
+    assert!(
+        line.ends_with(&format!(
+            "reload asked over the socket asked_by=\"socket\" outcome=\"reloaded\" keys=2 \
+             peer_uid=0 peer_pid={pid} peer_gid=0 peer_exe={:?} peer_comm=\"tokend\"",
+            exe.display().to_string()
+        )),
+        "{line}"
+    );
+    let tokend = support::daemon::tokend_for_anyone()
+        .to_string_lossy()
+        .into_owned();
+    let mut refused = support::cli::as_caller(&tokend, alice.uid, alice.gid, &alice.groups);
+    refused.arg("reload").arg("--socket").arg(&daemon.socket);
+    let ran = support::cli::run(refused, b"").await;
+    assert_ne!(ran.code, Some(0), "{ran:?}");
+    let line = daemon.wait_for_log_line("denied: reload");
+    assert!(
+        line.contains(&format!("peer_uid={} ", alice.uid))
+            && line.contains("peer_exe=")
+            && line.ends_with("peer_comm=\"tokend\""),
+        "{line}"
+    );
+    daemon.stop_and_check_log(&secrets(&[&issuer], &[SECRET]));
+}

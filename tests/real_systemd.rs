@@ -37,6 +37,10 @@ const SUITES: [&str; 2] = ["bookworm", "trixie"];
 
 const PAYMENTS_SECRET: &str = "real-systemd-payments-secret-3170";
 const CARDS_SECRET: &str = "real-systemd-cards-secret-8825";
+/// A secret the issuer rejects, for a key that makes tokend unhealthy.
+const WRONG_SECRET: &str = "real-systemd-wrong-secret-6041";
+/// Its file.
+const WRONG_SECRET_FILE: &str = "/etc/tokend/wrong.secret";
 
 const UNITS: [&str; 2] = ["tokend.service", "tokend.socket"];
 const CONFIG: &str = "/etc/tokend/tokend.toml";
@@ -47,6 +51,8 @@ const CREDENTIAL: &str = "/etc/tokend/credentials/payments";
 /// changes when the service starts.
 const CARDS_SECRET_FILE: &str = "/etc/tokend/cards.secret";
 const WATCHDOG_DROP_IN: &str = "/etc/systemd/system/tokend.service.d/test-watchdog.conf";
+/// The drop-in README suggests to operators who want callers' `comm`.
+const PROC_DROP_IN: &str = "/etc/systemd/system/tokend.service.d/test-protectproc.conf";
 
 /// The watchdog interval the watchdog check lowers `WatchdogSec=` to.
 const WATCHDOG_SEC: u64 = 4;
@@ -223,7 +229,11 @@ fn nspawn_root(suite: &str) -> Result<PathBuf, String> {
 /// Every string the journal must not hold: the client secrets and every
 /// token the issuer handed out so far.
 fn secrets(issuer: &Issuer) -> Vec<String> {
-    let mut all = vec![PAYMENTS_SECRET.to_owned(), CARDS_SECRET.to_owned()];
+    let mut all = vec![
+        PAYMENTS_SECRET.to_owned(),
+        CARDS_SECRET.to_owned(),
+        WRONG_SECRET.to_owned(),
+    ];
     all.extend(issuer.issued_tokens());
     all
 }
@@ -235,6 +245,32 @@ fn redact(text: &str, issuer: &Issuer) -> String {
         .fold(text.to_owned(), |text, secret| {
             text.replace(secret, &format!("[secret {}]", fingerprint(secret)))
         })
+}
+
+/// The units in README.md's health-check example: its `ini` block, cut at
+/// each `# /etc/systemd/system/NAME` comment into (path, text).
+fn readme_health_units(readme: &str) -> Result<Vec<(String, String)>, String> {
+    let block = readme
+        .split("```ini\n")
+        .skip(1)
+        .filter_map(|rest| rest.split_once("```").map(|(block, _)| block))
+        .find(|block| block.contains("tokend-health.timer"))
+        .ok_or("README.md has no ini block with tokend-health.timer")?;
+    let mut units: Vec<(String, String)> = Vec::new();
+    for line in block.lines() {
+        if let Some(path) = line.strip_prefix("# /etc/systemd/system/") {
+            units.push((format!("/etc/systemd/system/{path}"), String::new()));
+        } else if let Some((_, text)) = units.last_mut() {
+            text.push_str(line);
+            text.push('\n');
+        }
+    }
+    match units.len() {
+        2 => Ok(units),
+        n => Err(format!(
+            "README.md's health-check block holds {n} units, not 2"
+        )),
+    }
 }
 
 /// `ran` if it exited 0, else a reason naming `what`.
@@ -291,7 +327,17 @@ impl<'a> Release<'a> {
             "broken reload refused and reported",
             Self::broken_reload_refused,
         );
+        self.check("README's health-check timer", Self::health_check_timer);
         self.check("journald fields", Self::journald_fields);
+        self.check(
+            "metrics endpoint under the unit",
+            Self::metrics_endpoint_under_the_unit,
+        );
+        self.check("audit fields under the unit", Self::audit_fields);
+        self.check(
+            "audit fields with a ProtectProc=default drop-in",
+            Self::audit_fields_with_proc_drop_in,
+        );
         self.check("watchdog restart", Self::watchdog_restart);
         self.check(
             "unreadable secret keeps the socket up",
@@ -359,6 +405,14 @@ impl<'a> Release<'a> {
             let journal = self.container.journal_after(&UNITS, Some(&cursor));
             format!("{e}\nthe journal meanwhile:\n{journal}")
         })
+    }
+
+    /// Restarts tokend.service. These checks restart it more often than
+    /// any operator would, and systemd's default start limit (5 starts in
+    /// 10 s) is not what they test: its counter is reset first.
+    fn restart(&self) -> Result<Ran, String> {
+        self.sh_ok("systemctl reset-failed tokend.service")?;
+        self.systemctl("restart tokend.service")
     }
 
     /// Puts `text` at `path` in the container with the mode and owner
@@ -597,6 +651,18 @@ impl<'a> Release<'a> {
             "tokend has {own} seccomp filters, PID 1 {inherited}: the unit's filter is not applied"
         );
 
+        let (score, overall) = self.exposure()?;
+        if score > EXPOSURE_LIMIT {
+            return Err(format!("{overall}: above {EXPOSURE_LIMIT}"));
+        }
+        Ok(format!(
+            "uid {tokend_uid}, no capabilities, NoNewPrivs, seccomp filters {own} > {inherited}; {overall}"
+        ))
+    }
+
+    /// `systemd-analyze security`'s rating of tokend.service, as a number
+    /// and as its line.
+    fn exposure(&self) -> Result<(f64, String), String> {
         let analyze = self.sh_ok("systemd-analyze security --no-pager tokend.service")?;
         let overall = analyze
             .stdout
@@ -609,13 +675,7 @@ impl<'a> Release<'a> {
             .and_then(|rest| rest.split_whitespace().next())
             .and_then(|n| n.parse().ok())
             .ok_or_else(|| format!("unreadable exposure level: {overall}"))?;
-        let overall = overall.trim_start_matches('→').trim();
-        if score > EXPOSURE_LIMIT {
-            return Err(format!("{overall}: above {EXPOSURE_LIMIT}"));
-        }
-        Ok(format!(
-            "uid {tokend_uid}, no capabilities, NoNewPrivs, seccomp filters {own} > {inherited}; {overall}"
-        ))
+        Ok((score, overall.trim_start_matches('→').trim().to_owned()))
     }
 
     fn reload_keeping_tokens(&self) -> Outcome {
@@ -696,6 +756,93 @@ impl<'a> Release<'a> {
         Ok(format!("exit {:?}; {}", reload.code, reason.trim()))
     }
 
+    /// The README's health-check units, copied as an operator would: the
+    /// check passes while every prefetch set is fresh, and fails, so that
+    /// `OnFailure=` pages, once a key's secret is rejected.
+    fn health_check_timer(&self) -> Outcome {
+        let readme = std::fs::read_to_string(Path::new(REPO).join("README.md"))
+            .map_err(|e| format!("read README.md: {e}"))?;
+        let units = readme_health_units(&readme)?;
+        for (path, text) in &units {
+            self.install_file(path, text, "0644", "root")?;
+        }
+        // What the README's OnFailure= names, standing in for a pager.
+        self.install_file(
+            "/etc/systemd/system/page-the-operator@.service",
+            "[Service]\nType=oneshot\nExecStart=/bin/sh -c 'echo %i >> /run/paged'\n",
+            "0644",
+            "root",
+        )?;
+        self.systemctl("daemon-reload")?;
+        self.systemctl("enable --now tokend-health.timer")?;
+        self.systemctl("start tokend-health.service")?;
+
+        let good = self.config("", &[self.payments_key(), self.cards_key()]);
+        let wrong = format!(
+            "[keys.wrong]\ntoken_url = {:?}\nclient_id = \"payments\"\n\
+             client_secret_file = {WRONG_SECRET_FILE:?}\nallow_users = [\"alice\"]\n\
+             prefetch = [[]]\n\n",
+            self.issuer.token_url(Dialect::Checkout)
+        );
+        self.install_file(
+            WRONG_SECRET_FILE,
+            &format!("{WRONG_SECRET}\n"),
+            "0600",
+            "tokend",
+        )?;
+        self.write_config(&format!("{good}{wrong}"))?;
+        self.systemctl("reload tokend")?;
+        let started = Instant::now();
+        let unhealthy = loop {
+            let ran = self.container.run_as("tokend", "tokend status");
+            if ran.code == Some(1) || started.elapsed() > PATIENCE {
+                break ran;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        let failed = self.sh("systemctl start tokend-health.service");
+        let paged = loop {
+            let paged = self.sh("cat /run/paged 2>/dev/null").stdout;
+            if paged.contains("tokend-health") || started.elapsed() > PATIENCE {
+                break paged;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+
+        // Healthy again for the checks that follow.
+        self.write_config(&good)?;
+        self.systemctl("reload tokend")?;
+        self.systemctl("disable --now tokend-health.timer")?;
+        // The operator's own files: purge, later, must find only its own.
+        let mut paths: Vec<&str> = units.iter().map(|(path, _)| path.as_str()).collect();
+        paths.push("/etc/systemd/system/page-the-operator@.service");
+        paths.push(WRONG_SECRET_FILE);
+        self.sh_ok(&format!("rm -f {}", paths.join(" ")))?;
+        self.systemctl("daemon-reload")?;
+        ensure!(
+            unhealthy.code == Some(1) && unhealthy.stdout.contains("wrong"),
+            "tokend status as tokend with a rejected secret: {unhealthy:?}"
+        );
+        ensure!(
+            failed.code != Some(0),
+            "systemctl start tokend-health.service passed while key wrong failed: {failed:?}"
+        );
+        ensure!(
+            paged.contains("tokend-health.service"),
+            "OnFailure= did not run: /run/paged holds {paged:?}"
+        );
+        let row = unhealthy
+            .stdout
+            .lines()
+            .find(|l| l.starts_with("wrong"))
+            .unwrap_or_default()
+            .split_whitespace()
+            .take(4)
+            .collect::<Vec<_>>()
+            .join(" ");
+        Ok(format!("healthy: exit 0; then {row:?}, exit 1, paged"))
+    }
+
     fn journald_fields(&self) -> Outcome {
         let ran = self
             .sh_ok("journalctl --sync && journalctl -u tokend KEY=payments -o json --no-pager")?;
@@ -712,6 +859,165 @@ impl<'a> Release<'a> {
         }
         ensure!(entries > 0, "no journal entry with KEY=payments");
         Ok(format!("{entries} entries with KEY=payments"))
+    }
+
+    /// `metrics_listen` under the shipped unit's sandbox: the endpoint
+    /// binds and answers a scrape from inside the container, and `tokend
+    /// metrics` answers root. The configuration before is put back.
+    fn metrics_endpoint_under_the_unit(&self) -> Outcome {
+        let before = self.sh_ok(&format!("cat {CONFIG}"))?.stdout;
+        let with_metrics = before.replacen(
+            "[daemon]\n",
+            "[daemon]\nmetrics_listen = \"127.0.0.1:9464\"\n",
+            1,
+        );
+        ensure!(with_metrics != before, "no [daemon] table in {CONFIG}");
+        self.write_config(&with_metrics)?;
+        self.restart()?;
+        // bash's /dev/tcp: the roots have no HTTP client, and this is a
+        // plain HTTP/1.1 request as any scraper sends.
+        let scraped = self.sh(
+            "bash -c \"exec 3<>/dev/tcp/127.0.0.1/9464 && printf 'GET /metrics HTTP/1.1\\r\\n\
+             Host: localhost\\r\\nConnection: close\\r\\n\\r\\n' >&3 && cat <&3\"",
+        );
+        let op = self.sh("tokend metrics");
+        self.write_config(&before)?;
+        self.restart()?;
+        let status = scraped.stdout.lines().next().unwrap_or_default();
+        ensure!(
+            status.starts_with("HTTP/1.1 200") && scraped.stdout.contains("tokend_build_info{"),
+            "no metrics over HTTP on 127.0.0.1:9464: {scraped:?}"
+        );
+        ensure!(
+            op.code == Some(0) && op.stdout.contains("tokend_build_info{"),
+            "tokend metrics as root: {op:?}"
+        );
+        Ok(format!("{}; tokend metrics exit 0", status.trim()))
+    }
+
+    /// The journal entries of tokend.service matching `filter`
+    /// (`FIELD=value` words), as JSON.
+    fn entries(&self, filter: &str) -> Result<Vec<Value>, String> {
+        let ran = self.sh_ok(&format!(
+            "journalctl --sync && journalctl -u tokend {filter} -o json --no-pager"
+        ))?;
+        ran.stdout
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).map_err(|e| format!("not JSON ({e}): {l}")))
+            .collect()
+    }
+
+    /// What the shipped unit's `ProtectProc=invisible` lets tokend see of
+    /// its callers, found with the queries the README shows: alice's
+    /// handouts by `PEER_UID=`, reloads by `ASKED_BY=`.
+    fn audit_fields(&self) -> Outcome {
+        let uid = self.sh_ok("id -u alice")?.stdout.trim().to_owned();
+        let gid = self.sh_ok("id -g alice")?.stdout.trim().to_owned();
+        let handouts = self.entries(&format!("PEER_UID={uid} MESSAGE='handed out a token'"))?;
+        let first = handouts
+            .first()
+            .ok_or_else(|| format!("no handout to uid {uid} in the journal"))?;
+        ensure!(
+            first["PEER_GID"] == gid.as_str() && first["PEER_PID"].is_string(),
+            "alice's handout: {first}"
+        );
+        let sighup = self.sh("systemctl kill --signal=SIGHUP --kill-whom=main tokend.service");
+        ensure!(sighup.code == Some(0), "SIGHUP: {sighup:?}");
+        let deadline = Instant::now() + PATIENCE;
+        let signalled = loop {
+            if let Some(entry) = self.entries("ASKED_BY=signal")?.pop() {
+                break entry;
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "no reload entry with ASKED_BY=signal"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        let asked = self.entries("ASKED_BY=socket")?;
+        let by_socket = asked
+            .last()
+            .ok_or_else(|| "no reload entry with ASKED_BY=socket".to_owned())?;
+        // ProtectProc=invisible: another uid's process is not there for
+        // tokend; its own user's `tokend reload` (ExecReload=) is.
+        ensure!(
+            first["PEER_EXE"] == "?" && first["PEER_COMM"] == "?",
+            "alice's handout: {first}"
+        );
+        let tokend_uid = self.sh_ok("id -u tokend")?.stdout.trim().to_owned();
+        ensure!(
+            by_socket["PEER_UID"] == tokend_uid.as_str()
+                && by_socket["PEER_EXE"] == "/usr/bin/tokend"
+                && by_socket["PEER_COMM"] == "tokend"
+                && by_socket["OUTCOME"] == "reloaded",
+            "systemctl reload: {by_socket}"
+        );
+        ensure!(signalled["OUTCOME"] == "reloaded", "SIGHUP: {signalled}");
+        // Two matches of one field are alternatives (README's query).
+        let reloads = self.entries("ASKED_BY=signal ASKED_BY=socket")?;
+        ensure!(
+            reloads.len() == asked.len() + 1,
+            "ASKED_BY=signal ASKED_BY=socket: {} entries, {} by socket and one by SIGHUP",
+            reloads.len(),
+            asked.len()
+        );
+        Ok(format!(
+            "alice (uid {uid}): PEER_EXE={} PEER_COMM={}; systemctl reload: PEER_UID={} \
+             PEER_EXE={} PEER_COMM={}; SIGHUP: OUTCOME={}",
+            first["PEER_EXE"],
+            first["PEER_COMM"],
+            by_socket["PEER_UID"],
+            by_socket["PEER_EXE"],
+            by_socket["PEER_COMM"],
+            signalled["OUTCOME"]
+        ))
+    }
+
+    /// What an operator gets from the drop-in README describes: callers'
+    /// `comm` becomes readable, their `exe` stays `?` (reading another
+    /// uid's exe link takes ptrace access), and the rating it costs.
+    fn audit_fields_with_proc_drop_in(&self) -> Outcome {
+        self.sh_ok("mkdir -p /etc/systemd/system/tokend.service.d")?;
+        self.install_file(
+            PROC_DROP_IN,
+            "[Service]\nProtectProc=default\n",
+            "0644",
+            "root",
+        )?;
+        let observed = self.alice_seen_after_restart();
+        let exposure = self.exposure();
+        self.sh_ok(&format!("rm -f {PROC_DROP_IN}"))?;
+        self.sh_ok("systemctl daemon-reload")?;
+        self.restart()?;
+        let (exe, comm) = observed?;
+        let (_, overall) = exposure?;
+        ensure!(
+            exe == "?" && comm == "socat",
+            "alice's socat with ProtectProc=default: PEER_EXE={exe} PEER_COMM={comm}"
+        );
+        Ok(format!(
+            "alice's socat: PEER_EXE={exe} PEER_COMM={comm}; {overall}"
+        ))
+    }
+
+    /// Restarts tokend under the drop-ins in place, has alice's socat get
+    /// a token, and returns the PEER_EXE and PEER_COMM of its handout.
+    fn alice_seen_after_restart(&self) -> Result<(String, String), String> {
+        self.sh_ok("systemctl daemon-reload")?;
+        self.restart()?;
+        let answer = self.socat_get("alice", "payments")?;
+        ensure!(answer["ok"] == true, "socat as alice: {answer}");
+        let uid = self.sh_ok("id -u alice")?.stdout.trim().to_owned();
+        let pid = self.main_pid()?;
+        let handout = self
+            .entries(&format!(
+                "_PID={pid} PEER_UID={uid} MESSAGE='handed out a token'"
+            ))?
+            .pop()
+            .ok_or_else(|| format!("no handout to uid {uid} by pid {pid}"))?;
+        let text = |name: &str| handout[name].as_str().unwrap_or("(none)").to_owned();
+        Ok((text("PEER_EXE"), text("PEER_COMM")))
     }
 
     fn watchdog_restart(&self) -> Outcome {
@@ -735,7 +1041,7 @@ impl<'a> Release<'a> {
         self.sh_ok(
             "systemctl daemon-reload && systemctl reset-failed tokend.service tokend.socket",
         )?;
-        self.systemctl("restart tokend.service")?;
+        self.restart()?;
         let shown = self.show("WatchdogUSec")?;
         ensure!(
             shown.iter().any(|(_, v)| v == &format!("{WATCHDOG_SEC}s")),
@@ -789,14 +1095,14 @@ impl<'a> Release<'a> {
         let stash = "/root/payments.moved";
         self.sh_ok(&format!("mv /etc/tokend/credentials/payments {stash}"))?;
         let cursor = self.container.journal_cursor();
-        let restarted = self.systemctl("restart tokend.service");
+        let restarted = self.restart();
         let journal = self.container.journal_after(&UNITS, Some(&cursor));
         let cards = self.token_as("alice", "cards");
         let payments = self.container.run_as("alice", "tokend get payments");
         let active = self.sh("systemctl is-active tokend.service tokend.socket");
         // Put back, and restart: credentials are copied at start.
         self.sh_ok(&format!("mv {stash} /etc/tokend/credentials/payments"))?;
-        self.systemctl("restart tokend.service")?;
+        self.restart()?;
         let back = self.token_as("alice", "payments")?;
 
         restarted?;

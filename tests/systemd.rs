@@ -375,6 +375,26 @@ async fn logs_go_to_journald_with_fields_when_stderr_is_the_journal() {
         "info is notice: {handout:?}"
     );
     assert_eq!(field(&handout, "SYSLOG_IDENTIFIER"), Some("tokend"));
+    // The caller's gid and executable, as plain values (the text log
+    // quotes them; the journal takes them as they are): this test binary.
+    let gid = nix::unistd::getgid().as_raw().to_string();
+    let exe = std::env::current_exe().expect("own exe");
+    let comm = std::fs::read_to_string("/proc/self/comm").expect("own comm");
+    assert_eq!(
+        field(&handout, "PEER_GID"),
+        Some(gid.as_str()),
+        "{handout:?}"
+    );
+    assert_eq!(
+        field(&handout, "PEER_EXE").map(std::path::PathBuf::from),
+        Some(exe),
+        "{handout:?}"
+    );
+    assert_eq!(
+        field(&handout, "PEER_COMM"),
+        Some(comm.trim_end_matches('\n')),
+        "{handout:?}"
+    );
     let denial = unit.wait_for_entry("the denial", |e| field(e, "KEY") == Some("nope"));
     assert_eq!(field(&denial, "PEER_PID"), Some(me.as_str()), "{denial:?}");
     let failure = unit.wait_for_entry("the issuer failure", |e| {

@@ -68,6 +68,12 @@ fn check_config(config: &Config) {
     assert!(!daemon.idle_timeout.is_zero());
     assert!(!daemon.request_timeout_client.is_zero());
     assert!(daemon.max_request_bytes >= 256);
+    if let Some(address) = daemon.metrics_listen {
+        assert!(
+            address.ip().is_loopback() || daemon.metrics_listen_non_loopback,
+            "metrics_listen {address} accepted without metrics_listen_non_loopback"
+        );
+    }
     for (name, key) in &config.keys {
         assert!(
             !name.is_empty()

@@ -8,8 +8,8 @@
 //!   requests an owner sleeps on one timer (refresh point, retry time, idle
 //!   eviction): thousands of idle entries cost no CPU.
 //! - Issuers limit clients, not scope sets: a 429 or 503 with `Retry-After`,
-//!   or rejected credentials, pause the whole key ([`Pause`], written by its
-//!   sets' owners, read by gets). While paused every set of the key answers
+//!   or rejected credentials, pause the whole key (written by its sets'
+//!   owners, read by gets). While paused every set of the key answers
 //!   `unavailable` at once; after it, one owner probes, the others wait.
 //! - A key's map of sets is locked by callers only (gets, reloads, status).
 //!   An owner that ends (idle, or its cache stopped) leaves a dead entry,
@@ -20,8 +20,12 @@
 //! Times are on the boot clock (`CLOCK_BOOTTIME`), which counts while the
 //! machine is suspended and tokio's clock does not; owners and gets re-read
 //! it, so a token that died during a suspend is never handed out and a
-//! refresh that fell due is made at once. The pure rules (what an owner does
-//! next, when to refresh, how long to back off) are at the bottom.
+//! refresh that fell due is made at once.
+//!
+//! Here: the cache as callers see it (gets, reloads, status). In
+//! [`owner`]: the entry's task. In [`budget`]: the key's pause. In
+//! [`schedule`]: the pure rules (what an owner does next, when to refresh,
+//! how long to back off).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -29,33 +33,29 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use nix::time::{clock_gettime, ClockId};
-use rand::Rng;
-use tokio::sync::{mpsc, watch, Notify};
+
+use arc_swap::ArcSwapOption;
+use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, KeyConfig};
-use crate::issuer::{FailureKind, Grant, IssuerClient, IssuerError};
+use crate::issuer::{Grant, IssuerClient, IssuerError};
 use crate::scope::ScopeSet;
 use crate::secret::AccessToken;
+
+mod budget;
+mod owner;
+mod schedule;
+
+use budget::Pause;
+use owner::Owner;
+use schedule::{due, timing};
 
 /// What we assume when an issuer leaves `expires_in` out. RFC 6749 lets it,
 /// and reusing such a token forever (as some clients do) ends in failures
 /// nobody can explain; an hour is the common default lifetime.
 const ASSUMED_LIFETIME: Duration = Duration::from_secs(3600);
-
-/// The least time we allow for a refresh to come back before the old token
-/// drops under `min_valid`. Twice the last fetch's latency when that is more.
-const MIN_REFRESH_MARGIN: Duration = Duration::from_secs(1);
-
-/// The base of the backoff: the n-th retry waits up to 1 s × 2ⁿ.
-const BACKOFF_BASE: Duration = Duration::from_secs(1);
-
-/// We honour `Retry-After` up to this; a larger value is more likely a
-/// misconfigured proxy than a plan, and would leave callers without tokens
-/// for longer than any outage we should wait out silently.
-const MAX_RETRY_AFTER: Duration = Duration::from_secs(600);
-
 /// `Entry::last_used` of a set nobody asked for (a prefetch set).
 const NEVER_USED: u64 = u64::MAX;
 
@@ -124,16 +124,31 @@ pub(crate) enum GetError {
     ShuttingDown,
 }
 
-/// A point-in-time view of one entry for `status`.
-#[derive(Debug)]
+/// A point-in-time view of one entry for `status`. Never a token.
+#[derive(Debug, Default)]
 pub(crate) struct EntryStatus {
     pub(crate) scopes: ScopeSet,
+    /// A `prefetch` set, which `tokend status` vouches for.
+    pub(crate) prefetch: bool,
     pub(crate) expires_at: Option<SystemTime>,
     pub(crate) remaining: Option<Duration>,
     pub(crate) usable: bool,
     pub(crate) fetching: bool,
+    /// The key is paused after a client failure (a rate limit, rejected
+    /// credentials): no set of it asks the issuer until the pause ends.
+    pub(crate) paused: bool,
+    /// Until the owner next asks the issuer on its own: zero when due or
+    /// under way, `None` when only a get would make it ask.
+    pub(crate) next_request: Option<Duration>,
     pub(crate) last_refresh: Option<SystemTime>,
     pub(crate) last_error: Option<String>,
+    /// The issuer's HTTP status in the last error, when it answered.
+    pub(crate) last_error_status: Option<u16>,
+    pub(crate) last_failure: Option<SystemTime>,
+    /// Issuer requests made for this set.
+    pub(crate) requests: u64,
+    /// Gets answered with a token from this set.
+    pub(crate) served: u64,
 }
 
 /// The cache in numbers, for systemd's STATUS= line.
@@ -145,6 +160,9 @@ pub(crate) struct CacheSummary {
     /// Keys whose last fetch failed, with a short reason such as
     /// "500 from issuer".
     pub(crate) failing: Vec<(String, String)>,
+    /// When the first fresh token drops under `min_valid`: `fresh` changes
+    /// then without any owner having done anything.
+    pub(crate) stale_in: Option<Duration>,
 }
 
 pub(crate) struct TokenCache {
@@ -153,6 +171,10 @@ pub(crate) struct TokenCache {
     /// replaces this cache.
     stop: CancellationToken,
     clock: fn() -> Duration,
+    /// Told by owners whenever what [`TokenCache::summary`] counts may
+    /// have changed, so the STATUS= line is recomputed on events, not on
+    /// a timer that would wake an idle daemon.
+    changes: Arc<Notify>,
 }
 
 /// One configured key in one cache: its settings, its sets, its budget,
@@ -168,24 +190,12 @@ struct Key {
     issuer: IssuerClient,
     /// The boot clock; a clock that can jump in tests.
     clock: fn() -> Duration,
+    changes: Arc<Notify>,
     tasks: TaskTracker,
     stop: CancellationToken,
     /// Ends issuer requests under way: cancelled only at the shutdown
     /// deadline, so waiting callers get their answers until then.
     deadline: CancellationToken,
-}
-
-/// A key's issuer budget: after a failure that is the client's rather than
-/// one scope set's, no set of the key asks the issuer before `until`; then
-/// the first owner to try is the one probe (`probing`) and the others wait
-/// for its outcome.
-#[derive(Clone, Debug, Default)]
-struct Pause {
-    until: Option<Duration>,
-    /// Client failures in a row; drives the backoff.
-    failures: u32,
-    error: Option<Arc<IssuerError>>,
-    probing: bool,
 }
 
 /// The callers' side of an entry; its owner holds the other ends.
@@ -195,8 +205,13 @@ struct Entry {
     /// Boot-clock nanoseconds of the last get, or `NEVER_USED`. Stamped by
     /// gets, read by the owner when it considers eviction.
     last_used: AtomicU64,
-    /// Hands the owner over to a new cache's key on reload.
-    moves: mpsc::UnboundedSender<Arc<Key>>,
+    /// The new cache's key a reload hands the owner over to, until the
+    /// owner takes it; `moved` tells it to look. Lock-free: written by the
+    /// reload, taken by the owner. (A channel cost 800 bytes per entry.)
+    move_to: ArcSwapOption<Key>,
+    moved: Notify,
+    /// Gets answered with a token, counted by the callers.
+    served: AtomicU64,
 }
 
 /// An entry as its owner keeps it and callers see it.
@@ -224,30 +239,10 @@ struct EntryState {
     fetching: bool,
     /// Counts the owner's answers, so a get can wait for the next one.
     answers: u64,
-}
-
-/// What an owner should do next.
-#[derive(Debug, PartialEq, Eq)]
-enum Next {
-    /// Sleep until then, unless woken earlier.
-    SleepUntil(Duration),
-    /// Nothing to do until woken.
-    Wait,
-    Fetch,
-    Evict,
-}
-
-/// Owns one entry: the only task that asks the issuer for its token. It
-/// refreshes it ahead of expiry, answers the gets that wake it, retries
-/// with backoff, and ends when the entry is idle or its cache stops.
-struct Owner {
-    key: Arc<Key>,
-    scopes: ScopeSet,
-    entry: Arc<Entry>,
-    state: watch::Sender<EntryState>,
-    moves: mpsc::UnboundedReceiver<Arc<Key>>,
-    /// The key's budget, watched while another set's probe is out.
-    pause: watch::Receiver<Pause>,
+    /// When the last request failed (wall clock, for `status`).
+    last_failure: Option<SystemTime>,
+    /// Issuer requests made, for `status`.
+    requests: u64,
 }
 
 impl TokenCache {
@@ -270,6 +265,7 @@ impl TokenCache {
         clock: fn() -> Duration,
     ) -> TokenCache {
         let stop = deadline.child_token();
+        let changes = Arc::new(Notify::new());
         let keys = config
             .keys
             .iter()
@@ -283,6 +279,7 @@ impl TokenCache {
                     warned_min_valid: AtomicBool::new(false),
                     issuer: issuer.clone(),
                     clock,
+                    changes: changes.clone(),
                     tasks: tasks.clone(),
                     stop: stop.clone(),
                     deadline: deadline.clone(),
@@ -290,7 +287,12 @@ impl TokenCache {
                 (name.clone(), Arc::new(key))
             })
             .collect();
-        TokenCache { keys, stop, clock }
+        TokenCache {
+            keys,
+            stop,
+            clock,
+            changes,
+        }
     }
 
     /// Now on the cache's clock, for [`CachedToken::remaining`].
@@ -329,6 +331,9 @@ impl TokenCache {
         for _ in 0..2 {
             let (entry, _) = key.entry(scopes, true)?;
             if let Some(answer) = key.ask(&entry).await {
+                if answer.is_ok() {
+                    entry.served.fetch_add(1, Ordering::Relaxed);
+                }
                 return answer;
             }
         }
@@ -341,23 +346,24 @@ impl TokenCache {
             return Vec::new();
         };
         let now = self.now();
+        let paused_until = key.paused_until(now);
         let mut out: Vec<EntryStatus> = key
             .entries()
             .into_iter()
-            .map(|(scopes, entry)| {
-                let state = entry.state.borrow();
-                let token = state.token.as_ref();
-                EntryStatus {
-                    scopes,
-                    expires_at: token.map(|t| t.expires_at),
-                    remaining: token.map(|t| t.remaining(now)),
-                    usable: token.is_some_and(|t| t.usable(now)),
-                    fetching: state.fetching,
-                    last_refresh: state.last_refresh,
-                    last_error: state.last_error.as_ref().map(|e| e.to_string()),
-                }
-            })
+            .map(|(scopes, entry)| entry.status(scopes, paused_until, now))
             .collect();
+        // A prefetch set whose owner has not started (or has ended) is
+        // still one `status` vouches for: it shows as never fetched.
+        for set in &key.config.prefetch {
+            if !out.iter().any(|status| &status.scopes == set) {
+                out.push(EntryStatus {
+                    scopes: set.clone(),
+                    prefetch: true,
+                    paused: paused_until.is_some(),
+                    ..EntryStatus::default()
+                });
+            }
+        }
         out.sort_by(|a, b| a.scopes.cmp(&b.scopes));
         out
     }
@@ -372,10 +378,13 @@ impl TokenCache {
         };
         for (name, key) in &self.keys {
             let mut failing = None;
-            for (_, entry) in key.entries() {
+            let entries: Vec<Arc<Entry>> = lock(&key.sets).values().cloned().collect();
+            for entry in entries.iter().filter(|entry| entry.alive()) {
                 let state = entry.state.borrow();
-                if state.token.as_ref().is_some_and(|t| t.usable(now)) {
+                if let Some(token) = state.token.as_ref().filter(|t| t.usable(now)) {
                     summary.fresh += 1;
+                    let stale_in = token.remaining(now) - token.min_valid;
+                    summary.stale_in = Some(summary.stale_in.map_or(stale_in, |s| s.min(stale_in)));
                 }
                 if let Some(error) = &state.last_error {
                     failing.get_or_insert_with(|| error.short());
@@ -386,6 +395,13 @@ impl TokenCache {
             }
         }
         summary
+    }
+
+    /// Resolves after an owner published something [`TokenCache::summary`]
+    /// counts (a token, a failure, an eviction) since the last call; at
+    /// once when that happened before it. For one waiter.
+    pub(crate) async fn changed(&self) {
+        self.changes.notified().await;
     }
 
     /// Moves over, from the cache a reload replaces, the entries of every
@@ -406,13 +422,7 @@ impl TokenCache {
             if !key.config.same_credential(&old_key.config) {
                 continue;
             }
-            // A probe under way reports to its owner's key of the moment;
-            // not marking it here risks one more probe, never a key stuck.
-            let pause = old_key.pause.borrow().clone();
-            key.pause.send_replace(Pause {
-                probing: false,
-                ..pause
-            });
+            key.carry_pause(old_key);
             let warned = |flag: &AtomicBool| flag.load(Ordering::Relaxed);
             (key.warned_no_expiry).store(warned(&old_key.warned_no_expiry), Ordering::Relaxed);
             (key.warned_min_valid).store(warned(&old_key.warned_min_valid), Ordering::Relaxed);
@@ -426,8 +436,11 @@ impl TokenCache {
                     continue;
                 }
                 entry.touch(now);
-                // Fails only if the owner has just ended: the set is gone.
-                if entry.moves.send(key.clone()).is_ok() {
+                // An owner that ends right after this check leaves a dead
+                // entry, which the next get replaces.
+                if entry.alive() {
+                    entry.move_to.store(Some(key.clone()));
+                    entry.moved.notify_one();
                     sets.insert(scopes, entry);
                     carried += 1;
                 }
@@ -476,13 +489,14 @@ impl Key {
             ..EntryState::default()
         };
         let (state, receiver) = watch::channel(initial);
-        let (moves, moved) = mpsc::unbounded_channel();
         let last_used = AtomicU64::new(NEVER_USED);
         let entry = Arc::new(Entry {
             state: receiver,
             wake: Notify::new(),
             last_used,
-            moves,
+            move_to: ArcSwapOption::empty(),
+            moved: Notify::new(),
+            served: AtomicU64::new(0),
         });
         if asked {
             entry.touch(now);
@@ -494,7 +508,6 @@ impl Key {
             scopes: scopes.clone(),
             entry: entry.clone(),
             state,
-            moves: moved,
             pause: self.pause.subscribe(),
         };
         self.tasks.spawn(owner.run());
@@ -547,70 +560,8 @@ impl Key {
         })
     }
 
-    /// Why the key is paused, while it is.
-    fn paused(&self, now: Duration) -> Option<Arc<IssuerError>> {
-        let pause = self.pause.borrow();
-        pause
-            .until
-            .filter(|until| now < *until)
-            .and(pause.error.clone())
-    }
-
-    /// May an owner ask the issuer now? `Ok(probe)`: yes, and `probe` says
-    /// it is the one request a pause that just ended allows. `Err(Some(t))`:
-    /// the key is paused until `t`. `Err(None)`: another set's probe is out.
-    fn admit(&self, now: Duration) -> Result<bool, Option<Duration>> {
-        let mut verdict = Ok(false);
-        // Nobody waits for a pause to become a probe: no notification.
-        self.pause.send_if_modified(|pause| {
-            verdict = match pause.until {
-                None => Ok(false),
-                Some(until) if now < until => Err(Some(until)),
-                Some(_) if pause.probing => Err(None),
-                Some(_) => {
-                    pause.probing = true;
-                    Ok(true)
-                }
-            };
-            false
-        });
-        verdict
-    }
-
-    /// Pauses the key after `error`, one backoff step further than before;
-    /// returns when the pause ends. The late answers of requests sent
-    /// before the pause began do not add steps.
-    fn pause(&self, error: &Arc<IssuerError>, probe: bool, now: Duration) -> Duration {
-        let mut until = now;
-        self.pause.send_modify(|pause| {
-            if probe || !pause.until.is_some_and(|until| now < until) {
-                pause.failures = pause.failures.saturating_add(1);
-                let delay = backoff(
-                    pause.failures,
-                    self.config.max_backoff,
-                    error.retry_after,
-                    rand::rng().random(),
-                );
-                pause.until = Some(now + delay);
-            } else if let Some(asked) = error.retry_after {
-                pause.until = pause.until.max(Some(now + asked.min(MAX_RETRY_AFTER)));
-            }
-            pause.probing &= !probe;
-            pause.error = Some(error.clone());
-            until = pause.until.unwrap_or(now);
-        });
-        until
-    }
-
-    /// Ends the pause after a probe came back without a client failure.
-    fn lift_pause(&self) {
-        self.pause.send_if_modified(|pause| {
-            let paused = pause.until.is_some();
-            *pause = Pause::default();
-            paused
-        });
-    }
-
+    /// A grant as the cache holds it: its lifetime (assumed when the
+    /// issuer gave none), `min_valid` and refresh point on the boot clock.
     fn cached(
         &self,
         grant: Grant,
@@ -677,208 +628,39 @@ impl Entry {
             nanos => Some(Duration::from_nanos(nanos)),
         }
     }
-}
 
-impl Owner {
-    async fn run(mut self) {
-        loop {
-            let now = (self.key.clock)();
-            let last_used = self.entry.last_used();
-            // Read by this task only: no need to wake callers for it.
-            self.state.send_if_modified(|state| {
-                state.last_used = last_used;
-                false
-            });
-            let next = next_step(&self.state.borrow(), &self.key.config, now);
-            let until = match next {
-                Next::Evict => {
-                    tracing::debug!(key = %self.key.name, scopes = %self.scopes, "dropped an idle scope set");
-                    return;
-                }
-                Next::Fetch => {
-                    if !self.attempt().await {
-                        return;
-                    }
-                    continue;
-                }
-                Next::SleepUntil(when) => Some(when),
-                Next::Wait => None,
-            };
-            let key = self.key.clone();
-            // Biased: a move handed over just before the old cache stopped
-            // must win over that stop.
-            tokio::select! {
-                biased;
-                Some(key) = self.moves.recv() => self.moved(key),
-                () = key.stop.cancelled() => if self.stopped() { return },
-                () = self.entry.wake.notified() => if !self.woken().await { return },
-                () = sleep_until(until, key.clock) => {}
-            }
-        }
-    }
-
-    /// A get woke us: it found no usable token (or, after a suspend, one
-    /// past its refresh point) and may be waiting for an answer. `false`
-    /// when the cache stopped meanwhile.
-    async fn woken(&mut self) -> bool {
-        let now = (self.key.clock)();
-        let wanted = {
-            let state = self.state.borrow();
-            let fresh = state
-                .token
-                .as_ref()
-                .is_some_and(|t| t.usable(now) && now < t.refresh_at);
-            let backing_off = state.retry_at.is_some_and(|at| now < at);
-            !fresh && !backing_off
-        };
-        if wanted {
-            return self.attempt().await;
-        }
-        self.state.send_modify(|state| state.answers += 1);
-        true
-    }
-
-    /// Asks the issuer when the key's budget allows and publishes the
-    /// outcome. `false` when the cache stopped meanwhile.
-    async fn attempt(&mut self) -> bool {
-        loop {
-            self.pause.borrow_and_update();
-            match self.key.admit((self.key.clock)()) {
-                Ok(probe) => return self.fetch(probe).await,
-                Err(Some(until)) => {
-                    self.blocked(until);
-                    return true;
-                }
-                Err(None) => {
-                    let key = self.key.clone();
-                    tokio::select! {
-                        biased;
-                        () = key.stop.cancelled() => if self.stopped() { return false },
-                        changed = self.pause.changed() => if changed.is_err() { return false },
-                    }
-                }
-            }
-        }
-    }
-
-    async fn fetch(&mut self, probe: bool) -> bool {
-        self.state.send_modify(|state| state.fetching = true);
-        tracing::debug!(key = %self.key.name, scopes = %self.scopes, probe, "requesting a token from the issuer");
-        let key = self.key.clone();
-        let started = tokio::time::Instant::now();
-        let result = tokio::select! {
-            result = key.issuer.fetch(&key.config, &self.scopes) => result,
-            // Dropping the state's sender tells waiting gets there will be
-            // no answer.
-            () = key.deadline.cancelled() => return false,
-        };
-        // A reload during the request: the outcome is the new key's.
-        self.take_moves();
-        self.settle(result, started.elapsed(), probe);
-        true
-    }
-
-    /// Publishes a request's outcome, and the key's pause it implies.
-    fn settle(&mut self, result: Result<Grant, IssuerError>, latency: Duration, probe: bool) {
-        let received = ((self.key.clock)(), SystemTime::now());
-        let now = received.0;
-        let key = self.key.clone();
-        let error = match result {
-            Ok(grant) => {
-                if probe {
-                    key.lift_pause();
-                }
-                let token = Arc::new(key.cached(grant, &self.scopes, received, latency));
-                self.state.send_modify(|state| {
-                    state.token = Some(token);
-                    state.last_refresh = Some(received.1);
-                    state.last_error = None;
-                    state.failures = 0;
-                    state.retry_at = None;
-                    state.latency = latency;
-                    state.refused = false;
-                    state.fetching = false;
-                    state.answers += 1;
-                });
-                return;
-            }
-            Err(error) => Arc::new(error),
-        };
-        let failures = self.state.borrow().failures.saturating_add(1);
-        let retry_at = if pauses_key(&error) {
-            key.pause(&error, probe, now)
+    /// This entry for `status`, its key paused until `paused_until`.
+    fn status(
+        &self,
+        scopes: ScopeSet,
+        paused_until: Option<Duration>,
+        now: Duration,
+    ) -> EntryStatus {
+        let state = self.state.borrow();
+        let token = state.token.as_ref();
+        let next_request = if state.fetching {
+            Some(Duration::ZERO)
         } else {
-            if probe {
-                key.lift_pause();
-            }
-            let draw = rand::rng().random();
-            now + backoff(failures, key.config.max_backoff, error.retry_after, draw)
+            paused_until
+                .or_else(|| due(&state, now))
+                .map(|at| at.saturating_sub(now))
         };
-        tracing::warn!(
-            key = %key.name,
-            scopes = %self.scopes,
-            issuer_status = error.status(),
-            failures,
-            retry_in_ms = retry_at.saturating_sub(now).as_millis() as u64,
-            "token request failed: {error}"
-        );
-        let refused = refuses_scope(&error);
-        self.state.send_modify(|state| {
-            state.failures = failures;
-            state.retry_at = Some(retry_at);
-            state.last_error = Some(error);
-            state.refused = refused;
-            state.fetching = false;
-            state.answers += 1;
-        });
-    }
-
-    /// The key is paused until `until`: this set answers with its reason.
-    fn blocked(&mut self, until: Duration) {
-        let error = self.key.pause.borrow().error.clone();
-        self.state.send_modify(|state| {
-            state.retry_at = Some(until);
-            state.last_error = error.or(state.last_error.take());
-            state.answers += 1;
-        });
-    }
-
-    /// From now on this entry is `key`'s, under its settings.
-    fn moved(&mut self, key: Arc<Key>) {
-        let kept = key.config.prefetch.contains(&self.scopes);
-        self.state.send_if_modified(|state| {
-            state.kept = kept;
-            state.token = state
-                .token
-                .as_ref()
-                .map(|token| Arc::new(token.under(&key.config, state.latency)));
-            false
-        });
-        self.pause = key.pause.subscribe();
-        self.key = key;
-    }
-
-    fn take_moves(&mut self) {
-        while let Ok(key) = self.moves.try_recv() {
-            self.moved(key);
+        EntryStatus {
+            scopes,
+            prefetch: state.kept,
+            expires_at: token.map(|t| t.expires_at),
+            remaining: token.map(|t| t.remaining(now)),
+            usable: token.is_some_and(|t| t.usable(now)),
+            fetching: state.fetching,
+            paused: paused_until.is_some(),
+            next_request,
+            last_refresh: state.last_refresh,
+            last_error: state.last_error.as_ref().map(|e| e.to_string()),
+            last_error_status: state.last_error.as_ref().and_then(|e| e.status()),
+            last_failure: state.last_failure,
+            requests: state.requests,
+            served: self.served.load(Ordering::Relaxed),
         }
-    }
-
-    /// Whether the cache this entry belongs to has stopped, after taking
-    /// any move to a new cache handed over before the old one stopped.
-    fn stopped(&mut self) -> bool {
-        self.take_moves();
-        self.key.stop.is_cancelled()
-    }
-}
-
-/// Sleeps until boot-clock time `until`, or forever for `None`. Tokio's
-/// timer stops during a suspend, so it may fire late: the owner re-reads
-/// the boot clock when it does.
-async fn sleep_until(until: Option<Duration>, clock: fn() -> Duration) {
-    match until {
-        Some(until) => tokio::time::sleep(until.saturating_sub(clock())).await,
-        None => std::future::pending().await,
     }
 }
 
@@ -890,108 +672,6 @@ fn boot_time() -> Duration {
         .or_else(|_| clock_gettime(ClockId::CLOCK_MONOTONIC))
         .map(Duration::from)
         .unwrap_or_default()
-}
-
-/// Failures that are the client's rather than one scope set's: the
-/// issuer's rate limit or maintenance notice (429 or 503 with
-/// `Retry-After`), and rejected or unreadable credentials.
-fn pauses_key(error: &IssuerError) -> bool {
-    error.retry_after.is_some()
-        || matches!(
-            error.kind,
-            FailureKind::Denied { .. } | FailureKind::NoSecret(_)
-        )
-}
-
-/// The issuer refused this scope set itself (RFC 6749 5.2 `invalid_scope`).
-fn refuses_scope(error: &IssuerError) -> bool {
-    matches!(&error.kind, FailureKind::Refused { words, .. } if words.starts_with("invalid_scope"))
-}
-
-/// The owner's decision for an entry in `state` at `now`.
-fn next_step(state: &EntryState, key: &KeyConfig, now: Duration) -> Next {
-    if state.fetching {
-        return Next::Wait;
-    }
-    let idle_until = (!state.kept)
-        .then(|| state.last_used.map(|used| used + key.idle_evict))
-        .flatten();
-    if idle_until.is_some_and(|until| now >= until) {
-        return Next::Evict;
-    }
-    let due = match (&state.token, state.retry_at) {
-        // After a failure the backoff decides, and only for sets worth
-        // keeping fresh: prefetch sets, and sets whose token is still in
-        // use. A failing set nobody is waiting for waits for the next get;
-        // so does a scope set the issuer refused.
-        (token, Some(retry_at)) => {
-            let worth = state.kept || token.as_ref().is_some_and(|t| t.usable(now));
-            (worth && !state.refused).then_some(retry_at)
-        }
-        (Some(token), None) => Some(token.refresh_at),
-        // Never fetched: the get or prefetch that created it wakes us.
-        (None, None) => None,
-    };
-    match (due, idle_until) {
-        (Some(due), _) if now >= due => Next::Fetch,
-        (Some(due), Some(idle)) => Next::SleepUntil(due.min(idle)),
-        (Some(due), None) => Next::SleepUntil(due),
-        (None, Some(idle)) => Next::SleepUntil(idle),
-        (None, None) => Next::Wait,
-    }
-}
-
-/// `min_valid` and the delay to the refresh point for a token of
-/// `lifetime` under `key`, after a fetch that took `latency`.
-fn timing(key: &KeyConfig, lifetime: Duration, latency: Duration) -> (Duration, Duration) {
-    let min_valid = effective_min_valid(key.min_valid, lifetime);
-    let margin = (latency * 2).clamp(
-        MIN_REFRESH_MARGIN,
-        key.request_timeout.max(MIN_REFRESH_MARGIN),
-    );
-    let refresh_in = refresh_delay(lifetime, min_valid, margin, rand::rng().random());
-    (min_valid, refresh_in)
-}
-
-/// `min_valid` capped at a quarter of the token's lifetime: a 60 s
-/// `min_valid` would make a 60 s token useless on arrival.
-pub(crate) fn effective_min_valid(min_valid: Duration, lifetime: Duration) -> Duration {
-    min_valid.min(lifetime / 4)
-}
-
-/// How long after receipt a token is renewed. A point between 60 % and 75 %
-/// of its life (`draw` in [0, 1) picks it), so keys and hosts do not refresh
-/// in step; but no later than leaves `margin` for the new token to arrive
-/// before the old one has only `min_valid` left, and no earlier than a
-/// quarter of its life, so a tiny token cannot make us spin.
-pub(crate) fn refresh_delay(
-    lifetime: Duration,
-    min_valid: Duration,
-    margin: Duration,
-    draw: f64,
-) -> Duration {
-    let spread = lifetime.mul_f64(0.60 + 0.15 * draw.clamp(0.0, 1.0));
-    let latest = lifetime.saturating_sub(min_valid).saturating_sub(margin);
-    spread.min(latest).max(lifetime / 4)
-}
-
-/// The wait before retry number `failures` (1 for the first retry): drawn
-/// between half and all of min(`max_backoff`, 1 s × 2ⁿ) with n = failures − 1,
-/// so retries never bunch up and never spin; at least what `Retry-After`
-/// asked (capped at ten minutes).
-pub(crate) fn backoff(
-    failures: u32,
-    max_backoff: Duration,
-    retry_after: Option<Duration>,
-    draw: f64,
-) -> Duration {
-    let exponent = failures.saturating_sub(1).min(20);
-    let ceiling = BACKOFF_BASE.saturating_mul(1 << exponent).min(max_backoff);
-    let delay = ceiling.mul_f64(0.5 + 0.5 * draw.clamp(0.0, 1.0));
-    match retry_after {
-        Some(asked) => delay.max(asked.min(MAX_RETRY_AFTER)),
-        None => delay,
-    }
 }
 
 /// Our critical sections cannot leave data half-written, so a panic in
@@ -1012,176 +692,6 @@ mod tests {
 
     const fn s(secs: u64) -> Duration {
         Duration::from_secs(secs)
-    }
-
-    #[test]
-    fn min_valid_is_capped_at_a_quarter_of_the_lifetime() {
-        assert_eq!(effective_min_valid(s(60), s(120)), s(30));
-        assert_eq!(effective_min_valid(s(60), s(3600)), s(60));
-        assert_eq!(effective_min_valid(s(0), s(10)), s(0));
-    }
-
-    #[test]
-    fn refresh_lands_between_60_and_75_percent_of_a_long_life() {
-        assert_eq!(refresh_delay(s(3600), s(60), s(1), 0.0), s(2160));
-        assert_eq!(refresh_delay(s(3600), s(60), s(1), 1.0), s(2700));
-        let mid = refresh_delay(s(3600), s(60), s(1), 0.5);
-        assert!(mid > s(2160) && mid < s(2700));
-    }
-
-    #[test]
-    fn refresh_leaves_room_for_min_valid_and_the_fetch() {
-        // 10 s token, min_valid capped to 2.5 s, 1 s margin: at 6.5 s at
-        // the latest, so the new token is there with 2.5 s still left.
-        let min_valid = effective_min_valid(s(60), s(10));
-        assert_eq!(
-            refresh_delay(s(10), min_valid, s(1), 1.0),
-            Duration::from_millis(6500)
-        );
-        assert_eq!(refresh_delay(s(10), min_valid, s(1), 0.0), s(6));
-    }
-
-    #[test]
-    fn refresh_never_comes_sooner_than_a_quarter_of_the_life() {
-        assert_eq!(refresh_delay(s(4), s(1), s(10), 0.0), s(1));
-        assert_eq!(
-            refresh_delay(s(1), s(0), s(0), 0.0),
-            Duration::from_millis(600)
-        );
-    }
-
-    #[test]
-    fn backoff_doubles_within_half_to_full_and_caps() {
-        let max = s(30);
-        assert_eq!(backoff(1, max, None, 0.0), Duration::from_millis(500));
-        assert_eq!(backoff(1, max, None, 1.0), s(1));
-        assert_eq!(backoff(2, max, None, 0.0), s(1));
-        assert_eq!(backoff(3, max, None, 1.0), s(4));
-        assert_eq!(backoff(6, max, None, 1.0), s(30));
-        assert_eq!(backoff(6, max, None, 0.0), s(15));
-        assert_eq!(backoff(u32::MAX, max, None, 1.0), s(30));
-        for n in 1..40 {
-            for draw in [0.0, 0.3, 0.99] {
-                let d = backoff(n, max, None, draw);
-                assert!(
-                    d >= Duration::from_millis(500) && d <= max,
-                    "{n} {draw} {d:?}"
-                );
-            }
-        }
-    }
-
-    #[test]
-    fn retry_after_is_honoured_up_to_ten_minutes() {
-        assert_eq!(backoff(1, s(30), Some(s(5)), 1.0), s(5));
-        assert_eq!(backoff(6, s(30), Some(s(5)), 1.0), s(30));
-        assert_eq!(backoff(1, s(30), Some(s(86400)), 0.0), s(600));
-    }
-
-    fn key(idle: Duration) -> KeyConfig {
-        let text = format!(
-            "[keys.k]\ntoken_url = \"https://x/t\"\nclient_id = \"i\"\nclient_secret = \"s\"\nidle_evict = \"{}\"\n",
-            humantime::format_duration(idle)
-        );
-        crate::config::parse(&text, std::path::Path::new("t"))
-            .unwrap()
-            .keys
-            .remove("k")
-            .unwrap()
-    }
-
-    fn token(now: Duration, refresh_in: Duration) -> Arc<CachedToken> {
-        Arc::new(CachedToken {
-            access_token: AccessToken::new("t".into()),
-            fingerprint: "unchecked".into(),
-            token_type: "Bearer".into(),
-            scopes: ScopeSet::default(),
-            expires: now + s(100),
-            expires_at: SystemTime::now(),
-            min_valid: s(25),
-            refresh_at: now + refresh_in,
-            lifetime: s(100),
-        })
-    }
-
-    /// A boot-clock reading for the pure tests: some time after boot.
-    fn boot() -> Duration {
-        s(1000)
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn refresher_sleeps_until_the_refresh_point_then_fetches() {
-        let now = boot();
-        let key = key(s(3600));
-        let state = EntryState {
-            token: Some(token(now, s(60))),
-            last_used: Some(now),
-            ..EntryState::default()
-        };
-        assert_eq!(next_step(&state, &key, now), Next::SleepUntil(now + s(60)));
-        assert_eq!(next_step(&state, &key, now + s(60)), Next::Fetch);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn an_idle_set_is_evicted_and_a_kept_one_is_not() {
-        let now = boot();
-        let key = key(s(10));
-        let mut state = EntryState {
-            token: Some(token(now, s(60))),
-            last_used: Some(now),
-            ..EntryState::default()
-        };
-        assert_eq!(next_step(&state, &key, now), Next::SleepUntil(now + s(10)));
-        assert_eq!(next_step(&state, &key, now + s(10)), Next::Evict);
-        state.kept = true;
-        assert_eq!(
-            next_step(&state, &key, now + s(10)),
-            Next::SleepUntil(now + s(60))
-        );
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn after_a_failure_the_backoff_decides() {
-        let now = boot();
-        let key = key(s(3600));
-        let state = EntryState {
-            token: Some(token(now, s(60))),
-            failures: 2,
-            retry_at: Some(now + s(2)),
-            last_used: Some(now),
-            ..EntryState::default()
-        };
-        assert_eq!(next_step(&state, &key, now), Next::SleepUntil(now + s(2)));
-        assert_eq!(next_step(&state, &key, now + s(2)), Next::Fetch);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn nothing_to_do_while_a_fetch_is_under_way_or_before_the_first() {
-        let now = boot();
-        let key = key(s(3600));
-        let fetching = EntryState {
-            fetching: true,
-            kept: true,
-            ..EntryState::default()
-        };
-        assert_eq!(next_step(&fetching, &key, now), Next::Wait);
-        let fresh_kept = EntryState {
-            kept: true,
-            ..EntryState::default()
-        };
-        assert_eq!(next_step(&fresh_kept, &key, now), Next::Wait);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn usable_until_min_valid_is_left() {
-        let now = boot();
-        let token = token(now, s(60));
-        assert!(token.usable(now));
-        let now = now + s(74);
-        assert!(token.usable(now));
-        let now = now + s(1);
-        assert!(!token.usable(now));
-        assert_eq!(token.remaining(now), s(25));
     }
 
     /// A boot clock that a test can move on without tokio's timers: what a

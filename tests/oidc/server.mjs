@@ -6,8 +6,14 @@
 // Everything else (oidc-provider notices, errors) goes to stderr.
 // Exits when stdin reaches EOF/closes, or on SIGTERM/SIGINT/SIGHUP, so a test
 // harness that dies (and thereby closes our stdin pipe) does not leak us.
+//
+// private_key_jwt clients are registered when the test passes their public
+// keys (PEM) in PKJWT_RSA_PUBLIC_KEY and PKJWT_EC_PUBLIC_KEY. The reason for
+// each client authentication failure (oidc-provider's error_detail, which
+// the HTTP answer leaves out) is written to stderr as
+// `oidc server: grant.error: invalid_client: <detail>`.
 
-import { generateKeyPairSync } from 'node:crypto';
+import { createPublicKey, generateKeyPairSync } from 'node:crypto';
 import http from 'node:http';
 
 // oidc-provider writes some notices with console.info (stdout). stdout is
@@ -80,12 +86,24 @@ const client = (client_id, client_secret, scope, method = 'client_secret_basic')
   redirect_uris: [],
 });
 
+// A client that authenticates with a JWT signed by the private half of the
+// PEM public key in environment variable `env`; none when it is unset.
+const jwtClient = (client_id, env, kid) => {
+  const pem = process.env[env];
+  if (!pem) return [];
+  const jwk = { ...createPublicKey(pem).export({ format: 'jwk' }), ...(kid && { kid }) };
+  const { client_secret: _, ...rest } = client(client_id, undefined, 'gateway vault fx', 'private_key_jwt');
+  return [{ ...rest, jwks: { keys: [jwk] } }];
+};
+
 const configuration = {
   clients: [
     client('tokend-plain', 'plain-secret-0123456789', 'gateway vault fx'),
     client('tok:en+d%id with/space', 's3cr:et+with%percent and/slash', 'gateway vault'),
     client('tokend-narrow', 'narrow-secret-42', 'gateway'),
     client('tokend-post', 'post-secret-7', 'gateway', 'client_secret_post'),
+    ...jwtClient('tokend-jwt-rsa', 'PKJWT_RSA_PUBLIC_KEY', 'tokend-rsa-1'),
+    ...jwtClient('tokend-jwt-ec', 'PKJWT_EC_PUBLIC_KEY'),
   ],
   // Scopes listed here are "static": a client asking for one that is not in
   // its own `scope` metadata gets invalid_scope. Unknown scopes are dropped.
@@ -119,6 +137,9 @@ const configuration = {
 const provider = new Provider(issuer, configuration);
 provider.on('server_error', (_ctx, err) => {
   process.stderr.write(`oidc server: server_error: ${err.stack || err}\n`);
+});
+provider.on('grant.error', (_ctx, err) => {
+  process.stderr.write(`oidc server: grant.error: ${err.error}: ${err.error_detail ?? err.error_description}\n`);
 });
 handler = provider.callback();
 

@@ -135,7 +135,7 @@ unsafe fn send_fd(channel: RawFd, fd: RawFd) -> i32 {
     }
 }
 
-fn receive_fd(channel: RawFd) -> io::Result<RawFd> {
+pub fn receive_fd(channel: RawFd) -> io::Result<RawFd> {
     let mut byte = [0u8; 1];
     let mut iov = libc::iovec {
         iov_base: byte.as_mut_ptr().cast(),

@@ -25,6 +25,12 @@ pub struct OidcProvider {
 impl OidcProvider {
     /// Starts the server on a free loopback port and waits until it listens.
     pub fn start() -> OidcProvider {
+        OidcProvider::start_with_env(&[])
+    }
+
+    /// Like [`OidcProvider::start`], with more environment for the server
+    /// (`PKJWT_*_PUBLIC_KEY` registers the `private_key_jwt` clients).
+    pub fn start_with_env(env: &[(&str, &str)]) -> OidcProvider {
         let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/oidc");
         assert!(
             dir.join("node_modules").is_dir(),
@@ -35,6 +41,7 @@ impl OidcProvider {
             .arg(dir.join("server.mjs"))
             .arg("0")
             .current_dir(&dir)
+            .envs(env.iter().copied())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

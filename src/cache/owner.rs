@@ -1,0 +1,250 @@
+//! The task that owns one cache entry: it alone asks the issuer for the
+//! entry's token, publishes every outcome to the entry's `watch`, and
+//! sleeps on one timer between requests.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use rand::Rng;
+use tokio::sync::watch;
+
+use super::budget::{pauses_key, Pause};
+use super::schedule::{backoff, next_step, Next};
+use super::{Entry, EntryState, Key};
+use crate::issuer::{FailureKind, Grant, IssuerError};
+use crate::scope::ScopeSet;
+
+/// Owns one entry: the only task that asks the issuer for its token. It
+/// refreshes it ahead of expiry, answers the gets that wake it, retries
+/// with backoff, and ends when the entry is idle or its cache stops.
+pub(super) struct Owner {
+    pub(super) key: Arc<Key>,
+    pub(super) scopes: ScopeSet,
+    pub(super) entry: Arc<Entry>,
+    pub(super) state: watch::Sender<EntryState>,
+    /// The key's budget, watched while another set's probe is out.
+    pub(super) pause: watch::Receiver<Pause>,
+}
+
+impl Owner {
+    pub(super) async fn run(mut self) {
+        loop {
+            let now = (self.key.clock)();
+            let last_used = self.entry.last_used();
+            // Read by this task only: no need to wake callers for it.
+            self.state.send_if_modified(|state| {
+                state.last_used = last_used;
+                false
+            });
+            let next = next_step(&self.state.borrow(), &self.key.config, now);
+            let until = match next {
+                Next::Evict => {
+                    tracing::debug!(key = %self.key.name, scopes = %self.scopes, "dropped an idle scope set");
+                    return;
+                }
+                Next::Fetch => {
+                    if !self.attempt().await {
+                        return;
+                    }
+                    continue;
+                }
+                Next::SleepUntil(when) => Some(when),
+                Next::Wait => None,
+            };
+            let key = self.key.clone();
+            // Biased: a move handed over just before the old cache stopped
+            // must win over that stop.
+            tokio::select! {
+                biased;
+                () = self.entry.moved.notified() => self.take_move(),
+                () = key.stop.cancelled() => if self.stopped() { return },
+                () = self.entry.wake.notified() => if !self.woken().await { return },
+                () = sleep_until(until, key.clock) => {}
+            }
+        }
+    }
+
+    /// A get woke us: it found no usable token (or, after a suspend, one
+    /// past its refresh point) and may be waiting for an answer. `false`
+    /// when the cache stopped meanwhile.
+    async fn woken(&mut self) -> bool {
+        let now = (self.key.clock)();
+        let wanted = {
+            let state = self.state.borrow();
+            let fresh = state
+                .token
+                .as_ref()
+                .is_some_and(|t| t.usable(now) && now < t.refresh_at);
+            let backing_off = state.retry_at.is_some_and(|at| now < at);
+            !fresh && !backing_off
+        };
+        if wanted {
+            return self.attempt().await;
+        }
+        self.state.send_modify(|state| state.answers += 1);
+        true
+    }
+
+    /// Asks the issuer when the key's budget allows and publishes the
+    /// outcome. `false` when the cache stopped meanwhile.
+    async fn attempt(&mut self) -> bool {
+        loop {
+            self.pause.borrow_and_update();
+            match self.key.admit((self.key.clock)()) {
+                Ok(probe) => return self.fetch(probe).await,
+                Err(Some(until)) => {
+                    self.blocked(until);
+                    return true;
+                }
+                Err(None) => {
+                    let key = self.key.clone();
+                    tokio::select! {
+                        biased;
+                        () = key.stop.cancelled() => if self.stopped() { return false },
+                        changed = self.pause.changed() => if changed.is_err() { return false },
+                    }
+                }
+            }
+        }
+    }
+
+    async fn fetch(&mut self, probe: bool) -> bool {
+        self.state.send_modify(|state| {
+            state.fetching = true;
+            state.requests += 1;
+        });
+        tracing::debug!(key = %self.key.name, scopes = %self.scopes, probe, "requesting a token from the issuer");
+        let key = self.key.clone();
+        let started = tokio::time::Instant::now();
+        let result = tokio::select! {
+            // Boxed: inline, the request's state would make every idle
+            // owner task as large as one in the middle of a request.
+            result = Box::pin(key.issuer.fetch(&key.config, &self.scopes)) => result,
+            // Dropping the state's sender tells waiting gets there will be
+            // no answer.
+            () = key.deadline.cancelled() => return false,
+        };
+        // A reload during the request: the outcome is the new key's.
+        self.take_move();
+        self.settle(result, started.elapsed(), probe);
+        self.key.changes.notify_one();
+        true
+    }
+
+    /// Publishes a request's outcome, and the key's pause it implies.
+    fn settle(&mut self, result: Result<Grant, IssuerError>, latency: Duration, probe: bool) {
+        let received = ((self.key.clock)(), SystemTime::now());
+        let now = received.0;
+        let key = self.key.clone();
+        let error = match result {
+            Ok(grant) => {
+                if probe {
+                    key.lift_pause();
+                }
+                let token = Arc::new(key.cached(grant, &self.scopes, received, latency));
+                self.state.send_modify(|state| {
+                    state.token = Some(token);
+                    state.last_refresh = Some(received.1);
+                    state.last_error = None;
+                    state.failures = 0;
+                    state.retry_at = None;
+                    state.latency = latency;
+                    state.refused = false;
+                    state.fetching = false;
+                    state.answers += 1;
+                });
+                return;
+            }
+            Err(error) => Arc::new(error),
+        };
+        let failures = self.state.borrow().failures.saturating_add(1);
+        let retry_at = if pauses_key(&error) {
+            key.pause(&error, probe, now)
+        } else {
+            if probe {
+                key.lift_pause();
+            }
+            let draw = rand::rng().random();
+            now + backoff(failures, key.config.max_backoff, error.retry_after, draw)
+        };
+        tracing::warn!(
+            key = %key.name,
+            scopes = %self.scopes,
+            issuer_status = error.status(),
+            failures,
+            retry_in_ms = retry_at.saturating_sub(now).as_millis() as u64,
+            "token request failed: {error}"
+        );
+        let refused = refuses_scope(&error);
+        self.state.send_modify(|state| {
+            state.failures = failures;
+            state.retry_at = Some(retry_at);
+            state.last_error = Some(error);
+            state.last_failure = Some(received.1);
+            state.refused = refused;
+            state.fetching = false;
+            state.answers += 1;
+        });
+    }
+
+    /// The key is paused until `until`: this set answers with its reason.
+    fn blocked(&mut self, until: Duration) {
+        let error = self.key.pause.borrow().error.clone();
+        self.state.send_modify(|state| {
+            state.retry_at = Some(until);
+            state.last_error = error.or(state.last_error.take());
+            state.answers += 1;
+        });
+        self.key.changes.notify_one();
+    }
+
+    /// From now on this entry is `key`'s, under its settings.
+    fn moved(&mut self, key: Arc<Key>) {
+        let kept = key.config.prefetch.contains(&self.scopes);
+        self.state.send_if_modified(|state| {
+            state.kept = kept;
+            state.token = state
+                .token
+                .as_ref()
+                .map(|token| Arc::new(token.under(&key.config, state.latency)));
+            false
+        });
+        self.pause = key.pause.subscribe();
+        self.key = key;
+    }
+
+    fn take_move(&mut self) {
+        if let Some(key) = self.entry.move_to.swap(None) {
+            self.moved(key);
+        }
+    }
+
+    /// Whether the cache this entry belongs to has stopped, after taking
+    /// any move to a new cache handed over before the old one stopped.
+    fn stopped(&mut self) -> bool {
+        self.take_move();
+        self.key.stop.is_cancelled()
+    }
+}
+
+/// Sleeps until boot-clock time `until`, or forever for `None`. Tokio's
+/// timer stops during a suspend, so it may fire late: the owner re-reads
+/// the boot clock when it does.
+async fn sleep_until(until: Option<Duration>, clock: fn() -> Duration) {
+    match until {
+        Some(until) => tokio::time::sleep(until.saturating_sub(clock())).await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Drop for Owner {
+    /// The entry leaves the count of the STATUS= line.
+    fn drop(&mut self) {
+        self.key.changes.notify_one();
+    }
+}
+
+/// The issuer refused this scope set itself (RFC 6749 5.2 `invalid_scope`).
+fn refuses_scope(error: &IssuerError) -> bool {
+    matches!(&error.kind, FailureKind::Refused { words, .. } if words.starts_with("invalid_scope"))
+}
