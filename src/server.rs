@@ -475,6 +475,11 @@ impl Handler {
                     }
                 };
                 outbox.push(answer);
+                // A buffered request costs no I/O, so nothing else would
+                // count it against the task's cooperative budget: one
+                // connection's flood would then keep its worker for
+                // thousands of answers while other connections wait.
+                tokio::task::consume_budget().await;
                 if outbox.len() >= MAX_BATCH {
                     break;
                 }
