@@ -220,14 +220,28 @@ async fn a_keys_proxy_carries_its_requests_and_overrides_the_environment() {
         quoted(&ca_file),
         toml::Value::String(proxy.url_with(PROXY_USER, PROXY_PASSWORD))
     );
+    let without_credentials = format!(
+        "ca_file = {}\nproxy = {}",
+        quoted(&ca_file),
+        toml::Value::String(proxy.url())
+    );
+    let keys = key("k", &issuer, &extra) + &key("refused", &issuer, &without_credentials);
     let daemon = daemon()
         .env("HTTPS_PROXY", bystander.url())
         .dir(dir)
-        .keys(&key("k", &issuer, &extra))
+        .keys(&keys)
         .start();
     assert_served(&daemon.call(get("k")).await);
+    // A proxy's refusal is told as such, not as the issuer's.
+    let refused = daemon.call(get("refused")).await;
+    assert_eq!(refused["error"]["code"], "unavailable", "{refused}");
+    let message = refused["error"]["message"].as_str().expect("message");
+    assert!(
+        message.contains("proxy authorization required"),
+        "{message}"
+    );
 
-    let seen = proxy.wait_for(1, Duration::from_secs(5)).await;
+    let seen = proxy.wait_for(2, Duration::from_secs(5)).await;
     assert_eq!(
         seen[0].request_line,
         format!("CONNECT {} HTTP/1.1", issuer.addr())

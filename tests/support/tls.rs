@@ -100,6 +100,8 @@ impl TlsListener {
         let accepting = tokio::spawn(async move {
             loop {
                 let Ok((stream, peer)) = tcp.accept().await else {
+                    // Out of descriptors, say: give the others time to close.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
                     continue;
                 };
                 let (acceptor, done) = (acceptor.clone(), done.clone());
