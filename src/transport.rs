@@ -43,7 +43,7 @@ use std::error::Error as StdError;
 use std::fmt;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use base64::Engine as _;
 use rustls::pki_types::pem::PemObject;
@@ -135,10 +135,15 @@ impl CaFile {
 }
 
 /// A key's `proxy`: an `http://` URL that may carry a user and password.
-/// Wiped on drop; `Debug` shows it without credentials.
+/// Wiped on drop; `Debug` shows it without credentials. Parsed once: every
+/// parse would leave a copy of the password in memory that is not wiped.
 #[derive(Clone)]
 pub struct ProxyUrl {
     url: Zeroizing<String>,
+    /// `http://HOST:PORT`.
+    shown: String,
+    /// What [`ProxyUrl::secret_forms`] returns; empty without credentials.
+    forms: Arc<[Zeroizing<String>]>,
 }
 
 impl ProxyUrl {
@@ -151,7 +156,8 @@ impl ProxyUrl {
                 url.scheme()
             ));
         }
-        if url.host_str().unwrap_or("").is_empty() {
+        let host = url.host_str().unwrap_or("").to_owned();
+        if host.is_empty() {
             return Err("proxy URL has no host; write http://HOST:PORT".to_owned());
         }
         if !matches!(url.path(), "" | "/") || url.query().is_some() || url.fragment().is_some() {
@@ -161,54 +167,59 @@ impl ProxyUrl {
                     .to_owned(),
             );
         }
+        let shown = match url.port_or_known_default() {
+            Some(port) => format!("http://{host}:{port}"),
+            None => format!("http://{host}"),
+        };
+        let forms = credential_forms(&url);
+        // Moves the URL's own buffer: nothing of it is left unwiped.
+        let url = Zeroizing::new(String::from(url));
+        let mut forms = forms;
+        if !forms.is_empty() {
+            forms.push(url.clone());
+        }
         Ok(ProxyUrl {
-            url: Zeroizing::new(url.into()),
+            url,
+            shown,
+            forms: forms.into(),
         })
-    }
-
-    fn url(&self) -> Option<Url> {
-        Url::parse(&self.url).ok()
     }
 
     /// Whether the URL names a user or a password.
     pub fn has_credentials(&self) -> bool {
-        self.url()
-            .is_some_and(|u| !u.username().is_empty() || u.password().is_some())
+        !self.forms.is_empty()
     }
 
     /// `http://HOST:PORT`, for messages.
-    pub fn shown(&self) -> String {
-        match self.url() {
-            Some(url) => {
-                let host = url.host_str().unwrap_or("");
-                match url.port_or_known_default() {
-                    Some(port) => format!("{}://{host}:{port}", url.scheme()),
-                    None => format!("{}://{host}", url.scheme()),
-                }
-            }
-            None => "[proxy]".to_owned(),
-        }
+    pub fn shown(&self) -> &str {
+        &self.shown
     }
 
     /// Every form the credentials take in what tokend sends or could be
     /// shown: the password as written (percent-encoded) and decoded, the
-    /// `user:password` pair, and its base64 in `Proxy-Authorization`.
+    /// `user:password` pair and its base64 in `Proxy-Authorization`, and
+    /// the whole URL.
     pub fn secret_forms(&self) -> Vec<Zeroizing<String>> {
-        let Some(url) = self.url().filter(|_| self.has_credentials()) else {
-            return Vec::new();
-        };
-        let user = percent_decode(url.username());
-        let password = url.password().map(percent_decode).unwrap_or_default();
-        let pair = Zeroizing::new(format!("{}:{}", *user, *password));
-        let b64 = Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(pair.as_bytes()));
-        let mut forms = vec![pair, b64, self.url.clone()];
-        if let Some(raw) = url.password() {
-            forms.push(Zeroizing::new(raw.to_owned()));
-            forms.push(password);
-        }
-        forms.retain(|f| !f.is_empty());
-        forms
+        self.forms.to_vec()
     }
+}
+
+/// The forms of `url`'s credentials but the URL itself; none without them.
+fn credential_forms(url: &Url) -> Vec<Zeroizing<String>> {
+    if url.username().is_empty() && url.password().is_none() {
+        return Vec::new();
+    }
+    let user = percent_decode(url.username());
+    let password = url.password().map(percent_decode).unwrap_or_default();
+    let pair = Zeroizing::new(format!("{}:{}", *user, *password));
+    let b64 = Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(pair.as_bytes()));
+    let mut forms = vec![pair, b64];
+    if let Some(raw) = url.password() {
+        forms.push(Zeroizing::new(raw.to_owned()));
+        forms.push(password);
+    }
+    forms.retain(|f| !f.is_empty());
+    forms
 }
 
 /// `%XX` sequences decoded, as the HTTP stack decodes a URL's user and
@@ -237,37 +248,60 @@ impl Hash for ProxyUrl {
 
 impl fmt::Debug for ProxyUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let rest = self.shown.trim_start_matches("http://");
         let credentials = if self.has_credentials() {
             "[redacted]@"
         } else {
             ""
         };
-        let shown = self.shown();
-        let (scheme, rest) = shown.split_once("://").unwrap_or(("", &shown));
-        write!(f, "ProxyUrl({scheme}://{credentials}{rest})")
+        write!(f, "ProxyUrl(http://{credentials}{rest})")
     }
 }
 
 /// The forms of proxy credentials to scrub for `key`: its own proxy's, or
-/// when it has none, those of the proxy variables in the environment.
+/// when it has none, those of the proxy variables in the environment
+/// (read once: tokend never changes its environment).
 pub(crate) fn proxy_secret_forms(key: &KeyConfig) -> Vec<Zeroizing<String>> {
+    static FROM_ENVIRONMENT: OnceLock<Vec<Zeroizing<String>>> = OnceLock::new();
     if let Some(proxy) = &key.proxy {
         return proxy.secret_forms();
     }
-    const VARIABLES: [&str; 6] = [
-        "HTTPS_PROXY",
-        "https_proxy",
-        "HTTP_PROXY",
-        "http_proxy",
-        "ALL_PROXY",
-        "all_proxy",
-    ];
-    VARIABLES
-        .iter()
-        .filter_map(|name| std::env::var(name).ok().map(Zeroizing::new))
-        .filter_map(|text| ProxyUrl::parse(&text).ok())
-        .flat_map(|proxy| proxy.secret_forms())
-        .collect()
+    FROM_ENVIRONMENT
+        .get_or_init(|| {
+            const VARIABLES: [&str; 6] = [
+                "HTTPS_PROXY",
+                "https_proxy",
+                "HTTP_PROXY",
+                "http_proxy",
+                "ALL_PROXY",
+                "all_proxy",
+            ];
+            VARIABLES
+                .iter()
+                .filter_map(|name| std::env::var(name).ok().map(Zeroizing::new))
+                .flat_map(|text| environment_forms(&text))
+                .collect()
+        })
+        .clone()
+}
+
+/// The credential forms of a proxy variable's value, read as the HTTP
+/// stack reads it: any scheme, and `http://` when it has none.
+fn environment_forms(text: &str) -> Vec<Zeroizing<String>> {
+    let full = if text.contains("://") {
+        Zeroizing::new(text.to_owned())
+    } else {
+        Zeroizing::new(format!("http://{text}"))
+    };
+    let Ok(url) = Url::parse(&full) else {
+        return Vec::new();
+    };
+    let mut forms = credential_forms(&url);
+    if !forms.is_empty() {
+        forms.push(Zeroizing::new(text.to_owned()));
+        forms.push(Zeroizing::new(String::from(url)));
+    }
+    forms
 }
 
 /// What a key's requests go through: its trust anchors and its proxy.
@@ -428,6 +462,24 @@ mod tests {
         ] {
             assert!(forms.iter().any(|f| f == form), "{form} missing");
         }
+    }
+
+    #[test]
+    fn credentials_in_proxy_variables_are_found_as_curl_reads_them() {
+        let basic = base64::engine::general_purpose::STANDARD.encode("u:s3cret");
+        for value in [
+            "u:s3cret@proxy:3128",
+            "https://u:s3cret@proxy:3128",
+            "socks5h://u:s3cret@p",
+        ] {
+            let forms: Vec<String> = environment_forms(value)
+                .iter()
+                .map(|f| f.to_string())
+                .collect();
+            assert!(forms.iter().any(|f| f == "s3cret"), "{value}: {forms:?}");
+            assert!(forms.contains(&basic), "{value}");
+        }
+        assert!(environment_forms("http://proxy:3128").is_empty());
     }
 
     #[test]
