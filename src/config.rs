@@ -1,7 +1,8 @@
 //! The configuration file: TOML into typed, validated settings.
 //!
 //! [`load`] does the I/O (the file, who may read it, secret files and
-//! systemd credentials, through [`crate::secret_file`]); [`parse`] is pure
+//! systemd credentials, through [`crate::secret_file`], and `ca_file`s,
+//! through [`crate::transport::CaFile`]); [`parse`] is pure
 //! and turns text into a [`Config`] or an error that names the file, line
 //! and column. Errors about a secret-bearing setting name the setting and
 //! what it expects, never its value. Nothing here talks to an issuer or
