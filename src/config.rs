@@ -1,7 +1,8 @@
 //! The configuration file: TOML into typed, validated settings.
 //!
 //! [`load`] does the I/O (the file, who may read it, secret files and
-//! systemd credentials, through [`crate::secret_file`]); [`parse`] is pure
+//! systemd credentials, through [`crate::secret_file`], and `ca_file`s,
+//! through [`crate::transport::CaFile`]); [`parse`] is pure
 //! and turns text into a [`Config`] or an error that names the file, line
 //! and column. Errors about a secret-bearing setting name the setting and
 //! what it expects, never its value. Nothing here talks to an issuer or
@@ -23,6 +24,7 @@ use crate::assertion::{Audience, ClientAssertion, SigningAlg, SigningKey};
 use crate::scope::ScopeSet;
 use crate::secret::ClientSecret;
 use crate::secret_file::{self, Exposure, FileError};
+use crate::transport::{CaFile, ProxyUrl};
 
 pub const DEFAULT_CONFIG: &str = "/etc/tokend/tokend.toml";
 pub const DEFAULT_SOCKET: &str = "/run/tokend/tokend.sock";
@@ -82,6 +84,8 @@ pub struct DaemonConfig {
     /// loopback address unless `metrics_listen_non_loopback` said otherwise.
     pub metrics_listen: Option<SocketAddr>,
     pub metrics_listen_non_loopback: bool,
+    /// The trust anchors of keys without a `ca_file` of their own.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// One credential at one issuer.
@@ -115,6 +119,11 @@ pub struct KeyConfig {
     pub max_scope_sets: usize,
     /// The longest wait between retries after issuer failures.
     pub max_backoff: Duration,
+    /// Trust anchors beside the bundled and system roots: the key's own
+    /// `ca_file`, or else `[daemon] ca_file`.
+    pub ca_file: Option<CaFile>,
+    /// The proxy to the issuer instead of the environment's.
+    pub proxy: Option<ProxyUrl>,
     pub acl: Acl,
 }
 
@@ -185,6 +194,9 @@ impl KeyConfig {
             && self.auth == other.auth
             // The key file's path and text, and how it signs.
             && self.assertion == other.assertion
+            // A token from an issuer tokend now trusts differently may
+            // come from a server it no longer would talk to.
+            && self.ca_file == other.ca_file
     }
 }
 
@@ -229,6 +241,7 @@ fn read(path: &Path, lenient: bool) -> Result<Config, ConfigError> {
         credentials: credentials.as_deref(),
         lenient,
         read_key: Some(read_private_key),
+        read_ca: Some(CaFile::read),
     };
     build(&file.text, path, sources, read_secret_file)
 }
@@ -252,10 +265,15 @@ struct Sources<'a> {
     lenient: bool,
     /// Reads `private_key_file`; `None` leaves keys unread (`parse`).
     read_key: Option<ReadKey>,
+    /// Reads a `ca_file`; `None` leaves them unread (see [`parse`]).
+    read_ca: Option<ReadCa>,
 }
 
 /// Reads a private key file's text, or says why not.
 type ReadKey = fn(&Path) -> Result<Zeroizing<String>, String>;
+
+/// How [`load`] reads a `ca_file`.
+type ReadCa = fn(&Path) -> Result<CaFile, String>;
 
 fn build(
     text: &str,
@@ -264,11 +282,31 @@ fn build(
     read_file: impl Fn(&Path) -> Result<ClientSecret, String>,
 ) -> Result<Config, ConfigError> {
     let raw = parse_raw(text, path)?;
+    let read_ca = |setting: &Spanned<PathBuf>, owner: &str| {
+        let file = setting.get_ref();
+        match sources.read_ca {
+            Some(read) => read(file).map_err(|e| {
+                locate(
+                    text,
+                    path,
+                    setting.span().start,
+                    format!("{owner}ca_file: {e}"),
+                )
+            }),
+            None => Ok(CaFile::unread(file)),
+        }
+    };
+    let daemon_ca = raw
+        .daemon
+        .ca_file
+        .as_ref()
+        .map(|setting| read_ca(setting, "[daemon] "))
+        .transpose()?;
     let daemon = raw.daemon.finish(text, path)?;
     let mut keys = BTreeMap::new();
     for (name, key) in raw.keys {
         let start = key.span().start;
-        let key = key.into_inner();
+        let mut key = key.into_inner();
         let at = |message| locate(text, path, start, message);
         if let Some(exposure) = sources.config_exposure {
             if key.client_secret.is_some() {
@@ -279,7 +317,26 @@ fn build(
                     exposure.advice(Path::new("it")),
                 )));
             }
+            if let Some(proxy) = key.proxy.as_ref().filter(|p| p.get_ref().has_credentials()) {
+                return Err(locate(
+                    text,
+                    path,
+                    proxy.span().start,
+                    format!(
+                        "key {name:?} has a proxy URL with credentials but {} {exposure}; {} or \
+                         set HTTPS_PROXY in an environment file only root can read",
+                        path.display(),
+                        exposure.advice(Path::new("it")),
+                    ),
+                ));
+            }
         }
+        // A key's own ca_file replaces the daemon's, as a key's setting
+        // replaces any default.
+        let ca_file = match key.ca_file.take() {
+            Some(setting) => Some(read_ca(&setting, &format!("key {name:?}: "))?),
+            None => daemon_ca.clone(),
+        };
         let credentials = sources
             .credentials
             .map(|dir| (dir, CREDENTIAL_PREFIX))
@@ -287,6 +344,7 @@ fn build(
         let mut key = key
             .finish(&name, credentials, sources.lenient, &read_file)
             .map_err(at)?;
+        key.ca_file = ca_file;
         if let Some(read_key) = sources.read_key {
             load_signing_key(&name, &mut key, read_key, sources.lenient).map_err(at)?;
         }
@@ -423,6 +481,7 @@ struct RawDaemon {
     /// and the error must still point at this one.
     metrics_listen: Option<Spanned<String>>,
     metrics_listen_non_loopback: bool,
+    ca_file: Option<Spanned<PathBuf>>,
 }
 
 impl Default for RawDaemon {
@@ -442,6 +501,7 @@ impl Default for RawDaemon {
             metrics_allow_uids: Vec::new(),
             metrics_listen: None,
             metrics_listen_non_loopback: false,
+            ca_file: None,
         }
     }
 }
@@ -474,6 +534,7 @@ impl RawDaemon {
             metrics_allow_uids: self.metrics_allow_uids,
             metrics_listen,
             metrics_listen_non_loopback: self.metrics_listen_non_loopback,
+            ca_file: self.ca_file.map(Spanned::into_inner),
         })
     }
 }
@@ -537,6 +598,8 @@ struct RawKey {
     max_scope_sets: usize,
     #[serde(default = "default_max_backoff", deserialize_with = "backoff_ceiling")]
     max_backoff: Duration,
+    ca_file: Option<Spanned<PathBuf>>,
+    proxy: Option<Spanned<ProxyUrl>>,
     #[serde(default)]
     allow_uids: Vec<u32>,
     #[serde(default)]
@@ -665,6 +728,9 @@ impl RawKey {
             idle_evict: self.idle_evict,
             max_scope_sets: self.max_scope_sets,
             max_backoff: self.max_backoff,
+            // Read by `build`, which knows where the setting is.
+            ca_file: None,
+            proxy: self.proxy.map(Spanned::into_inner),
             acl: Acl {
                 uids: self.allow_uids,
                 users: self.allow_users,
@@ -856,6 +922,17 @@ impl<'de> serde::de::Visitor<'de> for SecretVisitor {
 
     fn visit_map<A: serde::de::MapAccess<'de>>(self, _: A) -> Result<ClientSecret, A::Error> {
         Err(Self::wrong("a table or a date"))
+    }
+}
+
+/// A proxy URL may carry a password: errors name what is wrong with it,
+/// never the text.
+impl<'de> Deserialize<'de> for ProxyUrl {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = zeroize::Zeroizing::new(String::deserialize(d).map_err(|_| {
+            serde::de::Error::custom("proxy must be a string such as \"http://proxy.example:3128\"")
+        })?);
+        ProxyUrl::parse(&text).map_err(serde::de::Error::custom)
     }
 }
 
@@ -1292,6 +1369,69 @@ allow_groups = ["billing"]
         }
         let e = err("[daemon]\nmetrics_allow_uids = [-1]\n");
         assert!(e.starts_with("t.toml:2:"), "{e}");
+    }
+
+    #[test]
+    fn a_keys_ca_file_replaces_the_daemons() {
+        let text = format!(
+            "[daemon]\nca_file = \"/etc/corp.pem\"\n\n{KEY}client_secret = \"s\"\n\n\
+             [keys.b]\ntoken_url = \"https://x/t\"\nclient_id = \"i\"\nclient_secret = \"s\"\n\
+             ca_file = \"/etc/b.pem\"\nproxy = \"http://proxy.corp:3128\"\n"
+        );
+        let config = parse(&text, Path::new("t.toml")).unwrap();
+        assert_eq!(config.daemon.ca_file, Some(PathBuf::from("/etc/corp.pem")));
+        let ca_of = |name: &str| config.keys[name].ca_file.as_ref().unwrap().path.clone();
+        assert_eq!(ca_of("a"), PathBuf::from("/etc/corp.pem"));
+        assert_eq!(ca_of("b"), PathBuf::from("/etc/b.pem"));
+        assert!(config.keys["a"].proxy.is_none());
+        let proxy = config.keys["b"].proxy.as_ref().unwrap();
+        assert_eq!(proxy.shown(), "http://proxy.corp:3128");
+    }
+
+    #[test]
+    fn proxy_errors_point_at_the_value_and_never_quote_it() {
+        let e = err(&format!(
+            "{KEY}client_secret = \"s\"\nproxy = \"ftp://u:hunter2@proxy\"\n"
+        ));
+        assert!(e.starts_with("t.toml:5:9: proxy scheme \"ftp\""), "{e}");
+        assert!(!e.contains("hunter2"), "{e}");
+        let e = err(&format!(
+            "{KEY}client_secret = \"s\"\nproxy = [\"hunter2\"]\n"
+        ));
+        assert!(e.starts_with("t.toml:5:9: proxy must be a string"), "{e}");
+        assert!(!e.contains("hunter2"), "{e}");
+    }
+
+    #[test]
+    fn a_changed_ca_file_is_a_changed_credential() {
+        let pem = |name: &str| {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, name);
+            params.self_signed(&key).unwrap().pem()
+        };
+        let (one, two) = (pem("one"), pem("two"));
+        let path = Path::new("/etc/ca.pem");
+        let text = format!("{KEY}client_secret = \"s\"\n");
+        let mut key = parse(&text, Path::new("t"))
+            .unwrap()
+            .keys
+            .remove("a")
+            .unwrap();
+        key.ca_file = Some(CaFile::parse(path, one.as_bytes()).unwrap());
+        let mut same = key.clone();
+        same.ca_file = Some(CaFile::parse(path, one.as_bytes()).unwrap());
+        assert!(key.same_credential(&same));
+        let mut grown = key.clone();
+        grown.ca_file = Some(CaFile::parse(path, format!("{one}{two}").as_bytes()).unwrap());
+        assert_eq!(grown.ca_file.as_ref().unwrap().len(), 2);
+        assert!(!key.same_credential(&grown));
+        let mut none = key.clone();
+        none.ca_file = None;
+        assert!(!key.same_credential(&none));
     }
 
     #[test]

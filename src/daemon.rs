@@ -297,7 +297,6 @@ struct Reloader {
     /// The `[daemon]` settings in force: the socket and the limits were set
     /// up at start and stay until a restart.
     running: DaemonConfig,
-    issuer: IssuerClient,
     /// Where the caches' owner tasks run.
     owners: TaskTracker,
     shutdown: Shutdown,
@@ -320,7 +319,8 @@ impl Reloader {
         logging: Logging,
         reload_requests: mpsc::Sender<ReloadAsked>,
     ) -> anyhow::Result<Reloader> {
-        let issuer = IssuerClient::new().context("failed to set up the HTTP client")?;
+        let issuer =
+            IssuerClient::for_config(&config).context("failed to set up the HTTP clients")?;
         let owners = TaskTracker::new();
         let audit = Arc::new(Audit::new());
         audit.set_handouts_logged(config.daemon.audit);
@@ -335,7 +335,6 @@ impl Reloader {
             path: path.to_owned(),
             current,
             running,
-            issuer,
             owners,
             shutdown: shutdown.clone(),
             notifier,
@@ -359,10 +358,16 @@ impl Reloader {
         tracing::info!(config = %self.path.display(), "{why}: reloading");
         self.notifier.notify(&systemd::reloading()).await;
         let path = self.path.clone();
-        let loading = tokio::task::spawn_blocking(move || config::load(&path));
+        // The HTTP clients read the system trust store: off the runtime too.
+        let loading = tokio::task::spawn_blocking(move || {
+            let config = config::load(&path).map_err(|e| e.to_string())?;
+            let issuer = IssuerClient::for_config(&config)
+                .map_err(|e| format!("failed to set up the HTTP clients: {e}"))?;
+            Ok::<_, String>((config, issuer))
+        });
         let outcome = match tokio::time::timeout(RELOAD_READ_LIMIT, loading).await {
-            Ok(Ok(Ok(config))) => Ok(self.swap(config)),
-            Ok(Ok(Err(e))) => Err(e.to_string()),
+            Ok(Ok(Ok((config, issuer)))) => Ok(self.swap(config, issuer)),
+            Ok(Ok(Err(e))) => Err(e),
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err(format!(
                 "{} and its secret files could not be read within {} (a hung mount?)",
@@ -379,15 +384,16 @@ impl Reloader {
         outcome
     }
 
-    /// Swaps in a service for `config`; returns its number of keys.
-    fn swap(&mut self, config: Config) -> usize {
+    /// Swaps in a service for `config`, whose keys `issuer` was built
+    /// for; returns its number of keys.
+    fn swap(&mut self, config: Config, issuer: IssuerClient) -> usize {
         self.warn_restart_needed(&config.daemon);
         self.logging.set_level(config.daemon.log_level);
         self.audit.set_handouts_logged(config.daemon.audit);
         let config = Arc::new(config);
         let cache = TokenCache::new(
             &config,
-            self.issuer.clone(),
+            issuer,
             self.owners.clone(),
             self.shutdown.deadline(),
         );

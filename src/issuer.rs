@@ -25,9 +25,10 @@ use serde_json::Value;
 use zeroize::Zeroizing;
 
 use crate::assertion::{self, AssertionError, Jws};
-use crate::config::{AuthMethod, KeyConfig};
+use crate::config::{AuthMethod, Config, KeyConfig};
 use crate::scope::ScopeSet;
 use crate::secret::AccessToken;
+use crate::transport::{self, Clients};
 
 /// The most of an issuer's answer we read. Token answers are a few KiB even
 /// with large JWTs; anything bigger is a misbehaving server.
@@ -82,6 +83,9 @@ pub enum FailureKind {
     Timeout(Duration),
     #[error("failed to reach the issuer: {0}")]
     Transport(String),
+    /// The TLS handshake failed: most often a CA the key does not trust.
+    #[error("TLS: {0}")]
+    Tls(String),
     /// The key's secret could not be read at start; the issuer was not asked.
     #[error("the client secret could not be read ({0}); fix it and reload")]
     NoSecret(String),
@@ -101,6 +105,7 @@ impl IssuerError {
             FailureKind::TooLarge => "oversized answer".to_owned(),
             FailureKind::Timeout(_) => "issuer timed out".to_owned(),
             FailureKind::Transport(_) => "issuer unreachable".to_owned(),
+            FailureKind::Tls(_) => "TLS handshake failed".to_owned(),
             FailureKind::NoSecret(_) => "secret unreadable".to_owned(),
             FailureKind::Assertion(_) => "assertion unsigned".to_owned(),
         }
@@ -116,16 +121,18 @@ impl IssuerError {
             FailureKind::TooLarge
             | FailureKind::Timeout(_)
             | FailureKind::Transport(_)
+            | FailureKind::Tls(_)
             | FailureKind::NoSecret(_)
             | FailureKind::Assertion(_) => None,
         }
     }
 }
 
-/// Talks to token endpoints. Cheap to clone; one connection pool for all.
+/// Talks to token endpoints. Cheap to clone; one connection pool for each
+/// distinct `ca_file` and `proxy` of the keys it was built for.
 #[derive(Clone)]
 pub struct IssuerClient {
-    http: reqwest::Client,
+    http: Clients,
 }
 
 impl fmt::Debug for IssuerClient {
@@ -135,14 +142,18 @@ impl fmt::Debug for IssuerClient {
 }
 
 impl IssuerClient {
+    /// A client for keys with neither `ca_file` nor `proxy`.
     pub fn new() -> Result<IssuerClient, reqwest::Error> {
-        let http = reqwest::Client::builder()
-            // A redirect would re-send the credentials somewhere the
-            // operator did not configure.
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("tokend/", env!("CARGO_PKG_VERSION")))
-            .build()?;
-        Ok(IssuerClient { http })
+        Ok(IssuerClient {
+            http: Clients::for_keys([])?,
+        })
+    }
+
+    /// A client for every key of `config`. Reads the system trust store.
+    pub fn for_config(config: &Config) -> Result<IssuerClient, reqwest::Error> {
+        Ok(IssuerClient {
+            http: Clients::for_keys(config.keys.values())?,
+        })
     }
 
     /// Asks `key`'s issuer for a token with `scopes` (the issuer's default
@@ -201,7 +212,12 @@ impl IssuerClient {
         scopes: &ScopeSet,
         assertion: Option<&Jws>,
     ) -> Result<(u16, HeaderMap, Zeroizing<Vec<u8>>), FailureKind> {
-        let request = build_request(&self.http, key, scopes, assertion);
+        let http = self.http.get(key).ok_or_else(|| {
+            FailureKind::Transport(
+                "no HTTP client was set up for this key's ca_file and proxy".to_owned(),
+            )
+        })?;
+        let request = build_request(http, key, scopes, assertion);
         let mut response = request.send().await.map_err(transport)?;
         let status = response.status().as_u16();
         if response
@@ -298,6 +314,24 @@ fn basic_pair(key: &KeyConfig) -> Zeroizing<String> {
     pair
 }
 
+/// The client secret as written, form-urlencoded both ways, and in both
+/// Basic credentials.
+fn secret_forms(key: &KeyConfig) -> Vec<Zeroizing<String>> {
+    let secret = key.client_secret.expose();
+    let encoded =
+        Zeroizing::new(form_urlencoded::byte_serialize(secret.as_bytes()).collect::<String>());
+    let b64 =
+        |bytes: &[u8]| Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(bytes));
+    let raw_pair = Zeroizing::new(format!("{}:{secret}", key.client_id));
+    vec![
+        Zeroizing::new(secret.to_owned()),
+        Zeroizing::new(encoded.replace('+', "%20")),
+        b64(basic_pair(key).as_bytes()),
+        b64(raw_pair.as_bytes()),
+        encoded,
+    ]
+}
+
 /// Every form the client secret takes in what tokend sends, so that an
 /// issuer that echoes its input cannot get any of them into a caller's
 /// answer or a log line: the secret itself, form-urlencoded (what both
@@ -310,24 +344,16 @@ pub struct Scrubber {
 
 impl Scrubber {
     pub fn for_key(key: &KeyConfig) -> Scrubber {
-        let secret = key.client_secret.expose();
         // A key without a secret (`private_key_jwt`) has none to scrub;
         // the encodings of an empty one would only blank the client id.
-        if secret.is_empty() {
-            return Scrubber::none();
-        }
-        let encoded =
-            Zeroizing::new(form_urlencoded::byte_serialize(secret.as_bytes()).collect::<String>());
-        let b64 =
-            |bytes: &[u8]| Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(bytes));
-        let raw_pair = Zeroizing::new(format!("{}:{secret}", key.client_id));
-        let mut forms = vec![
-            Zeroizing::new(secret.to_owned()),
-            Zeroizing::new(encoded.replace('+', "%20")),
-            b64(basic_pair(key).as_bytes()),
-            b64(raw_pair.as_bytes()),
-            encoded,
-        ];
+        let mut forms = if key.client_secret.expose().is_empty() {
+            Vec::new()
+        } else {
+            secret_forms(key)
+        };
+        // A proxy's credentials never go to the issuer, but a proxy's own
+        // error page could repeat them.
+        forms.extend(transport::proxy_secret_forms(key));
         forms.retain(|f| !f.is_empty());
         forms.sort_by_key(|f| std::cmp::Reverse(f.len()));
         forms.dedup();
@@ -379,8 +405,12 @@ impl Scrubber {
 }
 
 /// The innermost cause of a reqwest error: "Connection refused (os error
-/// 111)" tells an operator more than "error sending request".
+/// 111)" tells an operator more than "error sending request". A failed TLS
+/// handshake is told apart: it needs a different fix.
 fn transport(err: reqwest::Error) -> FailureKind {
+    if let Some(problem) = transport::tls_failure(&err) {
+        return FailureKind::Tls(problem);
+    }
     let mut cause: &dyn std::error::Error = &err;
     while let Some(next) = cause.source() {
         cause = next;

@@ -9,6 +9,7 @@
 //! - [`assertion`]: signed client assertions for `auth = "private_key_jwt"`.
 //! - [`scope`]: canonical scope sets.
 //! - [`issuer`]: the token-endpoint client and the parser of its answers.
+//! - [`transport`]: trust anchors (`ca_file`, system store, bundled roots), proxies, one HTTP client per distinct pair, TLS failures in words.
 //! - [`cache`]: one token per (key, scope set), each kept fresh by its one owner task; per-key issuer budget.
 //! - [`protocol`]: socket protocol v1, pure encode and decode.
 //! - [`peer`]: the caller's kernel-recorded identity and the allow decision.
@@ -61,3 +62,4 @@ pub(crate) mod server;
 pub(crate) mod service;
 pub(crate) mod shutdown;
 pub(crate) mod systemd;
+pub mod transport;

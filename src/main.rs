@@ -360,6 +360,12 @@ Set by systemd for Type=notify: tokend sends READY=1 once its socket listens, ST
 \fBLISTEN_FDS\fR, \fBLISTEN_PID\fR
 Socket activation: tokend serves on the socket it is passed and neither creates nor removes a socket file.
 .TP
+\fBHTTPS_PROXY\fR, \fBHTTP_PROXY\fR, \fBALL_PROXY\fR, \fBNO_PROXY\fR (or lowercase)
+The proxy to issuers, as curl reads them, for keys without a \fBproxy\fR of their own; credentials in them are never logged.
+.TP
+\fBSSL_CERT_FILE\fR, \fBSSL_CERT_DIR\fR
+Replace the system trust store (\fI/etc/ssl/certs\fR) that issuers' certificates are checked against, beside tokend's built-in roots and each key's \fBca_file\fR.
+.TP
 \fBJOURNAL_STREAM\fR
 When stderr is the journal, tokend logs to journald with the fields KEY, SCOPES, PEER_UID, PEER_PID and ISSUER_STATUS.
 .SH EXIT STATUS

@@ -364,6 +364,7 @@ fn failure_label(kind: &FailureKind) -> Option<&'static str> {
         FailureKind::TooLarge => "too_large",
         FailureKind::Timeout(_) => "timeout",
         FailureKind::Transport(_) => "unreachable",
+        FailureKind::Tls(_) => "tls",
         FailureKind::NoSecret(_) | FailureKind::Assertion(_) => return None,
     })
 }

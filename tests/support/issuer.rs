@@ -13,7 +13,9 @@
 //! await the log ([`Issuer::wait_for_requests`]) instead of sleeping.
 //! [`Fault`]s make the server misbehave in the ways real issuers do.
 //!
-//! It does not own: TLS, other grant types, token introspection, or any
+//! [`Issuer::serve`] runs it on another listener, such as the TLS one of
+//! `support::tls`; this file itself knows nothing of TLS (the unit tests
+//! and the demo include it alone). It does not own: other grant types, token introspection, or any
 //! resource server. Secrets here are test fixtures, so types derive `Debug`.
 // Test crates include this file as a private module (`mod support;`, or
 // `#[path]` from the example), so `pub` items are unreachable by design and
@@ -208,6 +210,8 @@ impl RecordedRequest {
 /// The running loopback server. Dropping it stops the server.
 pub struct Issuer {
     addr: SocketAddr,
+    /// `http`, or `https` when served over TLS.
+    scheme: &'static str,
     shared: Arc<Shared>,
     stop: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<()>>,
@@ -218,10 +222,19 @@ impl Issuer {
     ///
     /// Panics if two clients share a dialect and id.
     pub async fn start(clients: Vec<ClientSpec>) -> Issuer {
-        check_unique_clients(&clients);
         let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
             .await
             .expect("loopback issuer must bind 127.0.0.1:0");
+        Issuer::serve(clients, listener, "http").await
+    }
+
+    /// Serves on `listener` (already bound), whose URLs start with
+    /// `scheme`, until dropped.
+    pub async fn serve<L>(clients: Vec<ClientSpec>, listener: L, scheme: &'static str) -> Issuer
+    where
+        L: axum::serve::Listener<Addr = SocketAddr>,
+    {
+        check_unique_clients(&clients);
         let addr = listener
             .local_addr()
             .expect("a bound listener has a local address");
@@ -242,15 +255,17 @@ impl Issuer {
         });
         Issuer {
             addr,
+            scheme,
             shared,
             stop: Some(stop),
             server: Some(server),
         }
     }
 
-    /// `http://127.0.0.1:PORT/connect/token` or `.../oauth/token`.
+    /// `http://127.0.0.1:PORT/connect/token` or `.../oauth/token`
+    /// (`https://…` when served over TLS).
     pub fn token_url(&self, dialect: Dialect) -> String {
-        format!("http://{}{}", self.addr, dialect.path())
+        format!("{}://{}{}", self.scheme, self.addr, dialect.path())
     }
 
     pub fn addr(&self) -> SocketAddr {

@@ -1,6 +1,7 @@
-//! Test support: the loopback issuer, the oidc-provider server, the
-//! daemon harness (plain or as systemd runs it, with systemd's stand-ins),
-//! the key builder, and containers booting a real systemd.
+//! Test support: the loopback issuer (over TLS with a test CA too), the
+//! oidc-provider server, the daemon harness (plain or as systemd runs it,
+//! with systemd's stand-ins), the key builder, a CONNECT proxy, and
+//! containers booting a real systemd.
 #![allow(dead_code, unreachable_pub)]
 
 pub mod cli;
@@ -10,7 +11,9 @@ pub mod issuer;
 pub mod keys;
 pub mod nspawn;
 pub mod oidc;
+pub mod proxy;
 pub mod systemd;
+pub mod tls;
 
 /// Ends a child a harness owns: kills and reaps it, and when the test is
 /// failing prints what it said (`name` and `output`), the one place a
