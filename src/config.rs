@@ -426,35 +426,16 @@ fn load_identity(
         }
         Err(e) => e,
     };
-    let (setting, at) = match &e {
-        IdentityError::Exposed { path, .. }
-        | IdentityError::NoKey { path }
-        | IdentityError::Unsupported { path, .. }
-            if path == key_file.get_ref() =>
-        {
-            ("client_key_file", key_file.span().start)
-        }
-        IdentityError::Read(read) if read_path(read) == key_file.get_ref() => {
-            ("client_key_file", key_file.span().start)
-        }
-        _ => ("client_cert_file", cert.span().start),
+    let (setting, at) = if e.about_the_key() {
+        ("client_key_file", key_file.span().start)
+    } else {
+        ("client_cert_file", cert.span().start)
     };
     if sources.lenient {
         key.unusable = Some(format!("{setting}: {e}"));
         return Ok(());
     }
     Err(located(at, format!("key {name:?}: {setting}: {e}")))
-}
-
-/// The file a read error is about.
-fn read_path(e: &FileError) -> &Path {
-    match e {
-        FileError::Open { path, .. }
-        | FileError::NotRegular { path, .. }
-        | FileError::TooLarge { path, .. }
-        | FileError::Read { path, .. }
-        | FileError::NotText { path } => path,
-    }
 }
 
 /// Reads a secret file, refusing one that anyone but its owner, root and

@@ -325,7 +325,9 @@ fn environment_forms(text: &str) -> Vec<Zeroizing<String>> {
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
     #[error(transparent)]
-    Read(#[from] FileError),
+    ReadCert(FileError),
+    #[error(transparent)]
+    ReadKey(FileError),
     #[error("{} {exposure}; {advice}", path.display())]
     Exposed {
         path: PathBuf,
@@ -355,6 +357,20 @@ pub enum IdentityError {
     Http(String),
 }
 
+impl IdentityError {
+    /// Whether the fix is in `client_key_file`; otherwise it is in
+    /// `client_cert_file` (a key that is not the certificate's included).
+    pub fn about_the_key(&self) -> bool {
+        matches!(
+            self,
+            IdentityError::ReadKey(_)
+                | IdentityError::Exposed { .. }
+                | IdentityError::NoKey { .. }
+                | IdentityError::Unsupported { .. }
+        )
+    }
+}
+
 /// A key's TLS client certificate and private key (RFC 8705), as read when
 /// the configuration was loaded. Equal when the paths are and the files
 /// held the same text: a reload that changes either is a changed credential.
@@ -375,8 +391,10 @@ impl ClientIdentity {
     /// private key, held to the rules of a secret file), and checks that
     /// the key belongs to the leaf.
     pub fn read(cert_file: &Path, key_file: &Path) -> Result<ClientIdentity, IdentityError> {
-        let chain = secret_file::read(cert_file, MAX_CLIENT_CERT_BYTES)?;
-        let key = secret_file::read(key_file, MAX_CLIENT_KEY_BYTES)?;
+        let chain =
+            secret_file::read(cert_file, MAX_CLIENT_CERT_BYTES).map_err(IdentityError::ReadCert)?;
+        let key =
+            secret_file::read(key_file, MAX_CLIENT_KEY_BYTES).map_err(IdentityError::ReadKey)?;
         if let Some(exposure) = key.exposure {
             return Err(IdentityError::Exposed {
                 path: key_file.to_owned(),
