@@ -429,6 +429,35 @@ async fn a_changed_certificate_or_key_is_a_changed_credential() {
     daemon.stop_and_check_log(&never_logged(&[&first, &second], &[&one, &two, &three]));
 }
 
+/// A key file others may read does not stop the daemon (its other keys
+/// would go down with it): the key is unavailable with the reason until a
+/// reload finds the file private.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exposed_key_file_makes_the_key_unavailable_until_a_reload_fixes_it() {
+    let setup = Setup::start(Refuse::AtTheIssuer, None);
+    let client = setup.client_ca.client_pem(SUBJECT);
+    let files = client.write(setup.files.path(), "client");
+    let mode = |mode| {
+        std::fs::set_permissions(&files.1, std::fs::Permissions::from_mode(mode)).expect("chmod")
+    };
+    mode(0o644);
+    let keys = setup.key("k", CLIENT, "tls_client_auth", &files, &setup.trusting());
+    let mut daemon = daemon().keys(&keys).start();
+
+    let message = unavailable(&get(&daemon, "k").await);
+    assert!(
+        message.contains(&format!(
+            "client_key_file: {} is readable by others",
+            files.1.display()
+        )),
+        "{message}"
+    );
+    mode(0o600);
+    assert!(daemon.reload_and_wait());
+    let token = token_of(&get(&daemon, "k").await);
+    daemon.stop_and_check_log(&never_logged(&[&client], &[&token]));
+}
+
 /// `tokend check` on `text`, written mode 0600.
 async fn check(dir: &Path, text: &str) -> (Ran, String) {
     let path = dir.join("tokend.toml");
