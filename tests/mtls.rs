@@ -191,6 +191,15 @@ fn wait_for_server_line(provider: &OidcProvider, needle: &str) {
     }
 }
 
+/// RFC 8705 3.1's `x5t#S256`: base64url SHA-256 of the certificate's DER.
+fn thumbprint(pem: &str) -> String {
+    use sha2::Digest as _;
+    use tokio_rustls::rustls::pki_types::pem::PemObject as _;
+    use tokio_rustls::rustls::pki_types::CertificateDer;
+    let der = CertificateDer::from_pem_slice(pem.as_bytes()).expect("a PEM certificate");
+    URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(der.as_ref()))
+}
+
 /// What must never reach the log: the keys' PEM lines and the tokens.
 fn never_logged(keys: &[&CertAndKey], tokens: &[&str]) -> Vec<String> {
     let mut all: Vec<String> = keys.iter().flat_map(|k| k.key_lines()).collect();
@@ -208,7 +217,10 @@ async fn tls_client_auth_gets_a_token_with_a_certificate_the_ca_signed() {
     let daemon = daemon().keys(&keys).start();
 
     let token = token_of(&get(&daemon, "mtls").await);
-    assert_eq!(claims(&token)["client_id"], CLIENT);
+    let claims = claims(&token);
+    assert_eq!(claims["client_id"], CLIENT);
+    // The server bound the token to the certificate it saw: tokend's.
+    assert_eq!(claims["cnf"]["x5t#S256"], thumbprint(&client.cert));
     assert!(
         !setup.provider.stderr().contains("grant.error"),
         "{}",
@@ -418,6 +430,8 @@ async fn a_changed_certificate_or_key_is_a_changed_credential() {
     assert!(daemon.reload_and_wait());
     let two = token_of(&get(&daemon, "k").await);
     assert_same_token(&one, &two, false, "after the files changed");
+    assert_eq!(claims(&one)["cnf"]["x5t#S256"], thumbprint(&first.cert));
+    assert_eq!(claims(&two)["cnf"]["x5t#S256"], thumbprint(&second.cert));
 
     // The same contents at another path: a changed credential too.
     let moved = second.write(setup.files.path(), "moved");

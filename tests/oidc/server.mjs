@@ -20,7 +20,8 @@
 // completes the handshake and oidc-provider refuses it (invalid_client);
 // with it, node drops the connection after the handshake, without a TLS
 // alert. It registers
-// `tokend-mtls` (tls_client_auth, subject DN MTLS_SUBJECT_DN) and, when
+// `tokend-mtls` (tls_client_auth, subject DN MTLS_SUBJECT_DN, tokens bound
+// to the certificate) and, when
 // MTLS_SELF_SIGNED_CERT (PEM) is set, `tokend-mtls-self`
 // (self_signed_tls_client_auth with that certificate).
 
@@ -133,6 +134,9 @@ const mtlsClients = () => {
   const clients = [{
     ...base('tokend-mtls', 'tls_client_auth'),
     tls_client_auth_subject_dn: process.env.MTLS_SUBJECT_DN,
+    // Its tokens name the certificate (cnf.x5t#S256, RFC 8705 3): proof of
+    // which one tokend presented.
+    tls_client_certificate_bound_access_tokens: true,
   }];
   const selfSigned = process.env.MTLS_SELF_SIGNED_CERT;
   if (selfSigned) {
@@ -146,6 +150,7 @@ const mtlsClients = () => {
 
 const mtlsFeature = {
   enabled: true,
+  certificateBoundAccessTokens: true,
   tlsClientAuth: true,
   selfSignedTlsClientAuth: true,
   getCertificate: peerCertificate,
