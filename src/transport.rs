@@ -70,8 +70,8 @@ use crate::secret_file::{self, Exposure, FileError};
 /// A CA bundle is a few KiB, a distribution's whole store a few hundred;
 /// anything far larger is not a bundle.
 const MAX_CA_FILE_BYTES: usize = 4 << 20;
-/// A client certificate chain is a few KiB; its key (RSA 8192 in PEM is
-/// under 7 KiB) less. Larger is not a key file.
+/// A client certificate chain is a few KiB, and its key (RSA 8192 in PEM
+/// is under 7 KiB) less: far larger files are not what the settings name.
 const MAX_CLIENT_CERT_BYTES: usize = 1 << 20;
 const MAX_CLIENT_KEY_BYTES: usize = 64 << 10;
 
@@ -379,8 +379,10 @@ pub struct ClientIdentity {
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
     /// The chain and key as reqwest takes them; `None` when the files were
-    /// not read ([`crate::config::parse`]).
-    identity: Option<reqwest::Identity>,
+    /// not read ([`crate::config::parse`]). Shared: a clone of the key
+    /// config (one per request, for its client's lookup) must not copy
+    /// the key, which reqwest's type would not wipe.
+    identity: Option<Arc<reqwest::Identity>>,
     /// SHA-256 over the chain's and the key's DER: tells a changed file
     /// apart without keeping the key's text around.
     digest: [u8; 32],
@@ -444,7 +446,7 @@ impl ClientIdentity {
         Ok(ClientIdentity {
             cert_file: cert_file.to_owned(),
             key_file: key_file.to_owned(),
-            identity: Some(prepared?),
+            identity: Some(Arc::new(prepared?)),
             digest,
         })
     }
@@ -637,8 +639,9 @@ fn client(route: &Route) -> Result<reqwest::Client, reqwest::Error> {
         // Adding a proxy also turns the environment's off for this client.
         builder = builder.proxy(reqwest::Proxy::all(proxy.url.as_str())?);
     }
-    if let Some(identity) = route.identity.as_ref().and_then(|i| i.identity.clone()) {
-        builder = builder.identity(identity);
+    if let Some(identity) = route.identity.as_ref().and_then(|i| i.identity.as_deref()) {
+        // reqwest takes its own copy, once per client built.
+        builder = builder.identity(identity.clone());
     }
     builder.build()
 }
