@@ -1,8 +1,8 @@
 //! The configuration file: TOML into typed, validated settings.
 //!
 //! [`load`] does the I/O (the file, who may read it, secret files and
-//! systemd credentials, through [`crate::secret_file`], and `ca_file`s,
-//! through [`crate::transport::CaFile`]); [`parse`] is pure
+//! systemd credentials, through [`crate::secret_file`], and `ca_file`s and
+//! client certificates, through [`crate::transport`]); [`parse`] is pure
 //! and turns text into a [`Config`] or an error that names the file, line
 //! and column. Errors about a secret-bearing setting name the setting and
 //! what it expects, never its value. Nothing here talks to an issuer or
@@ -24,7 +24,7 @@ use crate::assertion::{Audience, ClientAssertion, SigningAlg, SigningKey};
 use crate::scope::ScopeSet;
 use crate::secret::ClientSecret;
 use crate::secret_file::{self, Exposure, FileError};
-use crate::transport::{CaFile, ProxyUrl};
+use crate::transport::{CaFile, ClientIdentity, IdentityError, ProxyUrl};
 
 pub const DEFAULT_CONFIG: &str = "/etc/tokend/tokend.toml";
 pub const DEFAULT_SOCKET: &str = "/run/tokend/tokend.sock";
@@ -124,6 +124,9 @@ pub struct KeyConfig {
     pub ca_file: Option<CaFile>,
     /// The proxy to the issuer instead of the environment's.
     pub proxy: Option<ProxyUrl>,
+    /// The TLS client certificate and key; `Some` exactly for the
+    /// `tls_client_auth` methods.
+    pub client_identity: Option<ClientIdentity>,
     pub acl: Acl,
 }
 
@@ -138,6 +141,23 @@ pub enum AuthMethod {
     /// A JWT signed with `private_key_file` (RFC 7523 2.2); no secret.
     #[serde(rename = "private_key_jwt")]
     PrivateKeyJwt,
+    /// A TLS client certificate a CA signed (RFC 8705 2.1); no secret.
+    #[serde(rename = "tls_client_auth")]
+    TlsClientAuth,
+    /// A self-signed TLS client certificate registered with the issuer
+    /// (RFC 8705 2.2); no secret.
+    #[serde(rename = "self_signed_tls_client_auth")]
+    SelfSignedTlsClientAuth,
+}
+
+impl AuthMethod {
+    /// Whether the TLS client certificate is the credential.
+    pub fn is_mtls(self) -> bool {
+        matches!(
+            self,
+            AuthMethod::TlsClientAuth | AuthMethod::SelfSignedTlsClientAuth
+        )
+    }
 }
 
 /// Who may read a key. Empty means nobody, root included.
@@ -197,6 +217,8 @@ impl KeyConfig {
             // A token from an issuer tokend now trusts differently may
             // come from a server it no longer would talk to.
             && self.ca_file == other.ca_file
+            // The certificate's and key's paths and contents.
+            && self.client_identity == other.client_identity
     }
 }
 
@@ -242,6 +264,7 @@ fn read(path: &Path, lenient: bool) -> Result<Config, ConfigError> {
         lenient,
         read_key: Some(read_private_key),
         read_ca: Some(CaFile::read),
+        read_identity: Some(ClientIdentity::read),
     };
     build(&file.text, path, sources, read_secret_file)
 }
@@ -267,6 +290,9 @@ struct Sources<'a> {
     read_key: Option<ReadKey>,
     /// Reads a `ca_file`; `None` leaves them unread (see [`parse`]).
     read_ca: Option<ReadCa>,
+    /// Reads `client_cert_file` and `client_key_file`; `None` leaves them
+    /// unread.
+    read_identity: Option<ReadIdentity>,
 }
 
 /// Reads a private key file's text, or says why not.
@@ -274,6 +300,9 @@ type ReadKey = fn(&Path) -> Result<Zeroizing<String>, String>;
 
 /// How [`load`] reads a `ca_file`.
 type ReadCa = fn(&Path) -> Result<CaFile, String>;
+
+/// How [`load`] reads a client certificate and its key.
+type ReadIdentity = fn(&Path, &Path) -> Result<ClientIdentity, IdentityError>;
 
 fn build(
     text: &str,
@@ -337,6 +366,7 @@ fn build(
             Some(setting) => Some(read_ca(&setting, &format!("key {name:?}: "))?),
             None => daemon_ca.clone(),
         };
+        let identity_files = (key.client_cert_file.clone(), key.client_key_file.clone());
         let credentials = sources
             .credentials
             .map(|dir| (dir, CREDENTIAL_PREFIX))
@@ -347,6 +377,10 @@ fn build(
         key.ca_file = ca_file;
         if let Some(read_key) = sources.read_key {
             load_signing_key(&name, &mut key, read_key, sources.lenient).map_err(at)?;
+        }
+        if let (Some(cert), Some(key_file)) = identity_files {
+            let located = |offset: usize, message| locate(text, path, offset, message);
+            load_identity(&name, &mut key, (&cert, &key_file), sources, located)?;
         }
         keys.insert(name, key);
     }
@@ -379,6 +413,39 @@ fn floor_char_boundary(text: &str, mut offset: usize) -> usize {
         offset -= 1;
     }
     offset
+}
+
+/// Reads a key's client certificate and private key into `key`. An error
+/// points at the setting of the file it is about; in lenient mode it is
+/// the reason the key stays unusable instead.
+fn load_identity(
+    name: &str,
+    key: &mut KeyConfig,
+    (cert, key_file): (&Spanned<PathBuf>, &Spanned<PathBuf>),
+    sources: Sources<'_>,
+    located: impl Fn(usize, String) -> ConfigError,
+) -> Result<(), ConfigError> {
+    let Some(read) = sources.read_identity else {
+        key.client_identity = Some(ClientIdentity::unread(cert.get_ref(), key_file.get_ref()));
+        return Ok(());
+    };
+    let e = match read(cert.get_ref(), key_file.get_ref()) {
+        Ok(identity) => {
+            key.client_identity = Some(identity);
+            return Ok(());
+        }
+        Err(e) => e,
+    };
+    let (setting, at) = if e.about_the_key() {
+        ("client_key_file", key_file.span().start)
+    } else {
+        ("client_cert_file", cert.span().start)
+    };
+    if sources.lenient {
+        key.unusable = Some(format!("{setting}: {e}"));
+        return Ok(());
+    }
+    Err(located(at, format!("key {name:?}: {setting}: {e}")))
 }
 
 /// Reads a secret file, refusing one that anyone but its owner, root and
@@ -600,6 +667,8 @@ struct RawKey {
     max_backoff: Duration,
     ca_file: Option<Spanned<PathBuf>>,
     proxy: Option<Spanned<ProxyUrl>>,
+    client_cert_file: Option<Spanned<PathBuf>>,
+    client_key_file: Option<Spanned<PathBuf>>,
     #[serde(default)]
     allow_uids: Vec<u32>,
     #[serde(default)]
@@ -659,15 +728,23 @@ impl RawKey {
             Err(e) => Err(format!("key {name:?}: {setting}: {e}")),
         };
         let assertion = self.assertion(name)?;
+        self.check_client_certificate(name)?;
+        // Methods whose credential is no secret: a secret beside it would
+        // be sent nowhere, and the operator should know.
+        let secretless = match self.auth {
+            AuthMethod::Basic | AuthMethod::Post => None,
+            AuthMethod::PrivateKeyJwt => Some("signs with private_key_file"),
+            AuthMethod::TlsClientAuth | AuthMethod::SelfSignedTlsClientAuth => {
+                Some("authenticates with client_cert_file and client_key_file")
+            }
+        };
         let client_secret = match (
             self.client_secret,
             self.client_secret_file,
             self.client_secret_credential,
         ) {
-            // The signed assertion is the credential; a secret beside it
-            // would be sent nowhere, and the operator should know.
-            (None, None, None) if assertion.is_some() => ClientSecret::new(String::new()),
-            (secret, file, credential) if assertion.is_some() => {
+            (None, None, None) if secretless.is_some() => ClientSecret::new(String::new()),
+            (secret, file, credential) if secretless.is_some() => {
                 let set = [
                     ("client_secret", secret.is_some()),
                     ("client_secret_file", file.is_some()),
@@ -677,8 +754,10 @@ impl RawKey {
                 .find_map(|(setting, given)| given.then_some(setting))
                 .unwrap_or("client_secret");
                 return Err(format!(
-                    "key {name:?} sets both auth = \"private_key_jwt\" and {set}; that method \
-                     signs with private_key_file and sends no secret: remove {set}"
+                    "key {name:?} sets both auth = \"{}\" and {set}; that method {} and \
+                     sends no secret: remove {set}",
+                    self.auth,
+                    secretless.unwrap_or("carries no secret"),
                 ));
             }
             (Some(secret), None, None) if secret.expose().is_empty() => {
@@ -731,6 +810,8 @@ impl RawKey {
             // Read by `build`, which knows where the setting is.
             ca_file: None,
             proxy: self.proxy.map(Spanned::into_inner),
+            // Read by `build`, which knows where the settings are.
+            client_identity: None,
             acl: Acl {
                 uids: self.allow_uids,
                 users: self.allow_users,
@@ -805,6 +886,34 @@ impl RawKey {
                 .unwrap_or(Audience::TokenEndpoint),
             key: None,
         }))
+    }
+
+    /// `client_cert_file` and `client_key_file`: both for the
+    /// `tls_client_auth` methods, neither for the others. The files
+    /// themselves are read later.
+    fn check_client_certificate(&self, name: &str) -> Result<(), String> {
+        let given = [
+            ("client_cert_file", self.client_cert_file.is_some()),
+            ("client_key_file", self.client_key_file.is_some()),
+        ];
+        if !self.auth.is_mtls() {
+            return match given.iter().find(|(_, set)| *set) {
+                Some((setting, _)) => Err(format!(
+                    "key {name:?}: {setting} is only used with auth = \"tls_client_auth\" or \
+                     \"self_signed_tls_client_auth\" (this key's auth is \"{}\")",
+                    self.auth
+                )),
+                None => Ok(()),
+            };
+        }
+        match given.iter().find(|(_, set)| !*set) {
+            Some((setting, _)) => Err(format!(
+                "key {name:?}: auth = \"{}\" needs {setting} (client_cert_file: the PEM \
+                 certificate chain, client_key_file: its PEM private key)",
+                self.auth
+            )),
+            None => Ok(()),
+        }
     }
 }
 
@@ -1113,6 +1222,8 @@ impl fmt::Display for AuthMethod {
             AuthMethod::Basic => "basic",
             AuthMethod::Post => "post",
             AuthMethod::PrivateKeyJwt => "private_key_jwt",
+            AuthMethod::TlsClientAuth => "tls_client_auth",
+            AuthMethod::SelfSignedTlsClientAuth => "self_signed_tls_client_auth",
         })
     }
 }
@@ -1432,6 +1543,136 @@ allow_groups = ["billing"]
         let mut none = key.clone();
         none.ca_file = None;
         assert!(!key.same_credential(&none));
+    }
+
+    const MTLS_KEY: &str = "[keys.a]\ntoken_url = \"https://x/t\"\nclient_id = \"i\"\n\
+                            auth = \"tls_client_auth\"\n";
+
+    #[test]
+    fn mtls_settings_parse_without_reading_the_files() {
+        for auth in ["tls_client_auth", "self_signed_tls_client_auth"] {
+            let text = MTLS_KEY.replace("tls_client_auth", auth)
+                + "client_cert_file = \"/c.crt\"\nclient_key_file = \"/c.key\"\n";
+            let key = &parse(&text, Path::new("t")).unwrap().keys["a"];
+            assert_eq!(key.auth.to_string(), auth);
+            assert!(key.auth.is_mtls());
+            let identity = key.client_identity.as_ref().unwrap();
+            assert_eq!(identity.cert_file, PathBuf::from("/c.crt"));
+            assert_eq!(identity.key_file, PathBuf::from("/c.key"));
+            assert!(key.client_secret.expose().is_empty());
+        }
+        let basic = parse(&format!("{KEY}client_secret = \"s\"\n"), Path::new("t")).unwrap();
+        assert!(basic.keys["a"].client_identity.is_none());
+        assert!(!basic.keys["a"].auth.is_mtls());
+    }
+
+    #[test]
+    fn mtls_needs_both_files_and_no_secret() {
+        let e = err(&format!("{MTLS_KEY}client_cert_file = \"/c\"\n"));
+        assert_eq!(
+            e,
+            "t.toml:1:1: key \"a\": auth = \"tls_client_auth\" needs client_key_file \
+             (client_cert_file: the PEM certificate chain, client_key_file: its PEM private key)"
+        );
+        let e = err(&format!("{MTLS_KEY}client_key_file = \"/k\"\n"));
+        assert!(e.contains("needs client_cert_file"), "{e}");
+        let files = "client_cert_file = \"/c\"\nclient_key_file = \"/k\"\n";
+        for secret in [
+            "client_secret = \"hunter2\"",
+            "client_secret_file = \"/s\"",
+            "client_secret_credential = \"c\"",
+        ] {
+            let e = err(&format!("{MTLS_KEY}{files}{secret}\n"));
+            let setting = secret.split(' ').next().unwrap();
+            assert_eq!(
+                e,
+                format!(
+                    "t.toml:1:1: key \"a\" sets both auth = \"tls_client_auth\" and {setting}; \
+                     that method authenticates with client_cert_file and client_key_file and \
+                     sends no secret: remove {setting}"
+                )
+            );
+        }
+        for setting in ["client_cert_file", "client_key_file"] {
+            let e = err(&format!(
+                "{KEY}client_secret = \"s\"\nauth = \"post\"\n{setting} = \"/f\"\n"
+            ));
+            assert_eq!(
+                e,
+                format!(
+                    "t.toml:1:1: key \"a\": {setting} is only used with auth = \
+                     \"tls_client_auth\" or \"self_signed_tls_client_auth\" (this key's auth \
+                     is \"post\")"
+                )
+            );
+        }
+    }
+
+    fn unreadable_identity(_: &Path, key: &Path) -> Result<ClientIdentity, IdentityError> {
+        Err(IdentityError::NoKey {
+            path: key.to_owned(),
+        })
+    }
+
+    #[test]
+    fn an_unusable_key_file_points_at_its_setting_or_in_a_daemon_makes_the_key_unusable() {
+        let text = format!(
+            "{MTLS_KEY}client_cert_file = \"/c\"\nclient_key_file = \"/k\"\nallow_uids = [0]\n"
+        );
+        let secret = |_: &Path| Ok(ClientSecret::new("x".into()));
+        let strict = Sources {
+            read_identity: Some(unreadable_identity),
+            ..Sources::default()
+        };
+        let e = build(&text, Path::new("t"), strict, secret)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("t:6:19: key \"a\": client_key_file: /k holds no usable private key"),
+            "{e}"
+        );
+        let lenient = Sources {
+            lenient: true,
+            ..strict
+        };
+        let config = build(&text, Path::new("t"), lenient, secret).unwrap();
+        let why = config.keys["a"].unusable.as_deref().unwrap();
+        assert!(
+            why.starts_with("client_key_file: /k holds no usable private key"),
+            "{why}"
+        );
+    }
+
+    #[test]
+    fn a_changed_client_certificate_is_a_changed_credential() {
+        let pem = || {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+            (params.self_signed(&key).unwrap().pem(), key.serialize_pem())
+        };
+        let identity = |(cert, key): &(String, String)| {
+            ClientIdentity::parse(
+                Path::new("/c"),
+                cert.as_bytes(),
+                Path::new("/k"),
+                key.as_bytes(),
+            )
+            .unwrap()
+        };
+        let text = format!("{MTLS_KEY}client_cert_file = \"/c\"\nclient_key_file = \"/k\"\n");
+        let mut key = parse(&text, Path::new("t"))
+            .unwrap()
+            .keys
+            .remove("a")
+            .unwrap();
+        let (one, two) = (pem(), pem());
+        key.client_identity = Some(identity(&one));
+        let mut same = key.clone();
+        same.client_identity = Some(identity(&one));
+        assert!(key.same_credential(&same));
+        let mut changed = key.clone();
+        changed.client_identity = Some(identity(&two));
+        assert!(!key.same_credential(&changed));
     }
 
     #[test]

@@ -218,7 +218,7 @@ impl IssuerClient {
             )
         })?;
         let request = build_request(http, key, scopes, assertion);
-        let mut response = request.send().await.map_err(transport)?;
+        let mut response = request.send().await.map_err(|e| transport(e, key))?;
         let status = response.status().as_u16();
         if response
             .content_length()
@@ -227,7 +227,7 @@ impl IssuerClient {
             return Err(FailureKind::TooLarge);
         }
         let mut body = Zeroizing::new(Vec::new());
-        while let Some(chunk) = response.chunk().await.map_err(transport)? {
+        while let Some(chunk) = response.chunk().await.map_err(|e| transport(e, key))? {
             if body.len() + chunk.len() > MAX_ANSWER_BYTES {
                 return Err(FailureKind::TooLarge);
             }
@@ -276,6 +276,12 @@ fn build_request(
             form.append_pair("client_assertion_type", assertion::ASSERTION_TYPE);
             // base64url and dots: the form encoding leaves it as it is.
             form.append_pair("client_assertion", jws);
+            request
+        }
+        // RFC 8705 2: the TLS handshake authenticated the client; the body
+        // says which client it claims to be.
+        AuthMethod::TlsClientAuth | AuthMethod::SelfSignedTlsClientAuth => {
+            form.append_pair("client_id", &key.client_id);
             request
         }
     };
@@ -344,8 +350,9 @@ pub struct Scrubber {
 
 impl Scrubber {
     pub fn for_key(key: &KeyConfig) -> Scrubber {
-        // A key without a secret (`private_key_jwt`) has none to scrub;
-        // the encodings of an empty one would only blank the client id.
+        // A key without a secret (`private_key_jwt`, the tls_client_auth
+        // methods) has none to scrub; the encodings of an empty one would
+        // only blank the client id.
         let mut forms = if key.client_secret.expose().is_empty() {
             Vec::new()
         } else {
@@ -407,9 +414,19 @@ impl Scrubber {
 /// The innermost cause of a reqwest error: "Connection refused (os error
 /// 111)" tells an operator more than "error sending request". A failed TLS
 /// handshake is told apart: it needs a different fix.
-fn transport(err: reqwest::Error) -> FailureKind {
+fn transport(err: reqwest::Error, key: &KeyConfig) -> FailureKind {
     if let Some(problem) = transport::tls_failure(&err) {
         return FailureKind::Tls(problem);
+    }
+    // Some servers (node's among them) check a client certificate after
+    // the handshake and, refusing it, drop the connection without an
+    // alert: for a key that sent one, that is the likeliest reason.
+    if key.client_identity.is_some() && transport::dropped_by_peer(&err) {
+        return FailureKind::Tls(
+            "the issuer closed the connection without answering: it may have refused the \
+             client certificate (its log will say)"
+                .to_owned(),
+        );
     }
     let mut cause: &dyn std::error::Error = &err;
     while let Some(next) = cause.source() {
@@ -794,6 +811,37 @@ mod tests {
         );
         let mut config = crate::config::parse(&text, std::path::Path::new("t")).unwrap();
         config.keys.remove("k").unwrap()
+    }
+
+    #[test]
+    fn tls_client_auth_sends_the_client_id_and_no_secret() {
+        let text = "[keys.k]\ntoken_url = \"https://issuer.example/t\"\nclient_id = \"id\"\n\
+                    auth = \"tls_client_auth\"\nclient_cert_file = \"/c\"\nclient_key_file = \"/k\"\n";
+        let key = crate::config::parse(text, std::path::Path::new("t"))
+            .unwrap()
+            .keys
+            .remove("k")
+            .unwrap();
+        let scopes = ScopeSet::new(["a"]).unwrap();
+        let request = build_request(&reqwest::Client::new(), &key, &scopes, None)
+            .build()
+            .unwrap();
+        assert!(request.headers().get(AUTHORIZATION).is_none());
+        let body = request.body().unwrap().as_bytes().unwrap();
+        let pairs: Vec<(String, String)> = form_urlencoded::parse(body).into_owned().collect();
+        let expected = [
+            ("grant_type", "client_credentials"),
+            ("scope", "a"),
+            ("client_id", "id"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned()));
+        assert_eq!(pairs, expected);
+        // No secret: the client id is issuer text like any other.
+        let body = br#"{"error":"invalid_client","error_description":"unknown id"}"#;
+        let shown = parse_answer(401, JSON, body, &Scrubber::for_key(&key))
+            .unwrap_err()
+            .to_string();
+        assert!(shown.contains("unknown id"), "{shown}");
     }
 
     #[test]

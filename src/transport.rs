@@ -30,8 +30,18 @@
 //! a secret: wiped on drop, shown without them, and its forms on the wire
 //! are scrubbed from issuer text ([`ProxyUrl::secret_forms`]).
 //!
+//! # Client certificates
+//! A key with `auth = "tls_client_auth"` or `"self_signed_tls_client_auth"`
+//! (RFC 8705) proves who it is with a TLS client certificate
+//! ([`ClientIdentity`]). Its private key is read like a secret file (same
+//! ownership and mode rules), checked against the certificate, and handed
+//! to reqwest as an [`reqwest::Identity`]; tokend's own copies of the key
+//! text are wiped. What is kept to notice a changed file on reload is a
+//! SHA-256 digest of the certificate and key, not the key.
+//!
 //! # Clients
-//! Keys with different trust or proxy settings need different HTTP clients.
+//! Keys with different trust, proxy or client certificate need different
+//! HTTP clients.
 //! [`Clients`] holds one per distinct [`Route`] of a configuration, built
 //! once (not per request); a reload builds a new set beside the old one.
 //!
@@ -47,17 +57,23 @@ use std::sync::{Arc, OnceLock};
 
 use base64::Engine as _;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::CertificateDer;
-use rustls::{CertificateError, RootCertStore};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::sign::CertifiedKey;
+use rustls::{AlertDescription, CertificateError, InconsistentKeys, RootCertStore};
+use sha2::{Digest, Sha256};
 use url::Url;
-use zeroize::Zeroizing;
+use zeroize::{Zeroize, Zeroizing};
 
 use crate::config::KeyConfig;
-use crate::secret_file;
+use crate::secret_file::{self, Exposure, FileError};
 
 /// A CA bundle is a few KiB, a distribution's whole store a few hundred;
 /// anything far larger is not a bundle.
 const MAX_CA_FILE_BYTES: usize = 4 << 20;
+/// A client certificate chain is a few KiB, and its key (RSA 8192 in PEM
+/// is under 7 KiB) less: far larger files are not what the settings name.
+const MAX_CLIENT_CERT_BYTES: usize = 1 << 20;
+const MAX_CLIENT_KEY_BYTES: usize = 64 << 10;
 
 /// The certificates of a `ca_file`, as read when the configuration was
 /// loaded: a reload re-reads them, and a change counts as a changed
@@ -304,11 +320,265 @@ fn environment_forms(text: &str) -> Vec<Zeroizing<String>> {
     forms
 }
 
-/// What a key's requests go through: its trust anchors and its proxy.
+/// Why a key's client certificate or private key cannot be used. Messages
+/// name files and what is wrong with them, never the key's text.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error(transparent)]
+    ReadCert(FileError),
+    #[error(transparent)]
+    ReadKey(FileError),
+    #[error("{} {exposure}; {advice}", path.display())]
+    Exposed {
+        path: PathBuf,
+        exposure: Exposure,
+        advice: String,
+    },
+    #[error("{} holds no certificate (a PEM \"BEGIN CERTIFICATE\" block)", path.display())]
+    NoCertificate { path: PathBuf },
+    #[error("{} is not a PEM certificate chain: {cause}", path.display())]
+    BadCertificate { path: PathBuf, cause: String },
+    /// Without the parser's words: they could quote the key file's text.
+    #[error(
+        "{} holds no usable private key (a PEM \"BEGIN PRIVATE KEY\", \"BEGIN RSA PRIVATE KEY\" \
+         or \"BEGIN EC PRIVATE KEY\" block, not encrypted)",
+        path.display()
+    )]
+    NoKey { path: PathBuf },
+    #[error("the private key in {} is not one TLS can sign with ({cause})", path.display())]
+    Unsupported { path: PathBuf, cause: String },
+    #[error(
+        "the private key in {} does not belong to the first certificate of {}",
+        key.display(),
+        cert.display()
+    )]
+    Mismatch { cert: PathBuf, key: PathBuf },
+    #[error("the HTTP stack refused the client certificate: {0}")]
+    Http(String),
+}
+
+impl IdentityError {
+    /// Whether the fix is in `client_key_file`; otherwise it is in
+    /// `client_cert_file` (a key that is not the certificate's included).
+    pub fn about_the_key(&self) -> bool {
+        matches!(
+            self,
+            IdentityError::ReadKey(_)
+                | IdentityError::Exposed { .. }
+                | IdentityError::NoKey { .. }
+                | IdentityError::Unsupported { .. }
+        )
+    }
+}
+
+/// A key's TLS client certificate and private key (RFC 8705), as read when
+/// the configuration was loaded. Equal when the paths are and the files
+/// held the same text: a reload that changes either is a changed credential.
+#[derive(Clone)]
+pub struct ClientIdentity {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// The chain and key as reqwest takes them; `None` when the files were
+    /// not read ([`crate::config::parse`]). Shared: a clone of the key
+    /// config (one per request, for its client's lookup) must not copy
+    /// the key, which reqwest's type would not wipe.
+    identity: Option<Arc<reqwest::Identity>>,
+    /// SHA-256 over the chain's and the key's DER: tells a changed file
+    /// apart without keeping the key's text around.
+    digest: [u8; 32],
+}
+
+impl ClientIdentity {
+    /// Reads `cert_file` (a PEM chain, leaf first) and `key_file` (a PEM
+    /// private key, held to the rules of a secret file), and checks that
+    /// the key belongs to the leaf.
+    pub fn read(cert_file: &Path, key_file: &Path) -> Result<ClientIdentity, IdentityError> {
+        let chain =
+            secret_file::read(cert_file, MAX_CLIENT_CERT_BYTES).map_err(IdentityError::ReadCert)?;
+        let key =
+            secret_file::read(key_file, MAX_CLIENT_KEY_BYTES).map_err(IdentityError::ReadKey)?;
+        if let Some(exposure) = key.exposure {
+            return Err(IdentityError::Exposed {
+                path: key_file.to_owned(),
+                advice: exposure.advice(key_file),
+                exposure,
+            });
+        }
+        ClientIdentity::parse(
+            cert_file,
+            chain.text.as_bytes(),
+            key_file,
+            key.text.as_bytes(),
+        )
+    }
+
+    /// Checks the PEM texts of a chain and its key and prepares them for
+    /// the HTTP stack.
+    pub fn parse(
+        cert_file: &Path,
+        chain: &[u8],
+        key_file: &Path,
+        key: &[u8],
+    ) -> Result<ClientIdentity, IdentityError> {
+        let certs = CertificateDer::pem_slice_iter(chain)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| IdentityError::BadCertificate {
+                path: cert_file.to_owned(),
+                cause: e.to_string(),
+            })?;
+        if certs.is_empty() {
+            return Err(IdentityError::NoCertificate {
+                path: cert_file.to_owned(),
+            });
+        }
+        let mut key = PrivateKeyDer::from_pem_slice(key).map_err(|_| IdentityError::NoKey {
+            path: key_file.to_owned(),
+        })?;
+        let checked = check_pair(&certs, &key, cert_file, key_file);
+        let prepared = checked.and_then(|()| {
+            let pem = identity_pem(&certs, &key);
+            reqwest::Identity::from_pem(pem.as_bytes())
+                .map_err(|e| IdentityError::Http(e.to_string()))
+        });
+        let digest = digest(&certs, &key);
+        // `PrivateKeyDer` does not wipe itself on drop.
+        key.zeroize();
+        Ok(ClientIdentity {
+            cert_file: cert_file.to_owned(),
+            key_file: key_file.to_owned(),
+            identity: Some(Arc::new(prepared?)),
+            digest,
+        })
+    }
+
+    /// Files named but not read, for configurations parsed without
+    /// touching the file system.
+    pub(crate) fn unread(cert_file: &Path, key_file: &Path) -> ClientIdentity {
+        ClientIdentity {
+            cert_file: cert_file.to_owned(),
+            key_file: key_file.to_owned(),
+            identity: None,
+            digest: [0; 32],
+        }
+    }
+}
+
+/// Refuses a key TLS cannot sign with, or one that is not the leaf
+/// certificate's: the issuer would end the handshake with nothing an
+/// operator could act on.
+fn check_pair(
+    certs: &[CertificateDer<'static>],
+    key: &PrivateKeyDer<'static>,
+    cert_file: &Path,
+    key_file: &Path,
+) -> Result<(), IdentityError> {
+    // By reference: rustls' by-value loaders would drop a copy of the key
+    // without wiping it.
+    let signing = rustls::crypto::ring::sign::any_supported_type(key).map_err(|e| {
+        IdentityError::Unsupported {
+            path: key_file.to_owned(),
+            cause: e.to_string(),
+        }
+    })?;
+    match CertifiedKey::new(certs.to_vec(), signing).keys_match() {
+        // A key type whose public half rustls cannot derive: the issuer
+        // will judge.
+        Ok(()) | Err(rustls::Error::InconsistentKeys(InconsistentKeys::Unknown)) => Ok(()),
+        Err(rustls::Error::InconsistentKeys(_)) => Err(IdentityError::Mismatch {
+            cert: cert_file.to_owned(),
+            key: key_file.to_owned(),
+        }),
+        Err(other) => Err(IdentityError::BadCertificate {
+            path: cert_file.to_owned(),
+            cause: other.to_string(),
+        }),
+    }
+}
+
+/// The chain and key as one PEM text, which is what reqwest's rustls
+/// backend takes. Rebuilt from the parsed DER rather than the files' text,
+/// which may hold sections reqwest refuses (`EC PARAMETERS`, comments).
+/// Sized up front so the buffer holding the key never grows and leaves a
+/// copy in freed memory.
+fn identity_pem(certs: &[CertificateDer<'_>], key: &PrivateKeyDer<'_>) -> Zeroizing<String> {
+    let label = match key {
+        PrivateKeyDer::Pkcs1(_) => "RSA PRIVATE KEY",
+        PrivateKeyDer::Sec1(_) => "EC PRIVATE KEY",
+        _ => "PRIVATE KEY",
+    };
+    let blocks = certs
+        .iter()
+        .map(|c| ("CERTIFICATE", c.as_ref()))
+        .chain(std::iter::once((label, key.secret_der())));
+    let room: usize = certs
+        .iter()
+        .map(|c| c.as_ref().len())
+        .chain(std::iter::once(key.secret_der().len()))
+        .map(|len| len.div_ceil(3) * 4 + 80)
+        .sum();
+    let mut pem = Zeroizing::new(String::with_capacity(room));
+    for (label, der) in blocks {
+        pem.push_str("-----BEGIN ");
+        pem.push_str(label);
+        pem.push_str("-----\n");
+        base64::engine::general_purpose::STANDARD.encode_string(der, &mut pem);
+        pem.push_str("\n-----END ");
+        pem.push_str(label);
+        pem.push_str("-----\n");
+    }
+    pem
+}
+
+fn digest(certs: &[CertificateDer<'_>], key: &PrivateKeyDer<'_>) -> [u8; 32] {
+    let mut hasher = Sha256::new();
+    for der in certs
+        .iter()
+        .map(|c| c.as_ref())
+        .chain(std::iter::once(key.secret_der()))
+    {
+        // Lengths first, so no two different lists hash alike.
+        hasher.update((der.len() as u64).to_be_bytes());
+        hasher.update(der);
+    }
+    hasher.finalize().into()
+}
+
+impl PartialEq for ClientIdentity {
+    fn eq(&self, other: &ClientIdentity) -> bool {
+        self.cert_file == other.cert_file
+            && self.key_file == other.key_file
+            && self.digest == other.digest
+    }
+}
+
+impl Eq for ClientIdentity {}
+
+impl Hash for ClientIdentity {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.cert_file.hash(state);
+        self.key_file.hash(state);
+        self.digest.hash(state);
+    }
+}
+
+impl fmt::Debug for ClientIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "ClientIdentity({}, {})",
+            self.cert_file.display(),
+            self.key_file.display()
+        )
+    }
+}
+
+/// What a key's requests go through: its trust anchors, its proxy and its
+/// client certificate.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 struct Route {
     ca_file: Option<CaFile>,
     proxy: Option<ProxyUrl>,
+    identity: Option<ClientIdentity>,
 }
 
 impl Route {
@@ -316,6 +586,7 @@ impl Route {
         Route {
             ca_file: key.ca_file.clone(),
             proxy: key.proxy.clone(),
+            identity: key.client_identity.clone(),
         }
     }
 }
@@ -328,8 +599,8 @@ pub(crate) struct Clients {
 }
 
 impl Clients {
-    /// Clients for `keys`, and one for keys with neither `ca_file` nor
-    /// `proxy`.
+    /// Clients for `keys`, and one for keys with no `ca_file`, `proxy` or
+    /// client certificate.
     pub(crate) fn for_keys<'a>(
         keys: impl IntoIterator<Item = &'a KeyConfig>,
     ) -> Result<Clients, reqwest::Error> {
@@ -368,7 +639,33 @@ fn client(route: &Route) -> Result<reqwest::Client, reqwest::Error> {
         // Adding a proxy also turns the environment's off for this client.
         builder = builder.proxy(reqwest::Proxy::all(proxy.url.as_str())?);
     }
+    if let Some(identity) = route.identity.as_ref().and_then(|i| i.identity.as_deref()) {
+        // reqwest takes its own copy, once per client built.
+        builder = builder.identity(identity.clone());
+    }
     builder.build()
+}
+
+/// What an issuer's alert means. The certificate alerts a client receives
+/// are about its own certificate: an issuer that checks client
+/// certificates (RFC 8705) sends them when it refuses one.
+fn describe_alert(alert: AlertDescription) -> String {
+    match alert {
+        AlertDescription::CertificateRequired => format!(
+            "the issuer requires a client certificate ({alert:?}); set auth = \"tls_client_auth\" \
+             with client_cert_file and client_key_file"
+        ),
+        AlertDescription::BadCertificate
+        | AlertDescription::UnsupportedCertificate
+        | AlertDescription::CertificateRevoked
+        | AlertDescription::CertificateExpired
+        | AlertDescription::CertificateUnknown
+        | AlertDescription::UnknownCA
+        | AlertDescription::AccessDenied => {
+            format!("the issuer refused the client certificate ({alert:?})")
+        }
+        other => format!("the issuer ended the handshake ({other:?})"),
+    }
 }
 
 /// What went wrong in a TLS handshake, in an operator's words, when `err`
@@ -382,6 +679,28 @@ pub(crate) fn tls_failure(err: &(dyn StdError + 'static)) -> Option<String> {
         cause = current.source();
     }
     None
+}
+
+/// Whether the peer dropped the connection: closed it without TLS's
+/// `close_notify` (rustls reports an unexpected end of file), or reset it
+/// (what a close with our request still unread sends).
+pub(crate) fn dropped_by_peer(err: &(dyn StdError + 'static)) -> bool {
+    use std::io::ErrorKind::{ConnectionReset, UnexpectedEof};
+    let mut cause = Some(err);
+    while let Some(current) = cause {
+        if let Some(io) = current.downcast_ref::<std::io::Error>() {
+            if matches!(io.kind(), UnexpectedEof | ConnectionReset) {
+                return true;
+            }
+            if let Some(inner) = io.get_ref() {
+                if dropped_by_peer(inner) {
+                    return true;
+                }
+            }
+        }
+        cause = current.source();
+    }
+    false
 }
 
 /// `err` as rustls' error, looking inside `io::Error`s: the HTTP stack
@@ -399,9 +718,7 @@ fn rustls_error<'a>(err: &'a (dyn StdError + 'static)) -> Option<&'a rustls::Err
 fn describe(err: &rustls::Error) -> String {
     let certificate = match err {
         rustls::Error::InvalidCertificate(problem) => problem,
-        rustls::Error::AlertReceived(alert) => {
-            return format!("the issuer ended the handshake ({alert:?})")
-        }
+        rustls::Error::AlertReceived(alert) => return describe_alert(*alert),
         other => return format!("the handshake failed: {other}"),
     };
     match certificate {
@@ -492,6 +809,129 @@ mod tests {
         let garbage = b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
         let e = CaFile::parse(path, garbage).unwrap_err();
         assert!(e.contains("certificate 1 of /etc/ca.pem"), "{e}");
+    }
+
+    /// A client certificate and its PKCS#8 key, PEM, from a fresh CA.
+    fn client_pem() -> (String, String) {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca.self_signed(&ca_key).unwrap();
+        let ca = rcgen::Issuer::new(ca, ca_key);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        let cert = params.signed_by(&key, &ca).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    fn identity(cert: &str, key: &str) -> Result<ClientIdentity, IdentityError> {
+        ClientIdentity::parse(
+            Path::new("/c.crt"),
+            cert.as_bytes(),
+            Path::new("/c.key"),
+            key.as_bytes(),
+        )
+    }
+
+    #[test]
+    fn a_client_certificate_and_its_key_are_checked_and_compared_by_content() {
+        let (cert, key) = client_pem();
+        let one = identity(&cert, &key).unwrap();
+        assert!(one.identity.is_some());
+        assert_eq!(one, identity(&cert, &key).unwrap());
+        assert_eq!(format!("{one:?}"), "ClientIdentity(/c.crt, /c.key)");
+        let (other_cert, other_key) = client_pem();
+        assert_ne!(one, identity(&other_cert, &other_key).unwrap());
+        let moved = ClientIdentity::parse(
+            Path::new("/elsewhere.crt"),
+            cert.as_bytes(),
+            Path::new("/c.key"),
+            key.as_bytes(),
+        )
+        .unwrap();
+        assert_ne!(one, moved);
+
+        let e = identity(&cert, &other_key).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "the private key in /c.key does not belong to the first certificate of /c.crt"
+        );
+        let e = identity(&key, &key).unwrap_err().to_string();
+        assert!(e.starts_with("/c.crt holds no certificate"), "{e}");
+        let e = identity(&cert, &cert).unwrap_err().to_string();
+        assert!(e.starts_with("/c.key holds no usable private key"), "{e}");
+        // A damaged key is named, never quoted.
+        let damaged = key.replacen('M', "!", 1);
+        let e = identity(&cert, &damaged).unwrap_err().to_string();
+        assert!(e.starts_with("/c.key holds no usable private key"), "{e}");
+        for line in key.lines().filter(|l| !l.starts_with("-----")) {
+            assert!(!e.contains(line), "{e}");
+        }
+    }
+
+    /// `openssl ecparam -genkey` writes EC PARAMETERS before a SEC1 key,
+    /// a section reqwest's own PEM reader refuses.
+    #[test]
+    fn an_openssl_sec1_key_with_parameters_is_taken() {
+        let dir = tempfile::tempdir().unwrap();
+        let (key, cert) = (dir.path().join("k.pem"), dir.path().join("c.pem"));
+        let run = |args: &[&std::ffi::OsStr]| {
+            let out = std::process::Command::new("openssl")
+                .args(args)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{out:?}");
+        };
+        run(&[
+            "ecparam".as_ref(),
+            "-name".as_ref(),
+            "prime256v1".as_ref(),
+            "-genkey".as_ref(),
+            "-out".as_ref(),
+            key.as_os_str(),
+        ]);
+        run(&[
+            "req".as_ref(),
+            "-x509".as_ref(),
+            "-key".as_ref(),
+            key.as_os_str(),
+            "-subj".as_ref(),
+            "/CN=sec1".as_ref(),
+            "-days".as_ref(),
+            "1".as_ref(),
+            "-out".as_ref(),
+            cert.as_os_str(),
+        ]);
+        let key = std::fs::read_to_string(&key).unwrap();
+        assert!(key.contains("BEGIN EC PARAMETERS"), "{key}");
+        let cert = std::fs::read_to_string(&cert).unwrap();
+        assert!(identity(&cert, &key).unwrap().identity.is_some());
+    }
+
+    #[test]
+    fn certificate_alerts_are_told_as_refusals() {
+        let refused = describe_alert(AlertDescription::UnknownCA);
+        assert_eq!(
+            refused,
+            "the issuer refused the client certificate (UnknownCA)"
+        );
+        let wanted = describe_alert(AlertDescription::CertificateRequired);
+        assert!(
+            wanted.starts_with("the issuer requires a client certificate"),
+            "{wanted}"
+        );
+        let other = describe_alert(AlertDescription::ProtocolVersion);
+        assert_eq!(other, "the issuer ended the handshake (ProtocolVersion)");
+    }
+
+    #[test]
+    fn a_dropped_connection_is_found_inside_io_errors() {
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        assert!(dropped_by_peer(&std::io::Error::other(reset)));
+        let eof = std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "no close_notify");
+        assert!(dropped_by_peer(&eof));
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        assert!(!dropped_by_peer(&refused));
     }
 
     #[test]

@@ -12,9 +12,22 @@
 // each client authentication failure (oidc-provider's error_detail, which
 // the HTTP answer leaves out) is written to stderr as
 // `oidc server: grant.error: invalid_client: <detail>`.
+//
+// mTLS (RFC 8705): when MTLS_SERVER_CERT and MTLS_SERVER_KEY (PEM) are set,
+// the server speaks HTTPS with them (READY https://…), asks every client for
+// a certificate, and checks it against MTLS_CLIENT_CA (PEM). Without
+// MTLS_REJECT_UNAUTHORIZED=1 a certificate the CA did not sign still
+// completes the handshake and oidc-provider refuses it (invalid_client);
+// with it, node drops the connection after the handshake, without a TLS
+// alert. It registers
+// `tokend-mtls` (tls_client_auth, subject DN MTLS_SUBJECT_DN, tokens bound
+// to the certificate) and, when
+// MTLS_SELF_SIGNED_CERT (PEM) is set, `tokend-mtls-self`
+// (self_signed_tls_client_auth with that certificate).
 
-import { createPublicKey, generateKeyPairSync } from 'node:crypto';
+import { createPublicKey, generateKeyPairSync, X509Certificate } from 'node:crypto';
 import http from 'node:http';
+import https from 'node:https';
 
 // oidc-provider writes some notices with console.info (stdout). stdout is
 // reserved for the READY line, so route every console output to stderr.
@@ -64,13 +77,22 @@ let handler = (_req, res) => {
   res.statusCode = 503;
   res.end();
 };
-server = http.createServer((req, res) => handler(req, res));
+const mtls = process.env.MTLS_SERVER_CERT && {
+  cert: process.env.MTLS_SERVER_CERT,
+  key: process.env.MTLS_SERVER_KEY,
+  ca: process.env.MTLS_CLIENT_CA,
+  requestCert: true,
+  rejectUnauthorized: process.env.MTLS_REJECT_UNAUTHORIZED === '1',
+};
+server = mtls
+  ? https.createServer(mtls, (req, res) => handler(req, res))
+  : http.createServer((req, res) => handler(req, res));
 server.on('error', (err) => {
   process.stderr.write(`oidc server: ${err.stack || err}\n`);
   shutdown('server error', 1);
 });
 await new Promise((resolve) => server.listen(port, HOST, resolve));
-const issuer = `http://${HOST}:${server.address().port}`;
+const issuer = `${mtls ? 'https' : 'http'}://${HOST}:${server.address().port}`;
 
 // Fresh signing key per run (avoids the "development-only signing keys" path).
 const { privateKey } = generateKeyPairSync('rsa', { modulusLength: 2048 });
@@ -96,6 +118,49 @@ const jwtClient = (client_id, env, kid) => {
   return [{ ...rest, jwks: { keys: [jwk] } }];
 };
 
+// The certificate the client presented on this request's connection.
+const peerCertificate = (ctx) => {
+  const peer = ctx.socket.getPeerCertificate?.();
+  return peer?.raw ? new X509Certificate(peer.raw) : undefined;
+};
+
+// RFC 8705 clients, registered only when the server speaks mTLS.
+const mtlsClients = () => {
+  if (!mtls) return [];
+  const base = (client_id, method) => {
+    const { client_secret: _, ...rest } = client(client_id, undefined, 'gateway vault fx', method);
+    return rest;
+  };
+  const clients = [{
+    ...base('tokend-mtls', 'tls_client_auth'),
+    tls_client_auth_subject_dn: process.env.MTLS_SUBJECT_DN,
+    // Its tokens name the certificate (cnf.x5t#S256, RFC 8705 3): proof of
+    // which one tokend presented.
+    tls_client_certificate_bound_access_tokens: true,
+  }];
+  const selfSigned = process.env.MTLS_SELF_SIGNED_CERT;
+  if (selfSigned) {
+    const cert = new X509Certificate(selfSigned);
+    // oidc-provider matches the certificate by the x5c's thumbprint.
+    const jwk = { ...cert.publicKey.export({ format: 'jwk' }), x5c: [cert.raw.toString('base64')] };
+    clients.push({ ...base('tokend-mtls-self', 'self_signed_tls_client_auth'), jwks: { keys: [jwk] } });
+  }
+  return clients;
+};
+
+const mtlsFeature = {
+  enabled: true,
+  certificateBoundAccessTokens: true,
+  tlsClientAuth: true,
+  selfSignedTlsClientAuth: true,
+  getCertificate: peerCertificate,
+  // Node checked the chain against MTLS_CLIENT_CA during the handshake.
+  certificateAuthorized: (ctx) => ctx.socket.authorized === true,
+  // Only the subject DN is registered; node writes it one RDN per line.
+  certificateSubjectMatches: (ctx, property, expected) => property === 'tls_client_auth_subject_dn'
+    && peerCertificate(ctx)?.subject.split('\n').join(',') === expected,
+};
+
 const configuration = {
   clients: [
     client('tokend-plain', 'plain-secret-0123456789', 'gateway vault fx'),
@@ -104,6 +169,7 @@ const configuration = {
     client('tokend-post', 'post-secret-7', 'gateway', 'client_secret_post'),
     ...jwtClient('tokend-jwt-rsa', 'PKJWT_RSA_PUBLIC_KEY', 'tokend-rsa-1'),
     ...jwtClient('tokend-jwt-ec', 'PKJWT_EC_PUBLIC_KEY'),
+    ...mtlsClients(),
   ],
   // Scopes listed here are "static": a client asking for one that is not in
   // its own `scope` metadata gets invalid_scope. Unknown scopes are dropped.
@@ -111,7 +177,14 @@ const configuration = {
   jwks: { keys: [signingJwk] },
   cookies: { keys: ['tokend-test-only-cookie-key'] }, // silences a warning; cookies are unused
   ttl: { ClientCredentials: ACCESS_TOKEN_TTL },
+  ...(mtls && {
+    clientAuthMethods: [
+      'client_secret_basic', 'client_secret_jwt', 'client_secret_post', 'private_key_jwt', 'none',
+      'tls_client_auth', 'self_signed_tls_client_auth',
+    ],
+  }),
   features: {
+    ...(mtls && { mTLS: mtlsFeature }),
     devInteractions: { enabled: false },
     clientCredentials: { enabled: true },
     resourceIndicators: {

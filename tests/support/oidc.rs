@@ -29,7 +29,8 @@ impl OidcProvider {
     }
 
     /// Like [`OidcProvider::start`], with more environment for the server
-    /// (`PKJWT_*_PUBLIC_KEY` registers the `private_key_jwt` clients).
+    /// (`PKJWT_*_PUBLIC_KEY` registers the `private_key_jwt` clients;
+    /// `MTLS_*` makes it speak HTTPS and registers the mTLS clients).
     pub fn start_with_env(env: &[(&str, &str)]) -> OidcProvider {
         let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/oidc");
         assert!(
@@ -78,9 +79,14 @@ impl OidcProvider {
             Err(_) => provider.fail(&format!("no READY line within {PATIENCE:?}")),
         };
         match line.trim_end().strip_prefix("READY ") {
-            Some(url) if url.starts_with("http://127.0.0.1:") => provider.issuer = url.to_owned(),
+            Some(url)
+                if url.starts_with("http://127.0.0.1:")
+                    || url.starts_with("https://127.0.0.1:") =>
+            {
+                provider.issuer = url.to_owned()
+            }
             _ => provider.fail(&format!(
-                "expected `READY http://127.0.0.1:PORT`, got {line:?}"
+                "expected `READY http(s)://127.0.0.1:PORT`, got {line:?}"
             )),
         }
         provider
@@ -98,7 +104,8 @@ impl OidcProvider {
         );
     }
 
-    /// `http://127.0.0.1:PORT`, the issuer identifier.
+    /// `http://127.0.0.1:PORT` (`https://` with `MTLS_*`), the issuer
+    /// identifier.
     pub fn issuer(&self) -> &str {
         &self.issuer
     }

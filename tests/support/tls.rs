@@ -9,6 +9,10 @@
 //! stalls in it never holds up the next one; finished handshakes queue for
 //! axum's accept loop. [`Issuer::serve`](super::issuer::Issuer::serve)
 //! serves the issuer's router on it.
+//!
+//! For RFC 8705 tests, [`TestCa::server_pem`] gives the server certificate
+//! to a server that is not rustls (node), [`TestCa::client_pem`] signs a
+//! client certificate, and [`self_signed_client`] makes one nobody signed.
 #![allow(dead_code, unreachable_pub)]
 
 use std::net::{Ipv4Addr, SocketAddr};
@@ -17,10 +21,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::serve::Listener;
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose,
+};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use tokio_rustls::rustls::server::WebPkiClientVerifier;
 use tokio_rustls::rustls::{self, ServerConfig};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
@@ -32,6 +40,7 @@ const HANDSHAKE_LIMIT: Duration = Duration::from_secs(10);
 pub struct TestCa {
     issuer: Issuer<'static, KeyPair>,
     pem: String,
+    cert_der: Vec<u8>,
 }
 
 impl TestCa {
@@ -45,6 +54,7 @@ impl TestCa {
         let cert = params.self_signed(&key).expect("self-signed CA");
         TestCa {
             pem: cert.pem(),
+            cert_der: cert.der().to_vec(),
             issuer: Issuer::new(params, key),
         }
     }
@@ -65,6 +75,16 @@ impl TestCa {
     /// A server configuration with a certificate this CA signs for
     /// `127.0.0.1` and `localhost`.
     pub fn server_config(&self) -> Arc<ServerConfig> {
+        self.server_config_for(None)
+    }
+
+    /// Like [`TestCa::server_config`], demanding a client certificate
+    /// `clients` signed: rustls ends the handshake with an alert otherwise.
+    pub fn server_config_requiring(&self, clients: &TestCa) -> Arc<ServerConfig> {
+        self.server_config_for(Some(clients))
+    }
+
+    fn server_config_for(&self, clients: Option<&TestCa>) -> Arc<ServerConfig> {
         let params = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
             .expect("server params");
         let key = KeyPair::generate().expect("server key");
@@ -72,14 +92,104 @@ impl TestCa {
         let chain = vec![CertificateDer::from(cert.der().to_vec())];
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = ServerConfig::builder_with_provider(provider)
+        let builder = ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
-            .expect("TLS versions")
-            .with_no_client_auth()
+            .expect("TLS versions");
+        let builder = match clients {
+            None => builder.with_no_client_auth(),
+            Some(clients) => {
+                let mut roots = rustls::RootCertStore::empty();
+                roots
+                    .add(CertificateDer::from(clients.cert_der.clone()))
+                    .expect("client CA");
+                let verifier =
+                    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                        .build()
+                        .expect("client verifier");
+                builder.with_client_cert_verifier(verifier)
+            }
+        };
+        let config = builder
             .with_single_cert(chain, key)
             .expect("server certificate");
         Arc::new(config)
     }
+}
+
+impl TestCa {
+    /// A certificate this CA signs for `127.0.0.1` and `localhost`, and its
+    /// key, PEM.
+    pub fn server_pem(&self) -> CertAndKey {
+        let params = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+            .expect("server params");
+        let key = KeyPair::generate().expect("server key");
+        let cert = params.signed_by(&key, &self.issuer).expect("sign");
+        CertAndKey {
+            cert: cert.pem(),
+            key: key.serialize_pem(),
+        }
+    }
+
+    /// A client certificate for subject `CN=<cn>` this CA signs, and its
+    /// key, PEM.
+    pub fn client_pem(&self, cn: &str) -> CertAndKey {
+        let key = KeyPair::generate().expect("client key");
+        let cert = client_params(cn)
+            .signed_by(&key, &self.issuer)
+            .expect("sign");
+        CertAndKey {
+            cert: cert.pem(),
+            key: key.serialize_pem(),
+        }
+    }
+}
+
+/// A certificate and its private key, PEM.
+pub struct CertAndKey {
+    pub cert: String,
+    pub key: String,
+}
+
+impl CertAndKey {
+    /// Writes `dir/NAME.crt` (mode 0644) and `dir/NAME.key` (mode 0600)
+    /// and returns their paths.
+    pub fn write(&self, dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+        let cert = dir.join(format!("{name}.crt"));
+        let key = dir.join(format!("{name}.key"));
+        std::fs::write(&cert, &self.cert).expect("write the certificate");
+        std::fs::write(&key, &self.key).expect("write the key");
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        (cert, key)
+    }
+
+    /// The base64 lines of the key: what must never reach a log.
+    pub fn key_lines(&self) -> Vec<String> {
+        self.key
+            .lines()
+            .filter(|line| !line.starts_with("-----") && line.len() >= 16)
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+/// A self-signed client certificate for subject `CN=<cn>`, and its key.
+pub fn self_signed_client(cn: &str) -> CertAndKey {
+    let key = KeyPair::generate().expect("client key");
+    let cert = client_params(cn).self_signed(&key).expect("self-sign");
+    CertAndKey {
+        cert: cert.pem(),
+        key: key.serialize_pem(),
+    }
+}
+
+fn client_params(cn: &str) -> CertificateParams {
+    let mut params = CertificateParams::new(Vec::<String>::new()).expect("client params");
+    let mut name = DistinguishedName::new();
+    name.push(DnType::CommonName, cn);
+    params.distinguished_name = name;
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    params
 }
 
 /// TLS over `127.0.0.1:0`, as an axum [`Listener`].
