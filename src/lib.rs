@@ -9,7 +9,7 @@
 //! - [`assertion`]: signed client assertions for `auth = "private_key_jwt"`.
 //! - [`scope`]: canonical scope sets.
 //! - [`issuer`]: the token-endpoint client and the parser of its answers.
-//! - [`transport`]: trust anchors (`ca_file`, system store, bundled roots), proxies, one HTTP client per distinct pair, TLS failures in words.
+//! - [`transport`]: trust anchors (`ca_file`, system store, bundled roots), proxies, mTLS identities, one HTTP client per distinct combination, TLS failures in words.
 //! - [`cache`]: one token per (key, scope set), each kept fresh by its one owner task; per-key issuer budget.
 //! - [`protocol`]: socket protocol v1, pure encode and decode.
 //! - [`peer`]: the caller's kernel-recorded identity and the allow decision.
@@ -22,7 +22,7 @@
 //! - [`logging`]: journald or stderr, and the filter over both.
 //! - [`hardening`]: no core dumps, no same-uid debuggers, room for connections.
 //! - [`systemd`]: sd_notify, the watchdog, socket activation, journald detection.
-//! - [`client`]: the CLI's side of the socket (`get`, `reload`, `status`, `keys`).
+//! - [`client`]: the CLI's side of the socket (`get`, `reload`, `status`, `keys`, `metrics`).
 //! - [`report`]: the tables and JSON `tokend status` and `tokend keys` print.
 //!
 //! # How a get flows
