@@ -376,9 +376,11 @@ impl Reloader {
             )),
         };
         if let Err(e) = &outcome {
+            // Counted before it is logged (as in `swap`): whoever reads the
+            // line finds the counter already moved.
+            metrics::reloaded(false);
             tracing::error!("reload failed; still serving the previous configuration: {e}");
         }
-        metrics::reloaded(outcome.is_ok());
         self.status.reload_failed(outcome.as_ref().err().cloned());
         self.notifier.notify(&self.status.ready()).await;
         outcome
@@ -414,6 +416,7 @@ impl Reloader {
         // progress finish on the old one.
         self.current.send_replace(service.clone());
         service.cache().prefetch();
+        metrics::reloaded(true);
         tracing::info!(keys = config.keys.len(), carried, "reloaded");
         config.keys.len()
     }
