@@ -3,8 +3,9 @@
 //! Request building follows RFC 6749 4.4 and 2.3.1; answer parsing accepts
 //! the RFC's shapes and the two seed issuers' dialects (Checkout.com's
 //! `/connect/token`, Checkissuing's `{"status":0,"errors":[…]}`). Parsing is
-//! a pure function over status and body so tests can feed it bytes. This
-//! module caches nothing and knows nothing of sockets.
+//! a pure function over status and body so tests can feed it bytes. It
+//! caches no tokens and knows nothing of sockets; for a key with `issuer`
+//! it asks [`crate::discovery`] for the token endpoint first.
 //!
 //! Issuer text (error words, content types, token types) reaches callers
 //! and the journal, so every form the secret (or, for `private_key_jwt`,
