@@ -350,3 +350,72 @@ fn the_example_config_issuer_key_parses() {
     };
     assert_eq!(issuer.as_str(), "https://keycloak.example.com/realms/main");
 }
+
+/// An EC P-256 key made with `openssl genpkey`, mode 0600, and its public
+/// half (PEM) for the server.
+fn ec_key(dir: &std::path::Path) -> (std::path::PathBuf, String) {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join("ec.pem");
+    let made = std::process::Command::new("openssl")
+        .args([
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-out",
+        ])
+        .arg(&path)
+        .output()
+        .expect("run openssl");
+    assert!(made.status.success(), "{made:?}");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let public = std::process::Command::new("openssl")
+        .args(["pkey", "-pubout", "-in"])
+        .arg(&path)
+        .output()
+        .expect("run openssl");
+    assert!(public.status.success(), "{public:?}");
+    (path, String::from_utf8(public.stdout).expect("PEM"))
+}
+
+#[tokio::test]
+async fn private_key_jwt_signs_for_the_issuer_it_discovered() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (file, public) = ec_key(dir.path());
+    let provider = OidcProvider::start_with_env(&[("PKJWT_EC_PUBLIC_KEY", &public)]);
+    let key = Key::new("signed")
+        .client_id("tokend-jwt-ec")
+        .allow_me()
+        .extra(&format!(
+            "issuer = {:?}\nauth = \"private_key_jwt\"\nprivate_key_file = {:?}\n\
+             assertion_audience = \"issuer\"",
+            provider.issuer(),
+            file.display().to_string()
+        ));
+    let daemon = Daemon::start("", &key.toml());
+    let answer = get(&daemon, "signed", &[]).await;
+    assert_eq!(
+        answer["ok"],
+        true,
+        "{answer}; server: {}",
+        provider.stderr()
+    );
+    daemon.stop_and_check_log(&["eyJ"]);
+}
+
+#[tokio::test]
+async fn a_reload_that_changes_the_issuer_drops_the_cached_token() {
+    let provider = OidcProvider::start();
+    let key = |issuer: &str| issuer_key("plain", issuer, PLAIN_ID, PLAIN_SECRET).toml();
+    let mut daemon = Daemon::start("", &key(provider.issuer()));
+    assert_eq!(get(&daemon, "plain", &[]).await["ok"], true);
+
+    // Another issuer string: a changed credential, so the token cached for
+    // the old one is not handed out; the new one fails its check.
+    daemon.rewrite_keys(&key(&format!("{}/", provider.issuer())));
+    assert!(daemon.reload_and_wait(), "the reload was refused");
+    let message = unavailable_message(&get(&daemon, "plain", &[]).await);
+    assert!(message.contains("discovery failed"), "{message}");
+    daemon.stop_and_check_log(&[PLAIN_SECRET]);
+}
