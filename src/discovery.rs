@@ -4,7 +4,7 @@
 //! Owns the well-known URLs, the reading of a discovery document (a pure
 //! function over bytes), the checks tokend makes on it, and the per-key
 //! cache of what was found. It does not decide when to retry: a failure is
-//! an [`IssuerError`] with [`FailureKind::Discovery`], which pauses the key
+//! a [`crate::issuer::IssuerError`] with [`FailureKind::Discovery`], which pauses the key
 //! in the token cache's issuer budget, so the issuer hears one probe per
 //! backoff step whatever the number of scope sets.
 
