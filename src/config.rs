@@ -94,7 +94,9 @@ pub struct KeyConfig {
     /// The key's name in `[keys.NAME]`, for what reports on the key
     /// without the map around it (the issuer's metrics).
     pub name: String,
-    pub token_url: Url,
+    /// Where tokens come from: a `token_url` as written, or an `issuer`
+    /// whose discovery document names the token endpoint.
+    pub endpoint: Endpoint,
     pub client_id: String,
     pub client_secret: ClientSecret,
     /// Why this key cannot ask its issuer for anything: its secret could
@@ -130,6 +132,52 @@ pub struct KeyConfig {
     pub acl: Acl,
 }
 
+/// Where a key's tokens come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `token_url`: the token endpoint itself.
+    TokenUrl(Url),
+    /// `issuer`: the endpoint is read from the issuer's discovery
+    /// document (RFC 8414, OpenID Connect Discovery 1.0).
+    Issuer(IssuerId),
+}
+
+impl Endpoint {
+    /// What the operator configured, for messages before discovery.
+    pub fn configured(&self) -> &str {
+        match self {
+            Endpoint::TokenUrl(url) => url.as_str(),
+            Endpoint::Issuer(issuer) => issuer.as_str(),
+        }
+    }
+}
+
+/// An issuer identifier as configured. The text is kept as written:
+/// RFC 8414 3.3 and OIDC Discovery 4.3 compare it to the document's
+/// `issuer` as strings, and a parsed `Url` turns `https://a` into
+/// `https://a/`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssuerId {
+    text: String,
+    url: Url,
+}
+
+impl IssuerId {
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    pub fn url(&self) -> &Url {
+        &self.url
+    }
+
+    /// Whether plain http is allowed for this issuer: only on loopback,
+    /// as for `token_url`.
+    pub fn is_loopback_http(&self) -> bool {
+        self.url.scheme() == "http" && is_loopback(&self.url)
+    }
+}
+
 /// How the client authenticates at the token endpoint (RFC 6749 2.3.1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -151,6 +199,19 @@ pub enum AuthMethod {
 }
 
 impl AuthMethod {
+    /// The name RFC 8414's `token_endpoint_auth_methods_supported` (from
+    /// the IANA registry OAuth 2.0 Token Endpoint Authentication Methods)
+    /// gives this method.
+    pub fn registered_name(self) -> &'static str {
+        match self {
+            AuthMethod::Basic => "client_secret_basic",
+            AuthMethod::Post => "client_secret_post",
+            AuthMethod::PrivateKeyJwt => "private_key_jwt",
+            AuthMethod::TlsClientAuth => "tls_client_auth",
+            AuthMethod::SelfSignedTlsClientAuth => "self_signed_tls_client_auth",
+        }
+    }
+
     /// Whether the TLS client certificate is the credential.
     pub fn is_mtls(self) -> bool {
         matches!(
@@ -207,7 +268,8 @@ impl KeyConfig {
 
     /// The parts whose change makes cached tokens of this key worthless.
     pub fn same_credential(&self, other: &KeyConfig) -> bool {
-        self.token_url == other.token_url
+        // A changed issuer may name another token endpoint.
+        self.endpoint == other.endpoint
             && self.client_id == other.client_id
             && self.client_secret == other.client_secret
             && self.unusable == other.unusable
@@ -366,6 +428,18 @@ fn build(
             Some(setting) => Some(read_ca(&setting, &format!("key {name:?}: "))?),
             None => daemon_ca.clone(),
         };
+        if let Some(audience) = &key.assertion_audience {
+            if matches!(audience.get_ref().0, AudienceChoice::Issuer) && key.issuer.is_none() {
+                return Err(locate(
+                    text,
+                    path,
+                    audience.span().start,
+                    "assertion_audience = \"issuer\" needs an issuer setting; this key gives \
+                     token_url, so write the issuer identifier's URL instead"
+                        .to_owned(),
+                ));
+            }
+        }
         let identity_files = (key.client_cert_file.clone(), key.client_key_file.clone());
         let credentials = sources
             .credentials
@@ -630,8 +704,10 @@ fn metrics_address(text: &str, non_loopback: bool) -> Result<SocketAddr, String>
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawKey {
-    #[serde(deserialize_with = "token_url")]
-    token_url: Url,
+    #[serde(default, deserialize_with = "optional_token_url")]
+    token_url: Option<Url>,
+    #[serde(default, deserialize_with = "optional_issuer")]
+    issuer: Option<IssuerId>,
     client_id: String,
     client_secret: Option<ClientSecret>,
     client_secret_file: Option<PathBuf>,
@@ -641,8 +717,7 @@ struct RawKey {
     private_key_file: Option<PathBuf>,
     key_id: Option<String>,
     signing_alg: Option<SigningAlg>,
-    #[serde(default, deserialize_with = "assertion_audience")]
-    assertion_audience: Option<Audience>,
+    assertion_audience: Option<Spanned<AudienceSetting>>,
     #[serde(default, deserialize_with = "optional_scopes")]
     scopes: Option<ScopeSet>,
     #[serde(default, deserialize_with = "optional_scopes")]
@@ -727,7 +802,8 @@ impl RawKey {
             }
             Err(e) => Err(format!("key {name:?}: {setting}: {e}")),
         };
-        let assertion = self.assertion(name)?;
+        let endpoint = self.endpoint(name)?;
+        let assertion = self.assertion(name, &endpoint)?;
         self.check_client_certificate(name)?;
         // Methods whose credential is no secret: a secret beside it would
         // be sent nowhere, and the operator should know.
@@ -793,7 +869,7 @@ impl RawKey {
         };
         let mut key = KeyConfig {
             name: name.to_owned(),
-            token_url: self.token_url,
+            endpoint,
             client_id: self.client_id,
             client_secret,
             unusable,
@@ -847,7 +923,26 @@ impl RawKey {
 
     /// The `private_key_jwt` settings, which only that method takes and
     /// which it needs a key file for. The file itself is read later.
-    fn assertion(&self, name: &str) -> Result<Option<ClientAssertion>, String> {
+    /// Exactly one of `token_url` and `issuer`.
+    fn endpoint(&self, name: &str) -> Result<Endpoint, String> {
+        match (&self.token_url, &self.issuer) {
+            (Some(url), None) => Ok(Endpoint::TokenUrl(url.clone())),
+            (None, Some(issuer)) => Ok(Endpoint::Issuer(issuer.clone())),
+            (Some(_), Some(_)) => Err(format!(
+                "key {name:?} sets both token_url and issuer; keep exactly one (issuer finds \
+                 the token endpoint through discovery)"
+            )),
+            (None, None) => Err(format!(
+                "key {name:?} needs token_url (the token endpoint) or issuer (to discover it)"
+            )),
+        }
+    }
+
+    fn assertion(
+        &self,
+        name: &str,
+        endpoint: &Endpoint,
+    ) -> Result<Option<ClientAssertion>, String> {
         if self.auth != AuthMethod::PrivateKeyJwt {
             let stray = [
                 ("private_key_file", self.private_key_file.is_some()),
@@ -876,14 +971,21 @@ impl RawKey {
                 "key {name:?}: key_id may not be empty (leave it out to send no kid)"
             ));
         }
+        let audience = match self.assertion_audience.as_ref().map(|s| &s.get_ref().0) {
+            None | Some(AudienceChoice::TokenEndpoint) => Audience::TokenEndpoint,
+            Some(AudienceChoice::Named(url)) => Audience::Named(url.clone()),
+            // RFC 7523 3 allows the issuer identifier as `aud`; `build`
+            // has refused this for a key without one.
+            Some(AudienceChoice::Issuer) => match endpoint {
+                Endpoint::Issuer(issuer) => Audience::Named(issuer.as_str().to_owned()),
+                Endpoint::TokenUrl(_) => Audience::TokenEndpoint,
+            },
+        };
         Ok(Some(ClientAssertion {
             key_file,
             key_id: self.key_id.clone(),
             signing_alg: self.signing_alg,
-            audience: self
-                .assertion_audience
-                .clone()
-                .unwrap_or(Audience::TokenEndpoint),
+            audience,
             key: None,
         }))
     }
@@ -1134,6 +1236,44 @@ fn log_level<'de, D: Deserializer<'de>>(d: D) -> Result<LevelFilter, D::Error> {
     }
 }
 
+fn optional_token_url<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Url>, D::Error> {
+    token_url(d).map(Some)
+}
+
+/// An issuer identifier: https (http on loopback, as for `token_url`),
+/// and neither query nor fragment (RFC 8414 2).
+fn optional_issuer<'de, D: Deserializer<'de>>(d: D) -> Result<Option<IssuerId>, D::Error> {
+    let text = String::deserialize(d)?;
+    let url =
+        Url::parse(&text).map_err(|e| serde::de::Error::custom(format!("bad issuer: {e}")))?;
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(serde::de::Error::custom(
+            "issuer may not carry credentials; use client_id and client_secret",
+        ));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(serde::de::Error::custom(
+            "an issuer identifier has no query or fragment (RFC 8414 2)",
+        ));
+    }
+    match url.scheme() {
+        "https" => {}
+        "http" if is_loopback(&url) => {}
+        "http" => {
+            return Err(serde::de::Error::custom(
+                "issuer must use https: the discovery document decides where the client \
+                 credentials go (http is allowed only for loopback issuers)",
+            ))
+        }
+        other => {
+            return Err(serde::de::Error::custom(format!(
+                "issuer scheme {other:?} is not supported; use https"
+            )))
+        }
+    }
+    Ok(Some(IssuerId { text, url }))
+}
+
 fn token_url<'de, D: Deserializer<'de>>(d: D) -> Result<Url, D::Error> {
     let text = String::deserialize(d)?;
     let url = Url::parse(&text)
@@ -1157,28 +1297,38 @@ fn token_url<'de, D: Deserializer<'de>>(d: D) -> Result<Url, D::Error> {
     }
 }
 
-/// `"token_endpoint"` or an http(s) URL such as the issuer identifier.
-/// `"issuer"` is refused by name: tokend has no `issuer` setting yet.
-fn assertion_audience<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Audience>, D::Error> {
-    let text = String::deserialize(d)?;
-    match text.as_str() {
-        "token_endpoint" => return Ok(Some(Audience::TokenEndpoint)),
-        "issuer" => {
-            return Err(serde::de::Error::custom(
-                "assertion_audience = \"issuer\" needs an issuer setting, which tokend does not \
-                 have yet; write the issuer identifier's URL instead",
-            ))
-        }
-        _ => {}
-    }
-    match Url::parse(&text) {
-        Ok(url) if matches!(url.scheme(), "https" | "http") && url.has_host() => {
-            Ok(Some(Audience::Named(text)))
-        }
-        _ => Err(serde::de::Error::custom(format!(
-            "bad assertion_audience {text:?}: write \"token_endpoint\" or the URL the issuer \
-             expects, such as its issuer identifier"
-        ))),
+/// `assertion_audience` as written. Spanned in [`RawKey`]: whether
+/// `"issuer"` may be used depends on another setting.
+struct AudienceSetting(AudienceChoice);
+
+enum AudienceChoice {
+    TokenEndpoint,
+    /// The key's `issuer`; only a key with one may say so.
+    Issuer,
+    Named(String),
+}
+
+/// `"token_endpoint"`, `"issuer"` or an http(s) URL such as the issuer
+/// identifier.
+impl<'de> Deserialize<'de> for AudienceSetting {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        let choice = match text.as_str() {
+            "token_endpoint" => AudienceChoice::TokenEndpoint,
+            "issuer" => AudienceChoice::Issuer,
+            _ => match Url::parse(&text) {
+                Ok(url) if matches!(url.scheme(), "https" | "http") && url.has_host() => {
+                    AudienceChoice::Named(text)
+                }
+                _ => {
+                    return Err(serde::de::Error::custom(format!(
+                        "bad assertion_audience {text:?}: write \"token_endpoint\", \"issuer\" \
+                         or the URL the issuer expects, such as its issuer identifier"
+                    )))
+                }
+            },
+        };
+        Ok(AudienceSetting(choice))
     }
 }
 
@@ -1258,6 +1408,64 @@ allow_groups = ["billing"]
 
     fn err(text: &str) -> String {
         parse(text, Path::new("t.toml")).unwrap_err().to_string()
+    }
+
+    const ISSUER_KEY: &str = "[keys.a]\nclient_id = \"i\"\nclient_secret = \"s\"\n";
+
+    #[test]
+    fn an_issuer_replaces_token_url_and_is_kept_as_written() {
+        let config = parse(
+            &format!("{ISSUER_KEY}issuer = \"https://auth.example\"\n"),
+            Path::new("t"),
+        )
+        .unwrap();
+        let Endpoint::Issuer(issuer) = &config.keys["a"].endpoint else {
+            panic!("no issuer");
+        };
+        // Not "https://auth.example/": documents are compared as strings.
+        assert_eq!(issuer.as_str(), "https://auth.example");
+        let both = format!("{ISSUER_KEY}issuer = \"https://a\"\ntoken_url = \"https://a/t\"\n");
+        assert!(err(&both).starts_with("t.toml:1:1: key \"a\" sets both token_url and issuer"));
+        assert!(err(ISSUER_KEY).starts_with("t.toml:1:1: key \"a\" needs token_url"));
+        for (bad, why) in [
+            ("http://auth.example", "issuer must use https"),
+            ("https://a/?x=1", "no query or fragment"),
+            ("https://u:p@a/", "may not carry credentials"),
+        ] {
+            let e = err(&format!("{ISSUER_KEY}issuer = {bad:?}\n"));
+            assert!(e.starts_with("t.toml:4:10: ") && e.contains(why), "{e}");
+            assert!(!e.contains(":p@"), "{e}");
+        }
+        assert!(parse(
+            &format!("{ISSUER_KEY}issuer = \"http://127.0.0.1:8080\"\n"),
+            Path::new("t")
+        )
+        .is_ok());
+    }
+
+    #[test]
+    fn a_changed_issuer_is_a_changed_credential() {
+        let at = |url: &str| {
+            parse(&format!("{ISSUER_KEY}issuer = {url:?}\n"), Path::new("t"))
+                .unwrap()
+                .keys["a"]
+                .clone()
+        };
+        assert!(at("https://a").same_credential(&at("https://a")));
+        assert!(!at("https://a").same_credential(&at("https://a/")));
+    }
+
+    #[test]
+    fn the_issuer_audience_is_the_configured_issuer() {
+        let text = "[keys.a]\nissuer = \"https://auth.example\"\nclient_id = \"i\"\n\
+                    auth = \"private_key_jwt\"\nprivate_key_file = \"/k\"\n\
+                    assertion_audience = \"issuer\"\n";
+        let config = parse(text, Path::new("t")).unwrap();
+        let assertion = config.keys["a"].assertion.clone().unwrap();
+        assert_eq!(
+            assertion.audience,
+            Audience::Named("https://auth.example".into())
+        );
     }
 
     #[test]

@@ -3,8 +3,9 @@
 //! Request building follows RFC 6749 4.4 and 2.3.1; answer parsing accepts
 //! the RFC's shapes and the two seed issuers' dialects (Checkout.com's
 //! `/connect/token`, Checkissuing's `{"status":0,"errors":[…]}`). Parsing is
-//! a pure function over status and body so tests can feed it bytes. This
-//! module caches nothing and knows nothing of sockets.
+//! a pure function over status and body so tests can feed it bytes. It
+//! caches no tokens and knows nothing of sockets; for a key with `issuer`
+//! it asks [`crate::discovery`] for the token endpoint first.
 //!
 //! Issuer text (error words, content types, token types) reaches callers
 //! and the journal, so every form the secret (or, for `private_key_jwt`,
@@ -15,6 +16,7 @@
 //! straight into an [`AccessToken`], never into a `serde_json::Value`.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -22,10 +24,12 @@ use bytes::Bytes;
 use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
 use serde::Deserialize;
 use serde_json::Value;
+use url::Url;
 use zeroize::Zeroizing;
 
 use crate::assertion::{self, AssertionError, Jws};
 use crate::config::{AuthMethod, Config, KeyConfig};
+use crate::discovery::Discoveries;
 use crate::scope::ScopeSet;
 use crate::secret::AccessToken;
 use crate::transport::{self, Clients};
@@ -92,6 +96,10 @@ pub enum FailureKind {
     /// No client assertion could be signed; the issuer was not asked.
     #[error("{0}")]
     Assertion(AssertionError),
+    /// The key's issuer could not be discovered, or its document does not
+    /// fit the key; the token endpoint was not asked.
+    #[error("discovery failed: {0}")]
+    Discovery(String),
 }
 
 impl IssuerError {
@@ -108,6 +116,7 @@ impl IssuerError {
             FailureKind::Tls(_) => "TLS handshake failed".to_owned(),
             FailureKind::NoSecret(_) => "secret unreadable".to_owned(),
             FailureKind::Assertion(_) => "assertion unsigned".to_owned(),
+            FailureKind::Discovery(_) => "discovery failed".to_owned(),
         }
     }
 
@@ -123,7 +132,8 @@ impl IssuerError {
             | FailureKind::Transport(_)
             | FailureKind::Tls(_)
             | FailureKind::NoSecret(_)
-            | FailureKind::Assertion(_) => None,
+            | FailureKind::Assertion(_)
+            | FailureKind::Discovery(_) => None,
         }
     }
 }
@@ -133,6 +143,8 @@ impl IssuerError {
 #[derive(Clone)]
 pub struct IssuerClient {
     http: Clients,
+    /// The token endpoints of keys configured with `issuer`.
+    discoveries: Arc<Discoveries>,
 }
 
 impl fmt::Debug for IssuerClient {
@@ -146,6 +158,7 @@ impl IssuerClient {
     pub fn new() -> Result<IssuerClient, reqwest::Error> {
         Ok(IssuerClient {
             http: Clients::for_keys([])?,
+            discoveries: Arc::default(),
         })
     }
 
@@ -153,7 +166,34 @@ impl IssuerClient {
     pub fn for_config(config: &Config) -> Result<IssuerClient, reqwest::Error> {
         Ok(IssuerClient {
             http: Clients::for_keys(config.keys.values())?,
+            discoveries: Arc::default(),
         })
+    }
+
+    /// Reads the discovery document of a key configured with `issuer`,
+    /// uncached and unchecked, for `tokend check --online`. `None` for a
+    /// key with `token_url`.
+    pub async fn discovery_document(
+        &self,
+        key: &KeyConfig,
+    ) -> Option<Result<crate::discovery::Document, String>> {
+        let crate::config::Endpoint::Issuer(issuer) = &key.endpoint else {
+            return None;
+        };
+        let Some(http) = self.http.get(key) else {
+            return Some(Err("no HTTP client was set up for this key".to_owned()));
+        };
+        let fetch = crate::discovery::fetch(http, issuer);
+        Some(
+            match tokio::time::timeout(key.request_timeout, fetch).await {
+                Ok(outcome) => outcome,
+                Err(_) => Err(format!(
+                    "no answer from {} within {}",
+                    issuer.as_str(),
+                    humantime::format_duration(key.request_timeout)
+                )),
+            },
+        )
     }
 
     /// Asks `key`'s issuer for a token with `scopes` (the issuer's default
@@ -170,25 +210,35 @@ impl IssuerClient {
         key: &KeyConfig,
         scopes: &ScopeSet,
     ) -> Result<Grant, IssuerError> {
-        let fail = |kind| IssuerError {
-            url: key.token_url.to_string(),
+        let configured = |kind| IssuerError {
+            url: key.endpoint.configured().to_owned(),
             kind,
             retry_after: None,
         };
         if let Some(why) = &key.unusable {
-            return Err(fail(FailureKind::NoSecret(why.clone())));
+            return Err(configured(FailureKind::NoSecret(why.clone())));
         }
+        let token_url = self
+            .discoveries
+            .token_endpoint(key, self.http.get(key))
+            .await
+            .map_err(configured)?;
+        let fail = |kind| IssuerError {
+            url: token_url.to_string(),
+            kind,
+            retry_after: None,
+        };
         // Signed per request: each assertion has its own jti and a life
         // of a minute. A millisecond or two of CPU for RSA, on this task.
         let assertion = match &key.assertion {
             Some(settings) => Some(
                 settings
-                    .sign(&key.client_id, &key.token_url)
+                    .sign(&key.client_id, &token_url)
                     .map_err(|e| fail(FailureKind::Assertion(e)))?,
             ),
             None => None,
         };
-        let exchange = self.exchange(key, scopes, assertion.as_ref());
+        let exchange = self.exchange(key, &token_url, scopes, assertion.as_ref());
         let (status, headers, body) =
             match tokio::time::timeout(key.request_timeout, exchange).await {
                 Ok(Ok(answer)) => answer,
@@ -200,7 +250,7 @@ impl IssuerClient {
             scrubber.add_assertion(jws);
         }
         parse_answer(status, content_type(&headers), &body, &scrubber).map_err(|kind| IssuerError {
-            url: key.token_url.to_string(),
+            url: token_url.to_string(),
             kind,
             retry_after: retry_after(status, &headers),
         })
@@ -209,6 +259,7 @@ impl IssuerClient {
     async fn exchange(
         &self,
         key: &KeyConfig,
+        token_url: &Url,
         scopes: &ScopeSet,
         assertion: Option<&Jws>,
     ) -> Result<(u16, HeaderMap, Zeroizing<Vec<u8>>), FailureKind> {
@@ -217,7 +268,7 @@ impl IssuerClient {
                 "no HTTP client was set up for this key's ca_file and proxy".to_owned(),
             )
         })?;
-        let request = build_request(http, key, scopes, assertion);
+        let request = build_request(http, key, token_url, scopes, assertion);
         let mut response = request.send().await.map_err(|e| transport(e, key))?;
         let status = response.status().as_u16();
         if response
@@ -241,6 +292,7 @@ impl IssuerClient {
 fn build_request(
     http: &reqwest::Client,
     key: &KeyConfig,
+    token_url: &Url,
     scopes: &ScopeSet,
     assertion: Option<&Jws>,
 ) -> reqwest::RequestBuilder {
@@ -261,7 +313,7 @@ fn build_request(
         form.append_pair("scope", &scopes.joined());
     }
     let request = http
-        .post(key.token_url.clone())
+        .post(token_url.clone())
         .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
         .header(ACCEPT, "application/json");
     let request = match key.auth {
@@ -683,6 +735,13 @@ fn reason(status: u16) -> &'static str {
 mod tests {
     use super::*;
 
+    fn endpoint_of(key: &KeyConfig) -> Url {
+        match &key.endpoint {
+            crate::config::Endpoint::TokenUrl(url) => url.clone(),
+            crate::config::Endpoint::Issuer(_) => panic!("these keys give token_url"),
+        }
+    }
+
     const JSON: &str = "application/json";
 
     #[test]
@@ -823,9 +882,15 @@ mod tests {
             .remove("k")
             .unwrap();
         let scopes = ScopeSet::new(["a"]).unwrap();
-        let request = build_request(&reqwest::Client::new(), &key, &scopes, None)
-            .build()
-            .unwrap();
+        let request = build_request(
+            &reqwest::Client::new(),
+            &key,
+            &endpoint_of(&key),
+            &scopes,
+            None,
+        )
+        .build()
+        .unwrap();
         assert!(request.headers().get(AUTHORIZATION).is_none());
         let body = request.body().unwrap().as_bytes().unwrap();
         let pairs: Vec<(String, String)> = form_urlencoded::parse(body).into_owned().collect();
@@ -937,11 +1002,11 @@ mod tests {
             .assertion
             .as_ref()
             .unwrap()
-            .sign(&key.client_id, &key.token_url)
+            .sign(&key.client_id, &endpoint_of(&key))
             .unwrap();
         let http = reqwest::Client::new();
         let scopes = ScopeSet::new(["a"]).unwrap();
-        let request = build_request(&http, &key, &scopes, Some(&jws))
+        let request = build_request(&http, &key, &endpoint_of(&key), &scopes, Some(&jws))
             .build()
             .unwrap();
         assert!(request.headers().get(AUTHORIZATION).is_none());
@@ -965,7 +1030,7 @@ mod tests {
             .assertion
             .as_ref()
             .unwrap()
-            .sign(&key.client_id, &key.token_url)
+            .sign(&key.client_id, &endpoint_of(&key))
             .unwrap();
         let mut scrubber = Scrubber::for_key(&key);
         scrubber.add_assertion(&jws);

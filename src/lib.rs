@@ -9,6 +9,7 @@
 //! - [`assertion`]: signed client assertions for `auth = "private_key_jwt"`.
 //! - [`scope`]: canonical scope sets.
 //! - [`issuer`]: the token-endpoint client and the parser of its answers.
+//! - [`discovery`]: from a key's `issuer` to its token endpoint (RFC 8414, OIDC Discovery), cached per key.
 //! - [`transport`]: trust anchors (`ca_file`, system store, bundled roots), proxies, mTLS identities, one HTTP client per distinct combination, TLS failures in words.
 //! - [`cache`]: one token per (key, scope set), each kept fresh by its one owner task; per-key issuer budget.
 //! - [`protocol`]: socket protocol v1, pure encode and decode.
@@ -48,6 +49,7 @@ pub(crate) mod cache;
 pub mod client;
 pub mod config;
 pub mod daemon;
+pub mod discovery;
 pub(crate) mod hardening;
 pub mod issuer;
 pub(crate) mod logging;

@@ -10,6 +10,7 @@ use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 
 use tokend::client::{self, ClientError};
 use tokend::config::{self, DEFAULT_CONFIG, DEFAULT_SOCKET};
+use tokend::issuer::IssuerClient;
 use tokend::report;
 
 /// Exit code when the daemon answered with an error.
@@ -106,11 +107,17 @@ enum Command {
         timeout: Duration,
     },
     /// Validate the configuration and secret files without starting.
-    #[command(after_help = "Exit status: 0 valid, 1 invalid (FILE:LINE:COL: message on stderr).")]
+    #[command(
+        after_help = "Exit status: 0 valid, 1 invalid (FILE:LINE:COL: message on stderr), or with --online a discovery document that cannot be read or used."
+    )]
     Check {
         /// The configuration file.
         #[arg(long, short, value_name = "PATH", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
+        /// Also read the discovery document of every key configured with
+        /// `issuer`, print what it says, and fail if one cannot be used.
+        #[arg(long)]
+        online: bool,
     },
     /// Print the tokend(8) manual page (roff) generated from these definitions.
     #[command(hide = true)]
@@ -166,7 +173,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Status(listing) => Ok(status(&listing)),
         Command::Keys(listing) => Ok(keys(&listing)),
         Command::Metrics { socket, timeout } => Ok(metrics(&socket, timeout)),
-        Command::Check { config } => Ok(check(&config)),
+        Command::Check { config, online } => Ok(check(&config, online)),
         Command::Man => man(),
     }
 }
@@ -309,7 +316,7 @@ fn metrics(socket: &Path, timeout: Duration) -> ExitCode {
     }
 }
 
-fn check(path: &Path) -> ExitCode {
+fn check(path: &Path, online: bool) -> ExitCode {
     match config::load(path) {
         Ok(config) => {
             for (name, key) in &config.keys {
@@ -318,6 +325,9 @@ fn check(path: &Path) -> ExitCode {
                 }
             }
             println!("{}: ok ({} keys)", path.display(), config.keys.len());
+            if online {
+                return check_discovery(&config);
+            }
             ExitCode::SUCCESS
         }
         Err(err) => {
@@ -325,6 +335,67 @@ fn check(path: &Path) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `check --online`: what each `issuer` key's discovery document says,
+/// and whether tokend could use it. 1 when one could not be read or used.
+fn check_discovery(config: &config::Config) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("tokend: failed to start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let issuer = match IssuerClient::for_config(config) {
+        Ok(issuer) => issuer,
+        Err(e) => {
+            eprintln!("tokend: failed to set up the HTTP clients: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut code = ExitCode::SUCCESS;
+    for (name, key) in &config.keys {
+        let Some(found) = runtime.block_on(issuer.discovery_document(key)) else {
+            continue;
+        };
+        let config::Endpoint::Issuer(configured) = &key.endpoint else {
+            continue;
+        };
+        println!("key {name:?}: issuer {}", configured.as_str());
+        let document = match found {
+            Ok(document) => document,
+            Err(why) => {
+                eprintln!("tokend: key {name:?}: discovery failed: {why}");
+                code = ExitCode::FAILURE;
+                continue;
+            }
+        };
+        println!("  document issuer: {}", document.issuer);
+        println!("  token_endpoint: {}", document.token_endpoint);
+        println!(
+            "  token_endpoint_auth_methods_supported: {}",
+            document.methods()
+        );
+        let method = key.auth.registered_name();
+        let listed = if document.supports(key) {
+            "supported"
+        } else {
+            "NOT supported"
+        };
+        println!("  auth {method}: {listed}");
+        match document.token_endpoint_for(key, configured) {
+            Ok(endpoint) => println!("  ok: tokens come from {endpoint}"),
+            Err(why) => {
+                eprintln!("tokend: key {name:?}: discovery failed: {why}");
+                code = ExitCode::FAILURE;
+            }
+        }
+    }
+    code
 }
 
 /// Sections of tokend(8) that are not about options: what the daemon
@@ -369,7 +440,7 @@ Replace the system trust store (\fI/etc/ssl/certs\fR) that issuers' certificates
 \fBJOURNAL_STREAM\fR
 When stderr is the journal, tokend logs to journald with the fields KEY, SCOPES, PEER_UID, PEER_GID, PEER_PID, PEER_EXE, PEER_COMM (the last two informational: a pid can be reused) and ISSUER_STATUS.
 .SH EXIT STATUS
-\fBserve\fR: 0 after a clean stop, 1 on a start-up error. \fBget\fR: 0 token printed, 1 refused, 2 usage error, 3 unreachable. \fBstatus\fR: 0 every prefetch set fresh and not failing, 1 otherwise, 3 unreachable. \fBkeys\fR, \fBmetrics\fR and \fBreload\fR: 0 done, 1 refused, 3 unreachable. \fBcheck\fR: 0 valid, 1 invalid.
+\fBserve\fR: 0 after a clean stop, 1 on a start-up error. \fBget\fR: 0 token printed, 1 refused, 2 usage error, 3 unreachable. \fBstatus\fR: 0 every prefetch set fresh and not failing, 1 otherwise, 3 unreachable. \fBkeys\fR, \fBmetrics\fR and \fBreload\fR: 0 done, 1 refused, 3 unreachable. \fBcheck\fR: 0 valid, 1 invalid (with \fB--online\fR, also when a discovery document cannot be read or used).
 .SH SEE ALSO
 \fBsystemctl\fR(1), \fBsystemd.exec\fR(5), \fBsystemd-creds\fR(1)
 "#;

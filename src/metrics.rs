@@ -365,6 +365,8 @@ fn failure_label(kind: &FailureKind) -> Option<&'static str> {
         FailureKind::Timeout(_) => "timeout",
         FailureKind::Transport(_) => "unreachable",
         FailureKind::Tls(_) => "tls",
+        // The issuer was asked, for its discovery document.
+        FailureKind::Discovery(_) => "discovery",
         FailureKind::NoSecret(_) | FailureKind::Assertion(_) => return None,
     })
 }

@@ -108,11 +108,12 @@ impl Key {
 
 /// Failures that are the client's rather than one scope set's: the
 /// issuer's rate limit or maintenance notice (429 or 503 with
-/// `Retry-After`), and rejected or unreadable credentials.
+/// `Retry-After`), rejected or unreadable credentials, and a failed
+/// discovery (every set of the key needs the same token endpoint).
 pub(super) fn pauses_key(error: &IssuerError) -> bool {
     error.retry_after.is_some()
         || matches!(
             error.kind,
-            FailureKind::Denied { .. } | FailureKind::NoSecret(_)
+            FailureKind::Denied { .. } | FailureKind::NoSecret(_) | FailureKind::Discovery(_)
         )
 }
