@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
@@ -129,6 +130,11 @@ pub struct KeyConfig {
     /// The TLS client certificate and key; `Some` exactly for the
     /// `tls_client_auth` methods.
     pub client_identity: Option<ClientIdentity>,
+    /// RFC 8707 resource indicators a get may ask for; empty when the key
+    /// sends none. A get without one asks for none: the issuer's default.
+    pub resource: Vec<Arc<str>>,
+    /// Sent as the `audience` form parameter (Auth0 and its imitators).
+    pub audience: Option<String>,
     pub acl: Acl,
 }
 
@@ -281,6 +287,15 @@ impl KeyConfig {
             && self.ca_file == other.ca_file
             // The certificate's and key's paths and contents.
             && self.client_identity == other.client_identity
+            // The same resource with another audience is another token.
+            // A changed `resource` list only drops the resources it no
+            // longer allows (see `TokenCache::adopt`).
+            && self.audience == other.audience
+    }
+
+    /// Whether a get may ask for `resource`.
+    pub fn allows_resource(&self, resource: &str) -> bool {
+        self.resource.iter().any(|allowed| &**allowed == resource)
     }
 }
 
@@ -745,6 +760,10 @@ struct RawKey {
     client_cert_file: Option<Spanned<PathBuf>>,
     client_key_file: Option<Spanned<PathBuf>>,
     #[serde(default)]
+    resource: Resources,
+    #[serde(default, deserialize_with = "optional_audience")]
+    audience: Option<String>,
+    #[serde(default)]
     allow_uids: Vec<u32>,
     #[serde(default)]
     allow_users: Vec<String>,
@@ -888,6 +907,8 @@ impl RawKey {
             proxy: self.proxy.map(Spanned::into_inner),
             // Read by `build`, which knows where the settings are.
             client_identity: None,
+            resource: self.resource.0,
+            audience: self.audience,
             acl: Acl {
                 uids: self.allow_uids,
                 users: self.allow_users,
@@ -1145,6 +1166,64 @@ impl<'de> Deserialize<'de> for ProxyUrl {
         })?);
         ProxyUrl::parse(&text).map_err(serde::de::Error::custom)
     }
+}
+
+/// `resource`: one URI or a list of them, each absolute and without a
+/// fragment (RFC 8707 section 2), kept as written because the issuer
+/// compares them as strings. Duplicates are dropped, order is kept: the
+/// first is not special, but `status` lists them as configured.
+#[derive(Default)]
+struct Resources(Vec<Arc<str>>);
+
+impl<'de> Deserialize<'de> for Resources {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum OneOrMany {
+            One(String),
+            Many(Vec<String>),
+        }
+        let raw = OneOrMany::deserialize(d).map_err(|_| {
+            serde::de::Error::custom(
+                "resource must be a URI or an array of URIs such as \"https://api.example/\"",
+            )
+        })?;
+        let raw = match raw {
+            OneOrMany::One(one) => vec![one],
+            OneOrMany::Many(many) => many,
+        };
+        let mut out: Vec<Arc<str>> = Vec::with_capacity(raw.len());
+        for text in raw {
+            check_resource(&text).map_err(serde::de::Error::custom)?;
+            if !out.iter().any(|seen| **seen == *text) {
+                out.push(text.into());
+            }
+        }
+        Ok(Resources(out))
+    }
+}
+
+/// RFC 8707 section 2: "an absolute URI", which "MUST NOT include a
+/// fragment component".
+fn check_resource(text: &str) -> Result<(), String> {
+    let url =
+        Url::parse(text).map_err(|e| format!("resource {text:?} is not an absolute URI: {e}"))?;
+    if url.fragment().is_some() {
+        return Err(format!(
+            "resource {text:?} has a fragment, which RFC 8707 forbids"
+        ));
+    }
+    Ok(())
+}
+
+fn optional_audience<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let text = String::deserialize(d)?;
+    if text.is_empty() {
+        return Err(serde::de::Error::custom(
+            "audience may not be empty (leave it out to send none)",
+        ));
+    }
+    Ok(Some(text))
 }
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
@@ -2053,5 +2132,68 @@ allow_groups = ["billing"]
         };
         assert!(key("/k1").same_credential(&key("/k1")));
         assert!(!key("/k1").same_credential(&key("/k2")));
+    }
+
+    #[test]
+    fn resource_takes_one_uri_or_a_list_and_audience_a_string() {
+        let key = |extra: &str| {
+            let text = format!("{KEY}client_secret = \"s\"\n{extra}");
+            parse(&text, Path::new("t.toml")).map(|mut c| c.keys.remove("a").unwrap())
+        };
+        let one = key("resource = \"https://api.example/\"\n").unwrap();
+        assert_eq!(one.resource, [Arc::from("https://api.example/")]);
+        assert_eq!(one.audience, None);
+        let many = key(
+            "resource = [\"https://b.example/\", \"urn:x:a\", \"https://b.example/\"]\naudience = \"https://api\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            many.resource,
+            [Arc::from("https://b.example/"), Arc::from("urn:x:a")]
+        );
+        assert!(many.allows_resource("urn:x:a"));
+        assert!(!many.allows_resource("urn:x:b"));
+        assert_eq!(many.audience.as_deref(), Some("https://api"));
+        assert!(key("").unwrap().resource.is_empty());
+    }
+
+    #[test]
+    fn a_bad_resource_or_audience_is_reported_where_it_is() {
+        let at = |extra: &str| {
+            let text = format!("{KEY}client_secret = \"s\"\n{extra}");
+            err(&text)
+        };
+        let line = KEY.lines().count() + 2;
+        let relative = at("resource = \"/api\"\n");
+        assert!(
+            relative.starts_with(&format!("t.toml:{line}:")),
+            "{relative}"
+        );
+        assert!(relative.contains("not an absolute URI"), "{relative}");
+        let fragment = at("resource = [\"https://a.example/\", \"https://a.example/#x\"]\n");
+        assert!(fragment.contains("has a fragment"), "{fragment}");
+        let number = at("resource = 3\n");
+        assert!(number.contains("resource must be a URI"), "{number}");
+        let empty = at("audience = \"\"\n");
+        assert!(empty.starts_with(&format!("t.toml:{line}:")), "{empty}");
+        assert!(empty.contains("audience may not be empty"), "{empty}");
+    }
+
+    #[test]
+    fn a_changed_audience_is_a_changed_credential_and_a_changed_resource_list_is_not() {
+        let key = |extra: &str| {
+            let text = format!("{KEY}client_secret = \"s\"\n{extra}");
+            parse(&text, Path::new("t.toml"))
+                .unwrap()
+                .keys
+                .remove("a")
+                .unwrap()
+        };
+        let before = key("resource = \"urn:a\"\naudience = \"x\"\n");
+        assert!(before.same_credential(&key(
+            "resource = [\"urn:a\", \"urn:b\"]\naudience = \"x\"\n"
+        )));
+        assert!(!before.same_credential(&key("resource = \"urn:a\"\naudience = \"y\"\n")));
+        assert!(!before.same_credential(&key("resource = \"urn:a\"\n")));
     }
 }
