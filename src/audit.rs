@@ -78,6 +78,9 @@ pub(crate) enum Event<'a> {
     HandedOut {
         key: &'a str,
         scopes: &'a ScopeSet,
+        /// The RFC 8707 resource asked for. Not part of the subject: the
+        /// fingerprint already tells two resources' tokens apart.
+        resource: Option<&'a str>,
         /// The token's fingerprint, never the token.
         fingerprint: &'a str,
         expires_in: u64,
@@ -90,15 +93,18 @@ pub(crate) enum Event<'a> {
     Forbidden {
         key: &'a str,
     },
+    /// Scopes, or a resource, the key does not list.
     ScopesNotAllowed {
         key: &'a str,
         scopes: &'a ScopeSet,
+        resource: Option<&'a str>,
     },
     /// The cache had no token to give: unavailable, shutting down, or busy
     /// (the key's `max_scope_sets`).
     NoToken {
         key: &'a str,
         scopes: &'a ScopeSet,
+        resource: Option<&'a str>,
         error: &'a GetError,
     },
     /// A reload asked for by a caller other than root and tokend's user.
@@ -586,11 +592,13 @@ fn log_event(caller: &Caller, event: &Event<'_>, level: Level) {
         Event::HandedOut {
             key,
             scopes,
+            resource,
             fingerprint,
             expires_in,
         } => at_level!([
             key = %key,
             scopes = %scopes,
+            resource = *resource,
             peer_uid = uid,
             peer_pid = pid,
             expires_in = *expires_in,
@@ -606,15 +614,26 @@ fn log_event(caller: &Caller, event: &Event<'_>, level: Level) {
             peer_uid = uid,
             peer_pid = pid,
         ] "denied: caller is not on the key's allow lists"),
-        Event::ScopesNotAllowed { key, scopes } => at_level!([
+        Event::ScopesNotAllowed {
+            key,
+            scopes,
+            resource,
+        } => at_level!([
             key = %key,
             scopes = %scopes,
+            resource = *resource,
             peer_uid = uid,
             peer_pid = pid,
         ] "denied: scopes not allowed"),
-        Event::NoToken { key, scopes, error } => at_level!([
+        Event::NoToken {
+            key,
+            scopes,
+            resource,
+            error,
+        } => at_level!([
             key = %key,
             scopes = %scopes,
+            resource = *resource,
             peer_uid = uid,
             peer_pid = pid,
         ] "no token to hand out: {error}"),
@@ -793,6 +812,7 @@ mod tests {
         Event::HandedOut {
             key,
             scopes,
+            resource: None,
             fingerprint: "abcd1234",
             expires_in: 3600,
         }
@@ -899,6 +919,7 @@ mod tests {
         let no_token = |error| Event::NoToken {
             key: "k",
             scopes: &other,
+            resource: None,
             error,
         };
         assert_eq!(seen(&caller(1, 10), no_token(&unavailable)), Seen::First);

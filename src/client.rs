@@ -50,11 +50,13 @@ pub struct Token {
     pub line: Zeroizing<String>,
 }
 
-/// Asks the daemon at `socket` for a token.
+/// Asks the daemon at `socket` for a token, for `resource` (RFC 8707)
+/// when given.
 pub fn get(
     socket: &Path,
     key: &str,
     scopes: &[String],
+    resource: Option<&str>,
     timeout: Duration,
 ) -> Result<Token, ClientError> {
     let request = Request {
@@ -62,6 +64,7 @@ pub fn get(
         op: Op::Get {
             key: key.to_owned(),
             scopes: scopes.to_vec(),
+            resource: resource.map(str::to_owned),
         },
     };
     let line = Zeroizing::new(exchange(

@@ -197,10 +197,16 @@ impl IssuerClient {
     }
 
     /// Asks `key`'s issuer for a token with `scopes` (the issuer's default
-    /// set when empty), and counts the request in the metrics.
-    pub async fn fetch(&self, key: &KeyConfig, scopes: &ScopeSet) -> Result<Grant, IssuerError> {
+    /// set when empty) for `resource` (RFC 8707; none sends none), and
+    /// counts the request in the metrics.
+    pub async fn fetch(
+        &self,
+        key: &KeyConfig,
+        scopes: &ScopeSet,
+        resource: Option<&str>,
+    ) -> Result<Grant, IssuerError> {
         let started = tokio::time::Instant::now();
-        let result = self.fetch_uncounted(key, scopes).await;
+        let result = self.fetch_uncounted(key, scopes, resource).await;
         crate::metrics::issuer_answered(&key.name, &result, started.elapsed());
         result
     }
@@ -209,6 +215,7 @@ impl IssuerClient {
         &self,
         key: &KeyConfig,
         scopes: &ScopeSet,
+        resource: Option<&str>,
     ) -> Result<Grant, IssuerError> {
         let configured = |kind| IssuerError {
             url: key.endpoint.configured().to_owned(),
@@ -238,7 +245,8 @@ impl IssuerClient {
             ),
             None => None,
         };
-        let exchange = self.exchange(key, &token_url, scopes, assertion.as_ref());
+        let asked = Asked { scopes, resource };
+        let exchange = self.exchange(key, &token_url, asked, assertion.as_ref());
         let (status, headers, body) =
             match tokio::time::timeout(key.request_timeout, exchange).await {
                 Ok(Ok(answer)) => answer,
@@ -260,7 +268,7 @@ impl IssuerClient {
         &self,
         key: &KeyConfig,
         token_url: &Url,
-        scopes: &ScopeSet,
+        asked: Asked<'_>,
         assertion: Option<&Jws>,
     ) -> Result<(u16, HeaderMap, Zeroizing<Vec<u8>>), FailureKind> {
         let http = self.http.get(key).ok_or_else(|| {
@@ -268,7 +276,7 @@ impl IssuerClient {
                 "no HTTP client was set up for this key's ca_file and proxy".to_owned(),
             )
         })?;
-        let request = build_request(http, key, token_url, scopes, assertion);
+        let request = build_request(http, key, token_url, asked, assertion);
         let mut response = request.send().await.map_err(|e| transport(e, key))?;
         let status = response.status().as_u16();
         if response
@@ -288,17 +296,25 @@ impl IssuerClient {
     }
 }
 
+/// What one token request asks the issuer for.
+#[derive(Clone, Copy)]
+struct Asked<'a> {
+    scopes: &'a ScopeSet,
+    /// RFC 8707 `resource`; the cache only asks for ones the key allows.
+    resource: Option<&'a str>,
+}
+
 /// `assertion` is what `private_key_jwt` sends; other methods have none.
 fn build_request(
     http: &reqwest::Client,
     key: &KeyConfig,
     token_url: &Url,
-    scopes: &ScopeSet,
+    asked: Asked<'_>,
     assertion: Option<&Jws>,
 ) -> reqwest::RequestBuilder {
     // The cache already asks for effective sets; this makes sure no path
     // can send a key that lists `scopes` to the issuer without `scope`.
-    let scopes = &key.effective_scopes(scopes.clone());
+    let scopes = &key.effective_scopes(asked.scopes.clone());
     let secret = key.client_secret.expose();
     // Sized up front so the buffer never grows: growing would leave copies
     // of the secret in freed memory.
@@ -311,6 +327,13 @@ fn build_request(
     form.append_pair("grant_type", "client_credentials");
     if !scopes.is_empty() {
         form.append_pair("scope", &scopes.joined());
+    }
+    // Neither is secret, and both come from the configuration.
+    if let Some(resource) = asked.resource {
+        form.append_pair("resource", resource);
+    }
+    if let Some(audience) = &key.audience {
+        form.append_pair("audience", audience);
     }
     let request = http
         .post(token_url.clone())
@@ -886,7 +909,10 @@ mod tests {
             &reqwest::Client::new(),
             &key,
             &endpoint_of(&key),
-            &scopes,
+            Asked {
+                scopes: &scopes,
+                resource: None,
+            },
             None,
         )
         .build()
@@ -1006,9 +1032,18 @@ mod tests {
             .unwrap();
         let http = reqwest::Client::new();
         let scopes = ScopeSet::new(["a"]).unwrap();
-        let request = build_request(&http, &key, &endpoint_of(&key), &scopes, Some(&jws))
-            .build()
-            .unwrap();
+        let request = build_request(
+            &http,
+            &key,
+            &endpoint_of(&key),
+            Asked {
+                scopes: &scopes,
+                resource: None,
+            },
+            Some(&jws),
+        )
+        .build()
+        .unwrap();
         assert!(request.headers().get(AUTHORIZATION).is_none());
         let body = request.body().unwrap().as_bytes().unwrap();
         let pairs: Vec<(String, String)> = form_urlencoded::parse(body).into_owned().collect();

@@ -51,6 +51,9 @@ enum Command {
         /// A scope to ask for; repeat for several. None asks for the key's default set.
         #[arg(long = "scope", value_name = "SCOPE")]
         scopes: Vec<String>,
+        /// The resource (RFC 8707) to ask for: one the key's `resource` lists. None asks for none.
+        #[arg(long, value_name = "URI")]
+        resource: Option<String>,
         /// The daemon's socket.
         #[arg(long, value_name = "PATH", env = "TOKEND_SOCKET", default_value = DEFAULT_SOCKET)]
         socket: PathBuf,
@@ -165,10 +168,16 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Get {
             key,
             scopes,
+            resource,
             socket,
             format,
             timeout,
-        } => Ok(get(&socket, &key, &scopes, format, timeout)),
+        } => Ok(get(
+            &socket,
+            (&key, &scopes, resource.as_deref()),
+            format,
+            timeout,
+        )),
         Command::Reload { socket, timeout } => Ok(reload(&socket, timeout)),
         Command::Status(listing) => Ok(status(&listing)),
         Command::Keys(listing) => Ok(keys(&listing)),
@@ -191,8 +200,14 @@ fn serve(config: &Path) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn get(socket: &Path, key: &str, scopes: &[String], format: Format, timeout: Duration) -> ExitCode {
-    match client::get(socket, key, scopes, timeout) {
+/// Prints a token for the key, scopes and resource in the second argument.
+fn get(
+    socket: &Path,
+    (key, scopes, resource): (&str, &[String], Option<&str>),
+    format: Format,
+    timeout: Duration,
+) -> ExitCode {
+    match client::get(socket, key, scopes, resource, timeout) {
         Ok(token) => {
             let mut out = std::io::stdout().lock();
             let written = match format {

@@ -28,7 +28,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::LazyLock;
 use std::time::Duration;
 
-use prometheus_client::encoding::{prometheus_text, EncodeLabelSet};
+use prometheus_client::encoding::{prometheus_text, EncodeLabelSet, LabelSetEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -80,10 +80,25 @@ struct KeyLabels {
     key: String,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+/// Encoded by hand so that a set without a resource has no `resource`
+/// label at all (not an empty one): keys without `resource` keep the
+/// series they always had. Resource values come from the configuration,
+/// so the label is bounded like `scopes`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
 struct SetLabels {
     key: String,
     scopes: String,
+    resource: Option<String>,
+}
+
+impl EncodeLabelSet for SetLabels {
+    fn encode(&self, encoder: &mut LabelSetEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let mut labels = vec![("key", self.key.as_str()), ("scopes", self.scopes.as_str())];
+        if let Some(resource) = &self.resource {
+            labels.push(("resource", resource));
+        }
+        labels.encode(encoder)
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -315,6 +330,7 @@ fn snapshot(config: &Config, cache: &TokenCache) -> Registry {
             let labels = SetLabels {
                 key: name.clone(),
                 scopes: set.scopes.to_string(),
+                resource: set.resource.as_deref().map(str::to_owned),
             };
             if let Some(left) = set.remaining {
                 expires_in.get_or_create(&labels).set(left.as_secs_f64());

@@ -45,6 +45,10 @@ pub enum Op {
     Get {
         key: String,
         scopes: Vec<String>,
+        /// An RFC 8707 resource indicator, as sent: whether the key lists
+        /// it is the server's question. Left out, the issuer's default.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        resource: Option<String>,
     },
     Keys,
     Status,
@@ -161,6 +165,9 @@ pub struct StatusAnswer {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct SetStatus {
     pub scopes: Vec<String>,
+    /// The RFC 8707 resource this set's token is for; absent when none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource: Option<String>,
     pub state: SetState,
     pub fetching: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -302,7 +309,7 @@ fn interpret(fields: &Map<String, Value>) -> Result<Op, ErrorBody> {
     };
     let allowed: &[&str] = match op {
         "ping" | "keys" | "status" | "reload" | "metrics" => &["op", "id"],
-        "get" => &["op", "id", "key", "scopes"],
+        "get" => &["op", "id", "key", "scopes", "resource"],
         _ => {
             return Err(ErrorBody::new(
                 ErrorCode::UnknownOp,
@@ -332,6 +339,11 @@ fn interpret(fields: &Map<String, Value>) -> Result<Op, ErrorBody> {
                 None => return Err(bad("missing field `key`".into())),
             },
             scopes: scopes_field(fields.get("scopes"))?,
+            resource: match fields.get("resource") {
+                Some(Value::String(resource)) => Some(resource.clone()),
+                Some(_) => return Err(bad("field `resource` must be a string".into())),
+                None => None,
+            },
         },
     })
 }
@@ -355,7 +367,7 @@ fn scopes_field(value: Option<&Value>) -> Result<Vec<String>, ErrorBody> {
 
 /// Caller-supplied text quoted in an error: bounded so an answer never
 /// grows with the request.
-fn clip(s: &str) -> &str {
+pub(crate) fn clip(s: &str) -> &str {
     match s.char_indices().nth(64) {
         Some((end, _)) => &s[..end],
         None => s,
@@ -688,7 +700,8 @@ mod tests {
             get.op,
             Op::Get {
                 key: "payments".into(),
-                scopes: vec!["vault".into(), "gateway".into()]
+                scopes: vec!["vault".into(), "gateway".into()],
+                resource: None,
             }
         );
         let no_scopes = decode(b"{\"op\":\"get\",\"key\":\"k\"}\r").unwrap();
@@ -696,7 +709,8 @@ mod tests {
             no_scopes.op,
             Op::Get {
                 key: "k".into(),
-                scopes: vec![]
+                scopes: vec![],
+                resource: None,
             }
         );
     }
@@ -878,10 +892,12 @@ mod tests {
             Op::Get {
                 key: "payments".into(),
                 scopes: vec!["vault".into(), "gateway".into()],
+                resource: None,
             },
             Op::Get {
                 key: "k".into(),
                 scopes: vec![],
+                resource: None,
             },
         ];
         for op in ops {
@@ -914,5 +930,44 @@ mod tests {
         assert!(decode_reply::<TokenAnswer>("{\"ok\":false}").is_none());
         assert!(decode_reply::<TokenAnswer>("{\"ok\":true}").is_none());
         assert!(decode_reply::<TokenAnswer>("nonsense").is_none());
+    }
+
+    #[test]
+    fn a_get_may_name_one_resource_as_a_string() {
+        let get = decode(br#"{"op":"get","key":"k","resource":"https://api.example/"}"#).unwrap();
+        assert_eq!(
+            get.op,
+            Op::Get {
+                key: "k".into(),
+                scopes: vec![],
+                resource: Some("https://api.example/".into()),
+            }
+        );
+        for line in [
+            &br#"{"op":"get","key":"k","resource":["https://api.example/"]}"#[..],
+            br#"{"op":"get","key":"k","resource":null}"#,
+            br#"{"op":"get","key":"k","resource":1}"#,
+        ] {
+            let error = decode(line).unwrap_err().error;
+            assert_eq!(error.code, ErrorCode::BadRequest);
+            assert_eq!(error.message, "field `resource` must be a string");
+        }
+        // Only a get takes it.
+        let error = decode(br#"{"op":"status","resource":"urn:a"}"#)
+            .unwrap_err()
+            .error;
+        assert_eq!(error.code, ErrorCode::BadRequest);
+        let request = Request {
+            id: None,
+            op: Op::Get {
+                key: "k".into(),
+                scopes: vec![],
+                resource: Some("urn:a".into()),
+            },
+        };
+        assert_eq!(
+            request.encode(),
+            r#"{"op":"get","key":"k","scopes":[],"resource":"urn:a"}"#
+        );
     }
 }

@@ -20,6 +20,10 @@ use crate::protocol::{KeyInfo, KeyStatus, SetHealth, SetStatus};
 pub struct StatusRow<'a> {
     pub key: &'a str,
     pub scopes: &'a [String],
+    /// The RFC 8707 resource of the set; left out (not `null`) when none,
+    /// so rows of keys without `resource` read as they always did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resource: Option<&'a str>,
     pub state: SetHealth,
     /// A `prefetch` set, which the exit status vouches for.
     pub prefetch: bool,
@@ -55,6 +59,7 @@ fn row<'a>(key: &'a str, set: &'a SetStatus) -> StatusRow<'a> {
     StatusRow {
         key,
         scopes: &set.scopes,
+        resource: set.resource.as_deref(),
         state: set.health,
         prefetch: set.prefetch,
         healthy: set.healthy(),
@@ -107,7 +112,7 @@ pub fn status_table(rows: &[StatusRow<'_>], now: SystemTime, colour: bool) -> St
         .map(|row| {
             [
                 row.key.to_owned(),
-                scopes(row.scopes),
+                scopes_for(row.scopes, row.resource),
                 if row.prefetch { "yes" } else { "no" }.to_owned(),
                 state_word(row.state).to_owned(),
                 row.expires_in.map_or("-".into(), span),
@@ -217,6 +222,15 @@ fn scopes(scopes: &[String]) -> String {
     }
 }
 
+/// The SCOPES cell: the scopes, then ` @ RESOURCE` for a set asked for
+/// a resource, which the same scopes without it are a different set from.
+fn scopes_for(set: &[String], resource: Option<&str>) -> String {
+    match resource {
+        Some(resource) => format!("{} @ {resource}", scopes(set)),
+        None => scopes(set),
+    }
+}
+
 fn next_refresh(row: &StatusRow<'_>) -> String {
     match row.next_refresh_in {
         Some(0) => "now".to_owned(),
@@ -261,6 +275,7 @@ mod tests {
     fn set(scopes: &[&str], health: SetHealth, prefetch: bool) -> SetStatus {
         SetStatus {
             scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
+            resource: None,
             state: SetState::Fresh,
             fetching: false,
             expires_at: Some("2026-11-26T11:00:00Z".into()),
@@ -355,5 +370,24 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn a_set_with_a_resource_names_it_in_the_table_and_the_json() {
+        let mut api = set(&["vault"], SetHealth::Fresh, false);
+        api.resource = Some("https://api.example/".into());
+        let keys = [KeyStatus {
+            name: "payments".into(),
+            sets: vec![set(&["vault"], SetHealth::Fresh, false), api],
+        }];
+        let rows = status_rows(&keys);
+        let now = humantime::parse_rfc3339("2026-11-26T10:01:00Z").unwrap();
+        let table = status_table(&rows, now, false);
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(!lines[1].contains('@'), "{table}");
+        assert!(lines[2].contains("vault @ https://api.example/"), "{table}");
+        let json: serde_json::Value = serde_json::from_str(&status_json(&rows)).unwrap();
+        assert!(json["sets"][0].get("resource").is_none(), "{json}");
+        assert_eq!(json["sets"][1]["resource"], "https://api.example/");
     }
 }

@@ -59,6 +59,32 @@ const ASSUMED_LIFETIME: Duration = Duration::from_secs(3600);
 /// `Entry::last_used` of a set nobody asked for (a prefetch set).
 const NEVER_USED: u64 = u64::MAX;
 
+/// What one entry holds a token for: a scope set and the RFC 8707
+/// resource asked for with it. The same scopes for two resources are two
+/// tokens with different audiences, so two entries.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) struct SetId {
+    pub(crate) scopes: ScopeSet,
+    /// One of the key's `resource` values; `None` sends none.
+    pub(crate) resource: Option<Arc<str>>,
+}
+
+impl SetId {
+    /// The entry a get without a resource uses, as `prefetch` fills it.
+    pub(crate) fn scopes_only(scopes: ScopeSet) -> SetId {
+        SetId {
+            scopes,
+            resource: None,
+        }
+    }
+
+    /// A `prefetch` set: prefetch names scope sets only, and asks for no
+    /// resource, like a get that names none.
+    fn prefetched(&self, key: &KeyConfig) -> bool {
+        self.resource.is_none() && key.prefetch.contains(&self.scopes)
+    }
+}
+
 /// A token as we hold it. Its times are on the boot clock.
 #[derive(Debug)]
 pub(crate) struct CachedToken {
@@ -128,6 +154,7 @@ pub(crate) enum GetError {
 #[derive(Debug, Default)]
 pub(crate) struct EntryStatus {
     pub(crate) scopes: ScopeSet,
+    pub(crate) resource: Option<Arc<str>>,
     /// A `prefetch` set, which `tokend status` vouches for.
     pub(crate) prefetch: bool,
     pub(crate) expires_at: Option<SystemTime>,
@@ -183,7 +210,7 @@ struct Key {
     name: String,
     config: KeyConfig,
     /// Locked by callers only, for a lookup, an insert or a copy.
-    sets: Mutex<HashMap<ScopeSet, Arc<Entry>>>,
+    sets: Mutex<HashMap<SetId, Arc<Entry>>>,
     pause: watch::Sender<Pause>,
     warned_no_expiry: AtomicBool,
     warned_min_valid: AtomicBool,
@@ -306,22 +333,19 @@ impl TokenCache {
     pub(crate) fn prefetch(&self) {
         for key in self.keys.values() {
             for set in &key.config.prefetch {
-                if let Ok((entry, true)) = key.entry(set, false) {
+                let id = SetId::scopes_only(set.clone());
+                if let Ok((entry, true)) = key.entry(&id, false) {
                     entry.wake.notify_one();
                 }
             }
         }
     }
 
-    /// A token for `key` with `scopes`: the cached one while it has more
+    /// A token for `key` with `id`'s scopes and resource: the cached one while it has more
     /// than `min_valid` left, else the outcome of the owner's next issuer
     /// request. While the key is paused or the set is backing off, the last
     /// error at once.
-    pub(crate) async fn get(
-        &self,
-        key: &str,
-        scopes: &ScopeSet,
-    ) -> Result<Arc<CachedToken>, GetError> {
+    pub(crate) async fn get(&self, key: &str, id: &SetId) -> Result<Arc<CachedToken>, GetError> {
         let key = self
             .keys
             .get(key)
@@ -329,7 +353,7 @@ impl TokenCache {
         // An owner may end (idle) between our lookup and our wait; the
         // second lookup then starts a new one.
         for _ in 0..2 {
-            let (entry, _) = key.entry(scopes, true)?;
+            let (entry, _) = key.entry(id, true)?;
             if let Some(answer) = key.ask(&entry).await {
                 if answer.is_ok() {
                     entry.served.fetch_add(1, Ordering::Relaxed);
@@ -340,7 +364,7 @@ impl TokenCache {
         Err(GetError::ShuttingDown)
     }
 
-    /// Every cached entry of `key`, sorted by scope set.
+    /// Every cached entry of `key`, sorted by scope set, then resource.
     pub(crate) fn status(&self, key: &str) -> Vec<EntryStatus> {
         let Some(key) = self.keys.get(key) else {
             return Vec::new();
@@ -350,12 +374,13 @@ impl TokenCache {
         let mut out: Vec<EntryStatus> = key
             .entries()
             .into_iter()
-            .map(|(scopes, entry)| entry.status(scopes, paused_until, now))
+            .map(|(id, entry)| entry.status(id, paused_until, now))
             .collect();
         // A prefetch set whose owner has not started (or has ended) is
         // still one `status` vouches for: it shows as never fetched.
         for set in &key.config.prefetch {
-            if !out.iter().any(|status| &status.scopes == set) {
+            let listed = |status: &EntryStatus| &status.scopes == set && status.resource.is_none();
+            if !out.iter().any(listed) {
                 out.push(EntryStatus {
                     scopes: set.clone(),
                     prefetch: true,
@@ -364,7 +389,7 @@ impl TokenCache {
                 });
             }
         }
-        out.sort_by(|a, b| a.scopes.cmp(&b.scopes));
+        out.sort_by(|a, b| (&a.scopes, &a.resource).cmp(&(&b.scopes, &b.resource)));
         out
     }
 
@@ -406,7 +431,7 @@ impl TokenCache {
 
     /// Moves over, from the cache a reload replaces, the entries of every
     /// key whose issuer, client and secret did not change and whose scope
-    /// sets the new configuration still allows, with their owners and the
+    /// sets and resources the new configuration still allows, with their owners and the
     /// key's pause. A moved set counts as used now. Returns how many sets
     /// moved. Call `old.stop()` afterwards: it stops the owners left behind.
     ///
@@ -427,12 +452,8 @@ impl TokenCache {
             (key.warned_no_expiry).store(warned(&old_key.warned_no_expiry), Ordering::Relaxed);
             (key.warned_min_valid).store(warned(&old_key.warned_min_valid), Ordering::Relaxed);
             let mut sets = lock(&key.sets);
-            for (scopes, entry) in old_key.entries() {
-                // Also drops a set the new configuration would serve from
-                // another one (an empty set on a key that gained `scopes`).
-                if !key.config.scopes_not_allowed(&scopes).is_empty()
-                    || key.config.effective_scopes(scopes.clone()) != scopes
-                {
+            for (id, entry) in old_key.entries() {
+                if !still_allowed(&key.config, &id) {
                     continue;
                 }
                 entry.touch(now);
@@ -441,7 +462,7 @@ impl TokenCache {
                 if entry.alive() {
                     entry.move_to.store(Some(key.clone()));
                     entry.moved.notify_one();
-                    sets.insert(scopes, entry);
+                    sets.insert(id, entry);
                     carried += 1;
                 }
             }
@@ -456,18 +477,28 @@ impl TokenCache {
     }
 }
 
+/// Whether a reload may carry `id`'s entry over to a key configured as
+/// `config`. Also false for a set the new configuration would serve from
+/// another one (an empty set on a key that gained `scopes`), and for a
+/// resource the key no longer lists.
+fn still_allowed(config: &KeyConfig, id: &SetId) -> bool {
+    let resource_allowed = id
+        .resource
+        .as_deref()
+        .map_or(true, |resource| config.allows_resource(resource));
+    resource_allowed
+        && config.scopes_not_allowed(&id.scopes).is_empty()
+        && config.effective_scopes(id.scopes.clone()) == id.scopes
+}
+
 impl Key {
-    /// The entry for `scopes` and whether it is new. A new entry's owner is
+    /// The entry for `id` and whether it is new. A new entry's owner is
     /// started; a get (`asked`) stamps the entry as used and may not create
     /// more than `max_scope_sets`.
-    fn entry(
-        self: &Arc<Key>,
-        scopes: &ScopeSet,
-        asked: bool,
-    ) -> Result<(Arc<Entry>, bool), GetError> {
+    fn entry(self: &Arc<Key>, id: &SetId, asked: bool) -> Result<(Arc<Entry>, bool), GetError> {
         let now = (self.clock)();
         let mut sets = lock(&self.sets);
-        if let Some(entry) = sets.get(scopes).filter(|e| e.alive()) {
+        if let Some(entry) = sets.get(id).filter(|e| e.alive()) {
             if asked {
                 entry.touch(now);
             }
@@ -484,7 +515,7 @@ impl Key {
             }
         }
         let initial = EntryState {
-            kept: self.config.prefetch.contains(scopes),
+            kept: id.prefetched(&self.config),
             last_used: asked.then_some(now),
             ..EntryState::default()
         };
@@ -501,11 +532,11 @@ impl Key {
         if asked {
             entry.touch(now);
         }
-        sets.insert(scopes.clone(), entry.clone());
+        sets.insert(id.clone(), entry.clone());
         drop(sets);
         let owner = Owner {
             key: self.clone(),
-            scopes: scopes.clone(),
+            id: id.clone(),
             entry: entry.clone(),
             state,
             pause: self.pause.subscribe(),
@@ -515,7 +546,7 @@ impl Key {
     }
 
     /// The live entries, copied out of the lock.
-    fn entries(&self) -> Vec<(ScopeSet, Arc<Entry>)> {
+    fn entries(&self) -> Vec<(SetId, Arc<Entry>)> {
         lock(&self.sets)
             .iter()
             .filter(|(_, entry)| entry.alive())
@@ -565,7 +596,7 @@ impl Key {
     fn cached(
         &self,
         grant: Grant,
-        asked: &ScopeSet,
+        asked: &SetId,
         (now, wall): (Duration, SystemTime),
         latency: Duration,
     ) -> CachedToken {
@@ -592,7 +623,8 @@ impl Key {
         }
         tracing::info!(
             key = %self.name,
-            scopes = %asked,
+            scopes = %asked.scopes,
+            resource = asked.resource.as_deref(),
             lifetime_secs = lifetime.as_secs(),
             refresh_in_ms = refresh_in.as_millis() as u64,
             "received a token"
@@ -601,7 +633,7 @@ impl Key {
             fingerprint: grant.access_token.fingerprint(),
             access_token: grant.access_token,
             token_type: grant.token_type,
-            scopes: grant.scope.unwrap_or_else(|| asked.clone()),
+            scopes: grant.scope.unwrap_or_else(|| asked.scopes.clone()),
             expires: now + lifetime,
             expires_at: wall + lifetime,
             min_valid,
@@ -630,12 +662,7 @@ impl Entry {
     }
 
     /// This entry for `status`, its key paused until `paused_until`.
-    fn status(
-        &self,
-        scopes: ScopeSet,
-        paused_until: Option<Duration>,
-        now: Duration,
-    ) -> EntryStatus {
+    fn status(&self, id: SetId, paused_until: Option<Duration>, now: Duration) -> EntryStatus {
         let state = self.state.borrow();
         let token = state.token.as_ref();
         let next_request = if state.fetching {
@@ -646,7 +673,8 @@ impl Entry {
                 .map(|at| at.saturating_sub(now))
         };
         EntryStatus {
-            scopes,
+            scopes: id.scopes,
+            resource: id.resource,
             prefetch: state.kept,
             expires_at: token.map(|t| t.expires_at),
             remaining: token.map(|t| t.remaining(now)),
@@ -736,7 +764,7 @@ mod tests {
             CancellationToken::new(),
             suspend::now,
         );
-        let set = ScopeSet::default();
+        let set = SetId::default();
         let first = cache.get("k", &set).await.unwrap();
         assert!(Arc::ptr_eq(&first, &cache.get("k", &set).await.unwrap()));
         assert_eq!(issuer.requests().len(), 1);

@@ -10,16 +10,15 @@ use tokio::sync::watch;
 
 use super::budget::{pauses_key, Pause};
 use super::schedule::{backoff, next_step, Next};
-use super::{Entry, EntryState, Key};
+use super::{Entry, EntryState, Key, SetId};
 use crate::issuer::{FailureKind, Grant, IssuerError};
-use crate::scope::ScopeSet;
 
 /// Owns one entry: the only task that asks the issuer for its token. It
 /// refreshes it ahead of expiry, answers the gets that wake it, retries
 /// with backoff, and ends when the entry is idle or its cache stops.
 pub(super) struct Owner {
     pub(super) key: Arc<Key>,
-    pub(super) scopes: ScopeSet,
+    pub(super) id: SetId,
     pub(super) entry: Arc<Entry>,
     pub(super) state: watch::Sender<EntryState>,
     /// The key's budget, watched while another set's probe is out.
@@ -39,7 +38,7 @@ impl Owner {
             let next = next_step(&self.state.borrow(), &self.key.config, now);
             let until = match next {
                 Next::Evict => {
-                    tracing::debug!(key = %self.key.name, scopes = %self.scopes, "dropped an idle scope set");
+                    tracing::debug!(key = %self.key.name, scopes = %self.id.scopes, resource = self.id.resource.as_deref(), "dropped an idle scope set");
                     return;
                 }
                 Next::Fetch => {
@@ -113,13 +112,13 @@ impl Owner {
             state.fetching = true;
             state.requests += 1;
         });
-        tracing::debug!(key = %self.key.name, scopes = %self.scopes, probe, "requesting a token from the issuer");
+        tracing::debug!(key = %self.key.name, scopes = %self.id.scopes, resource = self.id.resource.as_deref(), probe, "requesting a token from the issuer");
         let key = self.key.clone();
         let started = tokio::time::Instant::now();
         let result = tokio::select! {
             // Boxed: inline, the request's state would make every idle
             // owner task as large as one in the middle of a request.
-            result = Box::pin(key.issuer.fetch(&key.config, &self.scopes)) => result,
+            result = Box::pin(key.issuer.fetch(&key.config, &self.id.scopes, self.id.resource.as_deref())) => result,
             // Dropping the state's sender tells waiting gets there will be
             // no answer.
             () = key.deadline.cancelled() => return false,
@@ -141,7 +140,7 @@ impl Owner {
                 if probe {
                     key.lift_pause();
                 }
-                let token = Arc::new(key.cached(grant, &self.scopes, received, latency));
+                let token = Arc::new(key.cached(grant, &self.id, received, latency));
                 self.state.send_modify(|state| {
                     state.token = Some(token);
                     state.last_refresh = Some(received.1);
@@ -169,7 +168,7 @@ impl Owner {
         };
         tracing::warn!(
             key = %key.name,
-            scopes = %self.scopes,
+            scopes = %self.id.scopes, resource = self.id.resource.as_deref(),
             issuer_status = error.status(),
             failures,
             retry_in_ms = retry_at.saturating_sub(now).as_millis() as u64,
@@ -200,7 +199,7 @@ impl Owner {
 
     /// From now on this entry is `key`'s, under its settings.
     fn moved(&mut self, key: Arc<Key>) {
-        let kept = key.config.prefetch.contains(&self.scopes);
+        let kept = self.id.prefetched(&key.config);
         self.state.send_if_modified(|state| {
             state.kept = kept;
             state.token = state
