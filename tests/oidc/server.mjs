@@ -40,6 +40,9 @@ const { default: Provider, errors } = await import('oidc-provider');
 
 const HOST = '127.0.0.1';
 const RESOURCE = 'urn:tokend:test';
+// Resource servers a client may name (RFC 8707): each gets tokens whose
+// `aud` is its indicator. RESOURCE is also the default.
+const RESOURCES = new Set([RESOURCE, 'https://api.example/', 'https://billing.example/']);
 const RESOURCE_SCOPES = 'gateway vault fx';
 const ACCESS_TOKEN_TTL = 300;
 
@@ -192,12 +195,12 @@ const configuration = {
       // Requests without a `resource` parameter get tokens for RESOURCE.
       defaultResource: () => RESOURCE,
       getResourceServerInfo: (_ctx, resourceIndicator) => {
-        if (resourceIndicator !== RESOURCE) {
+        if (!RESOURCES.has(resourceIndicator)) {
           throw new errors.InvalidTarget();
         }
         return {
           scope: RESOURCE_SCOPES,
-          audience: RESOURCE,
+          audience: resourceIndicator,
           accessTokenTTL: ACCESS_TOKEN_TTL,
           accessTokenFormat: 'jwt',
           jwt: { sign: { alg: 'RS256' } },
