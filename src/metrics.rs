@@ -392,6 +392,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_resource_label_is_there_only_for_a_set_with_a_resource() {
+        let family = Family::<SetLabels, Gauge>::default();
+        let labels = |resource: Option<&str>| SetLabels {
+            key: "k".into(),
+            scopes: "[a]".into(),
+            resource: resource.map(str::to_owned),
+        };
+        family.get_or_create(&labels(None)).set(1);
+        family
+            .get_or_create(&labels(Some("https://api.example/")))
+            .set(2);
+        let mut registry = Registry::default();
+        registry.register("g", "test", family);
+        let mut text = String::new();
+        prometheus_text::encode(&mut text, &registry).unwrap();
+        assert!(text.contains("g{key=\"k\",scopes=\"[a]\"} 1\n"), "{text}");
+        assert!(
+            text.contains("g{key=\"k\",scopes=\"[a]\",resource=\"https://api.example/\"} 2\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn code_labels_are_the_words_on_the_wire() {
         for code in [
             ErrorCode::BadRequest,
