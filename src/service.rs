@@ -305,6 +305,8 @@ impl Service {
             Some(resource) if !key.allows_resource(&resource) => {
                 self.audit.record(
                     caller,
+                    // Not the refused resource: it is the caller's text, and
+                    // an audit line carries configured values only.
                     Event::ScopesNotAllowed {
                         key: name,
                         scopes: &scopes,

@@ -98,12 +98,21 @@ async fn each_listed_resource_gets_its_own_cached_jwt_with_that_audience() {
         "{status}"
     );
 
-    daemon.stop_and_check_log(&[
+    let log = daemon.stop_and_check_log(&[
         PLAIN_SECRET,
         api.as_str(),
         billing.as_str(),
         default.as_str(),
     ]);
+    // The audit line names the resource a token was handed out for.
+    let handed_out: Vec<&str> = log
+        .lines()
+        .filter(|line| line.contains("handed out a token"))
+        .collect();
+    let named = |line: &&str| line.contains("resource=") && line.contains(BILLING);
+    assert!(handed_out.iter().any(named), "{log}");
+    let unnamed = |line: &&str| !line.contains("resource=");
+    assert!(handed_out.iter().any(unnamed), "{log}");
 }
 
 #[tokio::test]
