@@ -97,8 +97,8 @@ enum Command {
     Keys(Listing),
     /// Print the running daemon's metrics in the Prometheus text format.
     #[command(
-        after_help = "Root, tokend's own user and the uids in [daemon] metrics_allow_uids may \
-                      read the metrics.\n\nExit status: 0 printed, 1 refused (the reason on \
+        after_help = "Only the uids in [daemon] metrics_allow_uids may read the metrics (list 0 \
+                      for root).\n\nExit status: 0 printed, 1 refused (the reason on \
                       stderr), 3 the daemon could not be reached."
     )]
     Metrics {

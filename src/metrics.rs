@@ -294,16 +294,12 @@ pub(crate) fn reloaded(ok: bool) {
     METRICS.last_reload_ok.set(i64::from(ok));
 }
 
-/// Whether the caller `uid` may read the metrics over the socket: root and
-/// tokend's own user always (as for `reload`: both can see all of it from
-/// /proc anyway), others when `metrics_allow_uids` names them.
+/// Whether the caller `uid` may read the metrics over the socket: only
+/// when `metrics_allow_uids` names it, root and tokend's own user included
+/// (issue 13's contract: the list decides, nobody is implied).
 #[must_use]
 pub(crate) fn may_read(uid: u32, allowed: &[u32]) -> bool {
-    allows(uid, nix::unistd::geteuid().as_raw(), allowed)
-}
-
-fn allows(uid: u32, own: u32, allowed: &[u32]) -> bool {
-    uid == 0 || uid == own || allowed.contains(&uid)
+    allowed.contains(&uid)
 }
 
 /// The metrics in the Prometheus text format (version 0.0.4): everything
@@ -433,11 +429,11 @@ mod tests {
     }
 
     #[test]
-    fn root_own_user_and_listed_uids_may_read() {
-        assert!(allows(0, 998, &[]));
-        assert!(allows(998, 998, &[]));
-        assert!(allows(1000, 998, &[1000]));
-        assert!(!allows(1001, 998, &[1000]));
+    fn only_listed_uids_may_read() {
+        assert!(!may_read(0, &[]));
+        assert!(may_read(0, &[0]));
+        assert!(may_read(1000, &[1000]));
+        assert!(!may_read(1001, &[1000]));
     }
 
     #[test]

@@ -203,7 +203,7 @@ impl Service {
             return Err(ErrorBody::new(
                 ErrorCode::Forbidden,
                 format!(
-                    "uid {} may not read the metrics (root, tokend's own user and \
+                    "uid {} may not read the metrics (only the uids in \
                      metrics_allow_uids may)",
                     caller.uid
                 ),

@@ -868,7 +868,7 @@ impl<'a> Release<'a> {
         let before = self.sh_ok(&format!("cat {CONFIG}"))?.stdout;
         let with_metrics = before.replacen(
             "[daemon]\n",
-            "[daemon]\nmetrics_listen = \"127.0.0.1:9464\"\n",
+            "[daemon]\nmetrics_listen = \"127.0.0.1:9464\"\nmetrics_allow_uids = [0]\n",
             1,
         );
         ensure!(with_metrics != before, "no [daemon] table in {CONFIG}");
