@@ -21,7 +21,9 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use serde_json::{json, Value};
 use support::cli::{run, tokend, Ran};
-use support::daemon::{assert_same_token, write_private, Answer, Daemon, DaemonBuilder, PATIENCE};
+use support::daemon::{
+    assert_same_token, token_of, write_private, Answer, Daemon, DaemonBuilder, PATIENCE,
+};
 use support::issuer::{ClientSpec, Dialect, Issuer};
 use support::keys::Key;
 use support::oidc::OidcProvider;
@@ -153,12 +155,6 @@ fn daemon<'a>() -> DaemonBuilder<'a> {
 
 async fn get(daemon: &Daemon, key: &str) -> Answer {
     daemon.call(json!({"op":"get","key":key})).await
-}
-
-/// The access token of a successful answer.
-fn token_of(answer: &Answer) -> String {
-    assert_eq!(answer["ok"], true, "{answer}");
-    answer.token().to_owned()
 }
 
 /// The `unavailable` message of a failed answer.

@@ -8,10 +8,8 @@ mod support;
 
 use std::collections::BTreeSet;
 
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use base64::Engine as _;
 use serde_json::{json, Value};
-use support::daemon::{assert_same_token, Answer, Daemon};
+use support::daemon::{assert_same_token, jwt_claims, token_of, Answer, Daemon};
 use support::keys::Key;
 use support::oidc::OidcProvider;
 
@@ -39,23 +37,6 @@ async fn get(daemon: &Daemon, key: &str, scopes: &[&str]) -> Answer {
     daemon
         .call(json!({"op":"get","key":key,"scopes":scopes}))
         .await
-}
-
-/// The access token of a successful answer.
-fn token_of(answer: &Answer) -> String {
-    assert_eq!(answer["ok"], true, "{answer}");
-    answer.token().to_owned()
-}
-
-/// The payload of a compact JWS, which must have three parts.
-fn jwt_claims(token: &str) -> Value {
-    let parts: Vec<&str> = token.split('.').collect();
-    assert_eq!(parts.len(), 3, "not a JWT: {} parts", parts.len());
-    assert!(parts.iter().all(|p| !p.is_empty()), "empty JWT part");
-    let payload = URL_SAFE_NO_PAD
-        .decode(parts[1])
-        .expect("JWT payload is base64url");
-    serde_json::from_slice(&payload).expect("JWT payload is JSON")
 }
 
 /// The JWT's `scope` claim, sorted.

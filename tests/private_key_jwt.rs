@@ -22,7 +22,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use serde_json::{json, Value};
 use support::cli::{run, tokend};
-use support::daemon::{assert_same_token, write_private, Answer, Daemon, PATIENCE};
+use support::daemon::{assert_same_token, token_of, write_private, Answer, Daemon, PATIENCE};
 use support::keys::Key;
 use support::oidc::OidcProvider;
 
@@ -132,12 +132,6 @@ fn jwt_key(name: &str, provider: &OidcProvider, client: &str, file: &Path, extra
 async fn get(daemon: &Daemon, key: &str) -> Answer {
     daemon.call(json!({"op":"get","key":key})).await
 }
-
-fn token_of(answer: &Answer) -> String {
-    assert_eq!(answer["ok"], true, "{answer}");
-    answer.token().to_owned()
-}
-
 fn claims(token: &str) -> Value {
     let payload = token.split('.').nth(1).expect("a JWT");
     serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).expect("base64url")).expect("JSON")

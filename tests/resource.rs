@@ -10,11 +10,9 @@ mod support;
 
 use std::time::Duration;
 
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use base64::Engine as _;
 use serde_json::{json, Value};
 use support::cli::{run, tokend};
-use support::daemon::{assert_same_token, Answer, Daemon};
+use support::daemon::{assert_same_token, jwt_claims, token_of, Answer, Daemon};
 use support::issuer::{ClientSpec, Dialect, Issuer};
 use support::keys::Key;
 use support::oidc::OidcProvider;
@@ -36,22 +34,6 @@ async fn get(daemon: &Daemon, key: &str, resource: Option<&str>) -> Answer {
     }
     daemon.call(request).await
 }
-
-fn token_of(answer: &Answer) -> String {
-    assert_eq!(answer["ok"], true, "{answer}");
-    answer.token().to_owned()
-}
-
-/// The payload of a compact JWS.
-fn jwt_claims(token: &str) -> Value {
-    let parts: Vec<&str> = token.split('.').collect();
-    assert_eq!(parts.len(), 3, "not a JWT: {} parts", parts.len());
-    let payload = URL_SAFE_NO_PAD
-        .decode(parts[1])
-        .expect("JWT payload is base64url");
-    serde_json::from_slice(&payload).expect("JWT payload is JSON")
-}
-
 fn oidc_key(provider: &OidcProvider, extra: &str) -> String {
     Key::new("api")
         .url(&provider.token_url())

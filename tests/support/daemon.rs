@@ -644,6 +644,24 @@ impl Answer {
     }
 }
 
+/// The access token of a successful answer.
+pub fn token_of(answer: &Answer) -> String {
+    assert_eq!(answer["ok"], true, "{answer}");
+    answer.token().to_owned()
+}
+
+/// The payload of a compact JWS, which must have three parts.
+pub fn jwt_claims(token: &str) -> Value {
+    use base64::Engine as _;
+    let parts: Vec<&str> = token.split('.').collect();
+    assert_eq!(parts.len(), 3, "not a JWT: {} parts", parts.len());
+    assert!(parts.iter().all(|p| !p.is_empty()), "empty JWT part");
+    let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(parts[1])
+        .expect("JWT payload is base64url");
+    serde_json::from_slice(&payload).expect("JWT payload is JSON")
+}
+
 impl std::ops::Deref for Answer {
     type Target = Value;
 
