@@ -23,6 +23,7 @@
 //! - [`logging`]: journald or stderr, and the filter over both.
 //! - [`hardening`]: no core dumps, no same-uid debuggers, room for connections.
 //! - [`systemd`]: sd_notify, the watchdog, socket activation, journald detection.
+//! - [`cli`]: the command line both programs parse, and the subcommands that only talk to a running daemon.
 //! - [`client`]: the CLI's side of the socket (`get`, `reload`, `status`, `keys`, `metrics`).
 //! - [`report`]: the tables and JSON `tokend status` and `tokend keys` print.
 //!
@@ -46,6 +47,7 @@
 pub mod assertion;
 pub(crate) mod audit;
 pub(crate) mod cache;
+pub mod cli;
 pub mod client;
 pub mod config;
 pub mod daemon;

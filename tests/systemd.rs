@@ -597,6 +597,7 @@ fn the_debian_package_installs_checks_and_purges_cleanly() {
     };
     let tokend_uid = tokend_user.uid.as_raw();
     expect("/usr/bin/tokend", 0o755, 0);
+    expect("/usr/libexec/tokend/tokend-daemon", 0o755, 0);
     expect("/etc/tokend/tokend.toml", 0o600, tokend_uid);
     expect("/etc/tokend/credentials", 0o700, 0);
     expect("/usr/lib/systemd/system/tokend.service", 0o644, 0);
@@ -626,6 +627,7 @@ fn the_debian_package_installs_checks_and_purges_cleanly() {
     assert!(!present, "tokend is still known to dpkg after --purge");
     for gone in [
         "/usr/bin/tokend",
+        "/usr/libexec/tokend",
         "/etc/tokend",
         "/usr/lib/systemd/system/tokend.service",
         "/usr/lib/systemd/system/tokend.socket",

@@ -35,6 +35,8 @@ use tokio::net::UnixStream;
 use super::systemd::{field, journal_fields, mount_journal, NotifySocket, SOCKET_ACTIVATE};
 
 pub const TOKEND: &str = env!("CARGO_BIN_EXE_tokend");
+/// The program `tokend` hands `serve` and `check` to.
+pub const TOKEND_DAEMON: &str = env!("CARGO_BIN_EXE_tokend-daemon");
 
 /// How long a test waits for any one event before it fails.
 pub const PATIENCE: Duration = Duration::from_secs(15);
@@ -821,7 +823,7 @@ impl Conn {
     }
 }
 
-/// A copy of the `tokend` binary that any user can run. The build's own
+/// A copy of `tokend` (and tokend-daemon beside it) that any user can run. The build's own
 /// copy may sit under a directory only root can enter (a clone made in a
 /// `mktemp -d` folder is 0700), and callers under other uids must exec it.
 pub fn tokend_for_anyone() -> &'static Path {
@@ -830,10 +832,14 @@ pub fn tokend_for_anyone() -> &'static Path {
         let dir = tempfile::tempdir().expect("temp dir");
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
             .expect("chmod dir");
+        // tokend-daemon beside it, where `tokend` looks for it.
+        for (from, name) in [(TOKEND, "tokend"), (TOKEND_DAEMON, "tokend-daemon")] {
+            let to = dir.path().join(name);
+            std::fs::copy(from, &to).expect("copy tokend");
+            std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o755))
+                .expect("chmod tokend");
+        }
         let path = dir.path().join("tokend");
-        std::fs::copy(TOKEND, &path).expect("copy tokend");
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
-            .expect("chmod tokend");
         (dir, path)
     });
     path
