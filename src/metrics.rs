@@ -4,7 +4,7 @@
 //! This module owns the one registry of the process (counters, gauges and
 //! the issuer-latency histogram, built with `prometheus-client`), the hooks
 //! the rest of the daemon calls when something worth counting happens (one
-//! call each: [`get_answered`], [`issuer_answered`], [`connection_opened`],
+//! call each: [`GetCounters::answered`], [`issuer_answered`], [`connection_opened`],
 //! [`busy_refused`], [`reloaded`]), and [`render`], which writes the
 //! registry and the figures read from the cache at scrape time. The HTTP
 //! endpoint that serves them is [`http`]; the socket op is answered by
@@ -24,8 +24,9 @@
 
 pub(crate) mod http;
 
+use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
-use std::sync::LazyLock;
+use std::sync::{LazyLock, OnceLock};
 use std::time::Duration;
 
 use prometheus_client::encoding::{prometheus_text, EncodeLabelSet, LabelSetEncoder};
@@ -209,19 +210,41 @@ impl Metrics {
     }
 }
 
-/// Counts one answered get. `key` is what the caller asked for; only a
-/// name `config` has becomes a label value. `code` is `None` for a token.
-pub(crate) fn get_answered(config: &Config, key: &str, code: Option<ErrorCode>) {
-    let key = if config.keys.contains_key(key) {
-        key
-    } else {
-        UNKNOWN_KEY
-    };
-    let labels = GetLabels {
+/// Counts answered gets. A get for a cached token is the daemon's hot
+/// path, so each configured key's `code="ok"` counter is looked up in the
+/// family once (its series appears with its first get, as before) and then
+/// incremented with no label to build and no family lock to take.
+pub(crate) struct GetCounters {
+    ok: HashMap<String, OnceLock<Counter>>,
+}
+
+impl GetCounters {
+    pub(crate) fn new(config: &Config) -> GetCounters {
+        let ok = config.keys.keys().map(|key| (key.clone(), OnceLock::new()));
+        GetCounters { ok: ok.collect() }
+    }
+
+    /// Counts one answered get. `key` is what the caller asked for; only
+    /// a configured name becomes a label value. `code` is `None` for a
+    /// token.
+    pub(crate) fn answered(&self, key: &str, code: Option<ErrorCode>) {
+        let slot = self.ok.get(key);
+        if let (Some(slot), None) = (slot, code) {
+            slot.get_or_init(|| METRICS.gets.get_or_create(&get_labels(key, "ok")).clone())
+                .inc();
+            return;
+        }
+        let key = if slot.is_some() { key } else { UNKNOWN_KEY };
+        let code = code.map_or("ok", code_label);
+        METRICS.gets.get_or_create(&get_labels(key, code)).inc();
+    }
+}
+
+fn get_labels(key: &str, code: &'static str) -> GetLabels {
+    GetLabels {
         key: key.to_owned(),
-        code: code.map_or("ok", code_label),
-    };
-    METRICS.gets.get_or_create(&labels).inc();
+        code,
+    }
 }
 
 /// Counts one token request for `key` and how long it took. A key whose

@@ -40,6 +40,8 @@ pub(crate) struct Service {
     /// Shared with the services before and after a reload, so counts of
     /// repeated events survive it.
     audit: Arc<Audit>,
+    /// The gets counters of this configuration's keys.
+    gets: metrics::GetCounters,
 }
 
 /// A reload asked for over the socket, and where its outcome goes: the
@@ -57,6 +59,7 @@ impl Service {
             .keys
             .values()
             .any(|key| !key.acl.users.is_empty() || !key.acl.groups.is_empty());
+        let gets = metrics::GetCounters::new(&config);
         Service {
             config,
             cache,
@@ -64,6 +67,7 @@ impl Service {
             reloads: None,
             needs_names,
             audit,
+            gets,
         }
     }
 
@@ -116,7 +120,8 @@ impl Service {
                 resource,
             } => {
                 let answer = self.get(caller, &key, scopes, resource).await;
-                metrics::get_answered(&self.config, &key, answer.as_ref().err().map(|e| e.code));
+                self.gets
+                    .answered(&key, answer.as_ref().err().map(|e| e.code));
                 match answer {
                     Ok((token, expires_in)) => {
                         let line = TokenLine {
