@@ -326,7 +326,7 @@ fn build_request(
     let mut form = form_urlencoded::Serializer::new(String::with_capacity(room));
     form.append_pair("grant_type", "client_credentials");
     if !scopes.is_empty() {
-        form.append_pair("scope", &scopes.joined());
+        form.append_pair("scope", scopes.joined());
     }
     // Neither is secret, and both come from the configuration.
     if let Some(resource) = asked.resource {

@@ -633,7 +633,12 @@ impl Key {
             fingerprint: grant.access_token.fingerprint(),
             access_token: grant.access_token,
             token_type: grant.token_type,
-            scopes: grant.scope.unwrap_or_else(|| asked.scopes.clone()),
+            // Issuers mostly grant what was asked: the token then shares
+            // the entry's set instead of holding a copy of its own.
+            scopes: match grant.scope {
+                Some(granted) if granted != asked.scopes => granted,
+                _ => asked.scopes.clone(),
+            },
             expires: now + lifetime,
             expires_at: wall + lifetime,
             min_valid,
