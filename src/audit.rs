@@ -61,6 +61,7 @@ use tracing::Level;
 use crate::cache::GetError;
 use crate::peer::Caller;
 use crate::scope::ScopeSet;
+use crate::secret::Fingerprint;
 
 /// How long repeats of a subject are counted before one line sums them up:
 /// a flood costs at most one line per subject per window, and journald's
@@ -82,7 +83,7 @@ pub(crate) enum Event<'a> {
         /// fingerprint already tells two resources' tokens apart.
         resource: Option<&'a str>,
         /// The token's fingerprint, never the token.
-        fingerprint: &'a str,
+        fingerprint: Fingerprint,
         expires_in: u64,
     },
     /// `shown` is the caller's key name, bounded and without control
@@ -119,7 +120,7 @@ enum Subject {
         pid: Option<i32>,
         key: String,
         scopes: ScopeSet,
-        fingerprint: String,
+        fingerprint: Fingerprint,
     },
     Denied {
         uid: u32,
@@ -139,7 +140,7 @@ enum SubjectRef<'a> {
         pid: Option<i32>,
         key: &'a str,
         scopes: &'a ScopeSet,
-        fingerprint: &'a str,
+        fingerprint: Fingerprint,
     },
     Denied {
         uid: u32,
@@ -208,7 +209,7 @@ impl Subject {
                 pid: *pid,
                 key,
                 scopes,
-                fingerprint,
+                fingerprint: *fingerprint,
             },
             Subject::Denied { uid, denial, key } => SubjectRef::Denied {
                 uid: *uid,
@@ -233,7 +234,7 @@ impl SubjectRef<'_> {
                 pid,
                 key: key.to_owned(),
                 scopes: scopes.clone(),
-                fingerprint: fingerprint.to_owned(),
+                fingerprint,
             },
             SubjectRef::Denied { uid, denial, key } => Subject::Denied {
                 uid,
@@ -263,9 +264,9 @@ impl AsSubject for SubjectRef<'_> {
     }
 }
 
-impl<'a> std::borrow::Borrow<dyn AsSubject + 'a> for Subject {
+impl<'a> std::borrow::Borrow<dyn AsSubject + 'a> for Arc<Subject> {
     fn borrow(&self) -> &(dyn AsSubject + 'a) {
-        self
+        &**self
     }
 }
 
@@ -312,7 +313,7 @@ enum Seen {
 /// A line owed when a window ends.
 #[derive(Debug, PartialEq, Eq)]
 enum Summary {
-    Repeats(Subject, u64),
+    Repeats(Arc<Subject>, u64),
     Untracked { events: u64, cap: usize },
 }
 
@@ -321,13 +322,15 @@ enum Summary {
 struct Ledger {
     window: Duration,
     cap: usize,
-    /// Each tracked subject and its repeats in its current window.
-    counts: HashMap<Subject, u64>,
+    /// Each tracked subject and its repeats in its current window. The
+    /// map and the queue share one copy of each subject: at 10,000
+    /// subjects a copy each was half a MiB more.
+    counts: HashMap<Arc<Subject>, u64>,
     /// Each tracked subject once, by the end of its current window. Every
     /// window is `window` long and opens at the instant it is recorded
     /// (read under [`Audit`]'s lock, so instants arrive in order): appending
     /// keeps the queue sorted, and the earliest end is at the front.
-    ends: VecDeque<(Instant, Subject)>,
+    ends: VecDeque<(Instant, Arc<Subject>)>,
     /// Events past `cap`: when their window ends, and how many.
     untracked: Option<(Instant, u64)>,
 }
@@ -360,7 +363,7 @@ impl Ledger {
                 }
             };
         }
-        let subject = subject.to_owned();
+        let subject = Arc::new(subject.to_owned());
         self.ends.push_back((now + self.window, subject.clone()));
         self.counts.insert(subject, 0);
         Seen::First
@@ -699,7 +702,7 @@ fn log_summary(summary: &Summary) {
     match summary {
         Summary::Repeats(subject, repeats) => {
             let n = thousands(*repeats);
-            match subject {
+            match &**subject {
                 Subject::HandedOut {
                     uid,
                     pid,
@@ -813,7 +816,7 @@ mod tests {
             key,
             scopes,
             resource: None,
-            fingerprint: "abcd1234",
+            fingerprint: Fingerprint::from_hex(*b"abcd1234"),
             expires_in: 3600,
         }
     }

@@ -372,7 +372,7 @@ impl Service {
                 key: name,
                 scopes,
                 resource,
-                fingerprint: &token.fingerprint,
+                fingerprint: token.fingerprint,
                 expires_in,
             },
         );

@@ -27,6 +27,7 @@
 //! [`schedule`]: the pure rules (what an owner does next, when to refresh,
 //! how long to back off).
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -42,7 +43,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::{Config, KeyConfig};
 use crate::issuer::{Grant, IssuerClient, IssuerError};
 use crate::scope::ScopeSet;
-use crate::secret::AccessToken;
+use crate::secret::{AccessToken, Fingerprint};
 
 mod budget;
 mod owner;
@@ -91,8 +92,9 @@ pub(crate) struct CachedToken {
     pub(crate) access_token: AccessToken,
     /// The token's fingerprint for log lines, worked out once here rather
     /// than hashed again on every handout.
-    pub(crate) fingerprint: String,
-    pub(crate) token_type: String,
+    pub(crate) fingerprint: Fingerprint,
+    /// `Bearer` is held without an allocation ([`Grant::token_type`]).
+    pub(crate) token_type: Cow<'static, str>,
     /// What the issuer granted, or what was asked when it did not say.
     pub(crate) scopes: ScopeSet,
     /// Boot-clock time of expiry: a wall-clock jump neither expires nor
@@ -124,7 +126,7 @@ impl CachedToken {
         let (min_valid, refresh_in) = timing(key, self.lifetime, latency);
         CachedToken {
             access_token: self.access_token.clone(),
-            fingerprint: self.fingerprint.clone(),
+            fingerprint: self.fingerprint,
             token_type: self.token_type.clone(),
             scopes: self.scopes.clone(),
             min_valid,

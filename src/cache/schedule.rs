@@ -220,7 +220,7 @@ mod tests {
     fn token(now: Duration, refresh_in: Duration) -> Arc<CachedToken> {
         Arc::new(CachedToken {
             access_token: AccessToken::new("t".into()),
-            fingerprint: "unchecked".into(),
+            fingerprint: AccessToken::new("t".into()).fingerprint(),
             token_type: "Bearer".into(),
             scopes: ScopeSet::default(),
             expires: now + s(100),
