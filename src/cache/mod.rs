@@ -1,7 +1,7 @@
 //! The token cache: one entry per (key, scope set), each owned by one task.
 //!
 //! - An entry's [`Owner`] task alone asks the issuer for its token, and
-//!   publishes the entry in a `watch` channel. A get with a usable token
+//!   publishes the entry for callers to read ([`published`]). A get with a usable token
 //!   returns it without waking anyone; otherwise it wakes the owner and
 //!   waits for its next answer, so there is one request at a time per entry
 //!   by construction and a caller that hangs up cancels nothing. Between
@@ -23,9 +23,9 @@
 //! refresh that fell due is made at once.
 //!
 //! Here: the cache as callers see it (gets, reloads, status). In
-//! [`owner`]: the entry's task. In [`budget`]: the key's pause. In
-//! [`schedule`]: the pure rules (what an owner does next, when to refresh,
-//! how long to back off).
+//! [`owner`]: the entry's task. In [`published`]: how it publishes the
+//! entry. In [`budget`]: the key's pause. In [`schedule`]: the pure rules
+//! (what an owner does next, when to refresh, how long to back off).
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
@@ -47,10 +47,12 @@ use crate::secret::{AccessToken, Fingerprint};
 
 mod budget;
 mod owner;
+mod published;
 mod schedule;
 
 use budget::Pause;
 use owner::Owner;
+use published::Published;
 use schedule::{due, timing};
 
 /// What we assume when an issuer leaves `expires_in` out. RFC 6749 lets it,
@@ -229,16 +231,24 @@ struct Key {
 
 /// The callers' side of an entry; its owner holds the other ends.
 struct Entry {
-    state: watch::Receiver<EntryState>,
+    /// Written by the owner only; closed when it ends.
+    state: Published<EntryState>,
+    /// The owner's one doorbell, rung by a get that wants an answer
+    /// (`asked`), by a reload handing the entry over (`move_to`) and when
+    /// the cache stops: the owner looks at all three whenever it rings.
+    /// One `Notify` rather than one per reason, because each is a waiter
+    /// every idle owner task holds: with three, 10,000 idle owners took
+    /// 128 bytes each more (tokio sizes tasks in steps of 128 bytes).
     wake: Notify,
+    /// A get (or a prefetch) rang for the owner's answer.
+    asked: AtomicBool,
     /// Boot-clock nanoseconds of the last get, or `NEVER_USED`. Stamped by
     /// gets, read by the owner when it considers eviction.
     last_used: AtomicU64,
     /// The new cache's key a reload hands the owner over to, until the
-    /// owner takes it; `moved` tells it to look. Lock-free: written by the
-    /// reload, taken by the owner. (A channel cost 800 bytes per entry.)
+    /// owner takes it. Lock-free: written by the reload, taken by the
+    /// owner. (A channel cost 800 bytes per entry.)
     move_to: ArcSwapOption<Key>,
-    moved: Notify,
     /// Gets answered with a token, counted by the callers.
     served: AtomicU64,
 }
@@ -295,7 +305,7 @@ impl TokenCache {
     ) -> TokenCache {
         let stop = deadline.child_token();
         let changes = Arc::new(Notify::new());
-        let keys = config
+        let keys: BTreeMap<String, Arc<Key>> = config
             .keys
             .iter()
             .map(|(name, config)| {
@@ -316,6 +326,21 @@ impl TokenCache {
                 (name.clone(), Arc::new(key))
             })
             .collect();
+        // Owners do not wait on `stop` themselves (see `Entry::wake`): this
+        // rings them when it is cancelled, by `stop()` or by the deadline.
+        // An owner started later sees it cancelled before it waits.
+        let ring: Vec<Arc<Key>> = keys.values().cloned().collect();
+        tasks.spawn({
+            let stop = stop.clone();
+            async move {
+                stop.cancelled().await;
+                for key in ring {
+                    for entry in lock(&key.sets).values() {
+                        entry.wake.notify_one();
+                    }
+                }
+            }
+        });
         TokenCache {
             keys,
             stop,
@@ -337,7 +362,7 @@ impl TokenCache {
             for set in &key.config.prefetch {
                 let id = SetId::scopes_only(set.clone());
                 if let Ok((entry, true)) = key.entry(&id, false) {
-                    entry.wake.notify_one();
+                    entry.ask_owner();
                 }
             }
         }
@@ -463,7 +488,7 @@ impl TokenCache {
                 // entry, which the next get replaces.
                 if entry.alive() {
                     entry.move_to.store(Some(key.clone()));
-                    entry.moved.notify_one();
+                    entry.wake.notify_one();
                     sets.insert(id, entry);
                     carried += 1;
                 }
@@ -521,14 +546,13 @@ impl Key {
             last_used: asked.then_some(now),
             ..EntryState::default()
         };
-        let (state, receiver) = watch::channel(initial);
         let last_used = AtomicU64::new(NEVER_USED);
         let entry = Arc::new(Entry {
-            state: receiver,
+            state: Published::new(initial),
             wake: Notify::new(),
+            asked: AtomicBool::new(false),
             last_used,
             move_to: ArcSwapOption::empty(),
-            moved: Notify::new(),
             served: AtomicU64::new(0),
         });
         if asked {
@@ -540,7 +564,6 @@ impl Key {
             key: self.clone(),
             id: id.clone(),
             entry: entry.clone(),
-            state,
             pause: self.pause.subscribe(),
         };
         self.tasks.spawn(owner.run());
@@ -559,16 +582,15 @@ impl Key {
     /// One try at a get through `entry`; `None` when its owner ended
     /// without an answer.
     async fn ask(&self, entry: &Entry) -> Option<Result<Arc<CachedToken>, GetError>> {
-        let mut state = entry.state.clone();
         let now = (self.clock)();
         let seen = {
-            let current = state.borrow_and_update();
+            let current = entry.state.borrow();
             if let Some(token) = current.token.as_ref().filter(|t| t.usable(now)) {
                 // Due, not backing off, yet unrenewed: a suspend held back
                 // the owner's timer. Renew now, and serve this one.
                 let backing_off = current.retry_at.is_some_and(|at| now < at);
                 if now >= token.refresh_at && !backing_off {
-                    entry.wake.notify_one();
+                    entry.ask_owner();
                 }
                 return Some(Ok(token.clone()));
             }
@@ -582,15 +604,20 @@ impl Key {
             }
             current.answers
         };
-        entry.wake.notify_one();
-        let answer = state.wait_for(|s| s.answers > seen).await.ok()?;
-        let now = (self.clock)();
-        Some(match (&answer.token, &answer.last_error) {
-            (Some(token), _) if token.usable(now) => Ok(token.clone()),
-            (_, Some(error)) => Err(GetError::Unavailable(error.clone())),
-            // An owner answers with a token or an error; not reached.
-            (_, None) => Err(GetError::ShuttingDown),
-        })
+        entry.ask_owner();
+        let answer = |answer: &EntryState| {
+            let now = (self.clock)();
+            match (&answer.token, &answer.last_error) {
+                (Some(token), _) if token.usable(now) => Ok(token.clone()),
+                (_, Some(error)) => Err(GetError::Unavailable(error.clone())),
+                // An owner answers with a token or an error; not reached.
+                (_, None) => Err(GetError::ShuttingDown),
+            }
+        };
+        entry
+            .state
+            .wait_for(|s| (s.answers > seen).then(|| answer(s)))
+            .await
     }
 
     /// A grant as the cache holds it: its lifetime (assumed when the
@@ -651,9 +678,17 @@ impl Key {
 }
 
 impl Entry {
+    /// Asks the owner for an answer: a fetch, unless its token is fresh
+    /// or it is backing off.
+    fn ask_owner(&self) {
+        // Set before the ring, so the owner the ring wakes sees it.
+        self.asked.store(true, Ordering::Release);
+        self.wake.notify_one();
+    }
+
     /// Whether its owner still runs.
     fn alive(&self) -> bool {
-        self.state.has_changed().is_ok()
+        !self.state.is_closed()
     }
 
     fn touch(&self, now: Duration) {

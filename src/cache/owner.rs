@@ -1,7 +1,8 @@
 //! The task that owns one cache entry: it alone asks the issuer for the
-//! entry's token, publishes every outcome to the entry's `watch`, and
+//! entry's token, publishes every outcome to the entry's state, and
 //! sleeps on one timer between requests.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -10,7 +11,7 @@ use tokio::sync::watch;
 
 use super::budget::{pauses_key, Pause};
 use super::schedule::{backoff, next_step, Next};
-use super::{Entry, EntryState, Key, SetId};
+use super::{Entry, Key, SetId};
 use crate::issuer::{FailureKind, Grant, IssuerError};
 
 /// Owns one entry: the only task that asks the issuer for its token. It
@@ -19,30 +20,41 @@ use crate::issuer::{FailureKind, Grant, IssuerError};
 pub(super) struct Owner {
     pub(super) key: Arc<Key>,
     pub(super) id: SetId,
+    /// The entry it alone writes.
     pub(super) entry: Arc<Entry>,
-    pub(super) state: watch::Sender<EntryState>,
     /// The key's budget, watched while another set's probe is out.
     pub(super) pause: watch::Receiver<Pause>,
 }
 
 impl Owner {
+    /// Most of an owner's life is spent in the `select!` below, so that is
+    /// all its task holds: a request and a get's wake-up run boxed, for
+    /// the moments they last, and the owner waits on one doorbell and one
+    /// timer. Each idle owner task is 512 bytes so (tokio sizes tasks in
+    /// steps of 128 bytes); with the request's state inline and a waiter
+    /// each for moves and for the cache stopping, it was 768.
     pub(super) async fn run(mut self) {
         loop {
+            // Before anything else: an owner never asks the issuer after
+            // its cache stopped, even if the ring that says so is late.
+            if self.stopped() {
+                return;
+            }
             let now = (self.key.clock)();
             let last_used = self.entry.last_used();
             // Read by this task only: no need to wake callers for it.
-            self.state.send_if_modified(|state| {
+            self.entry.state.send_if_modified(|state| {
                 state.last_used = last_used;
                 false
             });
-            let next = next_step(&self.state.borrow(), &self.key.config, now);
+            let next = next_step(&self.entry.state.borrow(), &self.key.config, now);
             let until = match next {
                 Next::Evict => {
                     tracing::debug!(key = %self.key.name, scopes = %self.id.scopes, resource = self.id.resource.as_deref(), "dropped an idle scope set");
                     return;
                 }
                 Next::Fetch => {
-                    if !self.attempt().await {
+                    if !Box::pin(self.attempt()).await {
                         return;
                     }
                     continue;
@@ -50,15 +62,21 @@ impl Owner {
                 Next::SleepUntil(when) => Some(when),
                 Next::Wait => None,
             };
-            let key = self.key.clone();
-            // Biased: a move handed over just before the old cache stopped
-            // must win over that stop.
+            let clock = self.key.clock;
             tokio::select! {
                 biased;
-                () = self.entry.moved.notified() => self.take_move(),
-                () = key.stop.cancelled() => if self.stopped() { return },
-                () = self.entry.wake.notified() => if !self.woken().await { return },
-                () = sleep_until(until, key.clock) => {}
+                () = self.entry.wake.notified() => {
+                    // A move first: one handed over just before the old
+                    // cache stopped must win over that stop.
+                    if self.stopped() {
+                        return;
+                    }
+                    let asked = self.entry.asked.swap(false, Ordering::AcqRel);
+                    if asked && !Box::pin(self.woken()).await {
+                        return;
+                    }
+                }
+                () = sleep_until(until, clock) => {}
             }
         }
     }
@@ -69,7 +87,7 @@ impl Owner {
     async fn woken(&mut self) -> bool {
         let now = (self.key.clock)();
         let wanted = {
-            let state = self.state.borrow();
+            let state = self.entry.state.borrow();
             let fresh = state
                 .token
                 .as_ref()
@@ -80,7 +98,7 @@ impl Owner {
         if wanted {
             return self.attempt().await;
         }
-        self.state.send_modify(|state| state.answers += 1);
+        self.entry.state.send_modify(|state| state.answers += 1);
         true
     }
 
@@ -108,7 +126,7 @@ impl Owner {
     }
 
     async fn fetch(&mut self, probe: bool) -> bool {
-        self.state.send_modify(|state| {
+        self.entry.state.send_modify(|state| {
             state.fetching = true;
             state.requests += 1;
         });
@@ -119,8 +137,8 @@ impl Owner {
             // Boxed: inline, the request's state would make every idle
             // owner task as large as one in the middle of a request.
             result = Box::pin(key.issuer.fetch(&key.config, &self.id.scopes, self.id.resource.as_deref())) => result,
-            // Dropping the state's sender tells waiting gets there will be
-            // no answer.
+            // Dropping the owner closes the state: waiting gets learn there
+            // will be no answer.
             () = key.deadline.cancelled() => return false,
         };
         // A reload during the request: the outcome is the new key's.
@@ -141,7 +159,7 @@ impl Owner {
                     key.lift_pause();
                 }
                 let token = Arc::new(key.cached(grant, &self.id, received, latency));
-                self.state.send_modify(|state| {
+                self.entry.state.send_modify(|state| {
                     state.token = Some(token);
                     state.last_refresh = Some(received.1);
                     state.last_error = None;
@@ -156,7 +174,7 @@ impl Owner {
             }
             Err(error) => Arc::new(error),
         };
-        let failures = self.state.borrow().failures.saturating_add(1);
+        let failures = self.entry.state.borrow().failures.saturating_add(1);
         let retry_at = if pauses_key(&error) {
             key.pause(&error, probe, now)
         } else {
@@ -175,7 +193,7 @@ impl Owner {
             "token request failed: {error}"
         );
         let refused = refuses_scope(&error);
-        self.state.send_modify(|state| {
+        self.entry.state.send_modify(|state| {
             state.failures = failures;
             state.retry_at = Some(retry_at);
             state.last_error = Some(error);
@@ -189,7 +207,7 @@ impl Owner {
     /// The key is paused until `until`: this set answers with its reason.
     fn blocked(&mut self, until: Duration) {
         let error = self.key.pause.borrow().error.clone();
-        self.state.send_modify(|state| {
+        self.entry.state.send_modify(|state| {
             state.retry_at = Some(until);
             state.last_error = error.or(state.last_error.take());
             state.answers += 1;
@@ -200,7 +218,7 @@ impl Owner {
     /// From now on this entry is `key`'s, under its settings.
     fn moved(&mut self, key: Arc<Key>) {
         let kept = self.id.prefetched(&key.config);
-        self.state.send_if_modified(|state| {
+        self.entry.state.send_if_modified(|state| {
             state.kept = kept;
             state.token = state
                 .token
@@ -237,8 +255,10 @@ async fn sleep_until(until: Option<Duration>, clock: fn() -> Duration) {
 }
 
 impl Drop for Owner {
-    /// The entry leaves the count of the STATUS= line.
+    /// Callers waiting for an answer get none, and the entry counts as
+    /// dead; it leaves the count of the STATUS= line.
     fn drop(&mut self) {
+        self.entry.state.close();
         self.key.changes.notify_one();
     }
 }
