@@ -47,7 +47,7 @@
 //! the subscriber [`crate::daemon`] sets up. No token ever reaches this
 //! module: a handout carries its fingerprint.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -112,13 +112,14 @@ pub(crate) enum Event<'a> {
     ReloadForbidden,
 }
 
-/// What repeats of an event are counted under.
+/// What repeats of an event are counted under. Its key name is the
+/// ledger's one copy of that name ([`Ledger::names`]).
 #[derive(Clone, Debug)]
 enum Subject {
     HandedOut {
         uid: u32,
         pid: Option<i32>,
-        key: String,
+        key: Arc<str>,
         scopes: ScopeSet,
         fingerprint: Fingerprint,
     },
@@ -126,7 +127,7 @@ enum Subject {
         uid: u32,
         denial: Denial,
         /// `None` for [`Denial::NoSuchKey`]: see the module doc.
-        key: Option<String>,
+        key: Option<Arc<str>>,
     },
 }
 
@@ -221,7 +222,16 @@ impl Subject {
 }
 
 impl SubjectRef<'_> {
-    fn to_owned(self) -> Subject {
+    /// The owned subject, its key name taken from `names` (or added).
+    fn to_owned(self, names: &mut HashSet<Arc<str>>) -> Subject {
+        let mut name = |key: &str| match names.get(key) {
+            Some(name) => name.clone(),
+            None => {
+                let name: Arc<str> = Arc::from(key);
+                names.insert(name.clone());
+                name
+            }
+        };
         match self {
             SubjectRef::HandedOut {
                 uid,
@@ -232,14 +242,14 @@ impl SubjectRef<'_> {
             } => Subject::HandedOut {
                 uid,
                 pid,
-                key: key.to_owned(),
+                key: name(key),
                 scopes: scopes.clone(),
                 fingerprint,
             },
             SubjectRef::Denied { uid, denial, key } => Subject::Denied {
                 uid,
                 denial,
-                key: key.map(str::to_owned),
+                key: key.map(name),
             },
         }
     }
@@ -331,6 +341,12 @@ struct Ledger {
     /// (read under [`Audit`]'s lock, so instants arrive in order): appending
     /// keeps the queue sorted, and the earliest end is at the front.
     ends: VecDeque<(Instant, Arc<Subject>)>,
+    /// The key names of the subjects, each held once rather than once per
+    /// subject (10,000 handouts of one key held 10,000 copies of its
+    /// name). Only configured names reach a subject (a key that does not
+    /// exist is not one), and the set is emptied whenever no subject is
+    /// tracked.
+    names: HashSet<Arc<str>>,
     /// Events past `cap`: when their window ends, and how many.
     untracked: Option<(Instant, u64)>,
 }
@@ -342,6 +358,7 @@ impl Ledger {
             cap,
             counts: HashMap::new(),
             ends: VecDeque::new(),
+            names: HashSet::new(),
             untracked: None,
         }
     }
@@ -363,7 +380,7 @@ impl Ledger {
                 }
             };
         }
-        let subject = Arc::new(subject.to_owned());
+        let subject = Arc::new(subject.to_owned(&mut self.names));
         self.ends.push_back((now + self.window, subject.clone()));
         self.counts.insert(subject, 0);
         Seen::First
@@ -399,6 +416,9 @@ impl Ledger {
                 }
             }
         }
+        if self.counts.is_empty() {
+            self.names.clear();
+        }
         if let Some((end, events)) = self.untracked {
             if end <= now {
                 due.push(Summary::Untracked {
@@ -421,6 +441,7 @@ impl Ledger {
                 (repeats > 0).then_some(Summary::Repeats(subject, repeats))
             })
             .collect();
+        self.names.clear();
         if let Some((_, events)) = self.untracked.take() {
             all.push(Summary::Untracked {
                 events,
@@ -928,6 +949,30 @@ mod tests {
         assert_eq!(seen(&caller(1, 10), no_token(&unavailable)), Seen::First);
         assert_eq!(seen(&caller(1, 10), no_token(&busy)), Seen::First);
         assert_eq!(seen(&caller(1, 11), no_token(&busy)), Seen::Repeat);
+    }
+
+    #[test]
+    fn subjects_share_their_key_name_until_none_is_tracked() {
+        let (a, b) = (ScopeSet::default(), ScopeSet::new(["fx"]).unwrap());
+        let start = Instant::now();
+        let mut ledger = Ledger::new(WINDOW, 10);
+        for (pid, scopes) in [(1, &a), (2, &a), (2, &b)] {
+            let event = handout("payments", scopes);
+            assert_eq!(
+                ledger.record(Subject::of(&caller(1, pid), &event), start),
+                Seen::First
+            );
+        }
+        let forbidden = Event::Forbidden { key: "payments" };
+        ledger.record(Subject::of(&caller(1, 1), &forbidden), start);
+        assert_eq!(ledger.names.len(), 1);
+        let name = ledger.names.iter().next().unwrap();
+        assert_eq!(&**name, "payments");
+        // The set's copy, and one per subject.
+        assert_eq!(Arc::strong_count(name), 5);
+        assert!(ledger.due(start + WINDOW).is_empty());
+        assert!(ledger.counts.is_empty());
+        assert!(ledger.names.is_empty(), "forgotten with the last subject");
     }
 
     #[test]
