@@ -11,9 +11,18 @@
 //!   or rejected credentials, pause the whole key (written by its sets'
 //!   owners, read by gets). While paused every set of the key answers
 //!   `unavailable` at once; after it, one owner probes, the others wait.
-//! - A key's map of sets is locked by callers only (gets, reloads, status).
-//!   An owner that ends (idle, or its cache stopped) leaves a dead entry,
-//!   which the next caller to meet it replaces or skips.
+//! - A key's map of sets is locked by callers only (gets, reloads, status,
+//!   and the cache's stop, which rings every owner once). An owner that
+//!   ends (idle, or its cache stopped) leaves a dead entry, which the next
+//!   caller to meet it replaces or skips.
+//! - Memory: each of 10,000 cached sets holds about 1.5 KB of heap
+//!   (glibc's malloc_stats and heaptrack over `scripts/bench`'s sequence):
+//!   the owner task (384 bytes, [`Owner::run`] says why not more), the
+//!   entry (288), the token and its record (~450), its share of the map,
+//!   its scope set, and while its audit window is open its audit subject.
+//!   Hence a scope set shared by every copy ([`crate::scope`]), an entry
+//!   published without a watch channel ([`published`]) and an owner that
+//!   waits on one doorbell ([`Entry`]'s `wake`).
 //! - A reload moves the sets of unchanged keys, owners included, to the new
 //!   cache; the owner follows the new key's settings from then on.
 //!
@@ -231,6 +240,9 @@ struct Key {
 
 /// The callers' side of an entry; its owner holds the other ends.
 struct Entry {
+    /// What it holds a token for. Here rather than in the owner, whose
+    /// idle task it made a size step (128 bytes) larger.
+    id: SetId,
     /// Written by the owner only; closed when it ends.
     state: Published<EntryState>,
     /// The owner's one doorbell, rung by a get that wants an answer
@@ -267,9 +279,6 @@ struct EntryState {
     /// How long the last successful fetch took, to start refreshes early
     /// enough for a slow issuer.
     latency: Duration,
-    /// The last get, as the owner last read it; `None` for sets nobody
-    /// asked for yet.
-    last_used: Option<Duration>,
     /// A `prefetch` set: kept fresh forever, never evicted.
     kept: bool,
     /// The issuer refused this scope set (`invalid_scope`): only a get,
@@ -543,11 +552,11 @@ impl Key {
         }
         let initial = EntryState {
             kept: id.prefetched(&self.config),
-            last_used: asked.then_some(now),
             ..EntryState::default()
         };
         let last_used = AtomicU64::new(NEVER_USED);
         let entry = Arc::new(Entry {
+            id: id.clone(),
             state: Published::new(initial),
             wake: Notify::new(),
             asked: AtomicBool::new(false),
@@ -562,9 +571,7 @@ impl Key {
         drop(sets);
         let owner = Owner {
             key: self.clone(),
-            id: id.clone(),
             entry: entry.clone(),
-            pause: self.pause.subscribe(),
         };
         self.tasks.spawn(owner.run());
         Ok((entry, true))

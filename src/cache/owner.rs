@@ -7,11 +7,10 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use rand::Rng;
-use tokio::sync::watch;
 
-use super::budget::{pauses_key, Pause};
+use super::budget::pauses_key;
 use super::schedule::{backoff, next_step, Next};
-use super::{Entry, Key, SetId};
+use super::{Entry, Key};
 use crate::issuer::{FailureKind, Grant, IssuerError};
 
 /// Owns one entry: the only task that asks the issuer for its token. It
@@ -19,20 +18,20 @@ use crate::issuer::{FailureKind, Grant, IssuerError};
 /// with backoff, and ends when the entry is idle or its cache stops.
 pub(super) struct Owner {
     pub(super) key: Arc<Key>,
-    pub(super) id: SetId,
     /// The entry it alone writes.
     pub(super) entry: Arc<Entry>,
-    /// The key's budget, watched while another set's probe is out.
-    pub(super) pause: watch::Receiver<Pause>,
 }
 
 impl Owner {
     /// Most of an owner's life is spent in the `select!` below, so that is
     /// all its task holds: a request and a get's wake-up run boxed, for
-    /// the moments they last, and the owner waits on one doorbell and one
-    /// timer. Each idle owner task is 512 bytes so (tokio sizes tasks in
-    /// steps of 128 bytes); with the request's state inline and a waiter
-    /// each for moves and for the cache stopping, it was 768.
+    /// the moments they last; the owner waits on one doorbell and one
+    /// timer; and what the loop works out before it waits is scoped to die
+    /// before the wait (a local still in scope is kept in the task across
+    /// every wait, however dead). Each idle owner task is 384 bytes so
+    /// (tokio sizes tasks in steps of 128 bytes). With the request's state
+    /// inline, a waiter each for moves and for the cache stopping, and the
+    /// loop's locals, it was 768: 10,000 idle sets took 3.7 MiB more.
     pub(super) async fn run(mut self) {
         loop {
             // Before anything else: an owner never asks the issuer after
@@ -40,29 +39,30 @@ impl Owner {
             if self.stopped() {
                 return;
             }
-            let now = (self.key.clock)();
-            let last_used = self.entry.last_used();
-            // Read by this task only: no need to wake callers for it.
-            self.entry.state.send_if_modified(|state| {
-                state.last_used = last_used;
-                false
-            });
-            let next = next_step(&self.entry.state.borrow(), &self.key.config, now);
-            let until = match next {
-                Next::Evict => {
-                    tracing::debug!(key = %self.key.name, scopes = %self.id.scopes, resource = self.id.resource.as_deref(), "dropped an idle scope set");
-                    return;
-                }
-                Next::Fetch => {
-                    if !Box::pin(self.attempt()).await {
+            let (sleep, armed) = {
+                let until = match self.next_step() {
+                    Next::Evict => {
+                        tracing::debug!(key = %self.key.name, scopes = %self.entry.id.scopes, resource = self.entry.id.resource.as_deref(), "dropped an idle scope set");
                         return;
                     }
-                    continue;
-                }
-                Next::SleepUntil(when) => Some(when),
-                Next::Wait => None,
+                    Next::Fetch => {
+                        if !Box::pin(self.attempt()).await {
+                            return;
+                        }
+                        continue;
+                    }
+                    Next::SleepUntil(when) => Some(when),
+                    Next::Wait => None,
+                };
+                // Until boot-clock time `until`. Tokio's timer stops during
+                // a suspend, so it may fire late: the loop re-reads the
+                // boot clock when it does. With nothing to wait for
+                // (`None`) the sleep is disabled: never polled, so never a
+                // timer.
+                let delay =
+                    until.map_or(Duration::ZERO, |at| at.saturating_sub((self.key.clock)()));
+                (tokio::time::sleep(delay), until.is_some())
             };
-            let clock = self.key.clock;
             tokio::select! {
                 biased;
                 () = self.entry.wake.notified() => {
@@ -76,9 +76,16 @@ impl Owner {
                         return;
                     }
                 }
-                () = sleep_until(until, clock) => {}
+                () = sleep, if armed => {}
             }
         }
+    }
+
+    /// What to do next, by the entry's state now.
+    fn next_step(&self) -> Next {
+        let now = (self.key.clock)();
+        let last_used = self.entry.last_used();
+        next_step(&self.entry.state.borrow(), last_used, &self.key.config, now)
     }
 
     /// A get woke us: it found no usable token (or, after a suspend, one
@@ -106,7 +113,10 @@ impl Owner {
     /// outcome. `false` when the cache stopped meanwhile.
     async fn attempt(&mut self) -> bool {
         loop {
-            self.pause.borrow_and_update();
+            // Watched from here, not held by the owner: its key may change
+            // on a move, and most owners never wait for a probe (a held
+            // receiver made every idle owner task larger).
+            let mut pause = self.key.pause.subscribe();
             match self.key.admit((self.key.clock)()) {
                 Ok(probe) => return self.fetch(probe).await,
                 Err(Some(until)) => {
@@ -118,7 +128,7 @@ impl Owner {
                     tokio::select! {
                         biased;
                         () = key.stop.cancelled() => if self.stopped() { return false },
-                        changed = self.pause.changed() => if changed.is_err() { return false },
+                        changed = pause.changed() => if changed.is_err() { return false },
                     }
                 }
             }
@@ -130,13 +140,13 @@ impl Owner {
             state.fetching = true;
             state.requests += 1;
         });
-        tracing::debug!(key = %self.key.name, scopes = %self.id.scopes, resource = self.id.resource.as_deref(), probe, "requesting a token from the issuer");
+        tracing::debug!(key = %self.key.name, scopes = %self.entry.id.scopes, resource = self.entry.id.resource.as_deref(), probe, "requesting a token from the issuer");
         let key = self.key.clone();
         let started = tokio::time::Instant::now();
         let result = tokio::select! {
             // Boxed: inline, the request's state would make every idle
             // owner task as large as one in the middle of a request.
-            result = Box::pin(key.issuer.fetch(&key.config, &self.id.scopes, self.id.resource.as_deref())) => result,
+            result = Box::pin(key.issuer.fetch(&key.config, &self.entry.id.scopes, self.entry.id.resource.as_deref())) => result,
             // Dropping the owner closes the state: waiting gets learn there
             // will be no answer.
             () = key.deadline.cancelled() => return false,
@@ -158,7 +168,7 @@ impl Owner {
                 if probe {
                     key.lift_pause();
                 }
-                let token = Arc::new(key.cached(grant, &self.id, received, latency));
+                let token = Arc::new(key.cached(grant, &self.entry.id, received, latency));
                 self.entry.state.send_modify(|state| {
                     state.token = Some(token);
                     state.last_refresh = Some(received.1);
@@ -186,7 +196,7 @@ impl Owner {
         };
         tracing::warn!(
             key = %key.name,
-            scopes = %self.id.scopes, resource = self.id.resource.as_deref(),
+            scopes = %self.entry.id.scopes, resource = self.entry.id.resource.as_deref(),
             issuer_status = error.status(),
             failures,
             retry_in_ms = retry_at.saturating_sub(now).as_millis() as u64,
@@ -217,7 +227,7 @@ impl Owner {
 
     /// From now on this entry is `key`'s, under its settings.
     fn moved(&mut self, key: Arc<Key>) {
-        let kept = self.id.prefetched(&key.config);
+        let kept = self.entry.id.prefetched(&key.config);
         self.entry.state.send_if_modified(|state| {
             state.kept = kept;
             state.token = state
@@ -226,7 +236,6 @@ impl Owner {
                 .map(|token| Arc::new(token.under(&key.config, state.latency)));
             false
         });
-        self.pause = key.pause.subscribe();
         self.key = key;
     }
 
@@ -241,16 +250,6 @@ impl Owner {
     fn stopped(&mut self) -> bool {
         self.take_move();
         self.key.stop.is_cancelled()
-    }
-}
-
-/// Sleeps until boot-clock time `until`, or forever for `None`. Tokio's
-/// timer stops during a suspend, so it may fire late: the owner re-reads
-/// the boot clock when it does.
-async fn sleep_until(until: Option<Duration>, clock: fn() -> Duration) {
-    match until {
-        Some(until) => tokio::time::sleep(until.saturating_sub(clock())).await,
-        None => std::future::pending().await,
     }
 }
 
