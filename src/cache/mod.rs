@@ -849,4 +849,40 @@ mod tests {
         tasks.close();
         tasks.wait().await;
     }
+
+    /// Owners wait on one doorbell, and learn of their cache stopping from
+    /// the ring that follows: an owner that started after it stopped, or
+    /// one a get rings at the same time, must still never ask the issuer.
+    #[tokio::test]
+    async fn after_a_stop_no_owner_asks_the_issuer_and_every_owner_ends() {
+        let issuer =
+            issuer::Issuer::start(vec![issuer::ClientSpec::checkout("c", "s3cret", &[])]).await;
+        let text = format!(
+            "[keys.k]\ntoken_url = {:?}\nclient_id = \"c\"\nclient_secret = \"s3cret\"\n",
+            issuer.token_url(issuer::Dialect::Checkout)
+        );
+        let config = crate::config::parse(&text, std::path::Path::new("t")).unwrap();
+        let tasks = TaskTracker::new();
+        let cache = TokenCache::new(
+            &config,
+            IssuerClient::new().unwrap(),
+            tasks.clone(),
+            CancellationToken::new(),
+        );
+        let fetched = SetId::default();
+        cache.get("k", &fetched).await.unwrap();
+        assert_eq!(issuer.requests().len(), 1);
+        cache.stop();
+        // A new set's owner starts after the stop; the get rings it.
+        let late = SetId::scopes_only(ScopeSet::new(["late"]).unwrap());
+        assert!(matches!(
+            cache.get("k", &late).await,
+            Err(GetError::ShuttingDown)
+        ));
+        tasks.close();
+        tokio::time::timeout(s(5), tasks.wait())
+            .await
+            .expect("every owner, and the ring, ended");
+        assert_eq!(issuer.requests().len(), 1);
+    }
 }
