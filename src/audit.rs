@@ -47,7 +47,7 @@
 //! the subscriber [`crate::daemon`] sets up. No token ever reaches this
 //! module: a handout carries its fingerprint.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -61,6 +61,7 @@ use tracing::Level;
 use crate::cache::GetError;
 use crate::peer::Caller;
 use crate::scope::ScopeSet;
+use crate::secret::Fingerprint;
 
 /// How long repeats of a subject are counted before one line sums them up:
 /// a flood costs at most one line per subject per window, and journald's
@@ -82,7 +83,7 @@ pub(crate) enum Event<'a> {
         /// fingerprint already tells two resources' tokens apart.
         resource: Option<&'a str>,
         /// The token's fingerprint, never the token.
-        fingerprint: &'a str,
+        fingerprint: Fingerprint,
         expires_in: u64,
     },
     /// `shown` is the caller's key name, bounded and without control
@@ -111,21 +112,22 @@ pub(crate) enum Event<'a> {
     ReloadForbidden,
 }
 
-/// What repeats of an event are counted under.
+/// What repeats of an event are counted under. Its key name is the
+/// ledger's one copy of that name ([`Ledger::names`]).
 #[derive(Clone, Debug)]
 enum Subject {
     HandedOut {
         uid: u32,
         pid: Option<i32>,
-        key: String,
+        key: Arc<str>,
         scopes: ScopeSet,
-        fingerprint: String,
+        fingerprint: Fingerprint,
     },
     Denied {
         uid: u32,
         denial: Denial,
         /// `None` for [`Denial::NoSuchKey`]: see the module doc.
-        key: Option<String>,
+        key: Option<Arc<str>>,
     },
 }
 
@@ -139,7 +141,7 @@ enum SubjectRef<'a> {
         pid: Option<i32>,
         key: &'a str,
         scopes: &'a ScopeSet,
-        fingerprint: &'a str,
+        fingerprint: Fingerprint,
     },
     Denied {
         uid: u32,
@@ -208,7 +210,7 @@ impl Subject {
                 pid: *pid,
                 key,
                 scopes,
-                fingerprint,
+                fingerprint: *fingerprint,
             },
             Subject::Denied { uid, denial, key } => SubjectRef::Denied {
                 uid: *uid,
@@ -220,7 +222,16 @@ impl Subject {
 }
 
 impl SubjectRef<'_> {
-    fn to_owned(self) -> Subject {
+    /// The owned subject, its key name taken from `names` (or added).
+    fn to_owned(self, names: &mut HashSet<Arc<str>>) -> Subject {
+        let mut name = |key: &str| match names.get(key) {
+            Some(name) => name.clone(),
+            None => {
+                let name: Arc<str> = Arc::from(key);
+                names.insert(name.clone());
+                name
+            }
+        };
         match self {
             SubjectRef::HandedOut {
                 uid,
@@ -231,14 +242,14 @@ impl SubjectRef<'_> {
             } => Subject::HandedOut {
                 uid,
                 pid,
-                key: key.to_owned(),
+                key: name(key),
                 scopes: scopes.clone(),
-                fingerprint: fingerprint.to_owned(),
+                fingerprint,
             },
             SubjectRef::Denied { uid, denial, key } => Subject::Denied {
                 uid,
                 denial,
-                key: key.map(str::to_owned),
+                key: key.map(name),
             },
         }
     }
@@ -263,9 +274,9 @@ impl AsSubject for SubjectRef<'_> {
     }
 }
 
-impl<'a> std::borrow::Borrow<dyn AsSubject + 'a> for Subject {
+impl<'a> std::borrow::Borrow<dyn AsSubject + 'a> for Arc<Subject> {
     fn borrow(&self) -> &(dyn AsSubject + 'a) {
-        self
+        &**self
     }
 }
 
@@ -312,7 +323,7 @@ enum Seen {
 /// A line owed when a window ends.
 #[derive(Debug, PartialEq, Eq)]
 enum Summary {
-    Repeats(Subject, u64),
+    Repeats(Arc<Subject>, u64),
     Untracked { events: u64, cap: usize },
 }
 
@@ -321,13 +332,21 @@ enum Summary {
 struct Ledger {
     window: Duration,
     cap: usize,
-    /// Each tracked subject and its repeats in its current window.
-    counts: HashMap<Subject, u64>,
+    /// Each tracked subject and its repeats in its current window. The
+    /// map and the queue share one copy of each subject: at 10,000
+    /// subjects a copy each was half a MiB more.
+    counts: HashMap<Arc<Subject>, u64>,
     /// Each tracked subject once, by the end of its current window. Every
     /// window is `window` long and opens at the instant it is recorded
     /// (read under [`Audit`]'s lock, so instants arrive in order): appending
     /// keeps the queue sorted, and the earliest end is at the front.
-    ends: VecDeque<(Instant, Subject)>,
+    ends: VecDeque<(Instant, Arc<Subject>)>,
+    /// The key names of the subjects, each held once rather than once per
+    /// subject (10,000 handouts of one key held 10,000 copies of its
+    /// name). Only configured names reach a subject (a key that does not
+    /// exist is not one), and the set is emptied whenever no subject is
+    /// tracked.
+    names: HashSet<Arc<str>>,
     /// Events past `cap`: when their window ends, and how many.
     untracked: Option<(Instant, u64)>,
 }
@@ -339,6 +358,7 @@ impl Ledger {
             cap,
             counts: HashMap::new(),
             ends: VecDeque::new(),
+            names: HashSet::new(),
             untracked: None,
         }
     }
@@ -360,7 +380,7 @@ impl Ledger {
                 }
             };
         }
-        let subject = subject.to_owned();
+        let subject = Arc::new(subject.to_owned(&mut self.names));
         self.ends.push_back((now + self.window, subject.clone()));
         self.counts.insert(subject, 0);
         Seen::First
@@ -396,6 +416,9 @@ impl Ledger {
                 }
             }
         }
+        if self.counts.is_empty() {
+            self.names.clear();
+        }
         if let Some((end, events)) = self.untracked {
             if end <= now {
                 due.push(Summary::Untracked {
@@ -418,6 +441,7 @@ impl Ledger {
                 (repeats > 0).then_some(Summary::Repeats(subject, repeats))
             })
             .collect();
+        self.names.clear();
         if let Some((_, events)) = self.untracked.take() {
             all.push(Summary::Untracked {
                 events,
@@ -699,7 +723,7 @@ fn log_summary(summary: &Summary) {
     match summary {
         Summary::Repeats(subject, repeats) => {
             let n = thousands(*repeats);
-            match subject {
+            match &**subject {
                 Subject::HandedOut {
                     uid,
                     pid,
@@ -813,7 +837,7 @@ mod tests {
             key,
             scopes,
             resource: None,
-            fingerprint: "abcd1234",
+            fingerprint: Fingerprint::from_hex(*b"abcd1234"),
             expires_in: 3600,
         }
     }
@@ -925,6 +949,30 @@ mod tests {
         assert_eq!(seen(&caller(1, 10), no_token(&unavailable)), Seen::First);
         assert_eq!(seen(&caller(1, 10), no_token(&busy)), Seen::First);
         assert_eq!(seen(&caller(1, 11), no_token(&busy)), Seen::Repeat);
+    }
+
+    #[test]
+    fn subjects_share_their_key_name_until_none_is_tracked() {
+        let (a, b) = (ScopeSet::default(), ScopeSet::new(["fx"]).unwrap());
+        let start = Instant::now();
+        let mut ledger = Ledger::new(WINDOW, 10);
+        for (pid, scopes) in [(1, &a), (2, &a), (2, &b)] {
+            let event = handout("payments", scopes);
+            assert_eq!(
+                ledger.record(Subject::of(&caller(1, pid), &event), start),
+                Seen::First
+            );
+        }
+        let forbidden = Event::Forbidden { key: "payments" };
+        ledger.record(Subject::of(&caller(1, 1), &forbidden), start);
+        assert_eq!(ledger.names.len(), 1);
+        let name = ledger.names.iter().next().unwrap();
+        assert_eq!(&**name, "payments");
+        // The set's copy, and one per subject.
+        assert_eq!(Arc::strong_count(name), 5);
+        assert!(ledger.due(start + WINDOW).is_empty());
+        assert!(ledger.counts.is_empty());
+        assert!(ledger.names.is_empty(), "forgotten with the last subject");
     }
 
     #[test]

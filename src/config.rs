@@ -246,7 +246,7 @@ impl KeyConfig {
     pub fn scopes_not_allowed<'a>(&self, asked: &'a ScopeSet) -> Vec<&'a str> {
         match &self.scopes {
             Some(allowed) => asked.outside(allowed),
-            None => asked.as_slice().iter().map(String::as_str).collect(),
+            None => asked.iter().collect(),
         }
     }
 

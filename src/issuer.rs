@@ -15,6 +15,7 @@
 //! that are wiped when the HTTP stack drops them, and the token is parsed
 //! straight into an [`AccessToken`], never into a `serde_json::Value`.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,8 +46,9 @@ const MAX_WORDS: usize = 300;
 #[derive(Debug, Clone, PartialEq)]
 pub struct Grant {
     pub access_token: AccessToken,
-    /// `Bearer` whatever case the issuer used; other types as sent.
-    pub token_type: String,
+    /// `Bearer` whatever case the issuer used, without an allocation (each
+    /// cached token holds one); other types as sent.
+    pub token_type: Cow<'static, str>,
     /// `None` when the issuer left `expires_in` out.
     pub expires_in: Option<Duration>,
     /// The granted scope when the issuer said it.
@@ -326,7 +328,7 @@ fn build_request(
     let mut form = form_urlencoded::Serializer::new(String::with_capacity(room));
     form.append_pair("grant_type", "client_credentials");
     if !scopes.is_empty() {
-        form.append_pair("scope", &scopes.joined());
+        form.append_pair("scope", scopes.joined());
     }
     // Neither is secret, and both come from the configuration.
     if let Some(resource) = asked.resource {
@@ -700,9 +702,9 @@ fn grant_from(status: u16, answer: RawAnswer, scrubber: &Scrubber) -> Result<Gra
         None => return Err(malformed("no access_token")),
     };
     let token_type = match &answer.token_type {
-        Some(Value::String(t)) if t.eq_ignore_ascii_case("bearer") => "Bearer".to_owned(),
-        Some(Value::String(t)) if !t.is_empty() => scrubber.sanitize(t),
-        None => "Bearer".to_owned(),
+        Some(Value::String(t)) if t.eq_ignore_ascii_case("bearer") => Cow::Borrowed("Bearer"),
+        Some(Value::String(t)) if !t.is_empty() => Cow::Owned(scrubber.sanitize(t)),
+        None => Cow::Borrowed("Bearer"),
         Some(_) => return Err(malformed("token_type is not a string")),
     };
     let expires_in = match &answer.expires_in {

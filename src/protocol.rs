@@ -14,6 +14,7 @@ use serde_json::{Map, Value};
 
 use zeroize::Zeroizing;
 
+use crate::scope::ScopeSet;
 use crate::secret::AccessToken;
 
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -454,7 +455,7 @@ pub(crate) struct TokenLine<'a> {
     pub(crate) token_type: &'a str,
     pub(crate) expires_in: u64,
     pub(crate) expires_at: std::time::SystemTime,
-    pub(crate) scopes: &'a [String],
+    pub(crate) scopes: &'a ScopeSet,
 }
 
 /// The line [`encode`] makes of a [`Response::Token`], `\n` included, made
@@ -798,11 +799,8 @@ mod tests {
 
     #[test]
     fn a_token_line_is_the_token_answer_encoded() {
-        let scopes = vec![
-            "gateway".to_string(),
-            "va\"ult".to_string(),
-            "é\u{7f}".into(),
-        ];
+        // As an issuer may grant them: a quote, a non-ASCII letter, DEL.
+        let scopes = ScopeSet::from_granted("gateway va\"ult é\u{7f}");
         let token = AccessToken::new("tok\\en\u{1}".into());
         let expires_at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_795_600_800);
         let general = Response::Token(TokenAnswer {
@@ -811,7 +809,7 @@ mod tests {
             token_type: "Bearer".into(),
             expires_in: 10,
             expires_at: humantime::format_rfc3339_seconds(expires_at).to_string(),
-            scopes: scopes.clone(),
+            scopes: scopes.iter().map(str::to_owned).collect(),
         });
         let line = TokenLine {
             key: "pay\nments",

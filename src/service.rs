@@ -130,7 +130,7 @@ impl Service {
                             token_type: &token.token_type,
                             expires_in,
                             expires_at: token.expires_at,
-                            scopes: token.scopes.as_slice(),
+                            scopes: &token.scopes,
                         };
                         return protocol::encode_token(request.id.as_ref(), &line);
                     }
@@ -243,7 +243,7 @@ impl Service {
                 scopes: key
                     .scopes
                     .as_ref()
-                    .map(|s| s.as_slice().to_vec())
+                    .map(|s| s.iter().map(str::to_owned).collect())
                     .unwrap_or_default(),
             })
             .collect()
@@ -377,7 +377,7 @@ impl Service {
                 key: name,
                 scopes,
                 resource,
-                fingerprint: &token.fingerprint,
+                fingerprint: token.fingerprint,
                 expires_in,
             },
         );
@@ -409,7 +409,7 @@ fn set_status(entry: crate::cache::EntryStatus) -> SetStatus {
     };
     let now = SystemTime::now();
     SetStatus {
-        scopes: entry.scopes.as_slice().to_vec(),
+        scopes: entry.scopes.iter().map(str::to_owned).collect(),
         resource: entry.resource.as_deref().map(str::to_owned),
         state,
         fetching: entry.fetching,

@@ -1,7 +1,7 @@
 //! The token cache: one entry per (key, scope set), each owned by one task.
 //!
 //! - An entry's [`Owner`] task alone asks the issuer for its token, and
-//!   publishes the entry in a `watch` channel. A get with a usable token
+//!   publishes the entry for callers to read ([`published`]). A get with a usable token
 //!   returns it without waking anyone; otherwise it wakes the owner and
 //!   waits for its next answer, so there is one request at a time per entry
 //!   by construction and a caller that hangs up cancels nothing. Between
@@ -11,9 +11,18 @@
 //!   or rejected credentials, pause the whole key (written by its sets'
 //!   owners, read by gets). While paused every set of the key answers
 //!   `unavailable` at once; after it, one owner probes, the others wait.
-//! - A key's map of sets is locked by callers only (gets, reloads, status).
-//!   An owner that ends (idle, or its cache stopped) leaves a dead entry,
-//!   which the next caller to meet it replaces or skips.
+//! - A key's map of sets is locked by callers only (gets, reloads, status,
+//!   and the cache's stop, which rings every owner once). An owner that
+//!   ends (idle, or its cache stopped) leaves a dead entry, which the next
+//!   caller to meet it replaces or skips.
+//! - Memory: each of 10,000 cached sets holds about 1.5 KB of heap
+//!   (glibc's malloc_stats and heaptrack over `scripts/bench`'s sequence):
+//!   the owner task (384 bytes, [`Owner::run`] says why not more), the
+//!   entry (288), the token and its record (~450), its share of the map,
+//!   its scope set, and while its audit window is open its audit subject.
+//!   Hence a scope set shared by every copy ([`crate::scope`]), an entry
+//!   published without a watch channel ([`published`]) and an owner that
+//!   waits on one doorbell ([`Entry`]'s `wake`).
 //! - A reload moves the sets of unchanged keys, owners included, to the new
 //!   cache; the owner follows the new key's settings from then on.
 //!
@@ -23,10 +32,11 @@
 //! refresh that fell due is made at once.
 //!
 //! Here: the cache as callers see it (gets, reloads, status). In
-//! [`owner`]: the entry's task. In [`budget`]: the key's pause. In
-//! [`schedule`]: the pure rules (what an owner does next, when to refresh,
-//! how long to back off).
+//! [`owner`]: the entry's task. In [`published`]: how it publishes the
+//! entry. In [`budget`]: the key's pause. In [`schedule`]: the pure rules
+//! (what an owner does next, when to refresh, how long to back off).
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -42,14 +52,16 @@ use tokio_util::task::TaskTracker;
 use crate::config::{Config, KeyConfig};
 use crate::issuer::{Grant, IssuerClient, IssuerError};
 use crate::scope::ScopeSet;
-use crate::secret::AccessToken;
+use crate::secret::{AccessToken, Fingerprint};
 
 mod budget;
 mod owner;
+mod published;
 mod schedule;
 
 use budget::Pause;
 use owner::Owner;
+use published::Published;
 use schedule::{due, timing};
 
 /// What we assume when an issuer leaves `expires_in` out. RFC 6749 lets it,
@@ -91,8 +103,9 @@ pub(crate) struct CachedToken {
     pub(crate) access_token: AccessToken,
     /// The token's fingerprint for log lines, worked out once here rather
     /// than hashed again on every handout.
-    pub(crate) fingerprint: String,
-    pub(crate) token_type: String,
+    pub(crate) fingerprint: Fingerprint,
+    /// `Bearer` is held without an allocation ([`Grant::token_type`]).
+    pub(crate) token_type: Cow<'static, str>,
     /// What the issuer granted, or what was asked when it did not say.
     pub(crate) scopes: ScopeSet,
     /// Boot-clock time of expiry: a wall-clock jump neither expires nor
@@ -124,7 +137,7 @@ impl CachedToken {
         let (min_valid, refresh_in) = timing(key, self.lifetime, latency);
         CachedToken {
             access_token: self.access_token.clone(),
-            fingerprint: self.fingerprint.clone(),
+            fingerprint: self.fingerprint,
             token_type: self.token_type.clone(),
             scopes: self.scopes.clone(),
             min_valid,
@@ -227,16 +240,27 @@ struct Key {
 
 /// The callers' side of an entry; its owner holds the other ends.
 struct Entry {
-    state: watch::Receiver<EntryState>,
+    /// What it holds a token for. Here rather than in the owner, whose
+    /// idle task it made a size step (128 bytes) larger.
+    id: SetId,
+    /// Written by the owner only; closed when it ends.
+    state: Published<EntryState>,
+    /// The owner's one doorbell, rung by a get that wants an answer
+    /// (`asked`), by a reload handing the entry over (`move_to`) and when
+    /// the cache stops: the owner looks at all three whenever it rings.
+    /// One `Notify` rather than one per reason, because each is a waiter
+    /// every idle owner task holds: with three, 10,000 idle owners took
+    /// 128 bytes each more (tokio sizes tasks in steps of 128 bytes).
     wake: Notify,
+    /// A get (or a prefetch) rang for the owner's answer.
+    asked: AtomicBool,
     /// Boot-clock nanoseconds of the last get, or `NEVER_USED`. Stamped by
     /// gets, read by the owner when it considers eviction.
     last_used: AtomicU64,
     /// The new cache's key a reload hands the owner over to, until the
-    /// owner takes it; `moved` tells it to look. Lock-free: written by the
-    /// reload, taken by the owner. (A channel cost 800 bytes per entry.)
+    /// owner takes it. Lock-free: written by the reload, taken by the
+    /// owner. (A channel cost 800 bytes per entry.)
     move_to: ArcSwapOption<Key>,
-    moved: Notify,
     /// Gets answered with a token, counted by the callers.
     served: AtomicU64,
 }
@@ -255,9 +279,6 @@ struct EntryState {
     /// How long the last successful fetch took, to start refreshes early
     /// enough for a slow issuer.
     latency: Duration,
-    /// The last get, as the owner last read it; `None` for sets nobody
-    /// asked for yet.
-    last_used: Option<Duration>,
     /// A `prefetch` set: kept fresh forever, never evicted.
     kept: bool,
     /// The issuer refused this scope set (`invalid_scope`): only a get,
@@ -293,7 +314,7 @@ impl TokenCache {
     ) -> TokenCache {
         let stop = deadline.child_token();
         let changes = Arc::new(Notify::new());
-        let keys = config
+        let keys: BTreeMap<String, Arc<Key>> = config
             .keys
             .iter()
             .map(|(name, config)| {
@@ -314,6 +335,21 @@ impl TokenCache {
                 (name.clone(), Arc::new(key))
             })
             .collect();
+        // Owners do not wait on `stop` themselves (see `Entry::wake`): this
+        // rings them when it is cancelled, by `stop()` or by the deadline.
+        // An owner started later sees it cancelled before it waits.
+        let ring: Vec<Arc<Key>> = keys.values().cloned().collect();
+        tasks.spawn({
+            let stop = stop.clone();
+            async move {
+                stop.cancelled().await;
+                for key in ring {
+                    for entry in lock(&key.sets).values() {
+                        entry.wake.notify_one();
+                    }
+                }
+            }
+        });
         TokenCache {
             keys,
             stop,
@@ -335,7 +371,7 @@ impl TokenCache {
             for set in &key.config.prefetch {
                 let id = SetId::scopes_only(set.clone());
                 if let Ok((entry, true)) = key.entry(&id, false) {
-                    entry.wake.notify_one();
+                    entry.ask_owner();
                 }
             }
         }
@@ -461,7 +497,7 @@ impl TokenCache {
                 // entry, which the next get replaces.
                 if entry.alive() {
                     entry.move_to.store(Some(key.clone()));
-                    entry.moved.notify_one();
+                    entry.wake.notify_one();
                     sets.insert(id, entry);
                     carried += 1;
                 }
@@ -516,17 +552,16 @@ impl Key {
         }
         let initial = EntryState {
             kept: id.prefetched(&self.config),
-            last_used: asked.then_some(now),
             ..EntryState::default()
         };
-        let (state, receiver) = watch::channel(initial);
         let last_used = AtomicU64::new(NEVER_USED);
         let entry = Arc::new(Entry {
-            state: receiver,
+            id: id.clone(),
+            state: Published::new(initial),
             wake: Notify::new(),
+            asked: AtomicBool::new(false),
             last_used,
             move_to: ArcSwapOption::empty(),
-            moved: Notify::new(),
             served: AtomicU64::new(0),
         });
         if asked {
@@ -536,10 +571,7 @@ impl Key {
         drop(sets);
         let owner = Owner {
             key: self.clone(),
-            id: id.clone(),
             entry: entry.clone(),
-            state,
-            pause: self.pause.subscribe(),
         };
         self.tasks.spawn(owner.run());
         Ok((entry, true))
@@ -557,16 +589,15 @@ impl Key {
     /// One try at a get through `entry`; `None` when its owner ended
     /// without an answer.
     async fn ask(&self, entry: &Entry) -> Option<Result<Arc<CachedToken>, GetError>> {
-        let mut state = entry.state.clone();
         let now = (self.clock)();
         let seen = {
-            let current = state.borrow_and_update();
+            let current = entry.state.borrow();
             if let Some(token) = current.token.as_ref().filter(|t| t.usable(now)) {
                 // Due, not backing off, yet unrenewed: a suspend held back
                 // the owner's timer. Renew now, and serve this one.
                 let backing_off = current.retry_at.is_some_and(|at| now < at);
                 if now >= token.refresh_at && !backing_off {
-                    entry.wake.notify_one();
+                    entry.ask_owner();
                 }
                 return Some(Ok(token.clone()));
             }
@@ -580,15 +611,20 @@ impl Key {
             }
             current.answers
         };
-        entry.wake.notify_one();
-        let answer = state.wait_for(|s| s.answers > seen).await.ok()?;
-        let now = (self.clock)();
-        Some(match (&answer.token, &answer.last_error) {
-            (Some(token), _) if token.usable(now) => Ok(token.clone()),
-            (_, Some(error)) => Err(GetError::Unavailable(error.clone())),
-            // An owner answers with a token or an error; not reached.
-            (_, None) => Err(GetError::ShuttingDown),
-        })
+        entry.ask_owner();
+        let answer = |answer: &EntryState| {
+            let now = (self.clock)();
+            match (&answer.token, &answer.last_error) {
+                (Some(token), _) if token.usable(now) => Ok(token.clone()),
+                (_, Some(error)) => Err(GetError::Unavailable(error.clone())),
+                // An owner answers with a token or an error; not reached.
+                (_, None) => Err(GetError::ShuttingDown),
+            }
+        };
+        entry
+            .state
+            .wait_for(|s| (s.answers > seen).then(|| answer(s)))
+            .await
     }
 
     /// A grant as the cache holds it: its lifetime (assumed when the
@@ -633,7 +669,12 @@ impl Key {
             fingerprint: grant.access_token.fingerprint(),
             access_token: grant.access_token,
             token_type: grant.token_type,
-            scopes: grant.scope.unwrap_or_else(|| asked.scopes.clone()),
+            // Issuers mostly grant what was asked: the token then shares
+            // the entry's set instead of holding a copy of its own.
+            scopes: match grant.scope {
+                Some(granted) if granted != asked.scopes => granted,
+                _ => asked.scopes.clone(),
+            },
             expires: now + lifetime,
             expires_at: wall + lifetime,
             min_valid,
@@ -644,9 +685,17 @@ impl Key {
 }
 
 impl Entry {
+    /// Asks the owner for an answer: a fetch, unless its token is fresh
+    /// or it is backing off.
+    fn ask_owner(&self) {
+        // Set before the ring, so the owner the ring wakes sees it.
+        self.asked.store(true, Ordering::Release);
+        self.wake.notify_one();
+    }
+
     /// Whether its owner still runs.
     fn alive(&self) -> bool {
-        self.state.has_changed().is_ok()
+        !self.state.is_closed()
     }
 
     fn touch(&self, now: Duration) {
@@ -799,5 +848,41 @@ mod tests {
         cache.stop();
         tasks.close();
         tasks.wait().await;
+    }
+
+    /// Owners wait on one doorbell, and learn of their cache stopping from
+    /// the ring that follows: an owner that started after it stopped, or
+    /// one a get rings at the same time, must still never ask the issuer.
+    #[tokio::test]
+    async fn after_a_stop_no_owner_asks_the_issuer_and_every_owner_ends() {
+        let issuer =
+            issuer::Issuer::start(vec![issuer::ClientSpec::checkout("c", "s3cret", &[])]).await;
+        let text = format!(
+            "[keys.k]\ntoken_url = {:?}\nclient_id = \"c\"\nclient_secret = \"s3cret\"\n",
+            issuer.token_url(issuer::Dialect::Checkout)
+        );
+        let config = crate::config::parse(&text, std::path::Path::new("t")).unwrap();
+        let tasks = TaskTracker::new();
+        let cache = TokenCache::new(
+            &config,
+            IssuerClient::new().unwrap(),
+            tasks.clone(),
+            CancellationToken::new(),
+        );
+        let fetched = SetId::default();
+        cache.get("k", &fetched).await.unwrap();
+        assert_eq!(issuer.requests().len(), 1);
+        cache.stop();
+        // A new set's owner starts after the stop; the get rings it.
+        let late = SetId::scopes_only(ScopeSet::new(["late"]).unwrap());
+        assert!(matches!(
+            cache.get("k", &late).await,
+            Err(GetError::ShuttingDown)
+        ));
+        tasks.close();
+        tokio::time::timeout(s(5), tasks.wait())
+            .await
+            .expect("every owner, and the ring, ended");
+        assert_eq!(issuer.requests().len(), 1);
     }
 }

@@ -32,13 +32,19 @@ pub(super) enum Next {
     Evict,
 }
 
-/// The owner's decision for an entry in `state` at `now`.
-pub(super) fn next_step(state: &EntryState, key: &KeyConfig, now: Duration) -> Next {
+/// The owner's decision for an entry in `state` at `now`, last asked for
+/// at `last_used` (`None`: nobody asked for it yet).
+pub(super) fn next_step(
+    state: &EntryState,
+    last_used: Option<Duration>,
+    key: &KeyConfig,
+    now: Duration,
+) -> Next {
     if state.fetching {
         return Next::Wait;
     }
     let idle_until = (!state.kept)
-        .then(|| state.last_used.map(|used| used + key.idle_evict))
+        .then(|| last_used.map(|used| used + key.idle_evict))
         .flatten();
     if idle_until.is_some_and(|until| now >= until) {
         return Next::Evict;
@@ -220,7 +226,7 @@ mod tests {
     fn token(now: Duration, refresh_in: Duration) -> Arc<CachedToken> {
         Arc::new(CachedToken {
             access_token: AccessToken::new("t".into()),
-            fingerprint: "unchecked".into(),
+            fingerprint: AccessToken::new("t".into()).fingerprint(),
             token_type: "Bearer".into(),
             scopes: ScopeSet::default(),
             expires: now + s(100),
@@ -242,11 +248,16 @@ mod tests {
         let key = key(s(3600));
         let state = EntryState {
             token: Some(token(now, s(60))),
-            last_used: Some(now),
             ..EntryState::default()
         };
-        assert_eq!(next_step(&state, &key, now), Next::SleepUntil(now + s(60)));
-        assert_eq!(next_step(&state, &key, now + s(60)), Next::Fetch);
+        assert_eq!(
+            next_step(&state, Some(boot()), &key, now),
+            Next::SleepUntil(now + s(60))
+        );
+        assert_eq!(
+            next_step(&state, Some(boot()), &key, now + s(60)),
+            Next::Fetch
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -255,14 +266,19 @@ mod tests {
         let key = key(s(10));
         let mut state = EntryState {
             token: Some(token(now, s(60))),
-            last_used: Some(now),
             ..EntryState::default()
         };
-        assert_eq!(next_step(&state, &key, now), Next::SleepUntil(now + s(10)));
-        assert_eq!(next_step(&state, &key, now + s(10)), Next::Evict);
+        assert_eq!(
+            next_step(&state, Some(boot()), &key, now),
+            Next::SleepUntil(now + s(10))
+        );
+        assert_eq!(
+            next_step(&state, Some(boot()), &key, now + s(10)),
+            Next::Evict
+        );
         state.kept = true;
         assert_eq!(
-            next_step(&state, &key, now + s(10)),
+            next_step(&state, Some(boot()), &key, now + s(10)),
             Next::SleepUntil(now + s(60))
         );
     }
@@ -275,11 +291,16 @@ mod tests {
             token: Some(token(now, s(60))),
             failures: 2,
             retry_at: Some(now + s(2)),
-            last_used: Some(now),
             ..EntryState::default()
         };
-        assert_eq!(next_step(&state, &key, now), Next::SleepUntil(now + s(2)));
-        assert_eq!(next_step(&state, &key, now + s(2)), Next::Fetch);
+        assert_eq!(
+            next_step(&state, Some(boot()), &key, now),
+            Next::SleepUntil(now + s(2))
+        );
+        assert_eq!(
+            next_step(&state, Some(boot()), &key, now + s(2)),
+            Next::Fetch
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -291,12 +312,12 @@ mod tests {
             kept: true,
             ..EntryState::default()
         };
-        assert_eq!(next_step(&fetching, &key, now), Next::Wait);
+        assert_eq!(next_step(&fetching, None, &key, now), Next::Wait);
         let fresh_kept = EntryState {
             kept: true,
             ..EntryState::default()
         };
-        assert_eq!(next_step(&fresh_kept, &key, now), Next::Wait);
+        assert_eq!(next_step(&fresh_kept, None, &key, now), Next::Wait);
     }
 
     #[tokio::test(start_paused = true)]
