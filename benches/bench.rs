@@ -594,8 +594,9 @@ async fn agent_rows(
             tokend: us(t),
             reference: format!("{} (oidc-token)", us(a)),
             ratio: Some(t / a),
-            target: "-",
-            ok: true,
+            // Issue 12: `tokend get` faster than oidc-token in the same run.
+            target: "< 1.0x",
+            ok: t < a,
             short: "oidc_cli",
             summary: format!("{:.2}x", t / a),
         }];
@@ -632,8 +633,10 @@ async fn agent_rows(
                 tokend: us(t),
                 reference: format!("{} (agent)", us(a)),
                 ratio: Some(t / a),
-                target: "-",
-                ok: true,
+                // Issue 12: a fresh-connection request faster than
+                // oidc-agent's; the p99 is shown, not judged.
+                target: if p == 50 { "< 1.0x" } else { "-" },
+                ok: p != 50 || t < a,
                 short,
                 summary: format!("{:.2}x", t / a),
             });
