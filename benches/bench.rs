@@ -165,22 +165,59 @@ async fn run(tokend: &Path, issuer_bin: &Path, work: &Path) -> Result<String> {
     let mut floor = Floor::start(work, answer_len)?;
     let targets = [main.socket.clone(), floor.socket.clone()];
 
-    eprintln!("bench: sequential gets on one connection");
-    let [t, f] = sequential(&targets, 20_000).await?;
-    rows.push(ratio_row(
-        "sequential get p50",
-        "seq_p50",
-        pct(&t, 50),
-        pct(&f, 50),
-        1.1,
-    ));
-    rows.push(ratio_row(
-        "sequential get p99",
-        "seq_p99",
-        pct(&t, 99),
-        pct(&f, 99),
-        1.2,
-    ));
+    // Where the kernel runs each server's worker decides a round trip's
+    // latency more than either server's code: waking a thread on an idle
+    // CPU of a virtual machine costs tens of microseconds, and on its own
+    // the scheduler keeps one server beside the client and the other away
+    // from it, run after run (README, Benchmark). So the judged rows pin
+    // both servers the same way: all on the client's CPU, then both on
+    // another CPU than the client's. The unpinned figure is shown as is.
+    let pids = [main.pid(), floor.child.id()];
+    let cpus = online_cpus()?;
+    let placements: &[(&str, &str, &str, &str, usize, usize)] = &[
+        (
+            "sequential get p50, one CPU",
+            "seq_p50",
+            "sequential get p99, one CPU",
+            "seq_p99",
+            0,
+            0,
+        ),
+        (
+            "sequential get p50, two CPUs",
+            "seq2_p50",
+            "sequential get p99, two CPUs",
+            "seq2_p99",
+            0,
+            1,
+        ),
+    ];
+    for &(p50, short50, p99, short99, client, servers) in placements {
+        if cpus.len() < 2 && client != servers {
+            continue;
+        }
+        eprintln!("bench: sequential gets on one connection, {p50}");
+        pin(0, &[cpus[client]])?;
+        for pid in pids {
+            pin(pid, &[cpus[servers]])?;
+        }
+        let [t, f] = sequential(&targets, 10_000).await?;
+        rows.push(ratio_row(p50, short50, pct(&t, 50), pct(&f, 50), 1.1));
+        rows.push(ratio_row(p99, short99, pct(&t, 99), pct(&f, 99), 1.2));
+    }
+    for pid in [0, pids[0], pids[1]] {
+        pin(pid, &cpus)?;
+    }
+    eprintln!("bench: sequential gets on one connection, unpinned");
+    let [t, f] = sequential(&targets, 10_000).await?;
+    for (name, short, p) in [
+        ("sequential get p50, unpinned", "seq_free_p50", 50),
+        ("sequential get p99, unpinned", "seq_free_p99", 99),
+    ] {
+        let mut row = ratio_row(name, short, pct(&t, p), pct(&f, p), f64::INFINITY);
+        row.target = "-";
+        rows.push(row);
+    }
 
     eprintln!("bench: connect + get + close");
     let [t, f] = connect_get_close(&targets, 3_000).await?;
@@ -313,8 +350,8 @@ fn ratio_row(name: &'static str, short: &'static str, t: f64, f: f64, max: f64) 
         reference: format!("{} (floor)", us(f)),
         ratio: Some(ratio),
         target: match short {
-            "seq_p50" => "<= 1.1x",
-            "seq_p99" | "connect_p99" => "<= 1.2x",
+            "seq_p50" | "seq2_p50" => "<= 1.1x",
+            "seq_p99" | "seq2_p99" | "connect_p99" => "<= 1.2x",
             "connect_p50" => "<= 1.2x",
             _ => "<= 1.3x",
         },
@@ -343,6 +380,51 @@ fn limit_row(
         short,
         summary: format!("{value:.1}{unit}"),
     }
+}
+
+/// The CPUs this process may run on.
+fn online_cpus() -> Result<Vec<usize>> {
+    // SAFETY: a zeroed cpu_set_t is an empty set, which the call fills.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid cpu_set_t of the size given.
+    if unsafe { libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set) } != 0 {
+        bail!("sched_getaffinity: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: CPU_ISSET reads the set within its size.
+    let cpus: Vec<usize> = (0..libc::CPU_SETSIZE as usize)
+        .filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) })
+        .collect();
+    if cpus.is_empty() {
+        bail!("no CPU to run on");
+    }
+    Ok(cpus)
+}
+
+/// Pins every thread of process `pid` (0: this one) to `cpus`; threads
+/// started later inherit it from the thread that starts them.
+fn pin(pid: u32, cpus: &[usize]) -> Result<()> {
+    // SAFETY: a zeroed cpu_set_t is an empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &cpu in cpus {
+        // SAFETY: `cpu` came from CPU_ISSET over the same set size.
+        unsafe { libc::CPU_SET(cpu, &mut set) };
+    }
+    let tasks = if pid == 0 {
+        PathBuf::from("/proc/self/task")
+    } else {
+        PathBuf::from(format!("/proc/{pid}/task"))
+    };
+    for task in std::fs::read_dir(tasks)? {
+        let tid: libc::pid_t = task?.file_name().to_string_lossy().parse()?;
+        // SAFETY: `set` is a valid cpu_set_t of the size given.
+        if unsafe { libc::sched_setaffinity(tid, std::mem::size_of_val(&set), &set) } != 0 {
+            bail!(
+                "sched_setaffinity({tid}): {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+    Ok(())
 }
 
 fn us(nanos: f64) -> String {
