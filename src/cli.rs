@@ -289,13 +289,9 @@ fn get(
                 ),
                 Format::Json => writeln!(out, "{}", token.line.as_str()),
             };
-            match written.and_then(|()| out.flush()) {
-                Ok(()) => 0,
-                Err(e) => {
-                    eprintln!("tokend: failed to write the token: {e}");
-                    1
-                }
-            }
+            // Straight to stdout: a String of the line would be a copy of
+            // the token that nothing wipes.
+            reported(written.and_then(|()| out.flush()), "token")
         }
         Err(err) => client_failure(&err),
     }
@@ -334,8 +330,7 @@ fn status(
     if rows.is_empty() {
         eprintln!("tokend: no keys to show: status lists the keys this user may read");
     }
-    if let Err(e) = print(&text) {
-        eprintln!("tokend: failed to write the status: {e}");
+    if print(&text, "status") != 0 {
         return EXIT_REFUSED;
     }
     if rows.iter().all(|row| row.healthy) {
@@ -361,19 +356,26 @@ fn keys(
     } else {
         report::keys_table(&keys)
     };
-    match print(&text) {
+    print(&text, "keys")
+}
+
+/// Writes `text` to stdout: 0, or 1 with why the `what` was not written.
+fn print(text: &str, what: &str) -> u8 {
+    let mut out = std::io::stdout().lock();
+    reported(
+        out.write_all(text.as_bytes()).and_then(|()| out.flush()),
+        what,
+    )
+}
+
+fn reported(written: std::io::Result<()>, what: &str) -> u8 {
+    match written {
         Ok(()) => 0,
         Err(e) => {
-            eprintln!("tokend: failed to write the keys: {e}");
+            eprintln!("tokend: failed to write the {what}: {e}");
             1
         }
     }
-}
-
-fn print(text: &str) -> std::io::Result<()> {
-    let mut out = std::io::stdout().lock();
-    out.write_all(text.as_bytes())?;
-    out.flush()
 }
 
 /// Says why a request failed; 1 when the daemon refused, 3 when it could
@@ -391,13 +393,7 @@ fn metrics(socket: &Path, timeout: Duration) -> u8 {
         Ok(text) => text,
         Err(err) => return client_failure(&err),
     };
-    match print(&text) {
-        Ok(()) => 0,
-        Err(e) => {
-            eprintln!("tokend: failed to write the metrics: {e}");
-            1
-        }
-    }
+    print(&text, "metrics")
 }
 
 /// Sections of tokend(8) that are not about options: what the daemon
