@@ -897,6 +897,28 @@ mod tests {
         config.keys.remove("k").unwrap()
     }
 
+    /// The form of `key`'s request for scope `a`, which must carry no
+    /// `Authorization` header.
+    fn form_without_basic_auth(key: &KeyConfig, assertion: Option<&Jws>) -> Vec<(String, String)> {
+        let scopes = ScopeSet::new(["a"]).unwrap();
+        let asked = Asked {
+            scopes: &scopes,
+            resource: None,
+        };
+        let request = build_request(
+            &reqwest::Client::new(),
+            key,
+            &endpoint_of(key),
+            asked,
+            assertion,
+        )
+        .build()
+        .unwrap();
+        assert!(request.headers().get(AUTHORIZATION).is_none());
+        let body = request.body().unwrap().as_bytes().unwrap();
+        form_urlencoded::parse(body).into_owned().collect()
+    }
+
     #[test]
     fn tls_client_auth_sends_the_client_id_and_no_secret() {
         let text = "[keys.k]\ntoken_url = \"https://issuer.example/t\"\nclient_id = \"id\"\n\
@@ -906,22 +928,7 @@ mod tests {
             .keys
             .remove("k")
             .unwrap();
-        let scopes = ScopeSet::new(["a"]).unwrap();
-        let request = build_request(
-            &reqwest::Client::new(),
-            &key,
-            &endpoint_of(&key),
-            Asked {
-                scopes: &scopes,
-                resource: None,
-            },
-            None,
-        )
-        .build()
-        .unwrap();
-        assert!(request.headers().get(AUTHORIZATION).is_none());
-        let body = request.body().unwrap().as_bytes().unwrap();
-        let pairs: Vec<(String, String)> = form_urlencoded::parse(body).into_owned().collect();
+        let pairs = form_without_basic_auth(&key, None);
         let expected = [
             ("grant_type", "client_credentials"),
             ("scope", "a"),
@@ -1032,23 +1039,7 @@ mod tests {
             .unwrap()
             .sign(&key.client_id, &endpoint_of(&key))
             .unwrap();
-        let http = reqwest::Client::new();
-        let scopes = ScopeSet::new(["a"]).unwrap();
-        let request = build_request(
-            &http,
-            &key,
-            &endpoint_of(&key),
-            Asked {
-                scopes: &scopes,
-                resource: None,
-            },
-            Some(&jws),
-        )
-        .build()
-        .unwrap();
-        assert!(request.headers().get(AUTHORIZATION).is_none());
-        let body = request.body().unwrap().as_bytes().unwrap();
-        let pairs: Vec<(String, String)> = form_urlencoded::parse(body).into_owned().collect();
+        let pairs = form_without_basic_auth(&key, Some(&jws));
         let expected = [
             ("grant_type", "client_credentials"),
             ("scope", "a"),

@@ -5,11 +5,10 @@
 mod support;
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
 use std::process::Command;
 
 use serde_json::{json, Value};
-use support::cli::{run, tokend, Ran};
+use support::cli::{check, check_error, run, tokend, Ran};
 use support::daemon::{
     assert_issued, assert_same_token, fingerprint, write_private, Answer, Daemon,
 };
@@ -157,32 +156,6 @@ async fn get_without_a_daemon_exits_3() {
         );
         assert!(ran.stdout.is_empty(), "{ran:?}");
     }
-}
-
-/// `tokend check` on `text` written to `dir/tokend.toml` with `mode`.
-async fn check(dir: &Path, text: &str, mode: u32) -> (Ran, String) {
-    let path = dir.join("tokend.toml");
-    write_private(&path, text);
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
-    let mut command = tokend();
-    command.args(["check", "--config"]).arg(&path);
-    (run(command, b"").await, path.display().to_string())
-}
-
-/// Asserts `check` failed with exactly one line, `FILE:LINE:COL: message`,
-/// and returns the message.
-async fn check_error(dir: &Path, text: &str, mode: u32, line: usize, col: usize) -> String {
-    let (ran, path) = check(dir, text, mode).await;
-    assert_eq!(ran.code, Some(1), "{ran:?}");
-    assert!(ran.stdout.is_empty(), "{ran:?}");
-    let prefix = format!("{path}:{line}:{col}: ");
-    let message = ran
-        .stderr
-        .strip_prefix(&prefix)
-        .and_then(|rest| rest.strip_suffix('\n'))
-        .unwrap_or_else(|| panic!("stderr is not one {prefix}message line: {ran:?}"));
-    assert!(!message.contains('\n'), "{ran:?}");
-    message.to_owned()
 }
 
 const KEY_HEAD: &str = "[keys.a]\ntoken_url = \"https://issuer.example/t\"\nclient_id = \"i\"\n";

@@ -333,17 +333,7 @@ async fn check_online_prints_the_document_and_fails_for_an_unreachable_issuer() 
 /// removed.
 #[test]
 fn the_example_config_issuer_key_parses() {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/tokend.toml");
-    let text = std::fs::read_to_string(&path).expect("read");
-    let start = text
-        .find("# [keys.reports]")
-        .expect("the example has a [keys.reports] block");
-    let block: String = text[start..]
-        .lines()
-        .take_while(|line| !line.is_empty())
-        .map(|line| line.strip_prefix("# ").unwrap_or(line))
-        .map(|line| format!("{line}\n"))
-        .collect();
+    let (block, path) = support::keys::example_block("reports");
     let config = tokend::config::parse(&block, &path).unwrap_or_else(|e| panic!("{e}"));
     let tokend::config::Endpoint::Issuer(issuer) = &config.keys["reports"].endpoint else {
         panic!("the example names an issuer");

@@ -20,14 +20,12 @@ use std::time::{Duration, Instant};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use serde_json::{json, Value};
-use support::cli::{run, tokend, Ran};
-use support::daemon::{
-    assert_same_token, token_of, write_private, Answer, Daemon, DaemonBuilder, PATIENCE,
-};
+use support::cli::{check, check_error};
+use support::daemon::{assert_same_token, token_of, write_private, Answer, Daemon, PATIENCE};
 use support::issuer::{ClientSpec, Dialect, Issuer};
 use support::keys::Key;
 use support::oidc::OidcProvider;
-use support::tls::{self_signed_client, CertAndKey, TestCa, TlsListener};
+use support::tls::{daemon, self_signed_client, CertAndKey, TestCa, TlsListener};
 
 const CLIENT: &str = "tokend-mtls";
 const SELF_SIGNED_CLIENT: &str = "tokend-mtls-self";
@@ -36,21 +34,6 @@ const UNKNOWN_CA: &str = "TLS: the issuer's certificate is signed by an unknown 
 /// What a refusal without a TLS alert (node's way) is reported as.
 const CLOSED_ON_US: &str =
     "TLS: the issuer closed the connection without answering: it may have refused the client certificate";
-
-/// Variables that would change whom tokend trusts or how it connects:
-/// removed, so the machine running the tests does not decide.
-const ENVIRONMENT: [&str; 10] = [
-    "SSL_CERT_FILE",
-    "SSL_CERT_DIR",
-    "HTTPS_PROXY",
-    "https_proxy",
-    "HTTP_PROXY",
-    "http_proxy",
-    "ALL_PROXY",
-    "all_proxy",
-    "NO_PROXY",
-    "no_proxy",
-];
 
 /// The server over mTLS, the CAs it was set up with, and a directory for
 /// the files tokend reads.
@@ -144,13 +127,6 @@ fn quoted(value: &str) -> String {
 
 fn quoted_path(path: &Path) -> String {
     quoted(&path.display().to_string())
-}
-
-/// A daemon builder with none of [`ENVIRONMENT`] set.
-fn daemon<'a>() -> DaemonBuilder<'a> {
-    ENVIRONMENT
-        .iter()
-        .fold(Daemon::builder(), |builder, name| builder.env_remove(name))
 }
 
 async fn get(daemon: &Daemon, key: &str) -> Answer {
@@ -468,29 +444,6 @@ async fn an_exposed_key_file_makes_the_key_unavailable_until_a_reload_fixes_it()
     daemon.stop_and_check_log(&never_logged(&[&client], &[&token]));
 }
 
-/// `tokend check` on `text`, written mode 0600.
-async fn check(dir: &Path, text: &str) -> (Ran, String) {
-    let path = dir.join("tokend.toml");
-    write_private(&path, text);
-    let mut command = tokend();
-    command.args(["check", "--config"]).arg(&path);
-    (run(command, b"").await, path.display().to_string())
-}
-
-/// Asserts `check` failed with one `FILE:LINE:COL: message` line; returns
-/// the message.
-async fn check_error(dir: &Path, text: &str, line: usize, col: usize) -> String {
-    let (ran, path) = check(dir, text).await;
-    assert_eq!(ran.code, Some(1), "{ran:?}");
-    let prefix = format!("{path}:{line}:{col}: ");
-    ran.stderr
-        .strip_prefix(&prefix)
-        .and_then(|rest| rest.strip_suffix('\n'))
-        .filter(|message| !message.contains('\n'))
-        .unwrap_or_else(|| panic!("stderr is not one {prefix}message line: {ran:?}"))
-        .to_owned()
-}
-
 /// Lines 1 to 5 of a key table; lines 6 and 7 name the files.
 fn table(auth: &str, cert: &Path, key: &Path) -> String {
     format!(
@@ -509,14 +462,19 @@ async fn check_names_bad_certificates_and_keys_by_line_and_column() {
     let ca = TestCa::new("tokend test client CA");
     let client = ca.client_pem(SUBJECT);
     let (cert, key) = client.write(dir, "client");
-    let (ran, _) = check(dir, &table("tls_client_auth", &cert, &key)).await;
+    let (ran, _) = check(dir, &table("tls_client_auth", &cert, &key), 0o600).await;
     assert_eq!(ran.code, Some(0), "{ran:?}");
-    let (ran, _) = check(dir, &table("self_signed_tls_client_auth", &cert, &key)).await;
+    let (ran, _) = check(
+        dir,
+        &table("self_signed_tls_client_auth", &cert, &key),
+        0o600,
+    )
+    .await;
     assert_eq!(ran.code, Some(0), "{ran:?}");
 
     // A key file others may read: refused like a secret file, at its line.
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).expect("chmod");
-    let message = check_error(dir, &table("tls_client_auth", &cert, &key), 7, 19).await;
+    let message = check_error(dir, &table("tls_client_auth", &cert, &key), 0o600, 7, 19).await;
     assert!(
         message.starts_with(&format!(
             "key \"a\": client_key_file: {} is readable",
@@ -528,7 +486,7 @@ async fn check_names_bad_certificates_and_keys_by_line_and_column() {
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
 
     let missing = dir.join("missing.crt");
-    let message = check_error(dir, &table("tls_client_auth", &missing, &key), 6, 20).await;
+    let message = check_error(dir, &table("tls_client_auth", &missing, &key), 0o600, 6, 20).await;
     assert!(
         message.starts_with(&format!(
             "key \"a\": client_cert_file: failed to open {}",
@@ -540,7 +498,14 @@ async fn check_names_bad_certificates_and_keys_by_line_and_column() {
     // A key that is not the certificate's.
     let other = ca.client_pem(SUBJECT);
     let (_, other_key) = other.write(dir, "other");
-    let message = check_error(dir, &table("tls_client_auth", &cert, &other_key), 6, 20).await;
+    let message = check_error(
+        dir,
+        &table("tls_client_auth", &cert, &other_key),
+        0o600,
+        6,
+        20,
+    )
+    .await;
     assert!(
         message.contains("does not belong to the first certificate"),
         "{message}"
@@ -548,9 +513,16 @@ async fn check_names_bad_certificates_and_keys_by_line_and_column() {
     // A certificate where the key should be, and the other way round.
     let cert_as_key = dir.join("cert-as-key.pem");
     write_private(&cert_as_key, &client.cert);
-    let message = check_error(dir, &table("tls_client_auth", &cert, &cert_as_key), 7, 19).await;
+    let message = check_error(
+        dir,
+        &table("tls_client_auth", &cert, &cert_as_key),
+        0o600,
+        7,
+        19,
+    )
+    .await;
     assert!(message.contains("holds no usable private key"), "{message}");
-    let message = check_error(dir, &table("tls_client_auth", &key, &key), 6, 20).await;
+    let message = check_error(dir, &table("tls_client_auth", &key, &key), 0o600, 6, 20).await;
     assert!(message.contains("holds no certificate"), "{message}");
 
     // Settings that do not go together, at the key's table.
@@ -562,6 +534,7 @@ async fn check_names_bad_certificates_and_keys_by_line_and_column() {
             "{head}auth = \"tls_client_auth\"\nclient_cert_file = {}\n",
             quoted_path(&cert)
         ),
+        0o600,
         1,
         1,
     )
@@ -574,7 +547,7 @@ async fn check_names_bad_certificates_and_keys_by_line_and_column() {
         "{}client_secret = \"s3cret-not-sent\"\n",
         table("tls_client_auth", &cert, &key)
     );
-    let message = check_error(dir, &text, 1, 1).await;
+    let message = check_error(dir, &text, 0o600, 1, 1).await;
     assert!(
         message.contains("sets both auth = \"tls_client_auth\" and client_secret"),
         "{message}"
@@ -584,7 +557,7 @@ async fn check_names_bad_certificates_and_keys_by_line_and_column() {
         "{head}client_secret = \"s\"\nclient_key_file = {}\n",
         quoted_path(&key)
     );
-    let message = check_error(dir, &text, 1, 1).await;
+    let message = check_error(dir, &text, 0o600, 1, 1).await;
     assert!(
         message.contains("client_key_file is only used with auth = \"tls_client_auth\""),
         "{message}"
@@ -600,17 +573,7 @@ async fn check_names_bad_certificates_and_keys_by_line_and_column() {
 /// removed.
 #[test]
 fn the_example_config_mtls_key_parses() {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/tokend.toml");
-    let text = std::fs::read_to_string(&path).expect("read");
-    let start = text
-        .find("# [keys.inventory]")
-        .expect("the example has a [keys.inventory] block");
-    let block: String = text[start..]
-        .lines()
-        .take_while(|line| !line.is_empty())
-        .map(|line| line.strip_prefix("# ").unwrap_or(line))
-        .map(|line| format!("{line}\n"))
-        .collect();
+    let (block, path) = support::keys::example_block("inventory");
     let config = tokend::config::parse(&block, &path).unwrap_or_else(|e| panic!("{e}"));
     let key = &config.keys["inventory"];
     assert_eq!(key.auth, tokend::config::AuthMethod::TlsClientAuth);

@@ -438,16 +438,7 @@ async fn check_refuses_bad_private_key_jwt_settings() {
 /// "# " of each line is removed.
 #[test]
 fn the_example_config_private_key_jwt_key_parses() {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/tokend.toml");
-    let text = std::fs::read_to_string(&path).expect("read");
-    let start = text
-        .find("# [keys.signed]")
-        .expect("the example has a [keys.signed] block");
-    let block: String = text[start..]
-        .lines()
-        .map(|line| line.strip_prefix("# ").unwrap_or(line))
-        .map(|line| format!("{line}\n"))
-        .collect();
+    let (block, path) = support::keys::example_block("signed");
     let config = tokend::config::parse(&block, &path).unwrap_or_else(|e| panic!("{e}"));
     let key = &config.keys["signed"];
     assert_eq!(key.auth, tokend::config::AuthMethod::PrivateKeyJwt);

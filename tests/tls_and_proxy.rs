@@ -8,40 +8,24 @@
 
 mod support;
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 use serde_json::{json, Value};
-use support::cli::{run, tokend, Ran};
-use support::daemon::{write_private, Answer, Daemon, DaemonBuilder};
+use support::cli::{check, check_error};
+use support::daemon::{assert_same_token, write_private, Answer, Daemon};
 use support::issuer::{ClientSpec, Dialect, Issuer};
 use support::keys::{secrets, Key};
 use support::proxy::ConnectProxy;
-use support::tls::{TestCa, TlsListener};
+use support::tls::{daemon, TestCa, TlsListener};
 
 const ID: &str = "tls-client";
 const SECRET: &str = "tls-secret-0c0c0c";
 const PROXY_USER: &str = "proxy-user";
 const PROXY_PASSWORD: &str = "pr0xy-pa55w0rd-9d9d";
 const UNKNOWN_CA: &str = "TLS: the issuer's certificate is signed by an unknown CA (set ca_file)";
-
-/// Variables that would change whom tokend trusts or how it connects:
-/// removed, so the machine running the tests does not decide.
-const ENVIRONMENT: [&str; 10] = [
-    "SSL_CERT_FILE",
-    "SSL_CERT_DIR",
-    "HTTPS_PROXY",
-    "https_proxy",
-    "HTTP_PROXY",
-    "http_proxy",
-    "ALL_PROXY",
-    "all_proxy",
-    "NO_PROXY",
-    "no_proxy",
-];
 
 /// A Checkout issuer over TLS with a certificate `ca` signs.
 async fn tls_issuer(ca: &TestCa) -> Issuer {
@@ -67,13 +51,6 @@ fn key(name: &str, issuer: &Issuer, extra: &str) -> String {
 /// `path` as a TOML string.
 fn quoted(path: &Path) -> String {
     toml::Value::String(path.display().to_string()).to_string()
-}
-
-/// A daemon builder with none of [`ENVIRONMENT`] set.
-fn daemon<'a>() -> DaemonBuilder<'a> {
-    ENVIRONMENT
-        .iter()
-        .fold(Daemon::builder(), |builder, name| builder.env_remove(name))
 }
 
 fn get(key: &str) -> Value {
@@ -184,7 +161,7 @@ async fn a_changed_ca_file_is_a_changed_credential() {
     // The same file: the token is carried over.
     assert!(daemon.reload_and_wait());
     let again = daemon.call(get("k")).await;
-    assert_eq!(again.token(), first.token());
+    assert_same_token(again.token(), first.token(), true, "the same CA file");
     assert_eq!(issuer.requests().len(), 1);
 
     // Another CA added to the same file: a new token.
@@ -193,7 +170,7 @@ async fn a_changed_ca_file_is_a_changed_credential() {
     assert!(daemon.reload_and_wait());
     let fresh = daemon.call(get("k")).await;
     assert_served(&fresh);
-    assert_ne!(fresh.token(), first.token());
+    assert_same_token(fresh.token(), first.token(), false, "a changed CA file");
     assert_eq!(issuer.requests().len(), 2);
     daemon.stop_and_check_log(&secrets(&[&issuer], &[SECRET]));
 }
@@ -292,30 +269,6 @@ async fn https_proxy_is_honoured_and_no_proxy_bypasses_it() {
     let mut used = secrets(&[&issuer], &[SECRET]);
     used.extend(proxy_secrets(&proxy));
     bypassing.stop_and_check_log(&used);
-}
-
-/// `tokend check` on `text` at mode `mode`.
-async fn check(dir: &Path, text: &str, mode: u32) -> (Ran, String) {
-    let path = dir.join("tokend.toml");
-    write_private(&path, text);
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
-    let mut command = tokend();
-    command.args(["check", "--config"]).arg(&path);
-    (run(command, b"").await, path.display().to_string())
-}
-
-/// Asserts `check` failed with one `FILE:LINE:COL: message` line; returns
-/// the message.
-async fn check_error(dir: &Path, text: &str, mode: u32, line: usize, col: usize) -> String {
-    let (ran, path) = check(dir, text, mode).await;
-    assert_eq!(ran.code, Some(1), "{ran:?}");
-    let prefix = format!("{path}:{line}:{col}: ");
-    ran.stderr
-        .strip_prefix(&prefix)
-        .and_then(|rest| rest.strip_suffix('\n'))
-        .filter(|message| !message.contains('\n'))
-        .unwrap_or_else(|| panic!("stderr is not one {prefix}message line: {ran:?}"))
-        .to_owned()
 }
 
 const KEY_HEAD: &str = "[keys.a]\ntoken_url = \"https://issuer.example/t\"\nclient_id = \"i\"\n\

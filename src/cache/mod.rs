@@ -794,10 +794,8 @@ mod tests {
 
     use super::test_issuer as issuer;
 
-    /// Real time and a real loopback issuer: tokio's paused clock would
-    /// fire the request timeout while the loopback request is under way.
-    #[tokio::test]
-    async fn after_a_suspend_an_expired_token_is_not_served_and_a_due_refresh_runs_at_once() {
+    /// A loopback issuer, and a configuration with one key `k` on it.
+    async fn loopback_key() -> (issuer::Issuer, Config) {
         let issuer =
             issuer::Issuer::start(vec![issuer::ClientSpec::checkout("c", "s3cret", &[])]).await;
         let text = format!(
@@ -805,6 +803,14 @@ mod tests {
             issuer.token_url(issuer::Dialect::Checkout)
         );
         let config = crate::config::parse(&text, std::path::Path::new("t")).unwrap();
+        (issuer, config)
+    }
+
+    /// Real time and a real loopback issuer: tokio's paused clock would
+    /// fire the request timeout while the loopback request is under way.
+    #[tokio::test]
+    async fn after_a_suspend_an_expired_token_is_not_served_and_a_due_refresh_runs_at_once() {
+        let (issuer, config) = loopback_key().await;
         let tasks = TaskTracker::new();
         let cache = TokenCache::with_clock(
             &config,
@@ -855,13 +861,7 @@ mod tests {
     /// one a get rings at the same time, must still never ask the issuer.
     #[tokio::test]
     async fn after_a_stop_no_owner_asks_the_issuer_and_every_owner_ends() {
-        let issuer =
-            issuer::Issuer::start(vec![issuer::ClientSpec::checkout("c", "s3cret", &[])]).await;
-        let text = format!(
-            "[keys.k]\ntoken_url = {:?}\nclient_id = \"c\"\nclient_secret = \"s3cret\"\n",
-            issuer.token_url(issuer::Dialect::Checkout)
-        );
-        let config = crate::config::parse(&text, std::path::Path::new("t")).unwrap();
+        let (issuer, config) = loopback_key().await;
         let tasks = TaskTracker::new();
         let cache = TokenCache::new(
             &config,

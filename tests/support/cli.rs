@@ -112,3 +112,37 @@ pub async fn run(command: Command, stdin: &[u8]) -> Ran {
         stderr: String::from_utf8(output.stderr).expect("stderr is UTF-8"),
     }
 }
+
+/// `tokend check` on `text` written to `dir/tokend.toml` with `mode`; what
+/// it printed, and the file's path as messages show it.
+pub async fn check(dir: &std::path::Path, text: &str, mode: u32) -> (Ran, String) {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join("tokend.toml");
+    super::daemon::write_private(&path, text);
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    let mut command = tokend();
+    command.args(["check", "--config"]).arg(&path);
+    (run(command, b"").await, path.display().to_string())
+}
+
+/// Asserts `check` failed with exactly one line, `FILE:LINE:COL: message`,
+/// and nothing on stdout; returns the message.
+pub async fn check_error(
+    dir: &std::path::Path,
+    text: &str,
+    mode: u32,
+    line: usize,
+    col: usize,
+) -> String {
+    let (ran, path) = check(dir, text, mode).await;
+    assert_eq!(ran.code, Some(1), "{ran:?}");
+    assert!(ran.stdout.is_empty(), "{ran:?}");
+    let prefix = format!("{path}:{line}:{col}: ");
+    let message = ran
+        .stderr
+        .strip_prefix(&prefix)
+        .and_then(|rest| rest.strip_suffix('\n'))
+        .unwrap_or_else(|| panic!("stderr is not one {prefix}message line: {ran:?}"));
+    assert!(!message.contains('\n'), "{ran:?}");
+    message.to_owned()
+}

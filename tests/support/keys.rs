@@ -169,3 +169,21 @@ pub fn secrets<S: AsRef<str>>(issuers: &[&Issuer], more: &[S]) -> Vec<String> {
     all.extend(more.iter().map(|s| s.as_ref().to_owned()));
     all
 }
+
+/// The commented-out `[keys.NAME]` example of `config/tokend.toml` (each
+/// line commented with "# ", its prose with "# # "), up to the first empty
+/// line, with the first "# " of each line removed; and the file's path.
+pub fn example_block(name: &str) -> (String, std::path::PathBuf) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/tokend.toml");
+    let text = std::fs::read_to_string(&path).expect("read config/tokend.toml");
+    let start = text
+        .find(&format!("# [keys.{name}]"))
+        .unwrap_or_else(|| panic!("the example has a [keys.{name}] block"));
+    let block = text[start..]
+        .lines()
+        .take_while(|line| !line.is_empty())
+        .map(|line| line.strip_prefix("# ").unwrap_or(line))
+        .map(|line| format!("{line}\n"))
+        .collect();
+    (block, path)
+}

@@ -254,3 +254,28 @@ impl Listener for TlsListener {
         Ok(self.addr)
     }
 }
+
+/// Variables that would change whom tokend trusts or how it connects.
+const ENVIRONMENT: [&str; 10] = [
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+    "HTTPS_PROXY",
+    "https_proxy",
+    "HTTP_PROXY",
+    "http_proxy",
+    "ALL_PROXY",
+    "all_proxy",
+    "NO_PROXY",
+    "no_proxy",
+];
+
+/// A daemon builder with none of [`ENVIRONMENT`] set, so the machine
+/// running the tests does not decide whom tokend trusts or how it
+/// connects.
+pub fn daemon<'a>() -> super::daemon::DaemonBuilder<'a> {
+    ENVIRONMENT
+        .iter()
+        .fold(super::daemon::Daemon::builder(), |builder, name| {
+            builder.env_remove(name)
+        })
+}
