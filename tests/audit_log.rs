@@ -583,6 +583,8 @@ async fn forking_callers_cost_a_bounded_number_of_lines_per_uid_and_key() {
         command
     });
     let socket = daemon.socket.clone();
+    // Copied once, before the clock starts.
+    support::daemon::tokend_for_anyone();
 
     // PROCESSES gets of key k by alice, each from a `tokend get` of its own.
     let started = Instant::now();
@@ -660,5 +662,15 @@ async fn forking_callers_cost_a_bounded_number_of_lines_per_uid_and_key() {
     assert!(
         summaries.iter().any(|l| l.contains("not itemised")),
         "{summaries:#?}"
+    );
+    // Folding is announced when it starts, once per window of it.
+    let announced = format!(
+        "handouts of key k to uid {} are counted, not itemised, until the window ends",
+        alice.uid
+    );
+    let announced = log.lines().filter(|l| l.contains(&announced)).count();
+    assert!(
+        (1..=windows).contains(&announced),
+        "{announced} announcements"
     );
 }
