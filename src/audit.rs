@@ -92,11 +92,11 @@ pub(crate) const MAX_SUBJECTS: usize = 10_000;
 /// The most handout subjects of one uid and key tracked, so itemised, at
 /// once. A handout's subject holds the caller's pid, so without this a
 /// uid that forks a process per get writes a line per process; with it,
-/// one uid and key cost at most this many first lines per window, as many
-/// summaries of theirs, and one summary of all the rest. 16 leaves a pool
-/// of workers, or a few scope sets across a token's refresh, itemised one
-/// by one, and keeps a forking uid's lines per key around 100 in 30 s, 1%
-/// of journald's default rate limit.
+/// one uid and key cost at most this many lines per window for their
+/// tracked subjects (a first line or a summary each) and one for the rest.
+/// 16 leaves a pool of workers, or a few scope sets across a token's
+/// refresh, itemised one by one, and keeps a forking uid's lines per key
+/// at 51 in 30 s, half a percent of journald's default rate limit.
 pub(crate) const ITEMISED_PER_UID_AND_KEY: usize = 16;
 
 /// One handout or denial, as [`crate::service`] saw it.
