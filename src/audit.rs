@@ -27,11 +27,26 @@
 //! a `repeats` field. A window that had repeats is followed by another, so
 //! a steady flood writes one line per window; a subject whose window passed
 //! without any is forgotten, and its next event is logged in full again.
-//! At most [`MAX_SUBJECTS`] subjects are tracked at once: events of further
-//! ones are counted and summed up as "events not itemised", so memory stays
-//! bounded whatever callers do. A summary carries its subject's fields,
-//! not a process's `peer_exe` and `peer_comm`: those are on the subject's
-//! first line.
+//!
+//! A handout's subject holds the pid, so a uid that forks a process per
+//! get would make each process a subject, and a line, of its own. At most
+//! [`ITEMISED_PER_UID_AND_KEY`] handout subjects of one uid and key are
+//! tracked at once; handouts of further ones are *folded*: counted under
+//! one more subject of that uid and key, announced when its window opens
+//! and summed up like any other (`… and 484 more handouts of key payments
+//! to uid 1000 not itemised`). A slot frees up when one of the tracked
+//! subjects is forgotten. Denials need no such bound: their subjects are
+//! already one per uid, kind and key. So another uid, another key or a new
+//! kind of denial still appears at once, while one uid's forks of one key
+//! cost a bounded number of lines per window.
+//!
+//! At most [`MAX_SUBJECTS`] subjects (folded ones included) are tracked at
+//! once: events of further ones are counted and summed up as "events not
+//! itemised", so memory stays bounded whatever callers do; the count of
+//! subjects per uid and key lives only while one of them is tracked. Every
+//! summary says how long its window ran (`window_ms`). A summary carries
+//! its subject's fields, not a process's `peer_exe` and `peer_comm`: those
+//! are on the subject's first line.
 //!
 //! `[daemon] audit = false` ([`Audit::set_handouts_logged`]) writes
 //! handouts at debug, uncounted, for hosts too busy for a line per process
@@ -73,6 +88,16 @@ pub(crate) const WINDOW: Duration = Duration::from_secs(10);
 /// free text: a few hundred bytes (twice, map and queue), so a few MiB at
 /// worst. Legitimate traffic (processes × keys × scope sets) is far below.
 pub(crate) const MAX_SUBJECTS: usize = 10_000;
+
+/// The most handout subjects of one uid and key tracked, so itemised, at
+/// once. A handout's subject holds the caller's pid, so without this a
+/// uid that forks a process per get writes a line per process; with it,
+/// one uid and key cost at most this many lines per window for their
+/// tracked subjects (a first line or a summary each) and one for the rest.
+/// 16 leaves a pool of workers, or a few scope sets across a token's
+/// refresh, itemised one by one, and keeps a forking uid's lines per key
+/// at 51 in 30 s, half a percent of journald's default rate limit.
+pub(crate) const ITEMISED_PER_UID_AND_KEY: usize = 16;
 
 /// One handout or denial, as [`crate::service`] saw it.
 pub(crate) enum Event<'a> {
@@ -129,6 +154,9 @@ enum Subject {
         /// `None` for [`Denial::NoSuchKey`]: see the module doc.
         key: Option<Arc<str>>,
     },
+    /// Handouts of a uid and key while [`ITEMISED_PER_UID_AND_KEY`] of its
+    /// handout subjects are tracked: counted together, none itemised.
+    Folded { uid: u32, key: Arc<str> },
 }
 
 /// A [`Subject`] borrowed from its event: every event is looked up in the
@@ -147,6 +175,10 @@ enum SubjectRef<'a> {
         uid: u32,
         denial: Denial,
         key: Option<&'a str>,
+    },
+    Folded {
+        uid: u32,
+        key: &'a str,
     },
 }
 
@@ -217,11 +249,12 @@ impl Subject {
                 denial: *denial,
                 key: key.as_deref(),
             },
+            Subject::Folded { uid, key } => SubjectRef::Folded { uid: *uid, key },
         }
     }
 }
 
-impl SubjectRef<'_> {
+impl<'a> SubjectRef<'a> {
     /// The owned subject, its key name taken from `names` (or added).
     fn to_owned(self, names: &mut HashSet<Arc<str>>) -> Subject {
         let mut name = |key: &str| match names.get(key) {
@@ -251,6 +284,20 @@ impl SubjectRef<'_> {
                 denial,
                 key: key.map(name),
             },
+            SubjectRef::Folded { uid, key } => Subject::Folded {
+                uid,
+                key: name(key),
+            },
+        }
+    }
+
+    /// The uid and key whose itemised handouts this subject counts against
+    /// [`ITEMISED_PER_UID_AND_KEY`]. Denials have none: their subjects are
+    /// already one per uid, kind and key.
+    fn itemised_as(self) -> Option<(u32, &'a str)> {
+        match self {
+            SubjectRef::HandedOut { uid, key, .. } => Some((uid, key)),
+            SubjectRef::Denied { .. } | SubjectRef::Folded { .. } => None,
         }
     }
 }
@@ -315,26 +362,50 @@ enum Seen {
     First,
     /// Counted for the window's summary.
     Repeat,
+    /// A new handout subject of a uid and key that has
+    /// [`ITEMISED_PER_UID_AND_KEY`] tracked: counted with the others
+    /// folded, not itemised. `first` when it opened their window.
+    Folded { first: bool },
     /// Past [`MAX_SUBJECTS`]: counted, not itemised. `first` when it opened
     /// the window of such events.
     Untracked { first: bool },
 }
 
-/// A line owed when a window ends.
+/// A line owed when a window ends. `window` is how long that window ran:
+/// its length, a little more when the timer fired late, less when tokend
+/// stopped before it ended.
 #[derive(Debug, PartialEq, Eq)]
 enum Summary {
-    Repeats(Arc<Subject>, u64),
-    Untracked { events: u64, cap: usize },
+    /// The events of a subject's window not itemised: the repeats after
+    /// its first, or all of a [`Subject::Folded`]'s.
+    Repeats {
+        subject: Arc<Subject>,
+        repeats: u64,
+        window: Duration,
+    },
+    /// Events past the cap, all of them.
+    Untracked { events: u64, window: Duration },
+}
+
+/// The bounds of a [`Ledger`]: [`WINDOW`], [`MAX_SUBJECTS`] and
+/// [`ITEMISED_PER_UID_AND_KEY`] in the daemon, smaller in tests.
+#[derive(Clone, Copy, Debug)]
+struct Limits {
+    window: Duration,
+    /// Subjects tracked at once.
+    cap: usize,
+    /// Handout subjects of one uid and key tracked at once.
+    per_uid_and_key: usize,
 }
 
 /// The counting, without locks, timers or logging: [`Audit`] gives it the
 /// time, so it is tested with plain instants.
 struct Ledger {
-    window: Duration,
-    cap: usize,
-    /// Each tracked subject and its repeats in its current window. The
-    /// map and the queue share one copy of each subject: at 10,000
-    /// subjects a copy each was half a MiB more.
+    limits: Limits,
+    /// Each tracked subject and its count in its current window: repeats
+    /// after the first for an itemised subject, every event for a folded
+    /// one. The map and the queue share one copy of each subject: at
+    /// 10,000 subjects a copy each was half a MiB more.
     counts: HashMap<Arc<Subject>, u64>,
     /// Each tracked subject once, by the end of its current window. Every
     /// window is `window` long and opens at the instant it is recorded
@@ -347,18 +418,23 @@ struct Ledger {
     /// exist is not one), and the set is emptied whenever no subject is
     /// tracked.
     names: HashSet<Arc<str>>,
+    /// How many handout subjects each uid has tracked of each key. An
+    /// entry lives only while that number is above zero, so there are
+    /// never more entries than tracked subjects, whatever keys, scope sets
+    /// or processes a caller cycles through.
+    itemised: HashMap<u32, HashMap<Arc<str>, usize>>,
     /// Events past `cap`: when their window ends, and how many.
     untracked: Option<(Instant, u64)>,
 }
 
 impl Ledger {
-    fn new(window: Duration, cap: usize) -> Ledger {
+    fn new(limits: Limits) -> Ledger {
         Ledger {
-            window,
-            cap,
+            limits,
             counts: HashMap::new(),
             ends: VecDeque::new(),
             names: HashSet::new(),
+            itemised: HashMap::new(),
             untracked: None,
         }
     }
@@ -368,22 +444,84 @@ impl Ledger {
             *repeats += 1;
             return Seen::Repeat;
         }
-        if self.counts.len() >= self.cap {
-            return match &mut self.untracked {
-                Some((_, events)) => {
-                    *events += 1;
-                    Seen::Untracked { first: false }
-                }
-                None => {
-                    self.untracked = Some((now + self.window, 1));
-                    Seen::Untracked { first: true }
-                }
-            };
+        if let Some((uid, key)) = subject.itemised_as() {
+            if self.itemised_of(uid, key) >= self.limits.per_uid_and_key {
+                return self.fold(uid, key, now);
+            }
         }
-        let subject = Arc::new(subject.to_owned(&mut self.names));
-        self.ends.push_back((now + self.window, subject.clone()));
-        self.counts.insert(subject, 0);
+        if self.counts.len() >= self.limits.cap {
+            return self.untrack(now);
+        }
+        self.open(subject, 0, now);
         Seen::First
+    }
+
+    /// Counts a handout of a uid and key that has its fill of itemised
+    /// subjects under their [`Subject::Folded`], opening its window if
+    /// none is open. It is a subject like any other: summed up when its
+    /// window ends, followed by another while events keep coming.
+    fn fold(&mut self, uid: u32, key: &str, now: Instant) -> Seen {
+        let folded = SubjectRef::Folded { uid, key };
+        if let Some(events) = self.counts.get_mut(&folded as &dyn AsSubject) {
+            *events += 1;
+            return Seen::Folded { first: false };
+        }
+        if self.counts.len() >= self.limits.cap {
+            return self.untrack(now);
+        }
+        self.open(folded, 1, now);
+        Seen::Folded { first: true }
+    }
+
+    fn untrack(&mut self, now: Instant) -> Seen {
+        match &mut self.untracked {
+            Some((_, events)) => {
+                *events += 1;
+                Seen::Untracked { first: false }
+            }
+            None => {
+                self.untracked = Some((now + self.limits.window, 1));
+                Seen::Untracked { first: true }
+            }
+        }
+    }
+
+    /// Starts tracking `subject` with `count` events in its window.
+    fn open(&mut self, subject: SubjectRef<'_>, count: u64, now: Instant) {
+        let subject = Arc::new(subject.to_owned(&mut self.names));
+        if let Subject::HandedOut { uid, key, .. } = &*subject {
+            let keys = self.itemised.entry(*uid).or_default();
+            *keys.entry(key.clone()).or_default() += 1;
+        }
+        self.ends
+            .push_back((now + self.limits.window, subject.clone()));
+        self.counts.insert(subject, count);
+    }
+
+    fn itemised_of(&self, uid: u32, key: &str) -> usize {
+        let keys = self.itemised.get(&uid);
+        keys.and_then(|keys| keys.get(key)).copied().unwrap_or(0)
+    }
+
+    /// Stops tracking `subject`: its next event is a first again, and its
+    /// uid and key have room for one more itemised subject.
+    fn forget(&mut self, subject: &Arc<Subject>) {
+        self.counts.remove(subject);
+        let Subject::HandedOut { uid, key, .. } = &**subject else {
+            return;
+        };
+        let Some(keys) = self.itemised.get_mut(uid) else {
+            return;
+        };
+        if let Some(tracked) = keys.get_mut(key) {
+            *tracked = tracked.saturating_sub(1);
+            if *tracked == 0 {
+                keys.remove(key);
+            }
+        }
+        if keys.is_empty() {
+            self.itemised.remove(uid);
+        }
     }
 
     /// When the earliest open window ends; `None` when nothing is pending.
@@ -396,24 +534,32 @@ impl Ledger {
         }
     }
 
+    /// How long the window ending at `end` has run by `now`.
+    fn ran(&self, end: Instant, now: Instant) -> Duration {
+        // `end` is an instant `window` after one the ledger was given.
+        now.saturating_duration_since(end - self.limits.window)
+    }
+
     /// The summaries of the windows ended by `now`. A window with repeats
     /// is followed by another from `now`; one without forgets its subject.
     fn due(&mut self, now: Instant) -> Vec<Summary> {
         let mut due = Vec::new();
         while self.ends.front().is_some_and(|(end, _)| *end <= now) {
-            let Some((_, subject)) = self.ends.pop_front() else {
+            let Some((end, subject)) = self.ends.pop_front() else {
                 break;
             };
             match self.counts.get_mut(&subject) {
-                Some(repeats) if *repeats > 0 => {
-                    due.push(Summary::Repeats(subject.clone(), std::mem::take(repeats)));
+                Some(count) if *count > 0 => {
+                    due.push(Summary::Repeats {
+                        subject: subject.clone(),
+                        repeats: std::mem::take(count),
+                        window: self.ran(end, now),
+                    });
                     // Later than every end in the queue, which all opened
                     // by `now`: the queue stays sorted, and this loop ends.
-                    self.ends.push_back((now + self.window, subject));
+                    self.ends.push_back((now + self.limits.window, subject));
                 }
-                _ => {
-                    self.counts.remove(&subject);
-                }
+                _ => self.forget(&subject),
             }
         }
         if self.counts.is_empty() {
@@ -423,7 +569,7 @@ impl Ledger {
             if end <= now {
                 due.push(Summary::Untracked {
                     events,
-                    cap: self.cap,
+                    window: self.ran(end, now),
                 });
                 self.untracked = None;
             }
@@ -431,21 +577,27 @@ impl Ledger {
         due
     }
 
-    /// Every summary still owed, windows ended or not; forgets everything.
-    fn drain(&mut self) -> Vec<Summary> {
-        let mut all: Vec<Summary> = self
-            .ends
-            .drain(..)
-            .filter_map(|(_, subject)| {
-                let repeats = self.counts.remove(&subject)?;
-                (repeats > 0).then_some(Summary::Repeats(subject, repeats))
+    /// Every summary still owed at `now`, windows ended or not; forgets
+    /// everything.
+    fn drain(&mut self, now: Instant) -> Vec<Summary> {
+        let ends = std::mem::take(&mut self.ends);
+        let mut all: Vec<Summary> = ends
+            .into_iter()
+            .filter_map(|(end, subject)| {
+                let count = self.counts.remove(&subject)?;
+                (count > 0).then(|| Summary::Repeats {
+                    subject,
+                    repeats: count,
+                    window: self.ran(end, now),
+                })
             })
             .collect();
+        self.itemised.clear();
         self.names.clear();
-        if let Some((_, events)) = self.untracked.take() {
+        if let Some((end, events)) = self.untracked.take() {
             all.push(Summary::Untracked {
                 events,
-                cap: self.cap,
+                window: self.ran(end, now),
             });
         }
         all
@@ -473,12 +625,16 @@ impl Default for Audit {
 
 impl Audit {
     pub(crate) fn new() -> Audit {
-        Audit::with_limits(WINDOW, MAX_SUBJECTS)
+        Audit::with_limits(Limits {
+            window: WINDOW,
+            cap: MAX_SUBJECTS,
+            per_uid_and_key: ITEMISED_PER_UID_AND_KEY,
+        })
     }
 
-    fn with_limits(window: Duration, cap: usize) -> Audit {
+    fn with_limits(limits: Limits) -> Audit {
         Audit {
-            ledger: Mutex::new(Ledger::new(window, cap)),
+            ledger: Mutex::new(Ledger::new(limits)),
             opened: Notify::new(),
             handouts_logged: AtomicBool::new(true),
         }
@@ -510,12 +666,12 @@ impl Audit {
             return;
         }
         let subject = Subject::of(caller, &event);
-        let (seen, was_idle, cap) = {
+        let (seen, was_idle, limits) = {
             let mut ledger = self.ledger();
             let was_idle = ledger.next_end().is_none();
             // Read under the lock, so instants reach the ledger in order.
             let seen = ledger.record(subject, Instant::now());
-            (seen, was_idle, ledger.cap)
+            (seen, was_idle, ledger.limits)
         };
         if was_idle {
             self.opened.notify_one();
@@ -526,12 +682,21 @@ impl Audit {
             Level::DEBUG
         };
         log_event(caller, &event, level);
-        if seen == (Seen::Untracked { first: true }) {
-            tracing::warn!(
+        match (seen, subject.itemised_as()) {
+            (Seen::Untracked { first: true }, _) => tracing::warn!(
                 "the audit log already tracks {} callers and keys in this window; \
                  events of others are counted, not itemised, until it ends",
-                thousands(cap as u64)
-            );
+                thousands(limits.cap as u64)
+            ),
+            (Seen::Folded { first: true }, Some((uid, key))) => tracing::info!(
+                key = %key,
+                peer_uid = uid,
+                "handouts of key {key} to uid {uid} are counted, not itemised, until the \
+                 window ends: {} processes, scope sets and tokens of theirs are itemised \
+                 already",
+                limits.per_uid_and_key
+            ),
+            _ => {}
         }
     }
 
@@ -539,13 +704,13 @@ impl Audit {
     /// everything still pending, so no count is lost at shutdown.
     pub(crate) async fn run(self: Arc<Self>, stop: CancellationToken) {
         loop {
-            let (due, next) = {
+            let (due, next, limits) = {
                 let mut ledger = self.ledger();
                 let due = ledger.due(Instant::now());
-                (due, ledger.next_end())
+                (due, ledger.next_end(), ledger.limits)
             };
             for summary in &due {
-                log_summary(summary);
+                log_summary(summary, limits);
             }
             // One timer, for the earliest end; none at all while nothing
             // is pending, so an idle daemon spends no CPU here.
@@ -565,9 +730,12 @@ impl Audit {
 
     /// Writes every summary still owed now, windows ended or not.
     pub(crate) fn flush(&self) {
-        let all = self.ledger().drain();
+        let (all, limits) = {
+            let mut ledger = self.ledger();
+            (ledger.drain(Instant::now()), ledger.limits)
+        };
         for summary in &all {
-            log_summary(summary);
+            log_summary(summary, limits);
         }
     }
 }
@@ -718,66 +886,94 @@ pub(crate) fn reloaded(asked_by: ReloadAsker<'_>, outcome: ReloadOutcome) {
     }
 }
 
-/// The line that sums up a window, with its subject's fields and `repeats`.
-fn log_summary(summary: &Summary) {
-    match summary {
-        Summary::Repeats(subject, repeats) => {
-            let n = thousands(*repeats);
-            match &**subject {
-                Subject::HandedOut {
-                    uid,
-                    pid,
-                    key,
-                    scopes,
-                    fingerprint,
-                } => tracing::info!(
-                    key = %key,
-                    scopes = %scopes,
-                    peer_uid = *uid,
-                    peer_pid = *pid,
-                    fingerprint = %fingerprint,
-                    repeats = *repeats,
-                    "… and {n} more {} of key {key} to uid {uid}",
-                    plural(*repeats, "handout")
-                ),
-                Subject::Denied {
-                    uid,
-                    key: Some(key),
-                    denial,
-                } => tracing::info!(
-                    key = %key,
-                    peer_uid = *uid,
-                    repeats = *repeats,
-                    "… and {n} more {} of key {key} to uid {uid}: {}",
-                    plural(*repeats, "denial"),
-                    denial.reason()
-                ),
-                Subject::Denied {
-                    uid,
-                    key: None,
-                    denial: Denial::Reload,
-                } => tracing::info!(
-                    peer_uid = *uid,
-                    repeats = *repeats,
-                    "… and {n} more {} of a reload to uid {uid}",
-                    plural(*repeats, "denial")
-                ),
-                Subject::Denied { uid, key: None, .. } => tracing::info!(
-                    peer_uid = *uid,
-                    repeats = *repeats,
-                    "… and {n} more {} of keys that do not exist to uid {uid}",
-                    plural(*repeats, "denial")
-                ),
-            }
+/// The line that sums up a window, with its subject's fields, `repeats`
+/// (the events it sums up) and `window_ms` (how long the window ran).
+fn log_summary(summary: &Summary, limits: Limits) {
+    let (subject, repeats, window) = match summary {
+        Summary::Repeats {
+            subject,
+            repeats,
+            window,
+        } => (subject, *repeats, millis(*window)),
+        Summary::Untracked { events, window } => {
+            tracing::info!(
+                repeats = *events,
+                window_ms = millis(*window),
+                "… and {} more {} not itemised (the audit log tracks at most {} callers and keys \
+                 per window)",
+                thousands(*events),
+                plural(*events, "event"),
+                thousands(limits.cap as u64)
+            );
+            return;
         }
-        Summary::Untracked { events, cap } => tracing::info!(
-            repeats = *events,
-            "… and {} more {} not itemised (the audit log tracks at most {} callers and keys per window)",
-            thousands(*events),
-            plural(*events, "event"),
-            thousands(*cap as u64)
+    };
+    let n = thousands(repeats);
+    match &**subject {
+        Subject::HandedOut {
+            uid,
+            pid,
+            key,
+            scopes,
+            fingerprint,
+        } => tracing::info!(
+            key = %key,
+            scopes = %scopes,
+            peer_uid = *uid,
+            peer_pid = *pid,
+            fingerprint = %fingerprint,
+            repeats,
+            window_ms = window,
+            "… and {n} more {} of key {key} to uid {uid}",
+            plural(repeats, "handout")
+        ),
+        Subject::Denied {
+            uid,
+            key: Some(key),
+            denial,
+        } => tracing::info!(
+            key = %key,
+            peer_uid = *uid,
+            repeats,
+            window_ms = window,
+            "… and {n} more {} of key {key} to uid {uid}: {}",
+            plural(repeats, "denial"),
+            denial.reason()
+        ),
+        Subject::Denied {
+            uid,
+            key: None,
+            denial: Denial::Reload,
+        } => tracing::info!(
+            peer_uid = *uid,
+            repeats,
+            window_ms = window,
+            "… and {n} more {} of a reload to uid {uid}",
+            plural(repeats, "denial")
+        ),
+        Subject::Denied { uid, key: None, .. } => tracing::info!(
+            peer_uid = *uid,
+            repeats,
+            window_ms = window,
+            "… and {n} more {} of keys that do not exist to uid {uid}",
+            plural(repeats, "denial")
+        ),
+        Subject::Folded { uid, key } => tracing::info!(
+            key = %key,
+            peer_uid = *uid,
+            repeats,
+            window_ms = window,
+            "… and {n} more {} of key {key} to uid {uid} not itemised (the audit log itemises \
+             {} processes, scope sets and tokens of a uid and key at a time)",
+            plural(repeats, "handout"),
+            limits.per_uid_and_key
         ),
     }
+}
+
+/// A window's length in whole milliseconds, for its `window_ms` field.
+fn millis(window: Duration) -> u64 {
+    u64::try_from(window.as_millis()).unwrap_or(u64::MAX)
 }
 
 impl Denial {
@@ -829,6 +1025,14 @@ mod tests {
             groups: Vec::new(),
             named: false,
             process: std::sync::OnceLock::new(),
+        }
+    }
+
+    fn limits(cap: usize, per_uid_and_key: usize) -> Limits {
+        Limits {
+            window: WINDOW,
+            cap,
+            per_uid_and_key,
         }
     }
 
@@ -900,7 +1104,7 @@ mod tests {
     fn subjects_are_per_process_token_and_set_for_handouts_and_per_uid_for_unknown_names() {
         let scopes = ScopeSet::default();
         let other = ScopeSet::new(["fx"]).unwrap();
-        let mut ledger = Ledger::new(WINDOW, 100);
+        let mut ledger = Ledger::new(limits(100, ITEMISED_PER_UID_AND_KEY));
         let now = Instant::now();
         let mut seen = |c: &Caller, e: Event<'_>| ledger.record(Subject::of(c, &e), now);
         assert_eq!(seen(&caller(1, 10), handout("k", &scopes)), Seen::First);
@@ -955,7 +1159,7 @@ mod tests {
     fn subjects_share_their_key_name_until_none_is_tracked() {
         let (a, b) = (ScopeSet::default(), ScopeSet::new(["fx"]).unwrap());
         let start = Instant::now();
-        let mut ledger = Ledger::new(WINDOW, 10);
+        let mut ledger = Ledger::new(limits(10, ITEMISED_PER_UID_AND_KEY));
         for (pid, scopes) in [(1, &a), (2, &a), (2, &b)] {
             let event = handout("payments", scopes);
             assert_eq!(
@@ -968,8 +1172,9 @@ mod tests {
         assert_eq!(ledger.names.len(), 1);
         let name = ledger.names.iter().next().unwrap();
         assert_eq!(&**name, "payments");
-        // The set's copy, and one per subject.
-        assert_eq!(Arc::strong_count(name), 5);
+        // The set's copy, one per subject, and uid 1's count of the
+        // handout subjects it has of the key.
+        assert_eq!(Arc::strong_count(name), 6);
         assert!(ledger.due(start + WINDOW).is_empty());
         assert!(ledger.counts.is_empty());
         assert!(ledger.names.is_empty(), "forgotten with the last subject");
@@ -979,7 +1184,7 @@ mod tests {
     fn past_the_cap_events_are_counted_not_tracked() {
         let scopes = ScopeSet::default();
         let start = Instant::now();
-        let mut ledger = Ledger::new(WINDOW, 2);
+        let mut ledger = Ledger::new(limits(2, ITEMISED_PER_UID_AND_KEY));
         let mut record =
             |pid, at| ledger.record(Subject::of(&caller(1, pid), &handout("k", &scopes)), at);
         assert_eq!(record(1, start), Seen::First);
@@ -992,8 +1197,17 @@ mod tests {
         assert_eq!(ledger.ends.len(), 2);
         let due = ledger.due(start + WINDOW);
         assert_eq!(due.len(), 2, "{due:?}");
-        assert!(matches!(due[0], Summary::Repeats(_, 1)), "{due:?}");
-        assert_eq!(due[1], Summary::Untracked { events: 2, cap: 2 });
+        assert!(
+            matches!(due[0], Summary::Repeats { repeats: 1, .. }),
+            "{due:?}"
+        );
+        assert_eq!(
+            due[1],
+            Summary::Untracked {
+                events: 2,
+                window: WINDOW
+            }
+        );
         // pid 2's quiet window forgot it; pid 1's flood keeps its place.
         assert_eq!(ledger.counts.len(), 1);
         assert_eq!(ledger.next_end(), Some(start + WINDOW * 2));
@@ -1097,7 +1311,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn past_the_cap_new_subjects_are_summed_up_not_itemised() {
         let (log, _capturing) = Captured::start();
-        let audit = Arc::new(Audit::with_limits(WINDOW, 3));
+        let audit = Arc::new(Audit::with_limits(limits(3, ITEMISED_PER_UID_AND_KEY)));
         let stop = CancellationToken::new();
         let flusher = tokio::spawn(audit.clone().run(stop.clone()));
         let scopes = ScopeSet::default();
@@ -1180,7 +1394,7 @@ mod tests {
 
     #[test]
     fn reload_denials_are_counted_per_uid() {
-        let mut ledger = Ledger::new(WINDOW, 100);
+        let mut ledger = Ledger::new(limits(100, ITEMISED_PER_UID_AND_KEY));
         let now = Instant::now();
         let mut seen = |c: &Caller| ledger.record(Subject::of(c, &Event::ReloadForbidden), now);
         assert_eq!(seen(&caller(1000, 1)), Seen::First);
@@ -1189,5 +1403,220 @@ mod tests {
         // Not the same subject as a caller's unknown key names.
         let name = Subject::of(&caller(1000, 1), &Event::NoSuchKey { shown: "x" });
         assert_eq!(ledger.record(name, now), Seen::First);
+    }
+
+    #[test]
+    fn a_uid_and_key_itemise_a_bounded_number_of_handout_subjects() {
+        let (all, fx) = (ScopeSet::default(), ScopeSet::new(["fx"]).unwrap());
+        let start = Instant::now();
+        let mut ledger = Ledger::new(limits(100, 3));
+        let record = |ledger: &mut Ledger, c: &Caller, e: Event<'_>, at| {
+            ledger.record(Subject::of(c, &e), at)
+        };
+        for pid in 1..=3 {
+            let seen = record(&mut ledger, &caller(1, pid), handout("k", &all), start);
+            assert_eq!(seen, Seen::First);
+        }
+        // A fourth process, or a new scope set of a tracked one, is folded.
+        let seen = record(&mut ledger, &caller(1, 4), handout("k", &all), start);
+        assert_eq!(seen, Seen::Folded { first: true });
+        let seen = record(&mut ledger, &caller(1, 1), handout("k", &fx), start);
+        assert_eq!(seen, Seen::Folded { first: false });
+        let seen = record(&mut ledger, &caller(1, 5), handout("k", &all), start);
+        assert_eq!(seen, Seen::Folded { first: false });
+        // A tracked subject still counts its repeats.
+        let seen = record(&mut ledger, &caller(1, 1), handout("k", &all), start);
+        assert_eq!(seen, Seen::Repeat);
+        // Another uid, another key, and every kind of denial on the
+        // folded key: each is a first.
+        let firsts = [
+            record(&mut ledger, &caller(2, 9), handout("k", &all), start),
+            record(&mut ledger, &caller(1, 6), handout("j", &all), start),
+            record(
+                &mut ledger,
+                &caller(1, 6),
+                Event::Forbidden { key: "k" },
+                start,
+            ),
+            record(
+                &mut ledger,
+                &caller(1, 6),
+                Event::ScopesNotAllowed {
+                    key: "k",
+                    scopes: &fx,
+                    resource: None,
+                },
+                start,
+            ),
+            record(
+                &mut ledger,
+                &caller(1, 6),
+                Event::NoToken {
+                    key: "k",
+                    scopes: &all,
+                    resource: None,
+                    error: &GetError::ShuttingDown,
+                },
+                start,
+            ),
+        ];
+        assert_eq!(firsts, [Seen::First; 5]);
+        assert_eq!(ledger.itemised_of(1, "k"), 3);
+
+        // The window ends: pid 1's repeat and the three folded handouts
+        // are summed up; pids 2 and 3 are forgotten, making room.
+        let due = ledger.due(start + WINDOW);
+        let counted: Vec<(String, u64)> = due
+            .iter()
+            .map(|summary| match summary {
+                Summary::Repeats {
+                    subject, repeats, ..
+                } => (format!("{:?}", subject.view()), *repeats),
+                Summary::Untracked { .. } => panic!("{due:?}"),
+            })
+            .collect();
+        assert_eq!(counted.len(), 2, "{due:?}");
+        assert!(counted[0].0.contains("pid: Some(1)"), "{counted:?}");
+        assert_eq!(counted[0].1, 1);
+        assert!(counted[1].0.starts_with("Folded { uid: 1, key: \"k\""));
+        assert_eq!(counted[1].1, 3);
+        assert_eq!(ledger.itemised_of(1, "k"), 1);
+        let later = start + WINDOW;
+        for pid in [7, 8] {
+            let seen = record(&mut ledger, &caller(1, pid), handout("k", &all), later);
+            assert_eq!(seen, Seen::First);
+        }
+        // Folding goes on in the window that followed: not announced again.
+        let seen = record(&mut ledger, &caller(1, 10), handout("k", &all), later);
+        assert_eq!(seen, Seen::Folded { first: false });
+
+        // Two quiet windows later, nothing is tracked or counted.
+        let due = ledger.due(later + WINDOW);
+        assert_eq!(due.len(), 1, "{due:?}");
+        assert!(ledger.due(later + WINDOW * 2).is_empty());
+        assert!(ledger.counts.is_empty() && ledger.ends.is_empty());
+        assert!(ledger.itemised.is_empty() && ledger.names.is_empty());
+    }
+
+    #[test]
+    fn cycling_processes_scope_sets_and_uids_holds_bounded_memory() {
+        let start = Instant::now();
+        let mut ledger = Ledger::new(limits(1000, 4));
+        let sets: Vec<ScopeSet> = (0..50)
+            .map(|i| ScopeSet::new([format!("s{i}")]).unwrap())
+            .collect();
+        // One uid, 10,000 processes, 50 scope sets, 2 keys: each key holds
+        // its 4 itemised subjects and one folded.
+        for pid in 0..10_000 {
+            let key = if pid % 2 == 0 { "k" } else { "j" };
+            let scopes = &sets[pid as usize % sets.len()];
+            ledger.record(Subject::of(&caller(1, pid), &handout(key, scopes)), start);
+        }
+        assert_eq!(ledger.counts.len(), 2 * (4 + 1));
+        assert_eq!(ledger.itemised.len(), 1);
+        assert_eq!(ledger.itemised[&1].len(), 2);
+        // Many uids: the cap holds, folded subjects included.
+        for uid in 2..5000 {
+            for pid in 0..6 {
+                let event = handout("k", &sets[0]);
+                ledger.record(Subject::of(&caller(uid, pid), &event), start);
+            }
+        }
+        assert_eq!(ledger.counts.len(), 1000);
+        assert!(ledger.itemised.len() <= 1000);
+        let due = ledger.due(start + WINDOW);
+        let summed: u64 = due
+            .iter()
+            .map(|summary| match summary {
+                Summary::Repeats { repeats, .. } => *repeats,
+                Summary::Untracked { events, .. } => *events,
+            })
+            .sum();
+        let itemised = 2 * 4 + (1000 - 10) * 4 / 5;
+        assert_eq!(
+            summed + itemised,
+            10_000 + 4998 * 6,
+            "every event accounted for"
+        );
+        assert!(ledger.due(start + WINDOW * 2).is_empty());
+        assert!(ledger.counts.is_empty() && ledger.itemised.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_forking_uid_is_summed_up_per_window_and_others_appear_at_once() {
+        let (log, _capturing) = Captured::start();
+        let audit = Arc::new(Audit::with_limits(limits(MAX_SUBJECTS, 3)));
+        let stop = CancellationToken::new();
+        let flusher = tokio::spawn(audit.clone().run(stop.clone()));
+        let scopes = ScopeSet::default();
+        let fork = |pids: std::ops::Range<i32>| {
+            for pid in pids {
+                audit.record(&caller(1000, pid), handout("k", &scopes));
+            }
+        };
+
+        fork(0..100);
+        let lines = log.take();
+        assert_eq!(lines.len(), 4, "{lines:#?}");
+        assert!(lines[..3].iter().all(|l| l.contains("handed out a token")));
+        assert!(
+            lines[3].contains(
+                "INFO tokend::audit: handouts of key k to uid 1000 are counted, not itemised, \
+                 until the window ends: 3 processes, scope sets and tokens of theirs are \
+                 itemised already key=k peer_uid=1000"
+            ),
+            "{lines:#?}"
+        );
+        // Another uid, another key and a denial of the key: at once.
+        audit.record(&caller(1001, 1), handout("k", &scopes));
+        audit.record(&caller(1000, 100), handout("j", &scopes));
+        audit.record(&caller(1000, 101), Event::Forbidden { key: "k" });
+        let lines = log.take();
+        assert_eq!(lines.len(), 3, "{lines:#?}");
+        assert!(lines[0].contains("handed out a token key=k scopes=[] peer_uid=1001"));
+        assert!(lines[1].contains("handed out a token key=j scopes=[] peer_uid=1000"));
+        assert!(lines[2].contains("denied: caller is not on the key's allow lists key=k"));
+
+        tokio::time::sleep(WINDOW - Duration::from_millis(1)).await;
+        assert_eq!(log.take(), Vec::<String>::new());
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        let sums = log.take();
+        assert_eq!(sums.len(), 1, "{sums:#?}");
+        assert!(sums[0].contains("… and 97 more handouts of key k to uid 1000 not itemised (the audit log itemises 3 processes, scope sets and tokens of a uid and key at a time) key=k peer_uid=1000 repeats=97 window_ms=10000"), "{sums:#?}");
+
+        // The flood goes on: the quiet processes were forgotten, so three
+        // new ones are itemised; the rest fold into the window that
+        // followed, without a second announcement.
+        fork(100..110);
+        let lines = log.take();
+        assert_eq!(lines.len(), 3, "{lines:#?}");
+        assert!(lines.iter().all(|l| l.contains("handed out a token")));
+        tokio::time::sleep(WINDOW).await;
+        let sums = log.take();
+        assert_eq!(sums.len(), 1, "{sums:#?}");
+        assert!(
+            sums[0].contains("… and 7 more handouts of key k to uid 1000 not itemised"),
+            "{sums:#?}"
+        );
+        assert!(sums[0].ends_with("repeats=7 window_ms=10000"), "{sums:#?}");
+
+        // A quiet window forgets it all.
+        tokio::time::sleep(WINDOW).await;
+        assert!(forgot_everything(&audit), "everything was forgotten");
+        assert!(audit.ledger().itemised.is_empty());
+
+        // At shutdown, a window two seconds old says so.
+        fork(200..204);
+        assert_eq!(log.take().len(), 4);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        stop.cancel();
+        flusher.await.unwrap();
+        let last = log.take();
+        assert_eq!(last.len(), 1, "{last:#?}");
+        assert!(
+            last[0].contains("… and 1 more handout of key k to uid 1000 not itemised"),
+            "{last:#?}"
+        );
+        assert!(last[0].ends_with("repeats=1 window_ms=2000"), "{last:#?}");
     }
 }

@@ -543,3 +543,134 @@ async fn audit_false_keeps_handouts_off_info_and_reloads_say_who_asked() {
     );
     daemon.stop_and_check_log(&secrets(&[&issuer], &[SECRET]));
 }
+
+/// How many handout subjects (processes, scope sets, tokens) of one uid
+/// and key the audit log itemises at a time
+/// (`tokend::audit::ITEMISED_PER_UID_AND_KEY`).
+const ITEMISED_PER_UID_AND_KEY: usize = 16;
+
+/// `tokend get key` run as `user` against `socket`, with `args` after it.
+fn get_as(user: &support::daemon::TestUser, socket: &std::path::Path, args: &[&str]) -> Command {
+    let tokend = support::daemon::tokend_for_anyone().to_string_lossy();
+    let mut get = support::cli::as_caller(&tokend, user.uid, user.gid, &user.groups);
+    get.arg("get").args(args).arg("--socket").arg(socket);
+    get
+}
+
+/// One uid that gets a token from hundreds of short-lived processes (each
+/// its own subject, by pid) costs at most a bounded number of itemised
+/// lines per window for that uid and key; a summary accounts for every
+/// other get, exactly. Mid-flood, another uid, another key of the same uid
+/// and a new kind of denial on the flooded key each get a line at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forking_callers_cost_a_bounded_number_of_lines_per_uid_and_key() {
+    /// Well above the bound; small enough to run in seconds here.
+    const PROCESSES: usize = 500;
+    /// Processes running at once: enough to keep both cores busy.
+    const AT_ONCE: usize = 8;
+    let alice = test_user("tokend-test-alice");
+    let bob = test_user("tokend-test-bob");
+    let issuer = Issuer::start(vec![ClientSpec::checkout("c", SECRET, &[])]).await;
+    let keys = tables(&[
+        plain_key(&issuer, "k", &[alice.uid, bob.uid]),
+        plain_key(&issuer, "j", &[alice.uid]),
+    ]);
+    let dir = tempfile::tempdir().expect("dir");
+    // At info, as in production: no RUST_LOG.
+    let mut daemon = Daemon::start_with(dir, "socket_mode = \"0666\"", &keys, |_| {
+        let mut command = Command::new(TOKEND);
+        command.env_remove("RUST_LOG");
+        command
+    });
+    let socket = daemon.socket.clone();
+    // Copied once, before the clock starts.
+    support::daemon::tokend_for_anyone();
+
+    // PROCESSES gets of key k by alice, each from a `tokend get` of its own.
+    let started = Instant::now();
+    let mut workers = tokio::task::JoinSet::new();
+    for worker in 0..AT_ONCE {
+        let socket = socket.clone();
+        workers.spawn(async move {
+            let alice = test_user("tokend-test-alice");
+            for _ in (worker..PROCESSES).step_by(AT_ONCE) {
+                let ran = support::cli::run(get_as(&alice, &socket, &["k"]), b"").await;
+                assert_eq!(ran.code, Some(0), "{ran:?}");
+            }
+        });
+    }
+    while let Some(done) = workers.join_next().await {
+        done.expect("a worker");
+    }
+    let flooded_in = started.elapsed();
+
+    // Still inside the flood's window: another uid, another key and a new
+    // kind of denial on the flooded key are each itemised at once.
+    let at_once = Duration::from_secs(2);
+    let ran = support::cli::run(get_as(&bob, &socket, &["k"]), b"").await;
+    assert_eq!(ran.code, Some(0), "{ran:?}");
+    daemon.wait_for_log_count_within(
+        &format!("handed out a token key=k scopes=[] peer_uid={} ", bob.uid),
+        1,
+        at_once,
+    );
+    let ran = support::cli::run(get_as(&alice, &socket, &["j"]), b"").await;
+    assert_eq!(ran.code, Some(0), "{ran:?}");
+    daemon.wait_for_log_count_within(
+        &format!("handed out a token key=j scopes=[] peer_uid={} ", alice.uid),
+        1,
+        at_once,
+    );
+    let ran = support::cli::run(get_as(&alice, &socket, &["k", "--scope", "nope"]), b"").await;
+    assert_eq!(ran.code, Some(1), "{ran:?}");
+    daemon.wait_for_log_count_within(
+        &format!(
+            "denied: scopes not allowed key=k scopes=[nope] peer_uid={} ",
+            alice.uid
+        ),
+        1,
+        at_once,
+    );
+
+    // Stopping writes every summary still owed.
+    let log = daemon.stop_and_check_log(&secrets(&[&issuer], &[SECRET]));
+    let itemised = format!("handed out a token key=k scopes=[] peer_uid={} ", alice.uid);
+    let itemised = log.lines().filter(|l| l.contains(&itemised)).count();
+    let summed = format!("more handouts of key k to uid {} ", alice.uid);
+    let summaries: Vec<&str> = log.lines().filter(|l| l.contains(&summed)).collect();
+    let repeats: u64 = summaries.iter().map(|l| repeats(l)).sum();
+    println!(
+        "{PROCESSES} processes ({flooded_in:?}): {itemised} itemised handout lines, {} \
+         summaries of {repeats} more",
+        summaries.len()
+    );
+    for line in &summaries {
+        println!("  {line}");
+    }
+    // Each window itemises at most the bound: one window for a flood
+    // shorter than it, one more for each window it spans.
+    let windows = (flooded_in.as_secs_f64() / WINDOW.as_secs_f64()).floor() as usize + 1;
+    assert!(
+        itemised <= ITEMISED_PER_UID_AND_KEY * windows,
+        "{itemised} itemised handout lines for {PROCESSES} processes in {windows} window(s)"
+    );
+    assert_eq!(
+        itemised as u64 + repeats,
+        PROCESSES as u64,
+        "every get is itemised or summed up: {summaries:#?}"
+    );
+    assert!(
+        summaries.iter().any(|l| l.contains("not itemised")),
+        "{summaries:#?}"
+    );
+    // Folding is announced when it starts, once per window of it.
+    let announced = format!(
+        "handouts of key k to uid {} are counted, not itemised, until the window ends",
+        alice.uid
+    );
+    let announced = log.lines().filter(|l| l.contains(&announced)).count();
+    assert!(
+        (1..=windows).contains(&announced),
+        "{announced} announcements"
+    );
+}
