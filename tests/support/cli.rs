@@ -146,3 +146,15 @@ pub async fn check_error(
     assert!(!message.contains('\n'), "{ran:?}");
     message.to_owned()
 }
+
+/// The characters of `text` that a terminal could act on or that start a
+/// line the program did not write: C0 and C1 controls but `\n`, DEL, and
+/// Unicode's bidirectional and line-separating format characters.
+pub fn terminal_commands(text: &str) -> Vec<char> {
+    text.chars()
+        .filter(|&c| {
+            (c.is_control() && c != '\n')
+                || matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+        })
+        .collect()
+}
