@@ -6,6 +6,7 @@
 mod support;
 
 use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -17,7 +18,7 @@ use support::daemon::{
     assert_issued, assert_same_token, fingerprint, write_private, Answer, Daemon, TOKEND,
     TOKEND_DAEMON,
 };
-use support::fake_daemon::FakeDaemon;
+use support::fake_daemon::{FakeDaemon, FullBacklog};
 use support::issuer::{ClientSpec, Dialect, Issuer};
 use support::keys::{secrets, Key};
 
@@ -442,6 +443,21 @@ const CLIENT_COMMANDS: [&[&str]; 5] = [
 #[tokio::test]
 async fn the_timeout_is_a_deadline_for_the_whole_exchange() {
     let fake = FakeDaemon::dripping(Duration::from_millis(500));
+    every_client_command_ends_at_its_timeout(&fake.socket).await;
+}
+
+/// The deadline starts before the connect: a daemon that stopped
+/// accepting, its listen backlog full, does not hold a caller either.
+#[tokio::test]
+async fn the_timeout_bounds_a_connect_to_a_full_backlog() {
+    let full = FullBacklog::start();
+    every_client_command_ends_at_its_timeout(&full.socket).await;
+}
+
+/// Runs every client subcommand of both programs against `socket` with
+/// `--timeout 2s`, all at once, and fails unless each exits 3 saying so
+/// after 2 s and before 4 s.
+async fn every_client_command_ends_at_its_timeout(socket: &Path) {
     let timeout = Duration::from_secs(2);
     // Start-up and exit of a process, on a loaded machine.
     let margin = Duration::from_secs(2);
@@ -453,7 +469,7 @@ async fn the_timeout_is_a_deadline_for_the_whole_exchange() {
                 .env_remove("TOKEND_SOCKET")
                 .args(args)
                 .arg("--socket")
-                .arg(&fake.socket)
+                .arg(socket)
                 .args(["--timeout", "2s"])
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
@@ -483,7 +499,7 @@ async fn the_timeout_is_a_deadline_for_the_whole_exchange() {
             stderr,
             format!(
                 "tokend: tokend at {} did not answer within 2s\n",
-                fake.socket.display()
+                socket.display()
             ),
             "{what}"
         );

@@ -1,7 +1,8 @@
 //! `tokend status` and `tokend keys` as an operator and a shell user run
 //! them: the real binary against a real daemon whose issuers fail on cue
 //! (the loopback issuer's faults), judged by the table, the `--json` rows
-//! and the exit status a health check reads.
+//! and the exit status a health check reads; and against a stand-in that
+//! lies, whose words must reach the terminal as text.
 
 mod support;
 

@@ -91,3 +91,53 @@ async fn serve(stream: tokio::net::UnixStream, behaviour: Behaviour) {
         },
     }
 }
+
+/// A socket whose listener never accepts and whose backlog is full: a
+/// connect to it waits (in the kernel) until a place frees, which none
+/// does, as with a daemon that stopped accepting.
+pub struct FullBacklog {
+    pub socket: PathBuf,
+    _dir: tempfile::TempDir,
+    _listener: std::os::fd::OwnedFd,
+    _held: Vec<std::os::fd::OwnedFd>,
+}
+
+impl FullBacklog {
+    pub fn start() -> FullBacklog {
+        use nix::sys::socket::{
+            bind, connect, listen, socket, AddressFamily, Backlog, SockFlag, SockType, UnixAddr,
+        };
+        use std::os::fd::AsRawFd;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let socket_path = dir.path().join("full.sock");
+        let address = UnixAddr::new(&socket_path).expect("socket address");
+        let stream = || {
+            socket(
+                AddressFamily::Unix,
+                SockType::Stream,
+                SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+                None,
+            )
+            .expect("socket")
+        };
+        let listener = stream();
+        bind(listener.as_raw_fd(), &address).expect("bind");
+        listen(&listener, Backlog::new(0).expect("backlog 0")).expect("listen");
+        let mut held = Vec::new();
+        loop {
+            let fd = stream();
+            match connect(fd.as_raw_fd(), &address) {
+                Ok(()) => held.push(fd),
+                Err(nix::errno::Errno::EAGAIN) => break,
+                Err(e) => panic!("filling the backlog: {e}"),
+            }
+            assert!(held.len() < 64, "the backlog does not fill");
+        }
+        FullBacklog {
+            socket: socket_path,
+            _dir: dir,
+            _listener: listener,
+            _held: held,
+        }
+    }
+}
