@@ -1,6 +1,7 @@
 //! The caller's side of the socket, as `tokend get`, `reload`, `status`,
-//! `keys` and `metrics` use it: one request, one answer, with a timeout and a bound on
-//! what is read.
+//! `keys` and `metrics` use it: one request, one answer, within one
+//! deadline and a bound on what is read. The peer may be any program
+//! (`--socket`), so what it answers is checked before it is printed.
 
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
