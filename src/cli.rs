@@ -16,11 +16,11 @@ use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
 use crate::client::{self, ClientError};
 use crate::config::{DEFAULT_CONFIG, DEFAULT_SOCKET};
-use crate::report;
+use crate::{printable, report};
 
 /// How long `get` waits for its answer unless told.
 const GET_TIMEOUT: &str = "30s";
@@ -55,7 +55,9 @@ pub enum Command {
     /// Ask a running daemon for a token and print it.
     #[command(
         after_help = "Exit status: 0 token printed, 1 the daemon refused (its message is on \
-                            stderr), 2 usage error, 3 the daemon could not be reached."
+                      stderr) or answered what is not printed (a control character, a token \
+                      that is not visible ASCII), 2 usage error, 3 the daemon could not be \
+                      reached or did not answer within --timeout."
     )]
     Get {
         /// The key's name, as in [keys.NAME].
@@ -67,13 +69,13 @@ pub enum Command {
         #[arg(long, value_name = "URI")]
         resource: Option<String>,
         /// The daemon's socket.
-        #[arg(long, value_name = "PATH", env = "TOKEND_SOCKET", default_value = DEFAULT_SOCKET)]
+        #[arg(long, value_name = "PATH", env = SOCKET_ENV, default_value = DEFAULT_SOCKET)]
         socket: PathBuf,
         /// What to print: the bare token, an Authorization header line, or the daemon's JSON answer.
         #[arg(long, value_enum, default_value_t = Format::Token)]
         format: Format,
-        /// How long to wait for the answer.
-        #[arg(long, value_name = "DURATION", default_value = GET_TIMEOUT, value_parser = humantime::parse_duration)]
+        /// The most the whole exchange may take, from connect to the answer's last byte (more than 0).
+        #[arg(long, value_name = "DURATION", default_value = GET_TIMEOUT, value_parser = parse_timeout)]
         timeout: Duration,
     },
     /// Ask a running daemon to reload its configuration, and wait for the outcome.
@@ -85,10 +87,10 @@ pub enum Command {
     )]
     Reload {
         /// The daemon's socket.
-        #[arg(long, value_name = "PATH", env = "TOKEND_SOCKET", default_value = DEFAULT_SOCKET)]
+        #[arg(long, value_name = "PATH", env = SOCKET_ENV, default_value = DEFAULT_SOCKET)]
         socket: PathBuf,
-        /// How long to wait for the outcome.
-        #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+        /// The most the whole exchange may take, from connect to the answer's last byte (more than 0).
+        #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_timeout)]
         timeout: Duration,
     },
     /// Show each key's scope sets: state, time left, next refresh, last success and error.
@@ -115,10 +117,10 @@ pub enum Command {
     )]
     Metrics {
         /// The daemon's socket.
-        #[arg(long, value_name = "PATH", env = "TOKEND_SOCKET", default_value = DEFAULT_SOCKET)]
+        #[arg(long, value_name = "PATH", env = SOCKET_ENV, default_value = DEFAULT_SOCKET)]
         socket: PathBuf,
-        /// How long to wait for the answer.
-        #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+        /// The most the whole exchange may take, from connect to the answer's last byte (more than 0).
+        #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_timeout)]
         timeout: Duration,
     },
     /// Validate the configuration and secret files without starting.
@@ -146,10 +148,10 @@ pub struct Listing {
     #[arg(long)]
     pub json: bool,
     /// The daemon's socket.
-    #[arg(long, value_name = "PATH", env = "TOKEND_SOCKET", default_value = DEFAULT_SOCKET)]
+    #[arg(long, value_name = "PATH", env = SOCKET_ENV, default_value = DEFAULT_SOCKET)]
     pub socket: PathBuf,
-    /// How long to wait for the answer.
-    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
+    /// The most the whole exchange may take, from connect to the answer's last byte (more than 0).
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_timeout)]
     pub timeout: Duration,
 }
 
@@ -168,9 +170,10 @@ pub enum Format {
 /// `tokend get`'s instructions (callgrind: 100k of 213k), more than the
 /// request. Anything else (help, `--`, an unknown option, an option given
 /// twice, an empty value or one that starts with `-`, arguments that are not
-/// UTF-8, an empty `TOKEND_SOCKET`) gives `None`, and clap parses the line
-/// as it always has, with its messages and exit code 2 for usage errors.
-/// `env_socket` is `TOKEND_SOCKET`.
+/// UTF-8, a `--timeout` of 0) gives `None`, and [`parse`] reads the line
+/// with clap, with its messages and exit code 2 for usage errors.
+/// `env_socket` is `TOKEND_SOCKET`; empty, it counts as unset, as in
+/// [`parse`].
 pub fn quick_get(args: &[OsString], env_socket: Option<&OsStr>) -> Option<Command> {
     let mut args = args.iter().skip(1).map(|arg| arg.to_str());
     if args.next()?? != "get" {
@@ -200,13 +203,12 @@ pub fn quick_get(args: &[OsString], env_socket: Option<&OsStr>) -> Option<Comman
             "resource" => once(&mut resource, value.to_owned())?,
             "socket" => once(&mut socket, PathBuf::from(value))?,
             "format" => once(&mut format, Format::from_str(value, false).ok()?)?,
-            "timeout" => once(&mut timeout, humantime::parse_duration(value).ok()?)?,
+            "timeout" => once(&mut timeout, parse_timeout(value).ok()?)?,
             _ => return None,
         }
     }
-    let socket = match (socket, env_socket) {
+    let socket = match (socket, env_socket.filter(|env| !env.is_empty())) {
         (Some(socket), _) => socket,
-        (None, Some(env)) if env.is_empty() => return None,
         (None, Some(env)) => PathBuf::from(env),
         (None, None) => PathBuf::from(DEFAULT_SOCKET),
     };
@@ -221,6 +223,54 @@ pub fn quick_get(args: &[OsString], env_socket: Option<&OsStr>) -> Option<Comman
             None => humantime::parse_duration(GET_TIMEOUT).ok()?,
         },
     })
+}
+
+/// The environment variable that names the socket when `--socket` does not.
+pub const SOCKET_ENV: &str = "TOKEND_SOCKET";
+
+/// The command line as clap reads it, for both programs, with one
+/// difference from clap's own `env`: an empty `TOKEND_SOCKET` counts as
+/// unset, as a shell's `${TOKEND_SOCKET:-…}` would, and the default socket
+/// is used (clap would take the empty value and refuse it). Exits on a
+/// usage error as clap does, with code 2. `env_socket` is `TOKEND_SOCKET`.
+pub fn parse(args: &[OsString], env_socket: Option<&OsStr>) -> Cli {
+    let mut command = Cli::command();
+    if env_socket.is_some_and(OsStr::is_empty) {
+        command = command.mut_subcommands(|sub| {
+            sub.mut_args(|arg| {
+                if arg.get_env() == Some(OsStr::new(SOCKET_ENV)) {
+                    arg.env(None::<&'static str>)
+                } else {
+                    arg
+                }
+            })
+        });
+    }
+    command
+        .try_get_matches_from_mut(args)
+        .and_then(|mut matches| Cli::from_arg_matches_mut(&mut matches))
+        .unwrap_or_else(|err| err.format(&mut command).exit())
+}
+
+/// Why a `--timeout` is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum TimeoutError {
+    #[error(transparent)]
+    Duration(#[from] humantime::DurationError),
+    /// A socket timeout of 0 means none at all, so 0 could only mean
+    /// "wait forever" or "give up at once": neither is what a caller
+    /// writing 0 can be assumed to want, and a health check that waits
+    /// forever checks nothing.
+    #[error("a timeout must be longer than 0; to wait long, give a long one such as 1h")]
+    Zero,
+}
+
+/// A `--timeout`: a duration as humantime writes them, longer than 0.
+pub fn parse_timeout(text: &str) -> Result<Duration, TimeoutError> {
+    match humantime::parse_duration(text)? {
+        Duration::ZERO => Err(TimeoutError::Zero),
+        timeout => Ok(timeout),
+    }
 }
 
 /// Fills an option's slot, or fails if it was given already.
@@ -320,7 +370,7 @@ fn status(
     };
     let rows = report::status_rows(&keys);
     let text = if json {
-        report::status_json(&rows) + "\n"
+        printable::json(&report::status_json(&rows)).into_owned() + "\n"
     } else {
         let out = std::io::stdout();
         let colour =
@@ -352,7 +402,7 @@ fn keys(
         Err(err) => return client_failure(&err),
     };
     let text = if json {
-        serde_json::json!({ "keys": keys }).to_string() + "\n"
+        printable::json(&serde_json::json!({ "keys": keys }).to_string()).into_owned() + "\n"
     } else {
         report::keys_table(&keys)
     };
@@ -378,12 +428,14 @@ fn reported(written: std::io::Result<()>, what: &str) -> u8 {
     }
 }
 
-/// Says why a request failed; 1 when the daemon refused, 3 when it could
-/// not be reached.
+/// Says why a request failed; 1 when the daemon refused or answered what
+/// is not printed, 3 when it could not be reached or answered too late.
+/// The message is the daemon's when it refused, and the daemon may be any
+/// program: shown as one line without control characters.
 fn client_failure(err: &ClientError) -> u8 {
-    eprintln!("tokend: {err}");
+    eprintln!("tokend: {}", printable::one_line(&err.to_string()));
     match err {
-        ClientError::Refused(_) => EXIT_REFUSED,
+        ClientError::Refused(_) | ClientError::Unprintable { .. } => EXIT_REFUSED,
         _ => EXIT_UNREACHABLE,
     }
 }
@@ -393,7 +445,7 @@ fn metrics(socket: &Path, timeout: Duration) -> u8 {
         Ok(text) => text,
         Err(err) => return client_failure(&err),
     };
-    print(&text, "metrics")
+    print(&printable::lines(&text), "metrics")
 }
 
 /// Sections of tokend(8) that are not about options: what the daemon
@@ -424,7 +476,7 @@ Stop accepting, answer what is in flight, exit 0 within 5 seconds.
 The log filter; overrides \fBlog_level\fR in [daemon].
 .TP
 \fBTOKEND_SOCKET\fR
-The socket \fBtokend get\fR connects to.
+The socket \fBget\fR, \fBstatus\fR, \fBkeys\fR, \fBreload\fR and \fBmetrics\fR connect to when \fB--socket\fR is not given; empty counts as unset.
 .TP
 \fBNOTIFY_SOCKET\fR, \fBWATCHDOG_USEC\fR
 Set by systemd for Type=notify: tokend sends READY=1 once its socket listens, STATUS= lines, RELOADING=1 and READY=1 around a reload, WATCHDOG=1 at half the watchdog interval, and STOPPING=1.
@@ -441,7 +493,7 @@ Replace the system trust store (\fI/etc/ssl/certs\fR) that issuers' certificates
 \fBJOURNAL_STREAM\fR
 When stderr is the journal, tokend logs to journald with the fields KEY, SCOPES, PEER_UID, PEER_GID, PEER_PID, PEER_EXE, PEER_COMM (the last two informational: a pid can be reused) and ISSUER_STATUS.
 .SH EXIT STATUS
-\fBserve\fR: 0 after a clean stop, 1 on a start-up error. \fBget\fR: 0 token printed, 1 refused, 2 usage error, 3 unreachable. \fBstatus\fR: 0 every prefetch set fresh and not failing, 1 otherwise, 3 unreachable. \fBkeys\fR, \fBmetrics\fR and \fBreload\fR: 0 done, 1 refused, 3 unreachable. \fBcheck\fR: 0 valid, 1 invalid (with \fB--online\fR, also when a discovery document cannot be read or used).
+\fBserve\fR: 0 after a clean stop, 1 on a start-up error. \fBget\fR: 0 token printed, 1 refused or not printed (a control character in the answer, a token that is not visible ASCII), 2 usage error, 3 unreachable. \fBstatus\fR: 0 every prefetch set fresh and not failing, 1 otherwise, 3 unreachable. \fBkeys\fR, \fBmetrics\fR and \fBreload\fR: 0 done, 1 refused, 3 unreachable. For every subcommand that talks to the daemon, no whole answer within \fB--timeout\fR counts as unreachable (3), and a \fB--timeout\fR of 0 is a usage error (2). \fBcheck\fR: 0 valid, 1 invalid (with \fB--online\fR, also when a discovery document cannot be read or used).
 .SH SEE ALSO
 \fBsystemctl\fR(1), \fBsystemd.exec\fR(5), \fBsystemd-creds\fR(1)
 "#;
@@ -542,6 +594,7 @@ mod tests {
             "get k --scope",
             "get k --bogus 1",
             "get k --timeout soon",
+            "get k --timeout 0s",
             "get -k",
             "status",
             "--version",
@@ -557,7 +610,7 @@ mod tests {
     }
 
     #[test]
-    fn quick_get_takes_the_socket_from_the_environment_unless_empty() {
+    fn an_empty_environment_socket_is_unset_for_both_parsers() {
         let args = argv("get k");
         let socket = |env: Option<&str>| match quick_get(&args, env.map(OsStr::new)) {
             Some(Command::Get { socket, .. }) => Some(socket),
@@ -568,7 +621,20 @@ mod tests {
             socket(Some("/run/x.sock")),
             Some(PathBuf::from("/run/x.sock"))
         );
-        assert_eq!(socket(Some("")), None);
+        assert_eq!(socket(Some("")), Some(PathBuf::from(DEFAULT_SOCKET)));
+        let empty = Some(OsStr::new(""));
+        for line in ["get k", "status", "reload"] {
+            let args = argv(line);
+            let parsed = parse(&args, empty).command;
+            let socket = match parsed {
+                Command::Get { ref socket, .. }
+                | Command::Reload { ref socket, .. }
+                | Command::Status(Listing { ref socket, .. }) => socket,
+                _ => panic!("{line}: {parsed:?}"),
+            };
+            assert_eq!(socket, Path::new(DEFAULT_SOCKET), "{line}");
+        }
+        assert_eq!(Some(parse(&args, empty).command), quick_get(&args, empty));
         let given = quick_get(&argv("get k --socket /a"), Some(OsStr::new("/b")));
         assert!(matches!(given, Some(Command::Get { socket, .. }) if socket == Path::new("/a")));
     }

@@ -1,14 +1,19 @@
 //! The caller's side of the socket, as `tokend get`, `reload`, `status`,
-//! `keys` and `metrics` use it: one request, one answer, with a timeout and a bound on
-//! what is read.
+//! `keys` and `metrics` use it: one request, one answer, within one
+//! deadline and a bound on what is read. The peer may be any program
+//! (`--socket`), so what it answers is checked before it is printed.
 
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use zeroize::Zeroizing;
+use nix::errno::Errno;
+use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr};
+use zeroize::{Zeroize, Zeroizing};
 
+use crate::printable;
 use crate::protocol::{
     self, ErrorBody, KeyInfo, KeyStatus, KeysAnswer, MetricsAnswer, Op, ReloadAnswer, Request,
     StatusAnswer, TokenAnswer,
@@ -21,6 +26,8 @@ const MAX_TOKEN_ANSWER: u64 = 1 << 20;
 /// grow with the cached scope sets, a few hundred bytes each, and
 /// `max_scope_sets` allows up to 100,000 per key.
 const MAX_ANSWER: u64 = 256 << 20;
+/// The first read's room: a token answer with a large JWT fits.
+const FIRST_READ: usize = 8 << 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -37,9 +44,34 @@ pub enum ClientError {
     Io { path: PathBuf, source: io::Error },
     #[error("tokend at {} sent an answer that is not protocol v1", .0.display())]
     Garbled(PathBuf),
+    /// No whole answer within the caller's `--timeout`, from connect to
+    /// the answer's last byte.
+    #[error(
+        "tokend at {} did not answer within {}",
+        path.display(),
+        humantime::format_duration(*timeout)
+    )]
+    TimedOut { path: PathBuf, timeout: Duration },
+    /// A token answer that `tokend get` will not print: what is wrong
+    /// with it, never its text.
+    #[error("tokend at {} answered {problem}; it is not printed", path.display())]
+    Unprintable { path: PathBuf, problem: Unprintable },
     /// The daemon answered with an error.
     #[error("{}", .0.message)]
     Refused(ErrorBody),
+}
+
+/// Why a token answer is not printed: what `tokend get` prints is pasted
+/// into headers and shown on terminals, and `--socket` may name any
+/// program.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Unprintable {
+    #[error("a token that is not visible ASCII (RFC 6749 A.12: 1*VSCHAR)")]
+    Token,
+    #[error("a token_type that is not visible ASCII without spaces (RFC 6749 A.7)")]
+    TokenType,
+    #[error("a line with a control character in it")]
+    Line,
 }
 
 /// A token as the daemon answered it. The whole answer line is kept for
@@ -74,11 +106,38 @@ pub fn get(
         MAX_TOKEN_ANSWER,
     )?);
     let answer: TokenAnswer = reply(socket, &line)?;
+    if let Some(problem) = unprintable(&line, &answer) {
+        return Err(ClientError::Unprintable {
+            path: socket.to_owned(),
+            problem,
+        });
+    }
     Ok(Token {
         access_token: answer.access_token,
         token_type: answer.token_type,
         line,
     })
+}
+
+/// What is wrong with a token answer for printing, if anything: each
+/// `--format` prints the token, the type before it, or the whole line,
+/// and none of them may carry a control character, so the answer is
+/// judged whole whatever the format.
+fn unprintable(line: &str, answer: &TokenAnswer) -> Option<Unprintable> {
+    let token = answer.access_token.expose();
+    if token.is_empty() || !token.bytes().all(|b| (0x20..=0x7e).contains(&b)) {
+        return Some(Unprintable::Token);
+    }
+    let token_type = &answer.token_type;
+    if token_type.is_empty() || !token_type.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
+        return Some(Unprintable::TokenType);
+    }
+    // The line's other fields reach the terminal only inside the line
+    // (`--format json`), where JSON escapes stay escaped: only a raw
+    // character, which no tokend writes, could command the terminal.
+    line.chars()
+        .any(printable::is_unsafe)
+        .then_some(Unprintable::Line)
 }
 
 /// Asks the daemon at `socket` to reload; returns how many keys it now has.
@@ -129,41 +188,170 @@ fn reply<T: serde::de::DeserializeOwned>(socket: &Path, line: &str) -> Result<T,
     }
 }
 
+/// When an exchange must be over: `None` for a timeout too long to add to
+/// the clock, which waits as long as it takes.
+#[derive(Clone, Copy)]
+struct Deadline {
+    at: Option<Instant>,
+    timeout: Duration,
+}
+
+impl Deadline {
+    fn after(timeout: Duration) -> Deadline {
+        Deadline {
+            at: Instant::now().checked_add(timeout),
+            timeout,
+        }
+    }
+
+    /// The time left, as a socket timeout (`None`: no limit); an error of
+    /// kind `TimedOut` once none is left, since a socket timeout of zero
+    /// would mean no limit at all.
+    fn left(&self) -> io::Result<Option<Duration>> {
+        let Some(at) = self.at else {
+            return Ok(None);
+        };
+        match at.saturating_duration_since(Instant::now()) {
+            Duration::ZERO => Err(io::ErrorKind::TimedOut.into()),
+            left => Ok(Some(left)),
+        }
+    }
+}
+
 /// Sends one request line and reads one answer line of at most `limit`
-/// bytes.
+/// bytes, all within `timeout`: a daemon that answers a byte at a time
+/// does not keep the caller (a health check, a service's start) waiting
+/// past it.
 fn exchange(
     socket: &Path,
     request: &str,
     timeout: Duration,
     limit: u64,
 ) -> Result<String, ClientError> {
-    let io_err = |source| ClientError::Io {
-        path: socket.to_owned(),
-        source,
+    let deadline = Deadline::after(timeout);
+    let stream = connect(socket, deadline)?;
+    let mut request = request.as_bytes().to_vec();
+    request.push(b'\n');
+    write_all(&stream, &request, deadline).map_err(|e| failure(socket, deadline, e))?;
+    let line = read_line(&stream, deadline, limit).map_err(|e| failure(socket, deadline, e))?;
+    let garbled = || ClientError::Garbled(socket.to_owned());
+    let Some(mut line) = line else {
+        return Err(garbled());
     };
-    let mut stream = UnixStream::connect(socket).map_err(|source| match source.kind() {
-        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => ClientError::NotRunning {
-            path: socket.to_owned(),
-            source,
-        },
-        io::ErrorKind::PermissionDenied => ClientError::NotPermitted {
-            path: socket.to_owned(),
-            source,
-        },
-        _ => io_err(source),
-    })?;
-    stream.set_read_timeout(Some(timeout)).map_err(io_err)?;
-    stream.set_write_timeout(Some(timeout)).map_err(io_err)?;
-    stream
-        .write_all(format!("{request}\n").as_bytes())
-        .map_err(io_err)?;
-    let mut answer = String::new();
-    BufReader::new(stream.take(limit))
-        .read_line(&mut answer)
-        .map_err(io_err)?;
-    if !answer.ends_with('\n') {
-        return Err(ClientError::Garbled(socket.to_owned()));
+    match String::from_utf8(std::mem::take(&mut *line)) {
+        Ok(text) => Ok(text),
+        Err(not_utf8) => {
+            // The bytes may be most of a token: wipe them too.
+            not_utf8.into_bytes().zeroize();
+            Err(garbled())
+        }
     }
-    answer.pop();
-    Ok(answer)
+}
+
+/// What a failed read or write of the exchange means.
+fn failure(socket: &Path, deadline: Deadline, err: io::Error) -> ClientError {
+    match err.kind() {
+        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => ClientError::TimedOut {
+            path: socket.to_owned(),
+            timeout: deadline.timeout,
+        },
+        _ => ClientError::Io {
+            path: socket.to_owned(),
+            source: err,
+        },
+    }
+}
+
+/// Connects within the deadline. The socket's send timeout bounds the
+/// connect too: Linux waits that long for room in a listener's full
+/// backlog, then fails with EAGAIN. `std` connects before a timeout can
+/// be set, hence the socket made by hand.
+fn connect(socket: &Path, deadline: Deadline) -> Result<UnixStream, ClientError> {
+    let failed = |err: io::Error| failure(socket, deadline, err);
+    let fd = nix::sys::socket::socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(|errno| failed(errno.into()))?;
+    let stream = UnixStream::from(fd);
+    let address = UnixAddr::new(socket).map_err(|errno| failed(errno.into()))?;
+    loop {
+        deadline
+            .left()
+            .and_then(|left| stream.set_write_timeout(left))
+            .map_err(failed)?;
+        match nix::sys::socket::connect(stream.as_raw_fd(), &address) {
+            Ok(()) => return Ok(stream),
+            Err(Errno::EINTR) => continue,
+            Err(Errno::EAGAIN) => return Err(failed(io::ErrorKind::TimedOut.into())),
+            Err(errno) => return Err(not_connected(socket, errno.into())),
+        }
+    }
+}
+
+/// Why a connect failed, in the words an operator acts on.
+fn not_connected(socket: &Path, source: io::Error) -> ClientError {
+    let path = socket.to_owned();
+    match source.kind() {
+        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
+            ClientError::NotRunning { path, source }
+        }
+        io::ErrorKind::PermissionDenied => ClientError::NotPermitted { path, source },
+        _ => ClientError::Io { path, source },
+    }
+}
+
+/// Writes all of `bytes`, each write limited to the time left.
+fn write_all(mut stream: &UnixStream, mut bytes: &[u8], deadline: Deadline) -> io::Result<()> {
+    while !bytes.is_empty() {
+        stream.set_write_timeout(deadline.left()?)?;
+        match stream.write(bytes) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Reads up to the first `\n`, each read limited to the time left; the
+/// line without it, or `None` when the daemon closed first or sent more
+/// than `limit` bytes without one. The line may be a token: it only ever
+/// lives in memory that is wiped, growing by copy rather than by
+/// reallocation, which would leave the old bytes behind.
+fn read_line(
+    mut stream: &UnixStream,
+    deadline: Deadline,
+    limit: u64,
+) -> io::Result<Option<Zeroizing<Vec<u8>>>> {
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    let mut line = Zeroizing::new(Vec::with_capacity(FIRST_READ));
+    loop {
+        if line.len() == line.capacity() {
+            let mut bigger = Zeroizing::new(Vec::with_capacity(line.len().saturating_mul(2)));
+            bigger.extend_from_slice(&line);
+            line = bigger;
+        }
+        let start = line.len();
+        let room = line.capacity();
+        line.resize(room, 0);
+        stream.set_read_timeout(deadline.left()?)?;
+        let read = match stream.read(&mut line[start..]) {
+            Ok(0) => return Ok(None),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
+            Err(e) => return Err(e),
+        };
+        line.truncate(start + read);
+        if let Some(end) = line[start..].iter().position(|&b| b == b'\n') {
+            line.truncate(start + end);
+            return Ok((line.len() <= limit).then_some(line));
+        }
+        if line.len() > limit {
+            return Ok(None);
+        }
+    }
 }

@@ -39,8 +39,9 @@ use crate::transport::{self, Clients};
 /// with large JWTs; anything bigger is a misbehaving server.
 pub const MAX_ANSWER_BYTES: usize = 1 << 20;
 
-/// Longest piece of an issuer's own error text we repeat.
-const MAX_WORDS: usize = 300;
+/// Longest piece of an issuer's own text we repeat, in the log, in
+/// answers and on the terminal (`tokend check --online`).
+pub const MAX_WORDS: usize = 300;
 
 /// A successful token answer.
 #[derive(Debug, Clone, PartialEq)]

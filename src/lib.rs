@@ -14,6 +14,7 @@
 //! - [`cache`]: one token per (key, scope set), each kept fresh by its one owner task; per-key issuer budget.
 //! - [`protocol`]: socket protocol v1, pure encode and decode.
 //! - [`peer`]: the caller's kernel-recorded identity and the allow decision.
+//! - [`printable`]: text others chose, as the log and the terminal show it: no control characters, no line of its own.
 //! - [`service`]: what each request means for this caller.
 //! - [`audit`]: the log of handouts, denials and reloads, and its bound on repeats.
 //! - [`metrics`]: counters and gauges in the Prometheus text format, who may read them, and the HTTP `/metrics` endpoint.
@@ -57,6 +58,7 @@ pub mod issuer;
 pub(crate) mod logging;
 pub(crate) mod metrics;
 pub(crate) mod peer;
+pub mod printable;
 pub mod protocol;
 pub mod report;
 pub mod scope;

@@ -20,9 +20,7 @@ use std::io::Write;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 
-use clap::Parser;
-
-use tokend::cli::{self, Cli};
+use tokend::cli;
 
 /// The program that runs `serve` and `check`.
 const DAEMON: &str = "tokend-daemon";
@@ -44,10 +42,10 @@ pub extern "C" fn main(_argc: libc::c_int, _argv: *const *const libc::c_char) ->
     // preconditions, and no other thread exists yet.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
     let args: Vec<OsString> = std::env::args_os().collect();
-    let socket = std::env::var_os("TOKEND_SOCKET");
+    let socket = std::env::var_os(cli::SOCKET_ENV);
     let command = match cli::quick_get(&args, socket.as_deref()) {
         Some(get) => get,
-        None => Cli::parse_from(&args).command,
+        None => cli::parse(&args, socket.as_deref()).command,
     };
     let code = match cli::run_client(command) {
         Ok(code) => code,

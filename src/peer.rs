@@ -21,6 +21,7 @@ use std::sync::OnceLock;
 use nix::unistd::{Gid, Group, Uid, User};
 
 use crate::config::Acl;
+use crate::printable::shown;
 
 /// A connected caller as the kernel describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,9 +48,11 @@ pub(crate) struct Caller {
 /// be read (the process is gone, or /proc hides it from tokend).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Process {
-    /// The target of `/proc/<pid>/exe`, made safe by [`shown`].
+    /// The target of `/proc/<pid>/exe`, named by whoever named the file,
+    /// made safe by [`shown`].
     pub(crate) exe: String,
-    /// `/proc/<pid>/comm` without its newline, made safe by [`shown`].
+    /// `/proc/<pid>/comm` without its newline, chosen by the process
+    /// itself, made safe by [`shown`].
     pub(crate) comm: String,
 }
 
@@ -103,22 +106,6 @@ fn read_comm(pid: i32) -> io::Result<Vec<u8>> {
     let mut buf = [0u8; 64];
     let n = file.read(&mut buf)?;
     Ok(buf[..n].to_vec())
-}
-
-/// `text` as a log line may show it: control characters (a newline would
-/// forge a line of its own) as `?`, at most `max` characters, and `…` when
-/// cut. Both values are chosen by the caller: `comm` by the process itself,
-/// the path by whoever named the file.
-pub(crate) fn shown(text: &str, max: usize) -> String {
-    let mut out: String = text
-        .chars()
-        .take(max)
-        .map(|c| if c.is_control() { '?' } else { c })
-        .collect();
-    if text.chars().nth(max).is_some() {
-        out.push('…');
-    }
-    out
 }
 
 impl Caller {
@@ -274,15 +261,6 @@ mod tests {
                 .unwrap()
                 .is_some()
         );
-    }
-
-    #[test]
-    fn shown_values_cannot_break_a_line_or_grow_it() {
-        assert_eq!(shown("socat", 16), "socat");
-        assert_eq!(shown("x\nhanded out a", 16), "x?handed out a");
-        assert_eq!(shown("a\u{1b}[31m\r", 16), "a?[31m?");
-        assert_eq!(shown(&"é".repeat(20), 16), format!("{}…", "é".repeat(16)));
-        assert_eq!(shown(&"x".repeat(16), 16), "x".repeat(16));
     }
 
     #[test]

@@ -6,12 +6,14 @@
 //! is the caller's choice: on a terminal, never with `NO_COLOR`, never
 //! when piped. Styles come from `anstyle`, which clap already brings.
 
+use std::borrow::Cow;
 use std::fmt::Write as _;
 use std::time::{Duration, SystemTime};
 
 use anstyle::{AnsiColor, Style};
 use serde::Serialize;
 
+use crate::printable;
 use crate::protocol::{KeyInfo, KeyStatus, SetHealth, SetStatus};
 
 /// One row of `tokend status`, as `--json` prints it. Times are RFC 3339
@@ -152,20 +154,28 @@ pub fn keys_table(keys: &[KeyInfo]) -> String {
 
 /// Left-aligned columns two spaces apart, the last one unpadded.
 /// `style(row, column)` colours a cell without counting its escapes.
+///
+/// Every cell is the daemon's text, and the daemon at `--socket` may be
+/// any program: each is shown as one line without control characters, so
+/// that no cell can command the terminal or start a row of its own.
 fn table<const N: usize>(
     header: &[&str; N],
     rows: &[[String; N]],
     style: impl Fn(usize, usize) -> Option<Style>,
 ) -> String {
+    let rows: Vec<[Cow<'_, str>; N]> = rows
+        .iter()
+        .map(|row| std::array::from_fn(|column| printable::one_line(&row[column])))
+        .collect();
     let mut widths = header.map(|h| h.chars().count());
-    for row in rows {
+    for row in &rows {
         for (width, cell) in widths.iter_mut().zip(row) {
             *width = (*width).max(cell.chars().count());
         }
     }
     let mut out = String::new();
-    let header = header.map(str::to_owned);
-    for (index, row) in std::iter::once(&header).chain(rows).enumerate() {
+    let header = header.map(Cow::Borrowed);
+    for (index, row) in std::iter::once(&header).chain(&rows).enumerate() {
         let mut line = String::new();
         for (column, cell) in row.iter().enumerate() {
             let pad = if column + 1 == N {

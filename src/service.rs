@@ -282,11 +282,7 @@ impl Service {
         let Some(key) = self.config.keys.get(name) else {
             // The name is the caller's, not ours: without control
             // characters (a newline could forge a log line) and bounded.
-            let shown: String = name
-                .chars()
-                .take(64)
-                .map(|c| if c.is_control() { '?' } else { c })
-                .collect();
+            let shown = crate::printable::shown(name, 64);
             self.audit
                 .record(caller, Event::NoSuchKey { shown: &shown });
             return Err(ErrorBody::new(

@@ -1,17 +1,24 @@
 //! The `tokend` command line: `get` and its formats and exit codes,
-//! `check` and its `FILE:LINE:COL: message` errors, `--help`, and the
-//! `socat` one-liner the README promises works without tokend's client.
+//! `check` and its `FILE:LINE:COL: message` errors, `--help`, the
+//! `socat` one-liner the README promises works without tokend's client,
+//! and the client against a daemon that lies or never finishes.
 
 mod support;
 
 use std::os::unix::fs::PermissionsExt;
-use std::process::Command;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use serde_json::{json, Value};
-use support::cli::{check, check_error, run, tokend, Ran};
+use support::cli::{check, check_error, run, terminal_commands, tokend, Ran};
 use support::daemon::{
-    assert_issued, assert_same_token, fingerprint, write_private, Answer, Daemon,
+    assert_issued, assert_same_token, fingerprint, write_private, Answer, Daemon, TOKEND,
+    TOKEND_DAEMON,
 };
+use support::fake_daemon::{FakeDaemon, FullBacklog};
 use support::issuer::{ClientSpec, Dialect, Issuer};
 use support::keys::{secrets, Key};
 
@@ -334,4 +341,198 @@ async fn the_readme_socat_one_liner_gets_a_token() {
     let token = answer["access_token"].as_str().expect("access_token");
     assert_issued(&issuer.issued_tokens(), &[token]);
     daemon.stop_and_check_log(&secrets(&[&issuer], &[SECRET]));
+}
+
+/// A `get` answer as a daemon writes it, with `token` and `token_type`.
+fn token_answer(token: &str, token_type: &str) -> String {
+    json!({
+        "ok": true,
+        "key": "k",
+        "access_token": token,
+        "token_type": token_type,
+        "expires_in": 3600,
+        "expires_at": "2030-01-01T00:00:00Z",
+        "scopes": [],
+    })
+    .to_string()
+}
+
+/// `tokend get --socket` may be pointed at any program: what it prints is
+/// what a shell pastes into a header or a terminal shows, so an answer
+/// that is not visible ASCII where a token is printed (RFC 6749 A.12:
+/// `1*VSCHAR`), or that holds a control character anywhere, is refused
+/// in every format, by both programs, without the token in the message.
+#[tokio::test]
+async fn get_refuses_to_print_control_characters_from_any_daemon() {
+    let hostile = "eyJ.ok\u{1b}]0;pwned\u{7}\u{1b}[2J\r\nX-Injected: yes";
+    let clean = token_answer("eyJ.ok-_~+/=", "Bearer");
+    let cases = [
+        (
+            "ESC, BEL, CR and LF in the token",
+            token_answer(hostile, "Bearer"),
+        ),
+        ("DEL in the token", token_answer("eyJ.ok\u{7f}", "Bearer")),
+        (
+            "a C1 CSI in the token",
+            token_answer("eyJ.ok\u{9b}2J", "Bearer"),
+        ),
+        ("a non-ASCII token", token_answer("eyJ.ok\u{e9}", "Bearer")),
+        ("an empty token", token_answer("", "Bearer")),
+        (
+            "CR LF in the token_type",
+            token_answer("eyJ.ok", "Bearer\r\nX-Injected: yes"),
+        ),
+        (
+            "a raw C1 CSI in the key",
+            clean.replace("\"k\"", "\"k\u{9b}2J\""),
+        ),
+        (
+            "a raw CR between members",
+            clean.replace(",\"key\"", ",\r\"key\""),
+        ),
+    ];
+    for (what, answer) in cases {
+        let fake = FakeDaemon::answering(move |_| answer.clone());
+        for format in ["token", "header", "json"] {
+            for program in [TOKEND, TOKEND_DAEMON] {
+                let mut command = Command::new(program);
+                command
+                    .env_remove("TOKEND_SOCKET")
+                    .args(["get", "k", "--format", format, "--socket"])
+                    .arg(&fake.socket);
+                let ran = run(command, b"").await;
+                let case = format!("{what}, {program} --format {format}");
+                assert_eq!(ran.code, Some(1), "{case}: {ran:?}");
+                assert!(ran.stdout.is_empty(), "{case}: printed {ran:?}");
+                assert!(
+                    ran.stderr.starts_with("tokend: ") && ran.stderr.contains("not printed"),
+                    "{case}: {ran:?}"
+                );
+                assert!(
+                    terminal_commands(&ran.stderr).is_empty()
+                        && !ran.stderr.contains("eyJ")
+                        && !ran.stderr.contains("pwned"),
+                    "{case}: the message repeats the answer: {ran:?}"
+                );
+            }
+        }
+    }
+
+    // The same daemon with a token of visible ASCII is printed as it is.
+    let fake = FakeDaemon::answering(move |_| clean.clone());
+    let mut command = tokend();
+    command
+        .args(["get", "k", "--format", "header", "--socket"])
+        .arg(&fake.socket);
+    let ran = run(command, b"").await;
+    assert_eq!(line(&ran), "Authorization: Bearer eyJ.ok-_~+/=");
+}
+
+/// The client subcommands that talk to a daemon, as argument lists.
+const CLIENT_COMMANDS: [&[&str]; 5] = [
+    &["get", "k"],
+    &["status"],
+    &["keys"],
+    &["reload"],
+    &["metrics"],
+];
+
+/// `--timeout` is a deadline for the whole exchange: a daemon that answers
+/// one byte every half second, never a whole line, does not keep any
+/// client subcommand of either program past it. They exit 3 and say so.
+#[tokio::test]
+async fn the_timeout_is_a_deadline_for_the_whole_exchange() {
+    let fake = FakeDaemon::dripping(Duration::from_millis(500));
+    every_client_command_ends_at_its_timeout(&fake.socket).await;
+}
+
+/// The deadline starts before the connect: a daemon that stopped
+/// accepting, its listen backlog full, does not hold a caller either.
+#[tokio::test]
+async fn the_timeout_bounds_a_connect_to_a_full_backlog() {
+    let full = FullBacklog::start();
+    every_client_command_ends_at_its_timeout(&full.socket).await;
+}
+
+/// Runs every client subcommand of both programs against `socket` with
+/// `--timeout 2s`, all at once, and fails unless each exits 3 saying so
+/// after 2 s and before 4 s.
+async fn every_client_command_ends_at_its_timeout(socket: &Path) {
+    let timeout = Duration::from_secs(2);
+    // Start-up and exit of a process, on a loaded machine.
+    let margin = Duration::from_secs(2);
+    let mut children = Vec::new();
+    for program in [TOKEND, TOKEND_DAEMON] {
+        for args in CLIENT_COMMANDS {
+            let mut command = tokio::process::Command::new(program);
+            command
+                .env_remove("TOKEND_SOCKET")
+                .args(args)
+                .arg("--socket")
+                .arg(socket)
+                .args(["--timeout", "2s"])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .kill_on_drop(true);
+            let started = Instant::now();
+            let child = command.spawn().expect("spawn");
+            children.push((format!("{program} {}", args.join(" ")), started, child));
+        }
+    }
+    for (what, started, child) in children {
+        let out = tokio::time::timeout_at(started + timeout + margin, child.wait_with_output())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "{what} --timeout 2s was still running {:?} after it started",
+                    timeout + margin
+                )
+            })
+            .expect("wait");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            started.elapsed() >= timeout,
+            "{what} gave up early: {stderr}"
+        );
+        assert_eq!(out.status.code(), Some(3), "{what}: {stderr}");
+        assert_eq!(
+            stderr,
+            format!(
+                "tokend: tokend at {} did not answer within 2s\n",
+                socket.display()
+            ),
+            "{what}"
+        );
+        assert!(out.stdout.is_empty(), "{what}");
+    }
+}
+
+/// A timeout of 0 would never wait at all: it is a usage error (exit 2)
+/// in both programs, not an unreachable daemon (exit 3).
+#[tokio::test]
+async fn a_zero_timeout_is_a_usage_error() {
+    let fake = FakeDaemon::answering(|_| token_answer("eyJ.ok", "Bearer"));
+    for program in [TOKEND, TOKEND_DAEMON] {
+        for args in CLIENT_COMMANDS {
+            for zero in ["0s", "0ms"] {
+                let mut command = Command::new(program);
+                command
+                    .env_remove("TOKEND_SOCKET")
+                    .args(args)
+                    .arg("--socket")
+                    .arg(&fake.socket)
+                    .args(["--timeout", zero]);
+                let ran = run(command, b"").await;
+                let what = format!("{program} {} --timeout {zero}", args.join(" "));
+                assert_eq!(ran.code, Some(2), "{what}: {ran:?}");
+                assert!(
+                    ran.stderr.contains(&format!(
+                        "invalid value '{zero}' for '--timeout <DURATION>'"
+                    )),
+                    "{what}: {ran:?}"
+                );
+                assert!(ran.stdout.is_empty(), "{what}: {ran:?}");
+            }
+        }
+    }
 }

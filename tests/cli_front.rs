@@ -267,6 +267,7 @@ async fn tokend_and_tokend_daemon_answer_every_get_alike() {
         (None, format!("get k --socket {s} --format Token")),
         (None, format!("get --socket {s}")),
         (None, format!("get k --socket {s} --timeout soon")),
+        (None, format!("get k --socket {s} --timeout 0s")),
         (None, format!("get k --socket {s} --socket {s}")),
         (None, format!("get k --socket {s} --help")),
         (Some(s.clone()), "get k".to_owned()),
@@ -294,4 +295,38 @@ async fn tokend_and_tokend_daemon_answer_every_get_alike() {
     }
     assert_eq!(issuer.requests().len(), 1, "every get was the cached token");
     daemon.stop_and_check_log(&secrets(&[&issuer], &[SECRET]));
+}
+
+/// An empty `TOKEND_SOCKET` is as good as none: every client subcommand
+/// of both programs, the `get` that `tokend` parses without clap among
+/// them, uses `--socket` or else the default socket, as the README says,
+/// rather than stopping at a usage error.
+#[tokio::test]
+async fn an_empty_tokend_socket_means_the_default_socket() {
+    for program in [TOKEND, TOKEND_DAEMON] {
+        for args in [
+            &["get", "k"][..],
+            &["status"],
+            &["keys"],
+            &["reload"],
+            &["metrics"],
+        ] {
+            let mut ran = Vec::new();
+            for env in [None, Some("")] {
+                let mut command = Command::new(program);
+                command.arg0(TOKEND).args(args);
+                match env {
+                    Some(value) => command.env("TOKEND_SOCKET", value),
+                    None => command.env_remove("TOKEND_SOCKET"),
+                };
+                ran.push(run(command, b"").await);
+            }
+            let what = format!("{program} {}", args.join(" "));
+            assert_ne!(ran[1].code, Some(2), "{what}: {:?}", ran[1]);
+            assert!(
+                comparable(&ran[0]) == comparable(&ran[1]),
+                "{what}: unset, then empty: {ran:?}"
+            );
+        }
+    }
 }

@@ -409,3 +409,49 @@ async fn a_reload_that_changes_the_issuer_drops_the_cached_token() {
     assert!(message.contains("discovery failed"), "{message}");
     daemon.stop_and_check_log(&[PLAIN_SECRET]);
 }
+
+/// `check --online` prints what the document says, and the document is
+/// the issuer's text: its control characters are escaped and its long
+/// values cut, so it can neither command the terminal nor print a line of
+/// its own, such as a forged verdict for a key.
+#[tokio::test]
+async fn check_online_prints_a_hostile_document_escaped_and_cut() {
+    let documents = Documents::start().await;
+    let forged = "key \"k\": ok: tokens come from https://issuer.example/token";
+    let evil = format!("\u{1b}]0;pwned\u{7}\u{1b}[2J\r\n{forged}\u{9b}31m\u{202e}");
+    let origin = documents.origin();
+    documents.serve(
+        "/.well-known/openid-configuration",
+        200,
+        &json!({
+            "issuer": format!("{origin}{evil}"),
+            "token_endpoint": format!("{origin}/token{evil}{}", "x".repeat(5000)),
+            "token_endpoint_auth_methods_supported": [format!("client_secret_basic{evil}")],
+        }),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tokend.toml");
+    let key = issuer_key("k", &origin, LOCAL_ID, LOCAL_SECRET).toml();
+    support::daemon::write_private(&path, &key);
+    let mut command = support::cli::tokend();
+    command.args(["check", "--online", "--config"]).arg(&path);
+    let ran = support::cli::run(command, b"").await;
+    assert_eq!(ran.code, Some(1), "{ran:?}");
+    assert!(
+        ran.stdout.contains("  document issuer: "),
+        "the document was not printed: {ran:?}"
+    );
+    for text in [&ran.stdout, &ran.stderr] {
+        let found = support::cli::terminal_commands(text);
+        assert!(found.is_empty(), "printed {found:?}: {ran:?}");
+        for line in text.lines() {
+            assert!(!line.starts_with("key \"k\": ok"), "a forged line: {ran:?}");
+            assert!(
+                line.chars().count() < 1000,
+                "a line of {} characters",
+                line.chars().count()
+            );
+        }
+    }
+    assert!(!ran.stdout.contains(LOCAL_SECRET) && !ran.stderr.contains(LOCAL_SECRET));
+}

@@ -1,7 +1,8 @@
 //! `tokend status` and `tokend keys` as an operator and a shell user run
 //! them: the real binary against a real daemon whose issuers fail on cue
 //! (the loopback issuer's faults), judged by the table, the `--json` rows
-//! and the exit status a health check reads.
+//! and the exit status a health check reads; and against a stand-in that
+//! lies, whose words must reach the terminal as text.
 
 mod support;
 
@@ -11,8 +12,12 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use support::cli::{as_caller, run, tokend, Ran};
-use support::daemon::{assert_log_clean, test_user, tokend_for_anyone, Daemon, TestUser, PATIENCE};
+use support::cli::{as_caller, run, terminal_commands, tokend, Ran};
+use support::daemon::{
+    assert_log_clean, test_user, tokend_for_anyone, Daemon, TestUser, PATIENCE, TOKEND,
+    TOKEND_DAEMON,
+};
+use support::fake_daemon::FakeDaemon;
 use support::issuer::{ClientSpec, Dialect, Fault, Issuer};
 use support::keys::{secrets, Key};
 
@@ -403,4 +408,78 @@ async fn keys_lists_what_a_caller_may_read_and_status_shows_tokends_own_user_eve
     let ran = as_user(&alice, &["status", "--json"]).await;
     assert_eq!(shown(&ran), ["alices"], "{ran:?}");
     daemon.stop_and_check_log(&secrets(&[&issuer], &[SECRET]));
+}
+
+/// `--socket` may name any program, and what it says reaches a terminal:
+/// every text of a lying daemon's answer (key names, scopes, times, issuer
+/// words, metrics, error messages) is printed with its control characters
+/// escaped, in tables, JSON and messages alike, so it can neither command
+/// the terminal nor start a line that looks like one of tokend's.
+#[tokio::test]
+async fn a_lying_daemon_cannot_command_the_terminal_or_forge_a_row() {
+    const FORGED: &str = "payments  (default)  yes  fresh";
+    let evil = format!("denied\u{1b}]0;pwned\u{7}\u{1b}[2J\r\n{FORGED}\u{9b}31m\u{202e}\u{7f}");
+    let fake = FakeDaemon::answering(move |request| {
+        let evil = evil.as_str();
+        match request["op"].as_str() {
+            Some("status") => json!({"ok": true, "keys": [{
+                "name": format!("k{evil}"),
+                "sets": [{
+                    "scopes": [evil],
+                    "resource": evil,
+                    "state": "failed",
+                    "fetching": false,
+                    "last_refresh": evil,
+                    "last_error": evil,
+                    "last_error_at": evil,
+                    "health": "failing",
+                    "prefetch": true,
+                    "issuer_requests": 1,
+                    "gets": 0,
+                }],
+            }]}),
+            Some("keys") => json!({"ok": true, "keys": [{"name": evil, "scopes": [evil]}]}),
+            Some("metrics") => json!({"ok": true, "text": format!("# HELP x {evil}\nx 1\n")}),
+            _ => json!({"ok": false, "error": {"code": "forbidden", "message": evil}}),
+        }
+        .to_string()
+    });
+    for args in [
+        &["status"][..],
+        &["status", "--json"],
+        &["keys"],
+        &["keys", "--json"],
+        &["metrics"],
+        &["reload"],
+        &["get", "k"],
+    ] {
+        for program in [TOKEND, TOKEND_DAEMON] {
+            let mut command = Command::new(program);
+            command
+                .env_remove("TOKEND_SOCKET")
+                .args(args)
+                .arg("--socket")
+                .arg(&fake.socket);
+            let ran = run(command, b"").await;
+            let what = format!("{program} {}", args.join(" "));
+            assert!(
+                ran.code == Some(1) || ran.code == Some(0),
+                "{what}: {ran:?}"
+            );
+            for text in [&ran.stdout, &ran.stderr] {
+                let found = terminal_commands(text);
+                assert!(found.is_empty(), "{what} printed {found:?}: {ran:?}");
+                // The metrics are the daemon's own lines by design; every
+                // other output's lines are tokend's.
+                if args != ["metrics"] {
+                    assert!(
+                        !text
+                            .lines()
+                            .any(|line| line.trim_start().starts_with(FORGED)),
+                        "{what} printed a forged row: {ran:?}"
+                    );
+                }
+            }
+        }
+    }
 }

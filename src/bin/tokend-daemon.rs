@@ -5,17 +5,18 @@
 //! name services, so this program is dynamically linked, as `tokend` is
 //! not. Run directly, it runs every other subcommand as `tokend` would.
 
+use std::ffi::OsString;
 use std::path::Path;
 use std::process::ExitCode;
 
-use clap::Parser;
-
-use tokend::cli::{self, Cli, DaemonCommand};
+use tokend::cli::{self, DaemonCommand};
 use tokend::config;
-use tokend::issuer::IssuerClient;
+use tokend::issuer::{IssuerClient, MAX_WORDS};
+use tokend::printable;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let args: Vec<OsString> = std::env::args_os().collect();
+    let cli = cli::parse(&args, std::env::var_os(cli::SOCKET_ENV).as_deref());
     match cli::run_client(cli.command) {
         Ok(code) => ExitCode::from(code),
         Err(DaemonCommand::Serve { config }) => serve(&config).unwrap_or_else(|err| {
@@ -92,16 +93,22 @@ fn check_discovery(config: &config::Config) -> ExitCode {
         let document = match found {
             Ok(document) => document,
             Err(why) => {
-                eprintln!("tokend: key {name:?}: discovery failed: {why}");
+                eprintln!(
+                    "tokend: key {name:?}: discovery failed: {}",
+                    printable::one_line(&why)
+                );
                 code = ExitCode::FAILURE;
                 continue;
             }
         };
-        println!("  document issuer: {}", document.issuer);
-        println!("  token_endpoint: {}", document.token_endpoint);
+        println!("  document issuer: {}", issuer_text(&document.issuer));
+        println!(
+            "  token_endpoint: {}",
+            issuer_text(&document.token_endpoint)
+        );
         println!(
             "  token_endpoint_auth_methods_supported: {}",
-            document.methods()
+            issuer_text(&document.methods())
         );
         let method = key.auth.registered_name();
         let listed = if document.supports(key) {
@@ -111,12 +118,24 @@ fn check_discovery(config: &config::Config) -> ExitCode {
         };
         println!("  auth {method}: {listed}");
         match document.token_endpoint_for(key, configured) {
-            Ok(endpoint) => println!("  ok: tokens come from {endpoint}"),
+            Ok(endpoint) => println!("  ok: tokens come from {}", issuer_text(endpoint.as_str())),
             Err(why) => {
-                eprintln!("tokend: key {name:?}: discovery failed: {why}");
+                eprintln!(
+                    "tokend: key {name:?}: discovery failed: {}",
+                    printable::one_line(&why)
+                );
                 code = ExitCode::FAILURE;
             }
         }
     }
     code
+}
+
+/// A value of the issuer's document as the terminal shows it: one line
+/// without control characters, cut where the daemon cuts issuer text, so
+/// a document can neither command the terminal nor print a line of its
+/// own. (Errors are ours and quote the document already cut: they are
+/// only made one line.)
+fn issuer_text(text: &str) -> String {
+    printable::shown(text, MAX_WORDS)
 }

@@ -20,16 +20,34 @@ pub struct Ran {
 }
 
 /// Shows stdout with tokens replaced by fingerprints: `tokend get` prints
-/// tokens, and a failing assertion must not.
+/// tokens, and a failing assertion must not. Control characters are shown
+/// escaped: a test of a lying daemon must not command the terminal of
+/// whoever reads its failure.
 impl fmt::Debug for Ran {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let stdout: String = self.stdout.lines().map(|l| redact_line(l) + "\n").collect();
         write!(
             f,
-            "exit {:?}\n--- stdout ---\n{stdout}--- stderr ---\n{}",
-            self.code, self.stderr
+            "exit {:?}\n--- stdout ---\n{}--- stderr ---\n{}",
+            self.code,
+            escaped(&stdout),
+            escaped(&self.stderr)
         )
     }
+}
+
+/// `text` with each of its [`terminal_commands`] as a `\u{…}` escape.
+fn escaped(text: &str) -> String {
+    let commands = terminal_commands(text);
+    text.chars()
+        .map(|c| {
+            if commands.contains(&c) {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 /// A JSON line with its `access_token`s fingerprinted; any other line with
@@ -145,4 +163,16 @@ pub async fn check_error(
         .unwrap_or_else(|| panic!("stderr is not one {prefix}message line: {ran:?}"));
     assert!(!message.contains('\n'), "{ran:?}");
     message.to_owned()
+}
+
+/// The characters of `text` that a terminal could act on or that start a
+/// line the program did not write: C0 and C1 controls but `\n`, DEL, and
+/// Unicode's bidirectional and line-separating format characters.
+pub fn terminal_commands(text: &str) -> Vec<char> {
+    text.chars()
+        .filter(|&c| {
+            (c.is_control() && c != '\n')
+                || matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+        })
+        .collect()
 }

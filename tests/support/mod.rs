@@ -1,11 +1,12 @@
 //! Test support: the loopback issuer (over TLS with a test CA too), the
 //! oidc-provider server, the daemon harness (plain or as systemd runs it,
-//! with systemd's stand-ins), the key builder, a CONNECT proxy, and
-//! containers booting a real systemd.
+//! with systemd's stand-ins), a stand-in daemon that lies to the CLI, the
+//! key builder, a CONNECT proxy, and containers booting a real systemd.
 #![allow(dead_code, unreachable_pub)]
 
 pub mod cli;
 pub mod daemon;
+pub mod fake_daemon;
 pub mod foreign;
 pub mod issuer;
 pub mod keys;
