@@ -39,7 +39,7 @@ use crate::transport::{self, Clients};
 /// with large JWTs; anything bigger is a misbehaving server.
 pub const MAX_ANSWER_BYTES: usize = 1 << 20;
 
-/// Longest piece of an issuer's own error text we repeat.
+/// Longest piece of an issuer's or a discovery document's text we repeat.
 const MAX_WORDS: usize = 300;
 
 /// A successful token answer.
@@ -220,7 +220,7 @@ impl IssuerClient {
         resource: Option<&str>,
     ) -> Result<Grant, IssuerError> {
         let configured = |kind| IssuerError {
-            url: key.endpoint.configured().to_owned(),
+            url: printable(key.endpoint.configured()),
             kind,
             retry_after: None,
         };
@@ -232,8 +232,10 @@ impl IssuerClient {
             .token_endpoint(key, self.http.get(key))
             .await
             .map_err(configured)?;
+        // A discovered endpoint is the document's text, as long as it was.
+        let shown_url = printable(token_url.as_str());
         let fail = |kind| IssuerError {
-            url: token_url.to_string(),
+            url: shown_url.clone(),
             kind,
             retry_after: None,
         };
@@ -260,7 +262,7 @@ impl IssuerClient {
             scrubber.add_assertion(jws);
         }
         parse_answer(status, content_type(&headers), &body, &scrubber).map_err(|kind| IssuerError {
-            url: token_url.to_string(),
+            url: shown_url.clone(),
             kind,
             retry_after: retry_after(status, &headers),
         })
@@ -492,8 +494,10 @@ impl Scrubber {
 /// 111)" tells an operator more than "error sending request". A failed TLS
 /// handshake is told apart: it needs a different fix.
 fn transport(err: reqwest::Error, key: &KeyConfig) -> FailureKind {
+    // The HTTP stack's words may name the endpoint's host, which for a
+    // discovered endpoint is the document's text: bounded like it.
     if let Some(problem) = transport::tls_failure(&err) {
-        return FailureKind::Tls(problem);
+        return FailureKind::Tls(printable(&problem));
     }
     // Some servers (node's among them) check a client certificate after
     // the handshake and, refusing it, drop the connection without an
@@ -509,7 +513,7 @@ fn transport(err: reqwest::Error, key: &KeyConfig) -> FailureKind {
     while let Some(next) = cause.source() {
         cause = next;
     }
-    FailureKind::Transport(cause.to_string())
+    FailureKind::Transport(printable(&cause.to_string()))
 }
 
 fn content_type(headers: &HeaderMap) -> &str {
@@ -728,6 +732,23 @@ fn grant_from(status: u16, answer: RawAnswer, scrubber: &Scrubber) -> Result<Gra
     })
 }
 
+/// Issuer or discovery-document text as tokend repeats it in answers,
+/// `status` and the log: one line, each control character a space (no
+/// terminal escape or forged line gets through), at most [`MAX_WORDS`]
+/// characters and an ellipsis when cut. Text that can hold a secret goes
+/// through a [`Scrubber`] first.
+pub fn printable(text: &str) -> String {
+    let mut out: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(MAX_WORDS)
+        .collect();
+    if text.chars().nth(MAX_WORDS).is_some() {
+        out.push('…');
+    }
+    out
+}
+
 /// `expires_in` as a number or a numeric string. Fractions are rounded
 /// down; zero or less is refused (a token born expired is of no use).
 fn lifetime(value: &Value) -> Option<Duration> {
@@ -887,6 +908,16 @@ mod tests {
         };
         assert!(!words.contains('\n'));
         assert!(words.chars().count() <= MAX_WORDS + 1);
+    }
+
+    #[test]
+    fn printable_text_is_one_bounded_line() {
+        assert_eq!(printable("a\u{1b}[2J\r\nb\u{85}c"), "a [2J  b c");
+        let long = "é".repeat(MAX_WORDS + 1);
+        let shown = printable(&long);
+        assert_eq!(shown.chars().count(), MAX_WORDS + 1);
+        assert!(shown.ends_with('…'));
+        assert_eq!(printable(&"é".repeat(MAX_WORDS)), "é".repeat(MAX_WORDS));
     }
 
     fn key_with(id: &str, secret: &str) -> KeyConfig {
