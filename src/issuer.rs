@@ -629,6 +629,9 @@ pub fn parse_answer(
     let parsed = is_object
         .then(|| serde_json::from_slice::<RawAnswer>(body).ok())
         .flatten();
+    if matches!(status, 401 | 403) {
+        return Err(rejected(status, parsed.as_ref(), body, scrubber));
+    }
     let Some(answer) = parsed else {
         return Err(if (200..300).contains(&status) {
             FailureKind::Malformed {
@@ -656,6 +659,28 @@ pub fn parse_answer(
         });
     }
     grant_from(status, answer, scrubber)
+}
+
+/// A 401 or 403 from the token endpoint: rejected credentials whatever the
+/// body's shape. Real issuers answer a wrong secret with a JSON error, an
+/// HTML page, or a bare status with no body at all; each must pause the
+/// key, and each says what it can: the error's words, else the body's,
+/// else the status's reason.
+fn rejected(
+    status: u16,
+    answer: Option<&RawAnswer>,
+    body: &[u8],
+    scrubber: &Scrubber,
+) -> FailureKind {
+    if let Some(failure) = answer.and_then(|answer| error_in(status, answer, scrubber)) {
+        return failure;
+    }
+    let text = String::from_utf8_lossy(body);
+    let words = match text.trim() {
+        "" => reason(status).to_owned(),
+        words => scrubber.sanitize(words),
+    };
+    FailureKind::Denied { status, words }
 }
 
 /// The failure an answer describes, in any of the shapes issuers use. A 200
@@ -908,6 +933,61 @@ mod tests {
         };
         assert!(!words.contains('\n'));
         assert!(words.chars().count() <= MAX_WORDS + 1);
+    }
+
+    #[test]
+    fn any_401_or_403_is_rejected_credentials() {
+        let denied = |status, content_type, body: &[u8]| match parse_answer(
+            status,
+            content_type,
+            body,
+            &Scrubber::none(),
+        ) {
+            Err(FailureKind::Denied { status: s, words }) if s == status => words,
+            other => panic!("{status} {body:?}: {other:?}"),
+        };
+        // Bare, as a real issuer answers a wrong secret.
+        assert_eq!(denied(403, "no content type", b""), "Forbidden");
+        assert_eq!(denied(401, "text/plain", b" \n"), "Unauthorized");
+        // A page or a JSON object without an error member: its words.
+        assert_eq!(
+            denied(401, "text/html", b"<p>bad\x1b[2J client</p>"),
+            "<p>bad [2J client</p>"
+        );
+        assert_eq!(
+            denied(403, JSON, br#"{"message":"Forbidden"}"#),
+            r#"{"message":"Forbidden"}"#
+        );
+        // Not UTF-8: what can be read of it.
+        assert!(denied(403, "text/plain", b"no \xff way").starts_with("no "));
+        // A JSON error keeps its own words.
+        assert_eq!(
+            denied(403, JSON, br#"{"error":"invalid_client"}"#),
+            "invalid_client"
+        );
+        // Long bodies are cut like any issuer text.
+        let long = "x".repeat(5000);
+        assert!(denied(401, "text/plain", long.as_bytes()).chars().count() <= MAX_WORDS + 1);
+        // Other statuses keep their shapes.
+        assert!(matches!(
+            parse_answer(400, "no content type", b"", &Scrubber::none()),
+            Err(FailureKind::Http { .. })
+        ));
+    }
+
+    #[test]
+    fn a_bare_403_never_repeats_the_secret() {
+        let key = key_with("id", "echoed-secret-123");
+        let shown = parse_answer(
+            403,
+            "text/plain",
+            b"you sent echoed-secret-123",
+            &Scrubber::for_key(&key),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(!shown.contains("echoed-secret-123"), "{shown}");
+        assert!(shown.contains("you sent [redacted]"), "{shown}");
     }
 
     #[test]
