@@ -725,16 +725,25 @@ fn grant_from(status: u16, answer: RawAnswer, scrubber: &Scrubber) -> Result<Gra
         status,
         problem: problem.to_owned(),
     };
+    // Whatever is wrong with a token, the message never repeats it.
     let access_token = match answer.access_token {
-        Some(TokenField::Text(token)) if !token.expose().is_empty() => token,
-        Some(_) => return Err(malformed("access_token is not a non-empty string")),
+        Some(TokenField::Text(token)) if is_access_token(token.expose()) => token,
+        Some(_) => {
+            return Err(malformed(
+                "access_token is not a non-empty string of visible ASCII (RFC 6749 A.12)",
+            ))
+        }
         None => return Err(malformed("no access_token")),
     };
     let token_type = match &answer.token_type {
         Some(Value::String(t)) if t.eq_ignore_ascii_case("bearer") => Cow::Borrowed("Bearer"),
-        Some(Value::String(t)) if !t.is_empty() => Cow::Owned(scrubber.sanitize(t)),
+        Some(Value::String(t)) if is_token_type(t) => Cow::Owned(scrubber.sanitize(t)),
         None => Cow::Borrowed("Bearer"),
-        Some(_) => return Err(malformed("token_type is not a string")),
+        Some(_) => {
+            return Err(malformed(
+                "token_type is not one word of visible ASCII (RFC 6749 A.13)",
+            ))
+        }
     };
     let expires_in = match &answer.expires_in {
         None | Some(Value::Null) => None,
@@ -744,7 +753,12 @@ fn grant_from(status: u16, answer: RawAnswer, scrubber: &Scrubber) -> Result<Gra
         ),
     };
     let scope = match &answer.scope {
-        // Granted scopes reach callers too: scrubbed like any issuer text.
+        // Granted scopes reach callers and the log as they are: a control
+        // character in one would reach a terminal that prints them.
+        Some(Value::String(s)) if s.chars().any(char::is_control) => {
+            return Err(malformed("scope holds a control character"))
+        }
+        // Scrubbed like any issuer text.
         Some(Value::String(s)) => Some(ScopeSet::from_granted(&scrubber.scrub(s))),
         Some(Value::Null) | None => None,
         Some(_) => return Err(malformed("scope is not a string")),
@@ -755,6 +769,18 @@ fn grant_from(status: u16, answer: RawAnswer, scrubber: &Scrubber) -> Result<Gra
         expires_in,
         scope,
     })
+}
+
+/// RFC 6749 A.12: `access-token = 1*VSCHAR`, 0x20 to 0x7E. Anything else
+/// (ESC, CR, LF) would reach a header or a terminal as a command.
+fn is_access_token(token: &str) -> bool {
+    !token.is_empty() && token.bytes().all(|b| (0x20..=0x7e).contains(&b))
+}
+
+/// RFC 6749 A.13: a type name or a URI, both visible ASCII without spaces.
+/// One too long to repeat whole is no type a caller could use.
+fn is_token_type(token_type: &str) -> bool {
+    (1..=MAX_WORDS).contains(&token_type.len()) && token_type.bytes().all(|b| b.is_ascii_graphic())
 }
 
 /// Issuer or discovery-document text as tokend repeats it in answers,
@@ -988,6 +1014,58 @@ mod tests {
         .to_string();
         assert!(!shown.contains("echoed-secret-123"), "{shown}");
         assert!(shown.contains("you sent [redacted]"), "{shown}");
+    }
+
+    #[test]
+    fn tokens_and_token_types_are_visible_ascii() {
+        let answer = |token: &str, token_type: &str| {
+            let body = serde_json::json!({"access_token": token, "token_type": token_type});
+            parse_answer(200, JSON, body.to_string().as_bytes(), &Scrubber::none())
+        };
+        for bad in [
+            "",
+            "eyJ.ok\u{1b}]0;x\u{7}",
+            "a\r\nX-Injected: yes",
+            "t\u{7f}",
+            "tök",
+        ] {
+            let Err(FailureKind::Malformed { problem, .. }) = answer(bad, "Bearer") else {
+                panic!("token {bad:?} was taken");
+            };
+            assert!(problem.contains("access_token"), "{problem}");
+            assert!(bad.is_empty() || !problem.contains(bad), "{problem}");
+        }
+        // A.12 allows the space and every visible character.
+        let grant = answer("a b~!\"#", "Bearer").unwrap();
+        assert_eq!(grant.access_token.expose(), "a b~!\"#");
+        for bad in ["Bearer\r\nX: y", "two words", "é", ""] {
+            assert!(
+                matches!(answer("t", bad), Err(FailureKind::Malformed { .. })),
+                "token_type {bad:?} was taken"
+            );
+        }
+        let too_long = "N".repeat(MAX_WORDS + 1);
+        assert!(matches!(
+            answer("t", &too_long),
+            Err(FailureKind::Malformed { .. })
+        ));
+        let grant = answer("t", "urn:ietf:params:oauth:token-type:jwt").unwrap();
+        assert_eq!(grant.token_type, "urn:ietf:params:oauth:token-type:jwt");
+    }
+
+    #[test]
+    fn a_granted_scope_with_a_control_character_is_refused() {
+        let body = br#"{"access_token":"t","scope":"gateway \u001b]0;x\u0007"}"#;
+        let Err(FailureKind::Malformed { problem, .. }) =
+            parse_answer(200, JSON, body, &Scrubber::none())
+        else {
+            panic!("taken");
+        };
+        assert_eq!(problem, "scope holds a control character");
+        // Odd but printable scopes are reported as granted.
+        let body = r#"{"access_token":"t","scope":"gateway vault:é"}"#;
+        let grant = parse_answer(200, JSON, body.as_bytes(), &Scrubber::none()).unwrap();
+        assert_eq!(grant.scope.unwrap().joined(), "gateway vault:é");
     }
 
     #[test]
