@@ -83,6 +83,12 @@ pub enum FailureKind {
     },
     #[error("the issuer's answer is not a usable token answer (HTTP {status}): {problem}")]
     Malformed { status: u16, problem: String },
+    /// The issuer granted scopes the key's `scopes` list does not allow;
+    /// the token is dropped, never handed out.
+    #[error(
+        "the issuer granted scopes the key does not allow ({extra}); its token is not handed out"
+    )]
+    TooWide { status: u16, extra: String },
     #[error("the issuer's answer is larger than {} bytes", MAX_ANSWER_BYTES)]
     TooLarge,
     #[error("no answer from the issuer within {}", humantime::format_duration(*.0))]
@@ -112,6 +118,7 @@ impl IssuerError {
             FailureKind::Refused { status, .. }
             | FailureKind::Http { status, .. }
             | FailureKind::Malformed { status, .. } => format!("{status} from issuer"),
+            FailureKind::TooWide { .. } => "grant too wide".to_owned(),
             FailureKind::TooLarge => "oversized answer".to_owned(),
             FailureKind::Timeout(_) => "issuer timed out".to_owned(),
             FailureKind::Transport(_) => "issuer unreachable".to_owned(),
@@ -128,7 +135,8 @@ impl IssuerError {
             FailureKind::Denied { status, .. }
             | FailureKind::Refused { status, .. }
             | FailureKind::Http { status, .. }
-            | FailureKind::Malformed { status, .. } => Some(*status),
+            | FailureKind::Malformed { status, .. }
+            | FailureKind::TooWide { status, .. } => Some(*status),
             FailureKind::TooLarge
             | FailureKind::Timeout(_)
             | FailureKind::Transport(_)
@@ -261,11 +269,18 @@ impl IssuerClient {
         if let Some(jws) = &assertion {
             scrubber.add_assertion(jws);
         }
-        parse_answer(status, content_type(&headers), &body, &scrubber).map_err(|kind| IssuerError {
-            url: shown_url.clone(),
-            kind,
-            retry_after: retry_after(status, &headers),
-        })
+        let grant =
+            parse_answer(status, content_type(&headers), &body, &scrubber).map_err(|kind| {
+                IssuerError {
+                    url: shown_url.clone(),
+                    kind,
+                    retry_after: retry_after(status, &headers),
+                }
+            })?;
+        match wider_than_allowed(key, status, &grant) {
+            Some(kind) => Err(fail(kind)),
+            None => Ok(grant),
+        }
     }
 
     async fn exchange(
@@ -783,6 +798,43 @@ fn is_token_type(token_type: &str) -> bool {
     (1..=MAX_WORDS).contains(&token_type.len()) && token_type.bytes().all(|b| b.is_ascii_graphic())
 }
 
+/// Why `grant` may not be handed out for `key`: it names scopes outside
+/// the key's `scopes` list. A key without a list leaves the set to the
+/// issuer (callers may only ask for its default one), so any grant fits
+/// it; so does a grant that does not say its scope.
+fn wider_than_allowed(key: &KeyConfig, status: u16, grant: &Grant) -> Option<FailureKind> {
+    let (Some(allowed), Some(granted)) = (&key.scopes, &grant.scope) else {
+        return None;
+    };
+    let extra = granted.outside(allowed);
+    (!extra.is_empty()).then(|| FailureKind::TooWide {
+        status,
+        extra: listed(&extra),
+    })
+}
+
+/// `scopes` space-separated, as many whole ones as fit in [`MAX_WORDS`]
+/// and a count of the rest: an issuer may grant thousands.
+fn listed(scopes: &[&str]) -> String {
+    let mut out = String::new();
+    let mut shown = 0;
+    for scope in scopes {
+        if !out.is_empty() && out.len() + 1 + scope.len() > MAX_WORDS {
+            break;
+        }
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        // A first scope too long to show whole is cut.
+        out.push_str(&printable(scope));
+        shown += 1;
+    }
+    if shown < scopes.len() {
+        out.push_str(&format!(" and {} more", scopes.len() - shown));
+    }
+    out
+}
+
 /// Issuer or discovery-document text as tokend repeats it in answers,
 /// `status` and the log: one line, each control character a space (no
 /// terminal escape or forged line gets through), at most [`MAX_WORDS`]
@@ -1066,6 +1118,61 @@ mod tests {
         let body = r#"{"access_token":"t","scope":"gateway vault:é"}"#;
         let grant = parse_answer(200, JSON, body.as_bytes(), &Scrubber::none()).unwrap();
         assert_eq!(grant.scope.unwrap().joined(), "gateway vault:é");
+    }
+
+    fn grant_of(scope: Option<&str>) -> Grant {
+        Grant {
+            access_token: AccessToken::new("t".to_owned()),
+            token_type: Cow::Borrowed("Bearer"),
+            expires_in: None,
+            scope: scope.map(ScopeSet::from_granted),
+        }
+    }
+
+    #[test]
+    fn a_grant_must_fit_the_keys_scopes() {
+        let mut key = key_with("id", "s");
+        // No list: the issuer's default set is whatever it grants.
+        assert_eq!(wider_than_allowed(&key, 200, &grant_of(Some("a b"))), None);
+        key.scopes = Some(ScopeSet::new(["gateway", "vault"]).unwrap());
+        for fits in [None, Some("gateway"), Some("vault gateway"), Some("")] {
+            assert_eq!(
+                wider_than_allowed(&key, 200, &grant_of(fits)),
+                None,
+                "{fits:?}"
+            );
+        }
+        let wide = wider_than_allowed(&key, 200, &grant_of(Some("fx gateway zz")));
+        assert_eq!(
+            wide,
+            Some(FailureKind::TooWide {
+                status: 200,
+                extra: "fx zz".into()
+            })
+        );
+        assert_eq!(
+            wide.unwrap().to_string(),
+            "the issuer granted scopes the key does not allow (fx zz); its token is not handed out"
+        );
+    }
+
+    #[test]
+    fn extra_scopes_are_listed_within_the_limit() {
+        let many: Vec<String> = (0..10_000).map(|i| format!("scope{i:05}")).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        let shown = listed(&many);
+        assert!(shown.len() <= MAX_WORDS + 20, "{} bytes", shown.len());
+        assert!(shown.starts_with("scope00000 scope00001 "), "{shown}");
+        let whole = shown.split(' ').filter(|s| s.starts_with("scope")).count();
+        assert!(
+            shown.ends_with(&format!(" and {} more", 10_000 - whole)),
+            "{shown}"
+        );
+        let huge = "x".repeat(10_000);
+        let shown = listed(&[&huge, "b"]);
+        assert!(shown.chars().count() <= MAX_WORDS + 20, "{shown}");
+        assert!(shown.ends_with("… and 1 more"), "{shown}");
+        assert_eq!(listed(&["a", "b"]), "a b");
     }
 
     #[test]

@@ -467,13 +467,16 @@ async fn a_grant_wider_than_the_keys_scopes_is_not_handed_out() {
         "scope".into(),
         json!("fx gateway vault"),
     )])));
-    let restricted = "scopes = [\"gateway\"]\nprefetch = [[\"gateway\"]]\nmax_backoff = \"2s\"";
+    let restricted = "scopes = [\"gateway\"]\nprefetch = [[\"gateway\"]]\nmax_backoff = \"1s\"";
     let open = Key::new("open")
         .issuer(&issuer, Dialect::Checkout)
         .client(CK_ID, CK_SECRET)
         .allow_uids(&[0])
         .toml();
-    let daemon = Daemon::start("", &(checkout_key(&issuer, restricted) + &open));
+    let daemon = Daemon::start(
+        "metrics_allow_uids = [0]",
+        &(checkout_key(&issuer, restricted) + &open),
+    );
     issuer.wait_for_requests(1, PATIENCE).await;
 
     let answer = daemon.call(get("payments")).await;
@@ -501,13 +504,19 @@ async fn a_grant_wider_than_the_keys_scopes_is_not_handed_out() {
     let ran = support::cli::run(status, b"").await;
     assert_eq!(ran.code, Some(1), "a failing prefetch set: {ran:?}");
     assert!(ran.stdout.contains("(fx vault)"), "{ran:?}");
+    let metrics = daemon.call(json!({"op":"metrics"})).await;
+    let text = metrics["text"].as_str().expect("metrics text");
+    assert!(
+        text.contains(r#"tokend_issuer_requests_total{key="payments",outcome="too_wide"}"#),
+        "{text}"
+    );
 
-    // The prefetch set retries on its own, one backoff step later (half
-    // to all of max_backoff), and again until the issuer grants only
-    // what the key allows.
+    // The prefetch set retries on its own, one backoff step later (the
+    // first is half to all of a second), and again until the issuer
+    // grants only what the key allows.
     let seen = issuer.wait_for_requests(2, PATIENCE).await;
     let gap = seen[1].at.duration_since(seen[0].at);
-    assert!(gap >= Duration::from_secs(1), "retried after {gap:?}");
+    assert!(gap >= Duration::from_millis(500), "retried after {gap:?}");
     issuer.set_fault(None);
     issuer.wait_for_requests(3, PATIENCE).await;
     let answer = daemon.call(get("payments")).await;
