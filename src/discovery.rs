@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use url::Url;
 
 use crate::config::{Endpoint, IssuerId, KeyConfig};
-use crate::issuer::FailureKind;
+use crate::issuer::{printable, FailureKind};
 
 /// How long a discovered token endpoint is used before the document is
 /// read again: issuers move endpoints rarely, and the issue asks for at
@@ -59,7 +59,9 @@ pub fn well_known_urls(issuer: &IssuerId) -> [Url; 2] {
 
 /// Reads a document's bytes.
 pub fn parse(body: &[u8]) -> Result<Document, String> {
-    serde_json::from_slice(body).map_err(|e| format!("not a discovery document: {e}"))
+    // serde's words quote the member that did not fit, however long.
+    serde_json::from_slice(body)
+        .map_err(|e| format!("not a discovery document: {}", printable(&e.to_string())))
 }
 
 impl Document {
@@ -70,14 +72,14 @@ impl Document {
             return Err(format!(
                 "the document's issuer {:?} is not the configured issuer {:?} (they must be \
                  equal as strings; fix issuer in the key)",
-                cut(&self.issuer),
+                printable(&self.issuer),
                 issuer.as_str()
             ));
         }
         let endpoint = Url::parse(&self.token_endpoint).map_err(|e| {
             format!(
                 "token_endpoint {:?} is not a URL: {e}",
-                cut(&self.token_endpoint)
+                printable(&self.token_endpoint)
             )
         })?;
         // The secret goes wherever the document says: only over TLS, or
@@ -90,7 +92,7 @@ impl Document {
         if !allowed {
             return Err(format!(
                 "token_endpoint {:?} does not use https",
-                cut(&self.token_endpoint)
+                printable(&self.token_endpoint)
             ));
         }
         if !self.supports(key) {
@@ -114,25 +116,15 @@ impl Document {
             })
     }
 
-    /// The listed methods for a message, or "(not listed)".
+    /// The listed methods for a message, or "(not listed)": the list as a
+    /// whole is bounded like any issuer text, since a document may list
+    /// thousands.
     pub fn methods(&self) -> String {
         match &self.token_endpoint_auth_methods_supported {
-            Some(methods) => methods
-                .iter()
-                .map(|m| cut(m))
-                .collect::<Vec<_>>()
-                .join(", "),
+            Some(methods) => printable(&methods.join(", ")),
             None => "(not listed)".to_owned(),
         }
     }
-}
-
-/// Issuer text as we repeat it: printable and bounded.
-fn cut(text: &str) -> String {
-    text.chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .take(200)
-        .collect()
 }
 
 fn is_loopback(url: &Url) -> bool {
@@ -292,7 +284,7 @@ async fn discover(
     tracing::info!(
         key = %key.name,
         issuer = issuer.as_str(),
-        token_endpoint = %endpoint,
+        token_endpoint = printable(endpoint.as_str()),
         "discovered the token endpoint"
     );
     Ok(endpoint)
@@ -383,6 +375,44 @@ mod tests {
         assert!(unlisted.token_endpoint_for(&k, &issuer).is_ok());
         assert!(parse(b"<html>").is_err());
         assert!(parse(br#"{"issuer":"x"}"#).is_err());
+    }
+
+    #[test]
+    fn document_text_in_messages_is_bounded_and_printable() {
+        let k = key(&format!("{KEY}issuer = \"https://a.example\"\n"));
+        let issuer = issuer_of(&k);
+        let method = format!("{}\u{1b}[2J", "m".repeat(200));
+        let listed = Document {
+            issuer: "https://a.example".into(),
+            token_endpoint: "https://a.example/t".into(),
+            token_endpoint_auth_methods_supported: Some(vec![method; 1200]),
+        };
+        let e = listed.token_endpoint_for(&k, &issuer).unwrap_err();
+        assert!(e.len() < 1024, "{} bytes", e.len());
+        assert!(!e.chars().any(char::is_control), "{e:?}");
+        for long in [
+            Document {
+                issuer: "x".repeat(250_000),
+                ..listed.clone()
+            },
+            Document {
+                token_endpoint: "y".repeat(250_000),
+                ..listed.clone()
+            },
+            Document {
+                token_endpoint: format!("http://a.example/{}", "z".repeat(250_000)),
+                ..listed
+            },
+        ] {
+            let e = long.token_endpoint_for(&k, &issuer).unwrap_err();
+            assert!(e.len() < 1024, "{} bytes", e.len());
+        }
+        let body = format!(
+            r#"{{"issuer":"i","token_endpoint":"t","token_endpoint_auth_methods_supported":"{}"}}"#,
+            "w".repeat(250_000)
+        );
+        let e = parse(body.as_bytes()).unwrap_err();
+        assert!(e.len() < 1024, "{} bytes", e.len());
     }
 
     #[test]

@@ -39,8 +39,8 @@ use crate::transport::{self, Clients};
 /// with large JWTs; anything bigger is a misbehaving server.
 pub const MAX_ANSWER_BYTES: usize = 1 << 20;
 
-/// Longest piece of an issuer's own text we repeat, in the log, in
-/// answers and on the terminal (`tokend check --online`).
+/// Longest piece of an issuer's or a discovery document's text we repeat,
+/// in the log, in answers and on the terminal (`tokend check --online`).
 pub const MAX_WORDS: usize = 300;
 
 /// A successful token answer.
@@ -84,6 +84,12 @@ pub enum FailureKind {
     },
     #[error("the issuer's answer is not a usable token answer (HTTP {status}): {problem}")]
     Malformed { status: u16, problem: String },
+    /// The issuer granted scopes the key's `scopes` list does not allow;
+    /// the token is dropped, never handed out.
+    #[error(
+        "the issuer granted scopes the key does not allow ({extra}); its token is not handed out"
+    )]
+    TooWide { status: u16, extra: String },
     #[error("the issuer's answer is larger than {} bytes", MAX_ANSWER_BYTES)]
     TooLarge,
     #[error("no answer from the issuer within {}", humantime::format_duration(*.0))]
@@ -113,6 +119,7 @@ impl IssuerError {
             FailureKind::Refused { status, .. }
             | FailureKind::Http { status, .. }
             | FailureKind::Malformed { status, .. } => format!("{status} from issuer"),
+            FailureKind::TooWide { .. } => "grant too wide".to_owned(),
             FailureKind::TooLarge => "oversized answer".to_owned(),
             FailureKind::Timeout(_) => "issuer timed out".to_owned(),
             FailureKind::Transport(_) => "issuer unreachable".to_owned(),
@@ -129,7 +136,8 @@ impl IssuerError {
             FailureKind::Denied { status, .. }
             | FailureKind::Refused { status, .. }
             | FailureKind::Http { status, .. }
-            | FailureKind::Malformed { status, .. } => Some(*status),
+            | FailureKind::Malformed { status, .. }
+            | FailureKind::TooWide { status, .. } => Some(*status),
             FailureKind::TooLarge
             | FailureKind::Timeout(_)
             | FailureKind::Transport(_)
@@ -221,7 +229,7 @@ impl IssuerClient {
         resource: Option<&str>,
     ) -> Result<Grant, IssuerError> {
         let configured = |kind| IssuerError {
-            url: key.endpoint.configured().to_owned(),
+            url: printable(key.endpoint.configured()),
             kind,
             retry_after: None,
         };
@@ -233,8 +241,10 @@ impl IssuerClient {
             .token_endpoint(key, self.http.get(key))
             .await
             .map_err(configured)?;
+        // A discovered endpoint is the document's text, as long as it was.
+        let shown_url = printable(token_url.as_str());
         let fail = |kind| IssuerError {
-            url: token_url.to_string(),
+            url: shown_url.clone(),
             kind,
             retry_after: None,
         };
@@ -260,11 +270,18 @@ impl IssuerClient {
         if let Some(jws) = &assertion {
             scrubber.add_assertion(jws);
         }
-        parse_answer(status, content_type(&headers), &body, &scrubber).map_err(|kind| IssuerError {
-            url: token_url.to_string(),
-            kind,
-            retry_after: retry_after(status, &headers),
-        })
+        let grant =
+            parse_answer(status, content_type(&headers), &body, &scrubber).map_err(|kind| {
+                IssuerError {
+                    url: shown_url.clone(),
+                    kind,
+                    retry_after: retry_after(status, &headers),
+                }
+            })?;
+        match wider_than_allowed(key, status, &grant) {
+            Some(kind) => Err(fail(kind)),
+            None => Ok(grant),
+        }
     }
 
     async fn exchange(
@@ -493,8 +510,10 @@ impl Scrubber {
 /// 111)" tells an operator more than "error sending request". A failed TLS
 /// handshake is told apart: it needs a different fix.
 fn transport(err: reqwest::Error, key: &KeyConfig) -> FailureKind {
+    // The HTTP stack's words may name the endpoint's host, which for a
+    // discovered endpoint is the document's text: bounded like it.
     if let Some(problem) = transport::tls_failure(&err) {
-        return FailureKind::Tls(problem);
+        return FailureKind::Tls(printable(&problem));
     }
     // Some servers (node's among them) check a client certificate after
     // the handshake and, refusing it, drop the connection without an
@@ -510,7 +529,7 @@ fn transport(err: reqwest::Error, key: &KeyConfig) -> FailureKind {
     while let Some(next) = cause.source() {
         cause = next;
     }
-    FailureKind::Transport(cause.to_string())
+    FailureKind::Transport(printable(&cause.to_string()))
 }
 
 fn content_type(headers: &HeaderMap) -> &str {
@@ -626,6 +645,9 @@ pub fn parse_answer(
     let parsed = is_object
         .then(|| serde_json::from_slice::<RawAnswer>(body).ok())
         .flatten();
+    if matches!(status, 401 | 403) {
+        return Err(rejected(status, parsed.as_ref(), body, scrubber));
+    }
     let Some(answer) = parsed else {
         return Err(if (200..300).contains(&status) {
             FailureKind::Malformed {
@@ -653,6 +675,28 @@ pub fn parse_answer(
         });
     }
     grant_from(status, answer, scrubber)
+}
+
+/// A 401 or 403 from the token endpoint: rejected credentials whatever the
+/// body's shape. Real issuers answer a wrong secret with a JSON error, an
+/// HTML page, or a bare status with no body at all; each must pause the
+/// key, and each says what it can: the error's words, else the body's,
+/// else the status's reason.
+fn rejected(
+    status: u16,
+    answer: Option<&RawAnswer>,
+    body: &[u8],
+    scrubber: &Scrubber,
+) -> FailureKind {
+    if let Some(failure) = answer.and_then(|answer| error_in(status, answer, scrubber)) {
+        return failure;
+    }
+    let text = String::from_utf8_lossy(body);
+    let words = match text.trim() {
+        "" => reason(status).to_owned(),
+        words => scrubber.sanitize(words),
+    };
+    FailureKind::Denied { status, words }
 }
 
 /// The failure an answer describes, in any of the shapes issuers use. A 200
@@ -697,16 +741,25 @@ fn grant_from(status: u16, answer: RawAnswer, scrubber: &Scrubber) -> Result<Gra
         status,
         problem: problem.to_owned(),
     };
+    // Whatever is wrong with a token, the message never repeats it.
     let access_token = match answer.access_token {
-        Some(TokenField::Text(token)) if !token.expose().is_empty() => token,
-        Some(_) => return Err(malformed("access_token is not a non-empty string")),
+        Some(TokenField::Text(token)) if is_access_token(token.expose()) => token,
+        Some(_) => {
+            return Err(malformed(
+                "access_token is not a non-empty string of visible ASCII (RFC 6749 A.12)",
+            ))
+        }
         None => return Err(malformed("no access_token")),
     };
     let token_type = match &answer.token_type {
         Some(Value::String(t)) if t.eq_ignore_ascii_case("bearer") => Cow::Borrowed("Bearer"),
-        Some(Value::String(t)) if !t.is_empty() => Cow::Owned(scrubber.sanitize(t)),
+        Some(Value::String(t)) if is_token_type(t) => Cow::Owned(scrubber.sanitize(t)),
         None => Cow::Borrowed("Bearer"),
-        Some(_) => return Err(malformed("token_type is not a string")),
+        Some(_) => {
+            return Err(malformed(
+                "token_type is not one word of visible ASCII (RFC 6749 A.13)",
+            ))
+        }
     };
     let expires_in = match &answer.expires_in {
         None | Some(Value::Null) => None,
@@ -716,7 +769,12 @@ fn grant_from(status: u16, answer: RawAnswer, scrubber: &Scrubber) -> Result<Gra
         ),
     };
     let scope = match &answer.scope {
-        // Granted scopes reach callers too: scrubbed like any issuer text.
+        // Granted scopes reach callers and the log as they are: a control
+        // character in one would reach a terminal that prints them.
+        Some(Value::String(s)) if s.chars().any(char::is_control) => {
+            return Err(malformed("scope holds a control character"))
+        }
+        // Scrubbed like any issuer text.
         Some(Value::String(s)) => Some(ScopeSet::from_granted(&scrubber.scrub(s))),
         Some(Value::Null) | None => None,
         Some(_) => return Err(malformed("scope is not a string")),
@@ -727,6 +785,64 @@ fn grant_from(status: u16, answer: RawAnswer, scrubber: &Scrubber) -> Result<Gra
         expires_in,
         scope,
     })
+}
+
+/// RFC 6749 A.12: `access-token = 1*VSCHAR`, 0x20 to 0x7E. Anything else
+/// (ESC, CR, LF) would reach a header or a terminal as a command.
+fn is_access_token(token: &str) -> bool {
+    !token.is_empty() && token.bytes().all(|b| (0x20..=0x7e).contains(&b))
+}
+
+/// RFC 6749 A.13: a type name or a URI, both visible ASCII without spaces.
+/// One too long to repeat whole is no type a caller could use.
+fn is_token_type(token_type: &str) -> bool {
+    (1..=MAX_WORDS).contains(&token_type.len()) && token_type.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// Why `grant` may not be handed out for `key`: it names scopes outside
+/// the key's `scopes` list. A key without a list leaves the set to the
+/// issuer (callers may only ask for its default one), so any grant fits
+/// it; so does a grant that does not say its scope.
+fn wider_than_allowed(key: &KeyConfig, status: u16, grant: &Grant) -> Option<FailureKind> {
+    let (Some(allowed), Some(granted)) = (&key.scopes, &grant.scope) else {
+        return None;
+    };
+    let extra = granted.outside(allowed);
+    (!extra.is_empty()).then(|| FailureKind::TooWide {
+        status,
+        extra: listed(&extra),
+    })
+}
+
+/// `scopes` space-separated, as many whole ones as fit in [`MAX_WORDS`]
+/// and a count of the rest: an issuer may grant thousands.
+fn listed(scopes: &[&str]) -> String {
+    let mut out = String::new();
+    let mut shown = 0;
+    for scope in scopes {
+        if !out.is_empty() && out.len() + 1 + scope.len() > MAX_WORDS {
+            break;
+        }
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        // A first scope too long to show whole is cut.
+        out.push_str(&printable(scope));
+        shown += 1;
+    }
+    if shown < scopes.len() {
+        out.push_str(&format!(" and {} more", scopes.len() - shown));
+    }
+    out
+}
+
+/// Issuer or discovery-document text as tokend repeats it in answers,
+/// `status` and the log: [`crate::printable::shown`] at [`MAX_WORDS`], the
+/// rule the CLI applies too, so no terminal escape or forged line gets
+/// through either. Text that can hold a secret goes through a [`Scrubber`]
+/// first.
+pub fn printable(text: &str) -> String {
+    crate::printable::shown(text, MAX_WORDS)
 }
 
 /// `expires_in` as a number or a numeric string. Fractions are rounded
@@ -888,6 +1004,178 @@ mod tests {
         };
         assert!(!words.contains('\n'));
         assert!(words.chars().count() <= MAX_WORDS + 1);
+    }
+
+    #[test]
+    fn any_401_or_403_is_rejected_credentials() {
+        let denied = |status, content_type, body: &[u8]| match parse_answer(
+            status,
+            content_type,
+            body,
+            &Scrubber::none(),
+        ) {
+            Err(FailureKind::Denied { status: s, words }) if s == status => words,
+            other => panic!("{status} {body:?}: {other:?}"),
+        };
+        // Bare, as a real issuer answers a wrong secret.
+        assert_eq!(denied(403, "no content type", b""), "Forbidden");
+        assert_eq!(denied(401, "text/plain", b" \n"), "Unauthorized");
+        // A page or a JSON object without an error member: its words.
+        assert_eq!(
+            denied(401, "text/html", b"<p>bad\x1b[2J client</p>"),
+            "<p>bad [2J client</p>"
+        );
+        assert_eq!(
+            denied(403, JSON, br#"{"message":"Forbidden"}"#),
+            r#"{"message":"Forbidden"}"#
+        );
+        // Not UTF-8: what can be read of it.
+        assert!(denied(403, "text/plain", b"no \xff way").starts_with("no "));
+        // A JSON error keeps its own words.
+        assert_eq!(
+            denied(403, JSON, br#"{"error":"invalid_client"}"#),
+            "invalid_client"
+        );
+        // Long bodies are cut like any issuer text.
+        let long = "x".repeat(5000);
+        assert!(denied(401, "text/plain", long.as_bytes()).chars().count() <= MAX_WORDS + 1);
+        // Other statuses keep their shapes.
+        assert!(matches!(
+            parse_answer(400, "no content type", b"", &Scrubber::none()),
+            Err(FailureKind::Http { .. })
+        ));
+    }
+
+    #[test]
+    fn a_bare_403_never_repeats_the_secret() {
+        let key = key_with("id", "echoed-secret-123");
+        let shown = parse_answer(
+            403,
+            "text/plain",
+            b"you sent echoed-secret-123",
+            &Scrubber::for_key(&key),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(!shown.contains("echoed-secret-123"), "{shown}");
+        assert!(shown.contains("you sent [redacted]"), "{shown}");
+    }
+
+    #[test]
+    fn tokens_and_token_types_are_visible_ascii() {
+        let answer = |token: &str, token_type: &str| {
+            let body = serde_json::json!({"access_token": token, "token_type": token_type});
+            parse_answer(200, JSON, body.to_string().as_bytes(), &Scrubber::none())
+        };
+        for bad in [
+            "",
+            "eyJ.ok\u{1b}]0;x\u{7}",
+            "a\r\nX-Injected: yes",
+            "t\u{7f}",
+            "tök",
+        ] {
+            let Err(FailureKind::Malformed { problem, .. }) = answer(bad, "Bearer") else {
+                panic!("token {bad:?} was taken");
+            };
+            assert!(problem.contains("access_token"), "{problem}");
+            assert!(bad.is_empty() || !problem.contains(bad), "{problem}");
+        }
+        // A.12 allows the space and every visible character.
+        let grant = answer("a b~!\"#", "Bearer").unwrap();
+        assert_eq!(grant.access_token.expose(), "a b~!\"#");
+        for bad in ["Bearer\r\nX: y", "two words", "é", ""] {
+            assert!(
+                matches!(answer("t", bad), Err(FailureKind::Malformed { .. })),
+                "token_type {bad:?} was taken"
+            );
+        }
+        let too_long = "N".repeat(MAX_WORDS + 1);
+        assert!(matches!(
+            answer("t", &too_long),
+            Err(FailureKind::Malformed { .. })
+        ));
+        let grant = answer("t", "urn:ietf:params:oauth:token-type:jwt").unwrap();
+        assert_eq!(grant.token_type, "urn:ietf:params:oauth:token-type:jwt");
+    }
+
+    #[test]
+    fn a_granted_scope_with_a_control_character_is_refused() {
+        let body = br#"{"access_token":"t","scope":"gateway \u001b]0;x\u0007"}"#;
+        let Err(FailureKind::Malformed { problem, .. }) =
+            parse_answer(200, JSON, body, &Scrubber::none())
+        else {
+            panic!("taken");
+        };
+        assert_eq!(problem, "scope holds a control character");
+        // Odd but printable scopes are reported as granted.
+        let body = r#"{"access_token":"t","scope":"gateway vault:é"}"#;
+        let grant = parse_answer(200, JSON, body.as_bytes(), &Scrubber::none()).unwrap();
+        assert_eq!(grant.scope.unwrap().joined(), "gateway vault:é");
+    }
+
+    fn grant_of(scope: Option<&str>) -> Grant {
+        Grant {
+            access_token: AccessToken::new("t".to_owned()),
+            token_type: Cow::Borrowed("Bearer"),
+            expires_in: None,
+            scope: scope.map(ScopeSet::from_granted),
+        }
+    }
+
+    #[test]
+    fn a_grant_must_fit_the_keys_scopes() {
+        let mut key = key_with("id", "s");
+        // No list: the issuer's default set is whatever it grants.
+        assert_eq!(wider_than_allowed(&key, 200, &grant_of(Some("a b"))), None);
+        key.scopes = Some(ScopeSet::new(["gateway", "vault"]).unwrap());
+        for fits in [None, Some("gateway"), Some("vault gateway"), Some("")] {
+            assert_eq!(
+                wider_than_allowed(&key, 200, &grant_of(fits)),
+                None,
+                "{fits:?}"
+            );
+        }
+        let wide = wider_than_allowed(&key, 200, &grant_of(Some("fx gateway zz")));
+        assert_eq!(
+            wide,
+            Some(FailureKind::TooWide {
+                status: 200,
+                extra: "fx zz".into()
+            })
+        );
+        assert_eq!(
+            wide.unwrap().to_string(),
+            "the issuer granted scopes the key does not allow (fx zz); its token is not handed out"
+        );
+    }
+
+    #[test]
+    fn extra_scopes_are_listed_within_the_limit() {
+        let many: Vec<String> = (0..10_000).map(|i| format!("scope{i:05}")).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        let shown = listed(&many);
+        assert!(shown.len() <= MAX_WORDS + 20, "{} bytes", shown.len());
+        assert!(shown.starts_with("scope00000 scope00001 "), "{shown}");
+        let whole = shown.split(' ').filter(|s| s.starts_with("scope")).count();
+        assert!(
+            shown.ends_with(&format!(" and {} more", 10_000 - whole)),
+            "{shown}"
+        );
+        let huge = "x".repeat(10_000);
+        let shown = listed(&[&huge, "b"]);
+        assert!(shown.chars().count() <= MAX_WORDS + 20, "{shown}");
+        assert!(shown.ends_with("… and 1 more"), "{shown}");
+        assert_eq!(listed(&["a", "b"]), "a b");
+    }
+
+    #[test]
+    fn printable_text_is_one_bounded_line() {
+        assert_eq!(printable("a\u{1b}[2J\r\nb\u{85}c"), "a?[2J??b?c");
+        let long = "é".repeat(MAX_WORDS + 1);
+        let shown = printable(&long);
+        assert_eq!(shown.chars().count(), MAX_WORDS + 1);
+        assert!(shown.ends_with('…'));
+        assert_eq!(printable(&"é".repeat(MAX_WORDS)), "é".repeat(MAX_WORDS));
     }
 
     fn key_with(id: &str, secret: &str) -> KeyConfig {

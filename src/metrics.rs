@@ -396,6 +396,7 @@ fn failure_label(kind: &FailureKind) -> Option<&'static str> {
         FailureKind::Refused { .. } => "refused",
         FailureKind::Http { .. } => "http_error",
         FailureKind::Malformed { .. } => "malformed",
+        FailureKind::TooWide { .. } => "too_wide",
         FailureKind::TooLarge => "too_large",
         FailureKind::Timeout(_) => "timeout",
         FailureKind::Transport(_) => "unreachable",

@@ -455,3 +455,74 @@ async fn check_online_prints_a_hostile_document_escaped_and_cut() {
     }
     assert!(!ran.stdout.contains(LOCAL_SECRET) && !ran.stderr.contains(LOCAL_SECRET));
 }
+
+/// Issue 19, item 10: a hostile document makes no long answer, `status` or
+/// log. Three issuers on one loopback server, each with a document built
+/// to be repeated: 1,200 listed methods full of terminal escapes, a
+/// 250 KB member of the wrong type, and a 250 KB `token_endpoint` that is
+/// a URL tokend may use. Every get answer and the `status` answer stay
+/// short, hold no control character, and each probe writes a few lines
+/// of log, not hundreds of KB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_document_makes_short_answers_status_and_log() {
+    let documents = Documents::start().await;
+    let origin = documents.origin();
+    let issuer = |tenant: &str| format!("{origin}/{tenant}");
+    let method = format!("{}\u{1b}[2J\u{1b}]0;pwned\u{7}", "m".repeat(180));
+    let documents_for = [
+        (
+            "methods",
+            json!({
+                "issuer": issuer("methods"),
+                "token_endpoint": format!("{origin}/token"),
+                "token_endpoint_auth_methods_supported": vec![method; 1200],
+            }),
+        ),
+        (
+            "field",
+            json!({
+                "issuer": issuer("field"),
+                "token_endpoint": format!("{origin}/token"),
+                "token_endpoint_auth_methods_supported": "x".repeat(250_000),
+            }),
+        ),
+        (
+            "endpoint",
+            json!({
+                "issuer": issuer("endpoint"),
+                "token_endpoint": format!("{origin}/{}", "e".repeat(250_000)),
+            }),
+        ),
+    ];
+    let mut keys = String::new();
+    for (tenant, document) in &documents_for {
+        let path = format!("/{tenant}/.well-known/openid-configuration");
+        documents.serve(&path, 200, document);
+        keys += &issuer_key(tenant, &issuer(tenant), LOCAL_ID, LOCAL_SECRET).toml();
+    }
+    let mut daemon = Daemon::start("", &keys);
+    let logged_at_start = daemon.log().len();
+
+    for (tenant, _) in &documents_for {
+        let answer = get(&daemon, tenant, &[]).await;
+        let message = unavailable_message(&answer);
+        let length = answer.0.to_string().len();
+        assert!(length < 2048, "{tenant}: a {length}-byte answer");
+        assert!(
+            !message.chars().any(char::is_control),
+            "{tenant}: control characters in {message:?}"
+        );
+    }
+    let status = daemon.call(json!({"op": "status"})).await.0.to_string();
+    assert!(status.len() < 8192, "a {}-byte status answer", status.len());
+    assert!(!status.contains("\\u001b"), "terminal escapes in {status}");
+
+    let log = daemon.wait_for_log_count("token request failed", documents_for.len());
+    let written = log.len() - logged_at_start;
+    assert!(
+        written < 16 * 1024,
+        "{written} bytes of log for three probes"
+    );
+    assert!(!log.contains('\u{1b}'), "terminal escapes in the log");
+    daemon.stop_and_check_log(&[LOCAL_SECRET]);
+}

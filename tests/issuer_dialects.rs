@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use support::daemon::{assert_same_token, Answer, Daemon};
+use support::daemon::{assert_same_token, Answer, Daemon, PATIENCE};
 use support::issuer::{ClientSpec, Dialect, Fault, Issuer};
 use support::keys::{secrets, Key};
 
@@ -442,5 +442,216 @@ async fn a_key_with_scopes_never_asks_the_issuer_without_scope() {
     for request in &requests {
         assert_eq!(request.param("scope"), Some("gateway"), "{request:?}");
     }
+    daemon.stop_and_check_log(&used_secrets(&issuer));
+}
+
+/// The key's one set: its `status` row as the socket answers it.
+async fn status_row(daemon: &Daemon, key: &str) -> Value {
+    let answer = daemon.call(json!({"op":"status"})).await;
+    let keys = answer["keys"].as_array().expect("keys");
+    let found = keys.iter().find(|k| k["name"] == key);
+    found.unwrap_or_else(|| panic!("no {key} in {answer}"))["sets"][0].clone()
+}
+
+/// Issue 19, item 3: a grant wider than the key's `scopes` is not handed
+/// out. The get is `unavailable` naming the extra scopes, `status` (the
+/// socket's and `tokend status`'s) shows it, and the set backs off as
+/// after any failure: the prefetch set's retries are spaced, and gets
+/// meanwhile ask nobody. A key without a `scopes` list leaves the choice
+/// to the issuer, and takes what it grants.
+// Multi-threaded: `tokend status` runs while the issuer answers retries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_wider_than_the_keys_scopes_is_not_handed_out() {
+    let issuer = issuer().await;
+    issuer.set_fault(Some(Fault::Members(vec![(
+        "scope".into(),
+        json!("fx gateway vault"),
+    )])));
+    let restricted = "scopes = [\"gateway\"]\nprefetch = [[\"gateway\"]]\nmax_backoff = \"1s\"";
+    let open = Key::new("open")
+        .issuer(&issuer, Dialect::Checkout)
+        .client(CK_ID, CK_SECRET)
+        .allow_uids(&[0])
+        .toml();
+    let daemon = Daemon::start(
+        "metrics_allow_uids = [0]",
+        &(checkout_key(&issuer, restricted) + &open),
+    );
+    issuer.wait_for_requests(1, PATIENCE).await;
+
+    let answer = daemon.call(get("payments")).await;
+    assert_unavailable(&answer, &["granted scopes", "(fx vault)"]);
+    let message = answer["error"]["message"].as_str().expect("message");
+    assert!(
+        !message.contains("gateway"),
+        "gateway is allowed: {message}"
+    );
+    // Backing off: the next get is answered from the failure at once.
+    let again = daemon.call(get("payments")).await;
+    assert_unavailable(&again, &["(fx vault)"]);
+    assert_eq!(issuer.requests().len(), 1, "a get during the backoff asked");
+
+    let row = status_row(&daemon, "payments").await;
+    assert_eq!(row["health"], "failing", "{row}");
+    assert!(
+        row["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("(fx vault)")),
+        "{row}"
+    );
+    let mut status = support::cli::tokend();
+    status.args(["status", "--socket"]).arg(&daemon.socket);
+    let ran = support::cli::run(status, b"").await;
+    assert_eq!(ran.code, Some(1), "a failing prefetch set: {ran:?}");
+    assert!(ran.stdout.contains("(fx vault)"), "{ran:?}");
+    let metrics = daemon.call(json!({"op":"metrics"})).await;
+    let text = metrics["text"].as_str().expect("metrics text");
+    assert!(
+        text.contains(r#"tokend_issuer_requests_total{key="payments",outcome="too_wide"}"#),
+        "{text}"
+    );
+
+    // The prefetch set retries on its own, one backoff step later (the
+    // first is half to all of a second), and again until the issuer
+    // grants only what the key allows.
+    let seen = issuer.wait_for_requests(2, PATIENCE).await;
+    let gap = seen[1].at.duration_since(seen[0].at);
+    assert!(gap >= Duration::from_millis(500), "retried after {gap:?}");
+    issuer.set_fault(None);
+    issuer.wait_for_requests(3, PATIENCE).await;
+    let answer = daemon.call(get("payments")).await;
+    assert_eq!(answer["ok"], true, "{answer}");
+    assert_eq!(answer["scopes"], json!(["gateway"]), "{answer}");
+
+    // No `scopes` list: the issuer's default set is whatever it grants.
+    issuer.set_fault(Some(Fault::Members(vec![(
+        "scope".into(),
+        json!("fx gateway vault"),
+    )])));
+    let answer = daemon.call(get("open")).await;
+    assert_eq!(answer["ok"], true, "{answer}");
+    assert_eq!(
+        answer["scopes"],
+        json!(["fx", "gateway", "vault"]),
+        "{answer}"
+    );
+    daemon.stop_and_check_log(&used_secrets(&issuer));
+}
+
+/// Issue 19, item 8: RFC 6749 A.12 makes an access token visible ASCII.
+/// An answer whose token holds control characters (a forged header line,
+/// terminal escapes) is refused as unusable, like an empty token, and no
+/// message repeats it; so is one whose `token_type` or granted `scope`
+/// holds them, since both reach callers too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_with_control_characters_is_refused_without_repeating_them() {
+    let issuer = issuer().await;
+    let cases = [
+        (
+            "access_token",
+            "eyJ.ok\u{1b}]0;pwned\u{7}\u{1b}[2J\r\nX-Injected: yes",
+        ),
+        ("token_type", "Bearer\r\nX-Injected: yes"),
+        ("scope", "gateway \u{1b}]0;pwned\u{7}"),
+    ];
+    let keys: String = (0..cases.len())
+        .map(|i| {
+            Key::new(&format!("k{i}"))
+                .issuer(&issuer, Dialect::Checkout)
+                .client(CK_ID, CK_SECRET)
+                .allow_uids(&[0])
+                .toml()
+        })
+        .collect();
+    let daemon = Daemon::start("", &keys);
+    for (i, (member, value)) in cases.into_iter().enumerate() {
+        issuer.set_fault(Some(Fault::Members(vec![(member.into(), json!(value))])));
+        let key = format!("k{i}");
+        let answer = daemon.call(get(&key)).await;
+        assert_unavailable(&answer, &["not a usable token answer", member]);
+        let row = status_row(&daemon, &key).await;
+        for shown in [answer.to_string(), row.to_string()] {
+            assert!(
+                !shown.contains("pwned") && !shown.contains("X-Injected"),
+                "the issuer's {member} is repeated: {shown}"
+            );
+        }
+    }
+    // What the issue saw: `get --format header` printing a forged header.
+    let mut header = support::cli::tokend();
+    header
+        .args(["get", "k0", "--format", "header", "--socket"])
+        .arg(&daemon.socket);
+    let ran = support::cli::run(header, b"").await;
+    assert_eq!(ran.code, Some(1), "{ran:?}");
+    assert!(ran.stdout.is_empty(), "{ran:?}");
+    assert!(!ran.stderr.contains("pwned"), "{ran:?}");
+    let mut secrets = used_secrets(&issuer);
+    secrets.extend(["pwned".to_owned(), "X-Injected".to_owned()]);
+    daemon.stop_and_check_log(&secrets);
+}
+
+/// Issue 19, item 13: a 401 or 403 from the token endpoint is rejected
+/// credentials whatever its body: a bare 403 (no body, no content type,
+/// as a real issuer answers a wrong secret) and an HTML 401 both pause
+/// the key, so one request answers several scope sets, and the message
+/// says so, with the body's words when it has any.
+#[tokio::test]
+async fn a_bare_403_or_an_html_401_is_rejected_credentials_and_pauses_the_key() {
+    let issuer = issuer().await;
+    let key = |name: &str| {
+        Key::new(name)
+            .issuer(&issuer, Dialect::Checkout)
+            .client(CK_ID, CK_SECRET)
+            .allow_uids(&[0])
+            .extra("scopes = [\"gateway\", \"vault\"]")
+            .toml()
+    };
+    let daemon = Daemon::start("", &(key("bare") + &key("html")));
+    let sets = [
+        json!(["gateway"]),
+        json!(["vault"]),
+        json!(["gateway", "vault"]),
+    ];
+
+    issuer.set_fault(Some(Fault::Bare(403)));
+    for scopes in &sets {
+        let answer = daemon
+            .call(json!({"op":"get","key":"bare","scopes":scopes}))
+            .await;
+        assert_unavailable(
+            &answer,
+            &[
+                "the issuer rejected the client credentials",
+                "(HTTP 403: Forbidden)",
+            ],
+        );
+    }
+    assert_eq!(
+        issuer.requests().len(),
+        1,
+        "the key is paused: one request for three scope sets"
+    );
+    assert_eq!(status_row(&daemon, "bare").await["health"], "paused");
+
+    issuer.set_fault(Some(Fault::Status {
+        status: 401,
+        content_type: "text/html".into(),
+        body: "<html><body>Unauthorized: unknown client</body></html>".into(),
+    }));
+    for scopes in &sets {
+        let answer = daemon
+            .call(json!({"op":"get","key":"html","scopes":scopes}))
+            .await;
+        assert_unavailable(
+            &answer,
+            &[
+                "the issuer rejected the client credentials",
+                "HTTP 401",
+                "unknown client",
+            ],
+        );
+    }
+    assert_eq!(issuer.requests().len(), 2, "one request for the second key");
     daemon.stop_and_check_log(&used_secrets(&issuer));
 }

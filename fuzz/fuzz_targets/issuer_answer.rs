@@ -7,9 +7,12 @@
 //! line, invalid UTF-8 replaced. Without a `\n` the body is empty.
 //!
 //! `parse_answer` must return; a failure must read as one bounded line (it
-//! goes into logs and `status` answers); a `Grant`'s `Debug` must not depend
-//! on the access token, and must not contain the token's text unless the
-//! other fields happen to contain it too. HTTP, headers and `Retry-After`
+//! goes into logs and `status` answers); a `Grant`'s token must be visible
+//! ASCII (RFC 6749 A.12), its token type one visible word, and its granted
+//! scopes free of control characters (all three reach callers' terminals);
+//! a `Grant`'s `Debug` must not depend on the access token, and must not
+//! contain the token's text unless the other fields happen to contain it
+//! too. HTTP, headers and `Retry-After`
 //! are the client's part and not fuzzed here.
 
 #![no_main]
@@ -52,6 +55,23 @@ fuzz_target!(|data: &[u8]| {
 fn check_grant(grant: &Grant) {
     let token = grant.access_token.expose();
     assert!(!token.is_empty(), "empty access token granted");
+    assert!(
+        token.bytes().all(|b| (0x20..=0x7e).contains(&b)),
+        "a token outside visible ASCII granted"
+    );
+    assert!(
+        !grant.token_type.is_empty() && grant.token_type.bytes().all(|b| b.is_ascii_graphic()),
+        "token type {:?} granted",
+        grant.token_type
+    );
+    let control = (grant.scope.iter())
+        .flat_map(|set| set.iter())
+        .any(|scope| scope.chars().any(char::is_control));
+    assert!(
+        !control,
+        "a control character in granted scopes {:?}",
+        grant.scope
+    );
     let shown = format!("{grant:?}");
     let swapped = Grant {
         access_token: AccessToken::new(format!("{token}-other")),

@@ -111,8 +111,9 @@ impl ClientSpec {
 
 /// Misbehaviour applied to every request while set (see [`Issuer::set_fault`]).
 ///
-/// `Status`, `RetryAfter` and `DeniedWith200` answer before any validation;
-/// `Delay` answers normally after the wait; the others alter success bodies.
+/// `Status`, `Bare`, `RetryAfter` and `DeniedWith200` answer before any
+/// validation; `Delay` answers normally after the wait; the others alter
+/// success bodies.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Fault {
     /// Answer exactly this, whatever was asked.
@@ -121,6 +122,9 @@ pub enum Fault {
         content_type: String,
         body: String,
     },
+    /// Answer this status alone: no body and no `Content-Type`, as some
+    /// issuers answer a wrong secret with a bare 403.
+    Bare(u16),
     /// Record the request at once, wait, then answer normally.
     Delay(Duration),
     /// `"expires_in":"3600"`.
@@ -137,6 +141,10 @@ pub enum Fault {
     DeniedWith200,
     /// A successful 200 JSON body padded to this many bytes (a `padding` member).
     HugeBody(usize),
+    /// A successful answer with these members added or replaced: a wider
+    /// `scope` than was asked, an `access_token` or `token_type` holding
+    /// control characters, and whatever else an issuer may send.
+    Members(Vec<(String, Value)>),
     /// `fault` for requests whose `scope` names `scope`; others are
     /// answered normally. Issuers limit clients, not scope sets: this is
     /// how a test makes one set of a key fail while the others work.
@@ -278,7 +286,10 @@ impl Issuer {
             Some(Fault::ForScope { fault, .. }) => Some(&**fault),
             other => other.as_ref(),
         };
-        if let Some(Fault::Status { status, .. } | Fault::RetryAfter { status, .. }) = inner {
+        if let Some(
+            Fault::Status { status, .. } | Fault::RetryAfter { status, .. } | Fault::Bare(status),
+        ) = inner
+        {
             assert!(
                 StatusCode::from_u16(*status).is_ok(),
                 "fault status {status} is not a valid HTTP status code"
@@ -482,12 +493,18 @@ impl Shared {
         if client.dialect == Dialect::Checkout {
             body.insert("scope".into(), json!(scope));
         }
+        if let Some(Fault::Members(members)) = fault {
+            body.extend(members.iter().cloned());
+        }
+        // What was sent, which a `Members` fault may have replaced.
+        let sent = body.get("access_token").and_then(Value::as_str);
+        let token = sent.map(str::to_owned);
         let text = match fault {
             Some(Fault::HugeBody(size)) => padded_json(body, *size),
             _ => Value::Object(body).to_string(),
         };
         let mut outcome = Outcome::json_text(StatusCode::OK, text);
-        outcome.access_token = Some(token);
+        outcome.access_token = token;
         outcome
     }
 }
@@ -691,7 +708,8 @@ fn hex_value(digit: u8) -> Option<u8> {
 /// What the server answers, decided before it is recorded and sent.
 struct Outcome {
     status: StatusCode,
-    content_type: String,
+    /// `None` sends no `Content-Type` header.
+    content_type: Option<String>,
     headers: Vec<(header::HeaderName, String)>,
     body: String,
     access_token: Option<String>,
@@ -706,7 +724,7 @@ impl Outcome {
     fn json_text(status: StatusCode, body: String) -> Outcome {
         Outcome {
             status,
-            content_type: JSON_CONTENT_TYPE.to_owned(),
+            content_type: Some(JSON_CONTENT_TYPE.to_owned()),
             headers: vec![
                 (header::CACHE_CONTROL, "no-store".to_owned()),
                 (header::PRAGMA, "no-cache".to_owned()),
@@ -750,9 +768,16 @@ impl Outcome {
                 body,
             } => Some(Outcome {
                 status: status_code(*status),
-                content_type: content_type.clone(),
+                content_type: Some(content_type.clone()),
                 headers: Vec::new(),
                 body: body.clone(),
+                access_token: None,
+            }),
+            Fault::Bare(status) => Some(Outcome {
+                status: status_code(*status),
+                content_type: None,
+                headers: Vec::new(),
+                body: String::new(),
                 access_token: None,
             }),
             Fault::RetryAfter { status, secs } => Some(
@@ -773,6 +798,7 @@ impl Outcome {
             | Fault::NoExpiresIn
             | Fault::LowercaseTokenType
             | Fault::HugeBody(_)
+            | Fault::Members(_)
             | Fault::ForScope { .. } => None,
         }
     }
@@ -791,7 +817,8 @@ impl Outcome {
         let mut response = Response::new(Body::from(self.body));
         *response.status_mut() = self.status;
         let headers = response.headers_mut();
-        let values = std::iter::once((header::CONTENT_TYPE, self.content_type)).chain(self.headers);
+        let content_type = self.content_type.map(|value| (header::CONTENT_TYPE, value));
+        let values = content_type.into_iter().chain(self.headers);
         for (name, value) in values {
             let value = HeaderValue::try_from(value)
                 .expect("fault and issuer header values are visible ASCII");
