@@ -7,13 +7,15 @@
 //! caches no tokens and knows nothing of sockets; for a key with `issuer`
 //! it asks [`crate::discovery`] for the token endpoint first.
 //!
-//! Issuer text (error words, content types, token types) reaches callers
-//! and the journal, so every form the secret (or, for `private_key_jwt`,
-//! the request's signed assertion) takes on the wire is scrubbed from it
-//! ([`Scrubber`]) before it is cut to length. The secret's copies we
-//! make for a request (the form body, the Basic header) live in buffers
-//! that are wiped when the HTTP stack drops them, and the token is parsed
-//! straight into an [`AccessToken`], never into a `serde_json::Value`.
+//! Issuer text (error words, content types, token types, granted scopes)
+//! reaches callers and the journal, so the secret (or, for
+//! `private_key_jwt`, the request's signed assertion) and the proxy's
+//! credentials are scrubbed from it in any encoding that decodes to them
+//! ([`Scrubber`], from [`crate::scrub`]) before it is cut to length. The
+//! secret's copies we make for a request (the form body, the Basic header)
+//! live in buffers that are wiped when the HTTP stack drops them, and the
+//! token is parsed straight into an [`AccessToken`], never into a
+//! `serde_json::Value`.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -32,6 +34,7 @@ use crate::assertion::{self, AssertionError, Jws};
 use crate::config::{AuthMethod, Config, KeyConfig};
 use crate::discovery::Discoveries;
 use crate::scope::ScopeSet;
+pub use crate::scrub::Scrubber;
 use crate::secret::AccessToken;
 use crate::transport::{self, Clients};
 
@@ -236,11 +239,12 @@ impl IssuerClient {
         if let Some(why) = &key.unusable {
             return Err(configured(FailureKind::NoSecret(why.clone())));
         }
+        let mut scrubber = Scrubber::for_key(key);
         let token_url = self
             .discoveries
             .token_endpoint(key, self.http.get(key))
             .await
-            .map_err(configured)?;
+            .map_err(|kind| configured(scrubber.failure(kind)))?;
         // A discovered endpoint is the document's text, as long as it was.
         let shown_url = printable(token_url.as_str());
         let fail = |kind| IssuerError {
@@ -258,18 +262,17 @@ impl IssuerClient {
             ),
             None => None,
         };
+        if let Some(jws) = &assertion {
+            scrubber.add_assertion(jws);
+        }
         let asked = Asked { scopes, resource };
         let exchange = self.exchange(key, &token_url, asked, assertion.as_ref());
         let (status, headers, body) =
             match tokio::time::timeout(key.request_timeout, exchange).await {
                 Ok(Ok(answer)) => answer,
-                Ok(Err(kind)) => return Err(fail(kind)),
+                Ok(Err(kind)) => return Err(fail(scrubber.failure(kind))),
                 Err(_) => return Err(fail(FailureKind::Timeout(key.request_timeout))),
             };
-        let mut scrubber = Scrubber::for_key(key);
-        if let Some(jws) = &assertion {
-            scrubber.add_assertion(jws);
-        }
         let grant =
             parse_answer(status, content_type(&headers), &body, &scrubber).map_err(|kind| {
                 IssuerError {
@@ -415,94 +418,70 @@ fn basic_pair(key: &KeyConfig) -> Zeroizing<String> {
     pair
 }
 
-/// The client secret as written, form-urlencoded both ways, and in both
-/// Basic credentials.
-fn secret_forms(key: &KeyConfig) -> Vec<Zeroizing<String>> {
-    let secret = key.client_secret.expose();
-    let encoded =
-        Zeroizing::new(form_urlencoded::byte_serialize(secret.as_bytes()).collect::<String>());
-    let b64 =
-        |bytes: &[u8]| Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(bytes));
-    let raw_pair = Zeroizing::new(format!("{}:{secret}", key.client_id));
-    vec![
-        Zeroizing::new(secret.to_owned()),
-        Zeroizing::new(encoded.replace('+', "%20")),
-        b64(basic_pair(key).as_bytes()),
-        b64(raw_pair.as_bytes()),
-        encoded,
-    ]
-}
-
-/// Every form the client secret takes in what tokend sends, so that an
-/// issuer that echoes its input cannot get any of them into a caller's
-/// answer or a log line: the secret itself, form-urlencoded (what both
-/// auth methods put on the wire) and with `%20` for spaces, and the
-/// base64 Basic credentials, of the encoded pair and of the raw one.
-pub struct Scrubber {
-    /// Longest first, so a form containing another is replaced whole.
-    forms: Vec<Zeroizing<String>>,
-}
-
+/// What a request for a key could carry that an answer must not repeat.
 impl Scrubber {
+    /// `key`'s client secret, in any encoding that decodes to it and in
+    /// both base64 Basic credentials (of the form-encoded `id:secret` pair
+    /// tokend sends, and of the raw one), and its proxy's credentials.
     pub fn for_key(key: &KeyConfig) -> Scrubber {
+        let mut scrubber = Scrubber::none();
+        let (id, secret) = (&key.client_id, key.client_secret.expose());
         // A key without a secret (`private_key_jwt`, the tls_client_auth
-        // methods) has none to scrub; the encodings of an empty one would
-        // only blank the client id.
-        let mut forms = if key.client_secret.expose().is_empty() {
-            Vec::new()
-        } else {
-            secret_forms(key)
-        };
+        // methods) has none to scrub; the Basic forms of an empty one
+        // would only blank the client id.
+        if !secret.is_empty() {
+            scrubber.add_secret(secret);
+            let encoded_id: usize = form_urlencoded::byte_serialize(id.as_bytes())
+                .map(str::len)
+                .sum();
+            scrubber.add_base64(basic_pair(key).as_bytes(), encoded_id + 1);
+            let mut raw_pair = Zeroizing::new(String::with_capacity(id.len() + 1 + secret.len()));
+            raw_pair.push_str(id);
+            raw_pair.push(':');
+            raw_pair.push_str(secret);
+            scrubber.add_base64(raw_pair.as_bytes(), id.len() + 1);
+        }
         // A proxy's credentials never go to the issuer, but a proxy's own
         // error page could repeat them.
-        forms.extend(transport::proxy_secret_forms(key));
-        forms.retain(|f| !f.is_empty());
-        forms.sort_by_key(|f| std::cmp::Reverse(f.len()));
-        forms.dedup();
-        Scrubber { forms }
+        transport::add_proxy_secrets(key, &mut scrubber);
+        scrubber
     }
 
-    /// Also scrubs a request's signed assertion: whole, and its payload
-    /// and signature alone (an issuer may quote a part). The header, the
-    /// same for every request and secret in no way, is left.
+    /// Also scrubs a request's signed assertion: whole (cut short, only
+    /// past its header), and its payload and signature alone (an issuer
+    /// may quote a part). The header, the same for every request and
+    /// secret in no way, is left.
     pub fn add_assertion(&mut self, jws: &Jws) {
         let whole = jws.expose();
-        let parts = whole.split('.').skip(1).filter(|p| !p.is_empty());
-        self.forms.push(Zeroizing::new(whole.to_owned()));
-        self.forms
-            .extend(parts.map(|part| Zeroizing::new(part.to_owned())));
-        self.forms.sort_by_key(|f| std::cmp::Reverse(f.len()));
-        self.forms.dedup();
-    }
-
-    /// One that scrubs nothing, for answers no secret went into.
-    pub fn none() -> Scrubber {
-        Scrubber { forms: Vec::new() }
-    }
-
-    fn scrub(&self, text: &str) -> String {
-        let mut out = text.to_owned();
-        for form in &self.forms {
-            if out.contains(form.as_str()) {
-                out = out.replace(form.as_str(), "[redacted]");
-            }
+        let header = whole.find('.').map_or(0, |dot| dot + 1);
+        self.add_form(whole, header);
+        for part in whole.split('.').skip(1).filter(|p| !p.is_empty()) {
+            self.add_form(part, 0);
         }
-        out
     }
 
     /// Issuer text as we repeat it: scrubbed first, then one printable
     /// line, then bounded, so a secret straddling the cut leaves no prefix.
+    /// Only as much of the text is read as the cut can show.
     fn sanitize(&self, text: &str) -> String {
-        let scrubbed = self.scrub(text);
-        let mut out: String = scrubbed
-            .chars()
-            .map(|c| if c.is_control() { ' ' } else { c })
-            .take(MAX_WORDS)
-            .collect();
-        if scrubbed.chars().count() > MAX_WORDS {
+        let (scrubbed, unread) = self.scrub_head(text, MAX_WORDS);
+        let mut out = printable(&scrubbed);
+        if unread && !out.ends_with('…') {
             out.push('…');
         }
         out
+    }
+
+    /// `kind` with the words a proxy, the HTTP stack or a discovery
+    /// document put in it scrubbed. Answers are scrubbed as they are
+    /// parsed ([`parse_answer`]).
+    fn failure(&self, kind: FailureKind) -> FailureKind {
+        match kind {
+            FailureKind::Transport(text) => FailureKind::Transport(self.scrub(&text)),
+            FailureKind::Tls(text) => FailureKind::Tls(self.scrub(&text)),
+            FailureKind::Discovery(text) => FailureKind::Discovery(self.scrub(&text)),
+            other => other,
+        }
     }
 }
 
@@ -1023,7 +1002,7 @@ mod tests {
         // A page or a JSON object without an error member: its words.
         assert_eq!(
             denied(401, "text/html", b"<p>bad\x1b[2J client</p>"),
-            "<p>bad [2J client</p>"
+            "<p>bad?[2J client</p>"
         );
         assert_eq!(
             denied(403, JSON, br#"{"message":"Forbidden"}"#),
@@ -1360,12 +1339,38 @@ mod tests {
             assert!(!shown.contains(echoed), "{shown}");
             assert!(shown.contains("got [redacted]"), "{shown}");
         }
+        // Cut short by an issuer that bounds its words: the header alone
+        // is no secret, a part of the payload past it is.
+        let header_end = jws.expose().find('.').unwrap() + 1;
+        for (kept, redacted) in [(header_end, false), (header_end + 20, true)] {
+            let cut = &jws.expose()[..kept];
+            let body = serde_json::json!({"error": "invalid_client", "error_description": format!("got {cut}")});
+            let shown = parse_answer(401, JSON, body.to_string().as_bytes(), &scrubber)
+                .unwrap_err()
+                .to_string();
+            assert_eq!(shown.contains(cut), !redacted, "{shown}");
+        }
         // Without a secret, the client id is issuer text like any other.
         let body = br#"{"error":"invalid_client","error_description":"unknown id"}"#;
         let shown = parse_answer(401, JSON, body, &scrubber)
             .unwrap_err()
             .to_string();
         assert!(shown.contains("unknown id"), "{shown}");
+    }
+
+    #[test]
+    fn texts_from_the_http_stack_and_discovery_are_scrubbed_too() {
+        let key = key_with("id", "s3cr+t v/al=ue");
+        let scrubber = Scrubber::for_key(&key);
+        for kind in [
+            FailureKind::Transport("proxy said s3cr%2bt%20v%2fal%3due".into()),
+            FailureKind::Tls("s3cr+t v/al=ue".into()),
+            FailureKind::Discovery("token_endpoint \"https://x/?s=s3cr%2Bt+v%2Fal%3Due\"".into()),
+        ] {
+            let shown = scrubber.failure(kind).to_string();
+            assert!(shown.contains("[redacted]"), "{shown}");
+            assert!(!shown.contains("s3cr"), "{shown}");
+        }
     }
 
     #[test]

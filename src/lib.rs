@@ -9,6 +9,7 @@
 //! - [`assertion`]: signed client assertions for `auth = "private_key_jwt"`.
 //! - [`scope`]: canonical scope sets.
 //! - [`issuer`]: the token-endpoint client and the parser of its answers.
+//! - [`scrub`]: finding a secret in issuer or proxy text, in any encoding that decodes to it.
 //! - [`discovery`]: from a key's `issuer` to its token endpoint (RFC 8414, OIDC Discovery), cached per key.
 //! - [`transport`]: trust anchors (`ca_file`, system store, bundled roots), proxies, mTLS identities, one HTTP client per distinct combination, TLS failures in words.
 //! - [`cache`]: one token per (key, scope set), each kept fresh by its one owner task; per-key issuer budget.
@@ -62,6 +63,7 @@ pub mod printable;
 pub mod protocol;
 pub mod report;
 pub mod scope;
+pub mod scrub;
 pub mod secret;
 pub mod secret_file;
 pub(crate) mod server;

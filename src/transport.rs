@@ -27,8 +27,10 @@
 //! of its own. A key's `proxy` replaces them for that key's issuer, and
 //! `NO_PROXY` does not apply to it: the operator named it for this issuer.
 //! A proxy URL may carry a user and password, so [`ProxyUrl`] is held like
-//! a secret: wiped on drop, shown without them, and its forms on the wire
-//! are scrubbed from issuer text ([`ProxyUrl::secret_forms`]).
+//! a secret: wiped on drop, shown without them, and scrubbed from issuer
+//! and proxy text in any encoding that decodes to them
+//! ([`ProxyUrl::add_secrets_to`], the same [`Scrubber`] as the client
+//! secret's).
 //!
 //! # Client certificates
 //! A key with `auth = "tls_client_auth"` or `"self_signed_tls_client_auth"`
@@ -65,6 +67,7 @@ use url::Url;
 use zeroize::{Zeroize, Zeroizing};
 
 use crate::config::KeyConfig;
+use crate::scrub::Scrubber;
 use crate::secret_file::{self, Exposure, FileError};
 
 /// A CA bundle is a few KiB, a distribution's whole store a few hundred;
@@ -158,8 +161,8 @@ pub struct ProxyUrl {
     url: Zeroizing<String>,
     /// `http://HOST:PORT`.
     shown: String,
-    /// What [`ProxyUrl::secret_forms`] returns; empty without credentials.
-    forms: Arc<[Zeroizing<String>]>,
+    /// The user and password, when the URL names either.
+    credentials: Option<Arc<ProxyCredentials>>,
 }
 
 impl ProxyUrl {
@@ -187,23 +190,19 @@ impl ProxyUrl {
             Some(port) => format!("http://{host}:{port}"),
             None => format!("http://{host}"),
         };
-        let forms = credential_forms(&url);
+        let credentials = ProxyCredentials::of(&url).map(Arc::new);
         // Moves the URL's own buffer: nothing of it is left unwiped.
         let url = Zeroizing::new(String::from(url));
-        let mut forms = forms;
-        if !forms.is_empty() {
-            forms.push(url.clone());
-        }
         Ok(ProxyUrl {
             url,
             shown,
-            forms: forms.into(),
+            credentials,
         })
     }
 
     /// Whether the URL names a user or a password.
     pub fn has_credentials(&self) -> bool {
-        !self.forms.is_empty()
+        self.credentials.is_some()
     }
 
     /// `http://HOST:PORT`, for messages.
@@ -211,31 +210,49 @@ impl ProxyUrl {
         &self.shown
     }
 
-    /// Every form the credentials take in what tokend sends or could be
-    /// shown: the password as written (percent-encoded) and decoded, the
-    /// `user:password` pair and its base64 in `Proxy-Authorization`, and
-    /// the whole URL.
-    pub fn secret_forms(&self) -> Vec<Zeroizing<String>> {
-        self.forms.to_vec()
+    /// Has `scrubber` look for the URL's credentials, when it has any.
+    pub fn add_secrets_to(&self, scrubber: &mut Scrubber) {
+        if let Some(credentials) = &self.credentials {
+            credentials.add_to(scrubber);
+        }
     }
 }
 
-/// The forms of `url`'s credentials but the URL itself; none without them.
-fn credential_forms(url: &Url) -> Vec<Zeroizing<String>> {
-    if url.username().is_empty() && url.password().is_none() {
-        return Vec::new();
+/// A proxy URL's user and password, `%XX` decoded as the HTTP stack
+/// decodes them before it encodes them for `Proxy-Authorization`.
+struct ProxyCredentials {
+    user: Zeroizing<String>,
+    password: Zeroizing<String>,
+}
+
+impl ProxyCredentials {
+    /// `None` when `url` names neither.
+    fn of(url: &Url) -> Option<ProxyCredentials> {
+        let user = percent_decode(url.username());
+        let password = url.password().map(percent_decode).unwrap_or_default();
+        (!user.is_empty() || !password.is_empty()).then_some(ProxyCredentials { user, password })
     }
-    let user = percent_decode(url.username());
-    let password = url.password().map(percent_decode).unwrap_or_default();
-    let pair = Zeroizing::new(format!("{}:{}", *user, *password));
-    let b64 = Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(pair.as_bytes()));
-    let mut forms = vec![pair, b64];
-    if let Some(raw) = url.password() {
-        forms.push(Zeroizing::new(raw.to_owned()));
-        forms.push(password);
+
+    /// The password in any encoding (or, for a URL with a user alone, the
+    /// user: some proxies take a token there), the `user:password` pair,
+    /// and its base64 as `Proxy-Authorization` carries it. The URL needs
+    /// no entry of its own: the password in it is found whatever escapes
+    /// it was written with.
+    fn add_to(&self, scrubber: &mut Scrubber) {
+        let (user, password) = (self.user.as_str(), self.password.as_str());
+        let (secret, public) = if password.is_empty() {
+            (user, 0)
+        } else {
+            (password, user.len() + 1)
+        };
+        scrubber.add_secret(secret);
+        let mut pair = Zeroizing::new(String::with_capacity(user.len() + 1 + password.len()));
+        pair.push_str(user);
+        pair.push(':');
+        pair.push_str(password);
+        scrubber.add_form(&pair, public);
+        scrubber.add_base64(pair.as_bytes(), public);
     }
-    forms.retain(|f| !f.is_empty());
-    forms
 }
 
 /// `%XX` sequences decoded, as the HTTP stack decodes a URL's user and
@@ -274,50 +291,43 @@ impl fmt::Debug for ProxyUrl {
     }
 }
 
-/// The forms of proxy credentials to scrub for `key`: its own proxy's, or
-/// when it has none, those of the proxy variables in the environment
-/// (read once: tokend never changes its environment).
-pub(crate) fn proxy_secret_forms(key: &KeyConfig) -> Vec<Zeroizing<String>> {
-    static FROM_ENVIRONMENT: OnceLock<Vec<Zeroizing<String>>> = OnceLock::new();
+/// Has `scrubber` look for the proxy credentials of `key`: its own
+/// proxy's, or when it has none, those of the proxy variables in the
+/// environment (read once: tokend never changes its environment).
+pub(crate) fn add_proxy_secrets(key: &KeyConfig, scrubber: &mut Scrubber) {
+    static FROM_ENVIRONMENT: OnceLock<Vec<ProxyCredentials>> = OnceLock::new();
     if let Some(proxy) = &key.proxy {
-        return proxy.secret_forms();
+        return proxy.add_secrets_to(scrubber);
     }
-    FROM_ENVIRONMENT
-        .get_or_init(|| {
-            const VARIABLES: [&str; 6] = [
-                "HTTPS_PROXY",
-                "https_proxy",
-                "HTTP_PROXY",
-                "http_proxy",
-                "ALL_PROXY",
-                "all_proxy",
-            ];
-            VARIABLES
-                .iter()
-                .filter_map(|name| std::env::var(name).ok().map(Zeroizing::new))
-                .flat_map(|text| environment_forms(&text))
-                .collect()
-        })
-        .clone()
+    let found = FROM_ENVIRONMENT.get_or_init(|| {
+        const VARIABLES: [&str; 6] = [
+            "HTTPS_PROXY",
+            "https_proxy",
+            "HTTP_PROXY",
+            "http_proxy",
+            "ALL_PROXY",
+            "all_proxy",
+        ];
+        VARIABLES
+            .iter()
+            .filter_map(|name| std::env::var(name).ok().map(Zeroizing::new))
+            .filter_map(|text| environment_credentials(&text))
+            .collect()
+    });
+    for credentials in found {
+        credentials.add_to(scrubber);
+    }
 }
 
-/// The credential forms of a proxy variable's value, read as the HTTP
-/// stack reads it: any scheme, and `http://` when it has none.
-fn environment_forms(text: &str) -> Vec<Zeroizing<String>> {
+/// The credentials in a proxy variable's value, read as the HTTP stack
+/// reads it: any scheme, and `http://` when it has none.
+fn environment_credentials(text: &str) -> Option<ProxyCredentials> {
     let full = if text.contains("://") {
         Zeroizing::new(text.to_owned())
     } else {
         Zeroizing::new(format!("http://{text}"))
     };
-    let Ok(url) = Url::parse(&full) else {
-        return Vec::new();
-    };
-    let mut forms = credential_forms(&url);
-    if !forms.is_empty() {
-        forms.push(Zeroizing::new(text.to_owned()));
-        forms.push(Zeroizing::new(String::from(url)));
-    }
-    forms
+    ProxyCredentials::of(&Url::parse(&full).ok()?)
 }
 
 /// Why a key's client certificate or private key cannot be used. Messages
@@ -757,46 +767,68 @@ mod tests {
         }
         let plain = ProxyUrl::parse("http://proxy.corp:3128").unwrap();
         assert!(!plain.has_credentials());
-        assert!(plain.secret_forms().is_empty());
+        let mut scrubber = Scrubber::none();
+        plain.add_secrets_to(&mut scrubber);
+        assert!(scrubber.is_empty());
         assert_eq!(plain.shown(), "http://proxy.corp:3128");
         assert_eq!(format!("{plain:?}"), "ProxyUrl(http://proxy.corp:3128)");
     }
 
     #[test]
-    fn proxy_credentials_never_show_and_every_form_is_known() {
+    fn proxy_credentials_never_show_and_every_form_is_scrubbed() {
         let proxy = ProxyUrl::parse("http://alice:p%40ss%3Aw0rd@proxy.corp:3128").unwrap();
         assert!(proxy.has_credentials());
         assert_eq!(proxy.shown(), "http://proxy.corp:3128");
         let debug = format!("{proxy:?}");
         assert_eq!(debug, "ProxyUrl(http://[redacted]@proxy.corp:3128)");
-        let forms: Vec<String> = proxy.secret_forms().iter().map(|f| f.to_string()).collect();
+        let mut scrubber = Scrubber::none();
+        proxy.add_secrets_to(&mut scrubber);
         let basic = base64::engine::general_purpose::STANDARD.encode("alice:p@ss:w0rd");
         for form in [
             "p@ss:w0rd",
             "p%40ss%3Aw0rd",
+            "p%40ss%3aw0rd",
             "alice:p@ss:w0rd",
             basic.as_str(),
         ] {
-            assert!(forms.iter().any(|f| f == form), "{form} missing");
+            assert_eq!(
+                scrubber.scrub(&format!("<{form}>")),
+                "<[redacted]>",
+                "{form}"
+            );
         }
+        let url = "http://alice:p%40ss%3Aw0rd@proxy.corp:3128";
+        assert_eq!(scrubber.scrub(url), "http://[redacted]@proxy.corp:3128");
+        // The user alone is not the credential.
+        assert_eq!(scrubber.scrub("user alice"), "user alice");
+    }
+
+    #[test]
+    fn a_user_without_a_password_is_the_credential() {
+        let proxy = ProxyUrl::parse("http://tok3n-in-user@proxy:3128").unwrap();
+        let mut scrubber = Scrubber::none();
+        proxy.add_secrets_to(&mut scrubber);
+        assert_eq!(scrubber.scrub("as tok3n-in-user"), "as [redacted]");
     }
 
     #[test]
     fn credentials_in_proxy_variables_are_found_as_curl_reads_them() {
-        let basic = base64::engine::general_purpose::STANDARD.encode("u:s3cret");
+        let basic = base64::engine::general_purpose::STANDARD.encode("u:s3cret-value");
         for value in [
-            "u:s3cret@proxy:3128",
-            "https://u:s3cret@proxy:3128",
-            "socks5h://u:s3cret@p",
+            "u:s3cret-value@proxy:3128",
+            "https://u:s3cret-value@proxy:3128",
+            "socks5h://u:s3cret%2Dvalue@p",
         ] {
-            let forms: Vec<String> = environment_forms(value)
-                .iter()
-                .map(|f| f.to_string())
-                .collect();
-            assert!(forms.iter().any(|f| f == "s3cret"), "{value}: {forms:?}");
-            assert!(forms.contains(&basic), "{value}");
+            let mut scrubber = Scrubber::none();
+            environment_credentials(value)
+                .expect("credentials")
+                .add_to(&mut scrubber);
+            for form in ["s3cret-value", "s3cret%2dvalue", basic.as_str()] {
+                let shown = scrubber.scrub(&format!("({form})"));
+                assert_eq!(shown, "([redacted])", "{value}: {form}");
+            }
         }
-        assert!(environment_forms("http://proxy:3128").is_empty());
+        assert!(environment_credentials("http://proxy:3128").is_none());
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! `ca_file` per key and in `[daemon]`, the system store (as
 //! `SSL_CERT_FILE` replaces it), a reload that changes a CA file, and a
 //! CONNECT proxy named per key or in `HTTPS_PROXY` (and bypassed by
-//! `NO_PROXY`), whose credentials never reach the log. `tokend check`
+//! `NO_PROXY`), whose credentials never reach the log, even when the proxy
+//! quotes them back in an encoding of its own. `tokend check`
 //! errors for these settings name FILE:LINE:COL.
 
 mod support;
@@ -14,9 +15,9 @@ use std::time::Duration;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 use serde_json::{json, Value};
-use support::cli::{check, check_error};
+use support::cli::{check, check_error, run, tokend};
 use support::daemon::{assert_same_token, write_private, Answer, Daemon};
-use support::issuer::{ClientSpec, Dialect, Issuer};
+use support::issuer::{holds_part_of, ClientSpec, Dialect, Echo, Issuer};
 use support::keys::{secrets, Key};
 use support::proxy::ConnectProxy;
 use support::tls::{daemon, TestCa, TlsListener};
@@ -269,6 +270,92 @@ async fn https_proxy_is_honoured_and_no_proxy_bypasses_it() {
     let mut used = secrets(&[&issuer], &[SECRET]);
     used.extend(proxy_secrets(&proxy));
     bypassing.stop_and_check_log(&used);
+}
+
+/// A proxy password with a space, a `+` and characters the common
+/// encoders disagree on.
+const SPACED_PASSWORD: &str = "pr0xy pa55+w0rd~!*9d";
+
+/// Asserts `text` holds no run of [`SPACED_PASSWORD`] in any encoding,
+/// and says where without printing it.
+fn assert_no_part_of_password(text: &str, what: &str) {
+    assert!(
+        !holds_part_of(text, SPACED_PASSWORD),
+        "{what} holds a part of the proxy password ({} bytes of text)",
+        text.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxys_re_encodings_of_its_password_never_reach_answers_status_or_a_trace_log() {
+    // A plain-http issuer: the proxy answers the request itself, as it
+    // would for any issuer it refuses to reach.
+    let issuer = Issuer::start(vec![ClientSpec::checkout(ID, SECRET, &[])]).await;
+    let mut proxies = Vec::new();
+    for echo in Echo::ALL {
+        proxies.push(ConnectProxy::echoing(PROXY_USER, SPACED_PASSWORD, echo).await);
+    }
+    // In the URL every byte but letters and digits is percent-encoded,
+    // the space as %20; the HTTP stack decodes them before it sends them.
+    let written: String =
+        percent_encoding::utf8_percent_encode(SPACED_PASSWORD, percent_encoding::NON_ALPHANUMERIC)
+            .to_string();
+    let keys: String = proxies
+        .iter()
+        .enumerate()
+        .map(|(i, proxy)| {
+            let url = proxy.url_with(PROXY_USER, &written);
+            key(
+                &format!("k{i}"),
+                &issuer,
+                &format!("proxy = {}", toml::Value::String(url)),
+            )
+        })
+        .collect();
+    let daemon = daemon().env("RUST_LOG", "trace").keys(&keys).start();
+    let basic = STANDARD.encode(format!("{PROXY_USER}:{SPACED_PASSWORD}"));
+    // Every encoding is tried before any assertion, so a failure names
+    // them all.
+    let mut leaked = Vec::new();
+    for (i, echo) in Echo::ALL.iter().enumerate() {
+        let answer = daemon.call(get(&format!("k{i}"))).await;
+        assert_eq!(answer["error"]["code"], "unavailable", "{echo:?}");
+        let message = answer["error"]["message"].as_str().expect("a message");
+        assert!(
+            message.contains("the upstream refused"),
+            "{echo:?}: the proxy's words are shown"
+        );
+        if !message.contains("[redacted]") || holds_part_of(&answer.0.to_string(), SPACED_PASSWORD)
+        {
+            leaked.push(echo);
+        }
+        let seen = proxies[i].wait_for(1, Duration::from_secs(5)).await;
+        assert!(
+            seen[0].authorization.as_deref() == Some(&format!("Basic {basic}")),
+            "{echo:?}: the proxy was not sent the decoded password"
+        );
+    }
+    assert!(
+        leaked.is_empty(),
+        "the get answer holds a part of the proxy password, unredacted, for {leaked:?}"
+    );
+    assert!(
+        issuer.requests().is_empty(),
+        "the proxies answered every request"
+    );
+    let status = daemon.call(json!({"op": "status"})).await;
+    assert_no_part_of_password(&status.0.to_string(), "the status answer");
+    let mut command = tokend();
+    command
+        .args(["status", "--json", "--socket"])
+        .arg(&daemon.socket);
+    assert_no_part_of_password(&run(command, b"").await.stdout, "tokend status --json");
+    let log = daemon.log();
+    assert!(log.contains(" TRACE "), "trace level is on");
+    assert_no_part_of_password(&log, "the trace log");
+    let mut used = secrets(&[&issuer], &[SECRET]);
+    used.extend(Echo::ALL.iter().map(|e| e.encode(SPACED_PASSWORD)));
+    daemon.stop_and_check_log(&used);
 }
 
 const KEY_HEAD: &str = "[keys.a]\ntoken_url = \"https://issuer.example/t\"\nclient_id = \"i\"\n\

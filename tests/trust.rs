@@ -1,6 +1,6 @@
 //! The trust boundary, tried as an attacker and an operator on a current
 //! distribution would (issue 9): an issuer that echoes the secret in every
-//! form we send it, secret files as systemd 254 and later write them,
+//! form we send it, or re-encoded with its own encoder (issue 19), secret files as systemd 254 and later write them,
 //! mistyped secrets and absurd values in `tokend check`, FIFOs where a
 //! secret file should be, and a reload that cannot read its files.
 
@@ -15,7 +15,7 @@ use base64::Engine as _;
 use serde_json::json;
 use support::cli::{as_caller, run, tokend, Ran};
 use support::daemon::{test_user, tokend_for_anyone, write_private, Daemon};
-use support::issuer::{ClientSpec, Dialect, Fault, Issuer};
+use support::issuer::{holds_part_of, ClientSpec, Dialect, Echo, Fault, Issuer};
 use support::keys::{secrets, Key};
 
 /// A secret whose form-urlencoded and Basic forms differ from it.
@@ -133,6 +133,102 @@ async fn issuer_echoes_of_the_secret_never_reach_answers_status_or_a_trace_log()
     let mut secrets = forms;
     secrets.push(SECRET[..5].to_owned());
     daemon.stop_and_check_log(&secrets);
+}
+
+/// A secret with a space, a `+`, non-ASCII, and each character the common
+/// encoders disagree on (`~!'()*`).
+const MIXED_SECRET: &str = "s3cr+t v/al=ue~!'()*:\u{fc}n\u{ef} 42";
+
+/// Asserts `text` holds no run of [`MIXED_SECRET`] in any encoding, and
+/// says where without printing it.
+fn assert_no_part_of_mixed(text: &str, what: &str) {
+    assert!(
+        !holds_part_of(text, MIXED_SECRET),
+        "{what} holds a part of the secret ({} bytes of text)",
+        text.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_secret_re_encoded_by_the_issuer_never_reaches_answers_status_or_a_trace_log() {
+    let issuer = Issuer::start(vec![ClientSpec::checkout(CLIENT, MIXED_SECRET, &[])]).await;
+    let mut cases: Vec<(String, Fault)> = Echo::ALL
+        .iter()
+        .map(|&echo| (format!("{echo:?}"), Fault::EchoSecret { echo, keep: None }))
+        .collect();
+    // An issuer that bounds its descriptions, cutting two thirds of the
+    // way in and in the middle of an escape.
+    let js = Echo::EncodeUriComponent.encode(MIXED_SECRET);
+    let from = js.len() * 2 / 3;
+    let keep = from + js[from..].find('%').expect("an escape in the last third") + 2;
+    cases.push((
+        "cut".into(),
+        Fault::EchoSecret {
+            echo: Echo::EncodeUriComponent,
+            keep: Some(keep),
+        },
+    ));
+    // One key per case, so each get reaches the issuer: half Basic, half
+    // the secret in the body.
+    let keys: String = (0..cases.len())
+        .map(|i| {
+            Key::new(&format!("k{i}"))
+                .issuer(&issuer, Dialect::Checkout)
+                .client(CLIENT, MIXED_SECRET)
+                .allow_uids(&[0])
+                .extra(if i % 2 == 0 {
+                    "auth = \"basic\""
+                } else {
+                    "auth = \"post\""
+                })
+                .toml()
+        })
+        .collect();
+    let daemon = Daemon::builder()
+        .keys(&keys)
+        .env("RUST_LOG", "trace")
+        .start();
+    // Every case is tried before any assertion, so a failure names them all.
+    let mut leaked = Vec::new();
+    for (i, (what, fault)) in cases.iter().enumerate() {
+        issuer.set_fault(Some(fault.clone()));
+        let answer = daemon
+            .call(json!({"op": "get", "key": format!("k{i}")}))
+            .await;
+        assert_eq!(answer["error"]["code"], "unavailable", "{what}");
+        let message = answer["error"]["message"].as_str().expect("a message");
+        if !message.contains("wrong client_secret [redacted]")
+            || holds_part_of(&answer.0.to_string(), MIXED_SECRET)
+        {
+            leaked.push(what.as_str());
+        }
+    }
+    assert!(
+        leaked.is_empty(),
+        "the get answer holds a part of the secret, unredacted, for {leaked:?}"
+    );
+    assert_eq!(issuer.requests().len(), cases.len());
+    let status = daemon.call(json!({"op": "status"})).await;
+    assert_no_part_of_mixed(&status.0.to_string(), "the status answer");
+    let mut command = tokend();
+    command
+        .args(["status", "--json", "--socket"])
+        .arg(&daemon.socket);
+    let printed = run(command, b"").await;
+    assert!(
+        printed.stdout.contains("[redacted]"),
+        "tokend status --json (exit {:?}) shows no redaction",
+        printed.code
+    );
+    assert_no_part_of_mixed(&printed.stdout, "tokend status --json");
+    let mut command = tokend();
+    command.args(["status", "--socket"]).arg(&daemon.socket);
+    assert_no_part_of_mixed(&run(command, b"").await.stdout, "tokend status");
+    let log = daemon.log();
+    assert!(log.contains(" TRACE "), "trace level is on");
+    assert_no_part_of_mixed(&log, "the trace log");
+    let echoed: Vec<String> = Echo::ALL.iter().map(|e| e.encode(MIXED_SECRET)).collect();
+    daemon.stop_and_check_log(&echoed);
 }
 
 /// The secret as systemd 254 and later deliver it: root, mode 0400, and an

@@ -152,6 +152,77 @@ pub enum Fault {
         scope: String,
         fault: Box<Fault>,
     },
+    /// A 401 `invalid_client` whose description ends with the client
+    /// secret the request carried, written back as `echo` writes it, and
+    /// cut to its first `keep` bytes when given, as an issuer that bounds
+    /// its descriptions cuts it.
+    EchoSecret {
+        echo: Echo,
+        keep: Option<usize>,
+    },
+}
+
+/// How an issuer or a proxy re-encodes a secret it quotes: the encoders
+/// that servers use, none of them the one tokend sends with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Echo {
+    /// JavaScript's `encodeURIComponent`: `A-Za-z0-9-_.!~*'()` left as
+    /// they are, `%XX` for every other byte, `%20` for a space.
+    EncodeUriComponent,
+    /// Python's `urllib.parse.quote_plus`: `A-Za-z0-9_.-~` left, `+` for
+    /// a space.
+    QuotePlus,
+    /// Form encoding with lowercase hex (`%2b`), `+` for a space.
+    LowercasePlus,
+    /// Form encoding with lowercase hex, `%20` for a space.
+    LowercasePercent20,
+}
+
+impl Echo {
+    pub const ALL: [Echo; 4] = [
+        Echo::EncodeUriComponent,
+        Echo::QuotePlus,
+        Echo::LowercasePlus,
+        Echo::LowercasePercent20,
+    ];
+
+    /// `text` as this encoder writes it; always ASCII.
+    pub fn encode(self, text: &str) -> String {
+        let (kept, space, lowercase) = match self {
+            Echo::EncodeUriComponent => ("-_.!~*'()", "%20", false),
+            Echo::QuotePlus => ("-_.~", "+", false),
+            Echo::LowercasePlus => ("-_.*", "+", true),
+            Echo::LowercasePercent20 => ("-_.*", "%20", true),
+        };
+        let mut out = String::new();
+        for byte in text.bytes() {
+            match byte {
+                b' ' => out.push_str(space),
+                b if b.is_ascii_alphanumeric() || kept.as_bytes().contains(&b) => {
+                    out.push(char::from(b));
+                }
+                b if lowercase => write!(out, "%{b:02x}").expect("write to a String"),
+                b => write!(out, "%{b:02X}").expect("write to a String"),
+            }
+        }
+        out
+    }
+}
+
+/// Whether `text`, as written or form-decoded, holds 8 bytes in a row of
+/// `secret`, as written or form-decoded: what tokend must never repeat.
+pub fn holds_part_of(text: &str, secret: &str) -> bool {
+    const RUN: usize = 8;
+    let texts = [text.to_owned(), form_decode(text)];
+    let secrets = [secret.to_owned(), form_decode(secret)];
+    texts.iter().any(|text| {
+        secrets.iter().any(|secret| {
+            secret
+                .as_bytes()
+                .windows(RUN)
+                .any(|run| text.as_bytes().windows(RUN).any(|w| w == run))
+        })
+    })
 }
 
 impl Fault {
@@ -416,6 +487,9 @@ impl Shared {
         if let Some(outcome) = fault.and_then(Outcome::for_fault) {
             return outcome;
         }
+        if let Some(Fault::EchoSecret { echo, keep }) = fault {
+            return Outcome::echoing(request, *echo, *keep);
+        }
         let Some(dialect) = Dialect::for_path(&request.path) else {
             return Outcome::json(StatusCode::NOT_FOUND, json!({ "error": "not_found" }));
         };
@@ -670,7 +744,7 @@ fn parse_basic(authorization: Option<&str>) -> BasicAuth {
 
 /// `application/x-www-form-urlencoded` decoding of one value: `+` is a space,
 /// `%XX` a byte; a `%` without two hex digits stays literal.
-fn form_decode(text: &str) -> String {
+pub fn form_decode(text: &str) -> String {
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -759,6 +833,24 @@ impl Outcome {
         }
     }
 
+    /// [`Fault::EchoSecret`]'s answer to `request`.
+    fn echoing(request: &Incoming, echo: Echo, keep: Option<usize>) -> Outcome {
+        let secret = request
+            .credentials(Dialect::Checkout)
+            .map_or("", |(_, secret)| secret);
+        let mut written = echo.encode(secret);
+        if let Some(keep) = keep {
+            written.truncate(keep);
+        }
+        Outcome::json(
+            StatusCode::UNAUTHORIZED,
+            json!({
+                "error": "invalid_client",
+                "error_description": format!("wrong client_secret {written}"),
+            }),
+        )
+    }
+
     /// The faults that answer before any validation.
     fn for_fault(fault: &Fault) -> Option<Outcome> {
         match fault {
@@ -799,7 +891,8 @@ impl Outcome {
             | Fault::LowercaseTokenType
             | Fault::HugeBody(_)
             | Fault::Members(_)
-            | Fault::ForScope { .. } => None,
+            | Fault::ForScope { .. }
+            | Fault::EchoSecret { .. } => None,
         }
     }
 
