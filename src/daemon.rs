@@ -62,6 +62,8 @@ pub async fn serve(config_path: &Path) -> anyhow::Result<()> {
     let mut signals = Signals::new()?;
     hardening::apply();
     let notifier = Arc::new(Notifier::from_env());
+    // From here on, a failed start removes the socket file it made (see
+    // `Socket`'s drop).
     let mut socket = Socket::open(&config.daemon)?;
     let metrics_endpoint = Endpoint::bind(&config.daemon)?;
     let shutdown = Shutdown::new();
@@ -216,11 +218,20 @@ struct Socket {
     shown: String,
 }
 
+/// A start that fails after the socket was bound (`?` in [`serve`]) must
+/// not leave its file behind for the next start to trip over.
+impl Drop for Socket {
+    fn drop(&mut self) {
+        self.remove();
+    }
+}
+
 impl Socket {
-    /// Removes the socket file, when tokend made it.
-    fn remove(&self) {
-        if let Some(path) = &self.owned {
-            if let Err(e) = std::fs::remove_file(path) {
+    /// Removes the socket file, when tokend made it and has not yet
+    /// removed it.
+    fn remove(&mut self) {
+        if let Some(path) = self.owned.take() {
+            if let Err(e) = std::fs::remove_file(&path) {
                 tracing::warn!(socket = %path.display(), "failed to remove the socket: {e}");
             }
         }
