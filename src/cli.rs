@@ -314,18 +314,27 @@ fn status(
         timeout,
     }: &Listing,
 ) -> u8 {
-    let keys = match client::status(socket, timeout) {
-        Ok(keys) => keys,
+    let answer = match client::status(socket, timeout) {
+        Ok(answer) => answer,
         Err(err) => return client_failure(&err),
     };
-    let rows = report::status_rows(&keys);
+    let rows = report::status_rows(&answer.keys);
+    let endpoint = answer.metrics_endpoint.as_ref();
     let text = if json {
-        report::status_json(&rows) + "\n"
+        report::status_json(&rows, endpoint) + "\n"
     } else {
         let out = std::io::stdout();
         let colour =
             out.is_terminal() && std::env::var_os("NO_COLOR").map_or(true, |v| v.is_empty());
-        report::status_table(&rows, SystemTime::now(), colour)
+        let now = SystemTime::now();
+        let mut text = report::status_table(&rows, now, colour);
+        // The exit status stays about tokens: the endpoint is shown, and
+        // judged by whoever scrapes it.
+        if let Some(endpoint) = endpoint {
+            text.push('\n');
+            text.push_str(&report::endpoint_line(endpoint, now));
+        }
+        text
     };
     if rows.is_empty() {
         eprintln!("tokend: no keys to show: status lists the keys this user may read");

@@ -553,7 +553,11 @@ async fn hold_connections(
     let mut first = Some(connected);
     loop {
         let stream = tokio::select! {
-            stream = tokio::net::TcpStream::connect(&endpoint) => stream.expect("connect"),
+            stream = tokio::net::TcpStream::connect(&endpoint) => match stream {
+                Ok(stream) => stream,
+                // The daemon is gone: the test is ending.
+                Err(_) => return,
+            },
             () = stop.cancelled() => return,
         };
         if let Some(connected) = first.take() {
