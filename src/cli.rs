@@ -96,10 +96,13 @@ pub enum Command {
         after_help = "One row per key and scope set the caller may see (tokend's own user, when not \
                       root, sees every key). STATE is fresh, refreshing, failing, expired, never \
                       fetched or paused (the key's issuer asked for quiet or rejected the \
-                      credentials). Colour on a terminal only, never with NO_COLOR.\n\nExit status: \
+                      credentials). Colour on a terminal only, never with NO_COLOR. With \
+                      metrics_listen set, a line under the table says whether the metrics endpoint \
+                      listens, and why not.\n\nExit status: \
                       0 every prefetch set holds a token with more than min_valid left and its last \
                       refresh did not fail, 1 otherwise (or the daemon refused), 3 the daemon could \
-                      not be reached: a health check for a timer unit, a load balancer hook or nagios."
+                      not be reached: a health check for a timer unit, a load balancer hook or nagios. \
+                      The metrics endpoint does not change it."
     )]
     Status(Listing),
     /// List the keys the caller may read, with their allowed scopes.
