@@ -14,10 +14,10 @@
 //! HTTP/1.1 requires exactly one `Host:` (RFC 9112, section 3.2): none or
 //! two make the request malformed. An HTTP/1.0 request may lack it; no
 //! browser sends one without it, so it cannot come from a rebinding page,
-//! and it is answered (`printf 'GET /metrics HTTP/1.0\r\n\r\n' | nc …`
-//! keeps working). When the request target carries an authority (absolute
-//! form), that authority is the one judged: RFC 9112, section 3.2.2, makes
-//! it the one that counts.
+//! and it is answered (a hand-typed `GET /metrics HTTP/1.0` through
+//! `socat` keeps working). When the request target carries an authority
+//! (absolute form), that authority is the one judged: RFC 9112, section
+//! 3.2.2, makes it the one that counts.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
