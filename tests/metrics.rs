@@ -3,8 +3,10 @@
 //! scraped with a real HTTP client and read by a real Prometheus text
 //! parser after a known sequence of gets, failures, refusals and reloads,
 //! callers unable to add series with made-up key names, and `tokend check`
-//! keeping the endpoint on loopback. Callers under other uids need the
-//! users `scripts/test-setup` creates.
+//! keeping the endpoint on loopback. Then the endpoint against other local
+//! users (issue 19): a port bound before tokend's, connections held silent
+//! or dripping, and requests addressed to another host (DNS rebinding).
+//! Callers under other uids need the users `scripts/test-setup` creates.
 
 mod support;
 
