@@ -98,10 +98,13 @@ pub enum Command {
         after_help = "One row per key and scope set the caller may see (tokend's own user, when not \
                       root, sees every key). STATE is fresh, refreshing, failing, expired, never \
                       fetched or paused (the key's issuer asked for quiet or rejected the \
-                      credentials). Colour on a terminal only, never with NO_COLOR.\n\nExit status: \
+                      credentials). Colour on a terminal only, never with NO_COLOR. With \
+                      metrics_listen set, a line under the table says whether the metrics endpoint \
+                      listens, and why not.\n\nExit status: \
                       0 every prefetch set holds a token with more than min_valid left and its last \
                       refresh did not fail, 1 otherwise (or the daemon refused), 3 the daemon could \
-                      not be reached: a health check for a timer unit, a load balancer hook or nagios."
+                      not be reached: a health check for a timer unit, a load balancer hook or nagios. \
+                      The metrics endpoint does not change it."
     )]
     Status(Listing),
     /// List the keys the caller may read, with their allowed scopes.
@@ -364,18 +367,27 @@ fn status(
         timeout,
     }: &Listing,
 ) -> u8 {
-    let keys = match client::status(socket, timeout) {
-        Ok(keys) => keys,
+    let answer = match client::status(socket, timeout) {
+        Ok(answer) => answer,
         Err(err) => return client_failure(&err),
     };
-    let rows = report::status_rows(&keys);
+    let rows = report::status_rows(&answer.keys);
+    let endpoint = answer.metrics_endpoint.as_ref();
     let text = if json {
-        printable::json(&report::status_json(&rows)).into_owned() + "\n"
+        printable::json(&report::status_json(&rows, endpoint)).into_owned() + "\n"
     } else {
         let out = std::io::stdout();
         let colour =
             out.is_terminal() && std::env::var_os("NO_COLOR").map_or(true, |v| v.is_empty());
-        report::status_table(&rows, SystemTime::now(), colour)
+        let now = SystemTime::now();
+        let mut text = report::status_table(&rows, now, colour);
+        // The exit status stays about tokens: the endpoint is shown, and
+        // judged by whoever scrapes it.
+        if let Some(endpoint) = endpoint {
+            text.push('\n');
+            text.push_str(&report::endpoint_line(endpoint, now));
+        }
+        text
     };
     if rows.is_empty() {
         eprintln!("tokend: no keys to show: status lists the keys this user may read");

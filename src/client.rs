@@ -15,8 +15,8 @@ use zeroize::{Zeroize, Zeroizing};
 
 use crate::printable;
 use crate::protocol::{
-    self, ErrorBody, KeyInfo, KeyStatus, KeysAnswer, MetricsAnswer, Op, ReloadAnswer, Request,
-    StatusAnswer, TokenAnswer,
+    self, ErrorBody, KeyInfo, KeysAnswer, MetricsAnswer, Op, ReloadAnswer, Request, StatusAnswer,
+    TokenAnswer,
 };
 use crate::secret::AccessToken;
 
@@ -146,10 +146,10 @@ pub fn reload(socket: &Path, timeout: Duration) -> Result<usize, ClientError> {
     Ok(answer.keys)
 }
 
-/// The daemon's view of every key the caller may see, set by set.
-pub fn status(socket: &Path, timeout: Duration) -> Result<Vec<KeyStatus>, ClientError> {
-    let answer: StatusAnswer = ask(socket, Op::Status, timeout)?;
-    Ok(answer.keys)
+/// The daemon's view of every key the caller may see, set by set, and of
+/// its metrics endpoint.
+pub fn status(socket: &Path, timeout: Duration) -> Result<StatusAnswer, ClientError> {
+    ask(socket, Op::Status, timeout)
 }
 
 /// The keys the caller may read, with their allowed scopes.

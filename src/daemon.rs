@@ -5,8 +5,11 @@
 //! before the socket exists, the socket is listening before prefetch starts
 //! and before systemd hears `READY=1` (a slow issuer must not hold up boot
 //! or callers of other keys), and on shutdown the socket file goes last,
-//! after every answer in flight was written. A socket systemd passed is
-//! neither bound nor removed here: it is systemd's.
+//! after every answer in flight was written (a start that fails after
+//! binding it removes it too). A socket systemd passed is neither bound nor
+//! removed here: it is systemd's. The metrics endpoint is tried before
+//! `READY=1` too, but its address being taken costs no token service: the
+//! endpoint keeps trying on its own ([`crate::metrics::http`]).
 //!
 //! [`serve`] reads top to bottom: start-up, the signal loop, and shutdown
 //! in a straight line through the two phases of one [`Shutdown`] (stop
@@ -34,7 +37,8 @@ use crate::config::{self, Config, DaemonConfig};
 use crate::hardening;
 use crate::issuer::IssuerClient;
 use crate::logging::Logging;
-use crate::metrics::{self, http::Endpoint};
+use crate::metrics;
+use crate::metrics::http::{Endpoint, Health};
 use crate::server::{self, Limits};
 use crate::service::{ReloadAsked, Service};
 use crate::shutdown::Shutdown;
@@ -62,8 +66,10 @@ pub async fn serve(config_path: &Path) -> anyhow::Result<()> {
     let mut signals = Signals::new()?;
     hardening::apply();
     let notifier = Arc::new(Notifier::from_env());
+    // From here on, a failed start removes the socket file it made (see
+    // `Socket`'s drop).
     let mut socket = Socket::open(&config.daemon)?;
-    let metrics_endpoint = Endpoint::bind(&config.daemon)?;
+    let metrics_endpoint = Endpoint::open(&config.daemon);
     let shutdown = Shutdown::new();
     // Reloads asked over the socket (`tokend reload`, systemd's
     // ExecReload=) queue here; the signal loop below runs them.
@@ -76,6 +82,7 @@ pub async fn serve(config_path: &Path) -> anyhow::Result<()> {
         notifier.clone(),
         logging,
         reload_requests,
+        metrics_endpoint.as_ref().map(Endpoint::health),
     )?;
     let server = tokio::spawn(server::run(
         socket
@@ -216,11 +223,20 @@ struct Socket {
     shown: String,
 }
 
+/// A start that fails after the socket was bound (`?` in [`serve`]) must
+/// not leave its file behind for the next start to trip over.
+impl Drop for Socket {
+    fn drop(&mut self) {
+        self.remove();
+    }
+}
+
 impl Socket {
-    /// Removes the socket file, when tokend made it.
-    fn remove(&self) {
-        if let Some(path) = &self.owned {
-            if let Err(e) = std::fs::remove_file(path) {
+    /// Removes the socket file, when tokend made it and has not yet
+    /// removed it.
+    fn remove(&mut self) {
+        if let Some(path) = self.owned.take() {
+            if let Err(e) = std::fs::remove_file(&path) {
                 tracing::warn!(socket = %path.display(), "failed to remove the socket: {e}");
             }
         }
@@ -307,6 +323,9 @@ struct Reloader {
     reload_requests: mpsc::Sender<ReloadAsked>,
     /// Handed to every new service: the audit log outlives reloads.
     audit: Arc<Audit>,
+    /// Handed to every new service: the metrics endpoint's health, when
+    /// `metrics_listen` is set.
+    endpoint: Option<watch::Receiver<Health>>,
 }
 
 impl Reloader {
@@ -318,6 +337,7 @@ impl Reloader {
         notifier: Arc<Notifier>,
         logging: Logging,
         reload_requests: mpsc::Sender<ReloadAsked>,
+        endpoint: Option<watch::Receiver<Health>>,
     ) -> anyhow::Result<Reloader> {
         let issuer =
             IssuerClient::for_config(&config).context("failed to set up the HTTP clients")?;
@@ -328,9 +348,10 @@ impl Reloader {
         let config = Arc::new(config);
         let cache = TokenCache::new(&config, issuer.clone(), owners.clone(), shutdown.deadline());
         let service = Service::new(config, cache, shutdown.deadline(), audit.clone())
-            .with_reloads(reload_requests.clone());
+            .with_reloads(reload_requests.clone())
+            .with_endpoint(endpoint.clone());
         let (current, services) = watch::channel(Arc::new(service));
-        let status = Arc::new(Status::new(notifier.clone(), services));
+        let status = Arc::new(Status::new(notifier.clone(), services, endpoint.clone()));
         Ok(Reloader {
             path: path.to_owned(),
             current,
@@ -342,6 +363,7 @@ impl Reloader {
             logging,
             reload_requests,
             audit,
+            endpoint,
         })
     }
 
@@ -409,7 +431,8 @@ impl Reloader {
                 self.shutdown.deadline(),
                 self.audit.clone(),
             )
-            .with_reloads(self.reload_requests.clone()),
+            .with_reloads(self.reload_requests.clone())
+            .with_endpoint(self.endpoint.clone()),
         );
         // From here on every request, on new connections and open ones
         // alike, is answered by the new service; requests already in
@@ -460,21 +483,28 @@ impl Reloader {
     }
 }
 
-/// The STATUS= line systemd shows: the current cache in numbers, and the
-/// last reload's error until a reload succeeds.
+/// The STATUS= line systemd shows: the current cache in numbers, the
+/// metrics endpoint while it cannot listen, and the last reload's error
+/// until a reload succeeds.
 struct Status {
     notifier: Arc<Notifier>,
     services: watch::Receiver<Arc<Service>>,
+    endpoint: Option<watch::Receiver<Health>>,
     reload_error: Mutex<Option<String>>,
     /// The last line sent, so an unchanged one is not sent again.
     sent: Mutex<String>,
 }
 
 impl Status {
-    fn new(notifier: Arc<Notifier>, services: watch::Receiver<Arc<Service>>) -> Status {
+    fn new(
+        notifier: Arc<Notifier>,
+        services: watch::Receiver<Arc<Service>>,
+        endpoint: Option<watch::Receiver<Health>>,
+    ) -> Status {
         Status {
             notifier,
             services,
+            endpoint,
             reload_error: Mutex::default(),
             sent: Mutex::default(),
         }
@@ -487,6 +517,14 @@ impl Status {
 
     fn line_of(&self, summary: &CacheSummary) -> String {
         let mut line = systemd::status_line(summary);
+        let endpoint = self
+            .endpoint
+            .as_ref()
+            .and_then(|e| e.borrow().status_note());
+        if let Some(note) = endpoint {
+            line.push_str("; ");
+            line.push_str(&note);
+        }
         if let Some(error) = &*lock(&self.reload_error) {
             line.push_str("; last reload failed: ");
             line.push_str(error);
@@ -507,12 +545,16 @@ impl Status {
     }
 
     /// Sends the line when it changed: after an owner published an
-    /// outcome or ended, after a reload, or when a fresh token drops under
-    /// `min_valid`; at most once per [`STATUS_GAP`]. Nothing wakes an idle
-    /// daemon for it.
+    /// outcome or ended, after a reload, when a fresh token drops under
+    /// `min_valid`, or when the metrics endpoint's health changed; at most
+    /// once per [`STATUS_GAP`]. Nothing wakes an idle daemon for it.
     async fn run(self: Arc<Self>, stop: CancellationToken) {
         let mut services = self.services.clone();
+        let mut endpoint = self.endpoint.clone();
         loop {
+            if let Some(endpoint) = endpoint.as_mut() {
+                endpoint.mark_unchanged();
+            }
             let service = services.borrow_and_update().clone();
             let summary = service.cache().summary();
             self.send_if_changed(self.line_of(&summary)).await;
@@ -526,6 +568,7 @@ impl Status {
                 () = service.cache().changed() => {}
                 () = stale => {}
                 changed = services.changed() => if changed.is_err() { return },
+                () = health_changed(&mut endpoint) => {}
                 () = stop.cancelled() => return,
             }
             tokio::select! {
@@ -547,6 +590,19 @@ impl Status {
         if changed {
             self.notifier.notify(&format!("STATUS={line}")).await;
         }
+    }
+}
+
+/// Returns when the endpoint's health changes; never when there is no
+/// endpoint, or once it has stopped.
+async fn health_changed(endpoint: &mut Option<watch::Receiver<Health>>) {
+    let stopped = match endpoint.as_mut() {
+        Some(health) => health.changed().await.is_err(),
+        None => true,
+    };
+    if stopped {
+        *endpoint = None;
+        std::future::pending::<()>().await;
     }
 }
 

@@ -108,7 +108,7 @@ pub enum Response {
     Pong,
     Token(TokenAnswer),
     Keys(Vec<KeyInfo>),
-    Status(Vec<KeyStatus>),
+    Status(StatusAnswer),
     Reloaded(ReloadAnswer),
     Metrics(MetricsAnswer),
     Error(ErrorBody),
@@ -155,10 +155,45 @@ pub struct KeyStatus {
     pub sets: Vec<SetStatus>,
 }
 
-/// The body of a `status` answer, as a client reads it.
-#[derive(Debug, Deserialize)]
+/// The body of a `status` answer.
+#[derive(Debug, Serialize, Deserialize)]
 pub struct StatusAnswer {
     pub keys: Vec<KeyStatus>,
+    /// The HTTP metrics endpoint, when `metrics_listen` is set: whether it
+    /// listens. Absent otherwise, and from daemons that predate it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_endpoint: Option<EndpointStatus>,
+}
+
+/// Whether the HTTP metrics endpoint listens. Failing to bind its address
+/// (another process holds it) leaves token service running; the bind is
+/// retried, and this says so.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointStatus {
+    /// The address it listens on, or the configured one it cannot bind.
+    pub address: String,
+    pub state: EndpointState,
+    /// Why the last attempt to bind failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// When the first failed attempt was made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failing_since: Option<String>,
+    /// Failed attempts so far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempts: Option<u32>,
+    /// Whole seconds (rounded up) until the next attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_attempt_in: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EndpointState {
+    /// Serving scrapes.
+    Listening,
+    /// The address could not be bound; another attempt is scheduled.
+    Retrying,
 }
 
 /// The state of one cached (key, scope set). Never a token or a secret.
@@ -439,7 +474,7 @@ pub fn encode(id: Option<&Value>, response: &Response) -> Zeroizing<Vec<u8>> {
         ),
         Response::Token(answer) => line(true, id, answer, true),
         Response::Keys(keys) => line(true, id, Keys { keys }, false),
-        Response::Status(keys) => line(true, id, Keys { keys }, false),
+        Response::Status(status) => line(true, id, status, false),
         Response::Reloaded(reloaded) => line(true, id, reloaded, false),
         Response::Metrics(metrics) => line(true, id, metrics, false),
         Response::Error(error) => line(false, id, Failure { error }, false),

@@ -14,7 +14,7 @@ use anstyle::{AnsiColor, Style};
 use serde::Serialize;
 
 use crate::printable;
-use crate::protocol::{KeyInfo, KeyStatus, SetHealth, SetStatus};
+use crate::protocol::{EndpointState, EndpointStatus, KeyInfo, KeyStatus, SetHealth, SetStatus};
 
 /// One row of `tokend status`, as `--json` prints it. Times are RFC 3339
 /// UTC, durations whole seconds; absent fields are `null`.
@@ -80,16 +80,20 @@ fn row<'a>(key: &'a str, set: &'a SetStatus) -> StatusRow<'a> {
     }
 }
 
-/// `--json`: the rows and the verdict the exit status gives.
-pub fn status_json(rows: &[StatusRow<'_>]) -> String {
+/// `--json`: the rows, the verdict the exit status gives, and the metrics
+/// endpoint as the daemon reported it (left out when it has none).
+pub fn status_json(rows: &[StatusRow<'_>], endpoint: Option<&EndpointStatus>) -> String {
     #[derive(Serialize)]
     struct Report<'r, 'a> {
         healthy: bool,
         sets: &'r [StatusRow<'a>],
+        #[serde(skip_serializing_if = "Option::is_none")]
+        metrics_endpoint: Option<&'r EndpointStatus>,
     }
     let report = Report {
         healthy: rows.iter().all(|row| row.healthy),
         sets: rows,
+        metrics_endpoint: endpoint,
     };
     // Strings, numbers and enums only: serde_json cannot fail on them.
     serde_json::to_string_pretty(&report).unwrap_or_default()
@@ -134,6 +138,38 @@ pub fn status_table(rows: &[StatusRow<'_>], now: SystemTime, colour: bool) -> St
     table(&header, &cells, |row, column| {
         (colour && column == 3).then(|| styles[row])
     })
+}
+
+/// The line `tokend status` prints under its table for the metrics
+/// endpoint, at `now`. Its words come from whatever daemon answered, so
+/// they are shown by the one printable rule before they reach a terminal.
+pub fn endpoint_line(endpoint: &EndpointStatus, now: SystemTime) -> String {
+    let address = printable::one_line(&endpoint.address);
+    match endpoint.state {
+        EndpointState::Listening => format!("metrics endpoint: listening on {address}\n"),
+        EndpointState::Retrying => {
+            let mut line = format!("metrics endpoint: not listening on {address}");
+            if let Some(error) = &endpoint.error {
+                let _ = write!(line, ": {}", printable::one_line(error));
+            }
+            if let Some(attempts) = endpoint.attempts {
+                let plural = if attempts == 1 { "" } else { "s" };
+                let _ = write!(line, "; {attempts} failed attempt{plural}");
+            }
+            if let Some(since) = &endpoint.failing_since {
+                let _ = write!(
+                    line,
+                    ", the first {}",
+                    printable::one_line(&ago(since, now))
+                );
+            }
+            if let Some(next) = endpoint.next_attempt_in {
+                let _ = write!(line, "; next in {}", span(next));
+            }
+            line.push('\n');
+            line
+        }
+    }
 }
 
 /// The table `tokend keys` prints.
@@ -357,12 +393,52 @@ mod tests {
             ],
         }];
         let rows = status_rows(&keys);
-        let json: serde_json::Value = serde_json::from_str(&status_json(&rows)).unwrap();
+        let json: serde_json::Value = serde_json::from_str(&status_json(&rows, None)).unwrap();
         assert_eq!(json["healthy"], true);
         assert_eq!(json["sets"][0]["key"], "payments");
         assert_eq!(json["sets"][0]["state"], "fresh");
         assert_eq!(json["sets"][1]["state"], "expired");
         assert_eq!(json["sets"][1]["last_error"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn the_metrics_endpoint_line_says_why_it_does_not_listen() {
+        let now = humantime::parse_rfc3339("2026-11-26T10:01:00Z").unwrap();
+        let mut endpoint = EndpointStatus {
+            address: "127.0.0.1:9464".into(),
+            state: EndpointState::Retrying,
+            error: Some("Address already in use (os error 98)".into()),
+            failing_since: Some("2026-11-26T09:58:40Z".into()),
+            attempts: Some(5),
+            next_attempt_in: Some(16),
+        };
+        assert_eq!(
+            endpoint_line(&endpoint, now),
+            "metrics endpoint: not listening on 127.0.0.1:9464: Address already in use \
+             (os error 98); 5 failed attempts, the first 2m 20s ago; next in 16s\n"
+        );
+        endpoint.error = Some("in use\x1b]0;pwned\x07\nkey: ok".into());
+        let line = endpoint_line(&endpoint, now);
+        assert!(
+            !line.trim_end().contains(['\x1b', '\x07', '\n']),
+            "{line:?}"
+        );
+        let listening = EndpointStatus {
+            address: "[::1]:9464".into(),
+            state: EndpointState::Listening,
+            error: None,
+            failing_since: None,
+            attempts: None,
+            next_attempt_in: None,
+        };
+        assert_eq!(
+            endpoint_line(&listening, now),
+            "metrics endpoint: listening on [::1]:9464\n"
+        );
+        let json: serde_json::Value =
+            serde_json::from_str(&status_json(&[], Some(&listening))).unwrap();
+        assert_eq!(json["metrics_endpoint"]["state"], "listening");
+        assert!(json["metrics_endpoint"].get("error").is_none(), "{json}");
     }
 
     fn strip_escapes(text: &str) -> String {
@@ -396,7 +472,7 @@ mod tests {
         let lines: Vec<&str> = table.lines().collect();
         assert!(!lines[1].contains('@'), "{table}");
         assert!(lines[2].contains("vault @ https://api.example/"), "{table}");
-        let json: serde_json::Value = serde_json::from_str(&status_json(&rows)).unwrap();
+        let json: serde_json::Value = serde_json::from_str(&status_json(&rows, None)).unwrap();
         assert!(json["sets"][0].get("resource").is_none(), "{json}");
         assert_eq!(json["sets"][1]["resource"], "https://api.example/");
     }

@@ -9,18 +9,19 @@
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use zeroize::Zeroizing;
 
 use crate::audit::{self, Audit, Event, ReloadAsker, ReloadOutcome};
 use crate::cache::{CachedToken, GetError, SetId, TokenCache};
 use crate::config::{Config, KeyConfig};
+use crate::metrics::http::Health;
 use crate::metrics::{self, MetricsError};
 use crate::peer::{self, Caller};
 use crate::protocol::{
     self, ErrorBody, ErrorCode, KeyInfo, KeyStatus, MetricsAnswer, Op, ReloadAnswer, Response,
-    SetHealth, SetState, SetStatus, TokenLine,
+    SetHealth, SetState, SetStatus, StatusAnswer, TokenLine,
 };
 use crate::scope::ScopeSet;
 
@@ -42,6 +43,9 @@ pub(crate) struct Service {
     audit: Arc<Audit>,
     /// The gets counters of this configuration's keys.
     gets: metrics::GetCounters,
+    /// Whether the HTTP metrics endpoint listens, when there is one: the
+    /// endpoint outlives reloads, and every service reports it.
+    endpoint: Option<watch::Receiver<Health>>,
 }
 
 /// A reload asked for over the socket, and where its outcome goes: the
@@ -68,12 +72,19 @@ impl Service {
             needs_names,
             audit,
             gets,
+            endpoint: None,
         }
     }
 
     /// Lets privileged callers ask for a reload over the socket.
     pub(crate) fn with_reloads(mut self, reloads: mpsc::Sender<ReloadAsked>) -> Service {
         self.reloads = Some(reloads);
+        self
+    }
+
+    /// Reports the HTTP metrics endpoint's health in `status` answers.
+    pub(crate) fn with_endpoint(mut self, endpoint: Option<watch::Receiver<Health>>) -> Service {
+        self.endpoint = endpoint;
         self
     }
 
@@ -105,7 +116,12 @@ impl Service {
         let response = match request.op {
             Op::Ping => Response::Pong,
             Op::Keys => Response::Keys(self.keys(caller)),
-            Op::Status => Response::Status(self.status(caller)),
+            Op::Status => Response::Status(StatusAnswer {
+                keys: self.status(caller),
+                // Every caller may see it: whether a port is bound is no
+                // secret (`ss -ltn` shows it to anyone).
+                metrics_endpoint: self.endpoint.as_ref().map(|e| e.borrow().report()),
+            }),
             Op::Reload => match self.reload(caller).await {
                 Ok(keys) => Response::Reloaded(ReloadAnswer { keys }),
                 Err(error) => Response::Error(error),

@@ -88,6 +88,46 @@ fn serve_expecting_failure(
     )
 }
 
+/// A start that fails after the socket is bound (here: the HTTP clients
+/// cannot be built, because the trust store `SSL_CERT_FILE` names holds no
+/// usable certificate) must not leave the socket file behind: under
+/// systemd's restarts, each failed start would otherwise find it there.
+#[test]
+fn a_start_that_fails_after_binding_the_socket_removes_it() {
+    let dir = tempfile::tempdir().expect("dir");
+    let socket = dir.path().join("tokend.sock");
+    let config = dir.path().join("tokend.toml");
+    write_private(
+        &config,
+        &format!("[daemon]\nsocket = {:?}\n", socket.display().to_string()),
+    );
+    let bundle = dir.path().join("bad-ca.pem");
+    std::fs::write(
+        &bundle,
+        "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n",
+    )
+    .expect("write the bundle");
+    let out = Command::new(TOKEND)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("SSL_CERT_FILE", &bundle)
+        .env_remove("SSL_CERT_DIR")
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("LISTEN_FDS")
+        .output()
+        .expect("run tokend");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("failed to set up the HTTP clients"),
+        "{stderr}"
+    );
+    assert!(
+        std::fs::symlink_metadata(&socket).is_err(),
+        "the socket file was left behind; stderr:\n{stderr}"
+    );
+}
+
 #[test]
 fn refuses_a_regular_file_or_symlink_at_the_socket_path() {
     let dir = tempfile::tempdir().expect("dir");

@@ -3,19 +3,24 @@
 //! scraped with a real HTTP client and read by a real Prometheus text
 //! parser after a known sequence of gets, failures, refusals and reloads,
 //! callers unable to add series with made-up key names, and `tokend check`
-//! keeping the endpoint on loopback. Callers under other uids need the
-//! users `scripts/test-setup` creates.
+//! keeping the endpoint on loopback. Then the endpoint against other local
+//! users (issue 19): a port bound before tokend's, connections held silent
+//! or dripping, and requests addressed to another host (DNS rebinding).
+//! Callers under other uids need the users `scripts/test-setup` creates.
 
 mod support;
 
 use std::collections::BTreeSet;
 use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 use prometheus_parse::{Scrape, Value};
 use serde_json::json;
 use support::cli::{as_caller, run, tokend, Ran};
 use support::daemon::{
-    assert_log_clean, test_user, tokend_for_anyone, write_private, Daemon, TestUser,
+    assert_log_clean, test_user, tokend_for_anyone, write_private, Daemon, TestUser, PATIENCE,
 };
 use support::issuer::{ClientSpec, Dialect, Fault, Issuer};
 use support::keys::{secrets, tables, Key};
@@ -360,45 +365,338 @@ async fn ten_thousand_gets_for_made_up_key_names_add_no_series() {
     daemon.stop_and_check_log(&secrets(&[&issuer], &[SECRET, OTHER_SECRET]));
 }
 
+/// Item 4 of issue 19: a local user who binds `metrics_listen`'s port
+/// first must not stop token service. The daemon starts, serves tokens,
+/// logs the failure once however often it retries, shows it in `status`
+/// and on systemd's status line, and takes the port once it is free.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn scrapers_that_send_nothing_are_cut_off_and_hold_no_more_than_eight_slots() {
+async fn a_squatted_metrics_port_is_retried_while_tokens_are_served() {
+    let squatter = std::net::TcpListener::bind("127.0.0.1:0").expect("squat a port");
+    let wanted = squatter.local_addr().expect("address").to_string();
+    let issuer = Issuer::start(vec![
+        ClientSpec::checkout("payments-client", SECRET, &["gateway", "vault"]),
+        ClientSpec::checkout("billing-client", OTHER_SECRET, &[]),
+    ])
+    .await;
+    let mut daemon = Daemon::builder()
+        .daemon_lines(&format!(
+            "metrics_listen = \"{wanted}\"\nmetrics_allow_uids = [0]"
+        ))
+        .keys(&keys(&issuer))
+        .notify()
+        .start();
+    assert_eq!(get(&daemon, "payments", &["gateway"]).await["ok"], true);
+
+    // The status answer says why there is no endpoint, and that it is
+    // being retried; wait for a few retries to have failed.
+    let deadline = std::time::Instant::now() + PATIENCE;
+    let failing = loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "fewer than 3 attempts to bind within {PATIENCE:?}"
+        );
+        let answer = daemon.call(json!({"op": "status"})).await;
+        assert_eq!(answer["ok"], true, "{answer}");
+        let endpoint = answer["metrics_endpoint"].clone();
+        assert_eq!(endpoint["state"], "retrying", "{answer}");
+        if endpoint["attempts"].as_u64().is_some_and(|n| n >= 3) {
+            break endpoint;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(failing["address"], wanted.as_str(), "{failing}");
+    let error = failing["error"].as_str().expect("an error");
+    assert!(error.contains("in use"), "{failing}");
+    assert!(failing["failing_since"].is_string(), "{failing}");
+    assert!(
+        failing["next_attempt_in"].as_u64().is_some_and(|s| s <= 30),
+        "{failing}"
+    );
+    // The keys are in the answer as before.
+    assert_eq!(get(&daemon, "payments", &["gateway"]).await["ok"], true);
+
+    let status = |json: bool| {
+        let mut command = tokend();
+        command.arg("status").arg("--socket").arg(&daemon.socket);
+        if json {
+            command.arg("--json");
+        }
+        run(command, b"")
+    };
+    let table = status(false).await;
+    let line = table
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("metrics endpoint"))
+        .unwrap_or_else(|| panic!("no metrics endpoint line: {table:?}"));
+    assert!(
+        line.contains(&wanted) && line.contains("not listening") && line.contains("in use"),
+        "{table:?}"
+    );
+    let json = status(true).await;
+    let json: serde_json::Value = serde_json::from_str(&json.stdout).expect("status --json");
+    assert_eq!(json["metrics_endpoint"]["state"], "retrying", "{json}");
+    assert_eq!(
+        json["metrics_endpoint"]["address"],
+        wanted.as_str(),
+        "{json}"
+    );
+    // systemd's status line says it too.
+    let says = |m: &support::systemd::Message| {
+        m.get("STATUS")
+            .is_some_and(|s| s.contains("metrics endpoint") && s.contains(&wanted))
+    };
+    let (seen, _) = daemon
+        .notify()
+        .wait_until(0, "STATUS= naming the metrics endpoint", says);
+
+    // Once the port is free, the next attempt takes it (the wait between
+    // attempts is at most 30 s).
+    drop(squatter);
+    daemon.wait_for_log_count_within("serving metrics over HTTP", 1, Duration::from_secs(35));
+    let http = reqwest::Client::new();
+    let text = scrape(&http, &wanted).await;
+    assert!(text.contains("tokend_build_info"), "{text}");
+    let answer = daemon.call(json!({"op": "status"})).await;
+    assert_eq!(answer["metrics_endpoint"]["state"], "listening", "{answer}");
+    assert_eq!(
+        answer["metrics_endpoint"]["address"],
+        wanted.as_str(),
+        "{answer}"
+    );
+    assert!(
+        answer["metrics_endpoint"].get("error").is_none(),
+        "{answer}"
+    );
+    daemon
+        .notify()
+        .wait_until(seen, "STATUS= without the metrics endpoint", |m| {
+            m.get("STATUS")
+                .is_some_and(|s| !s.contains("metrics endpoint"))
+        });
+
+    let log = daemon.stop_and_check_log(&secrets(&[&issuer], &[SECRET, OTHER_SECRET]));
+    let failures = log.matches("failed to listen on metrics_listen").count();
+    assert_eq!(failures, 1, "the failure is logged once:\n{log}");
+    let recoveries = log.matches("serving metrics over HTTP").count();
+    assert_eq!(recoveries, 1, "the recovery is logged once:\n{log}");
+}
+
+/// Item 5 of issue 19: a local user holding connections to the endpoint,
+/// some silent and some dripping header bytes, more than the endpoint
+/// serves at once and each reopened as soon as the daemon closes it,
+/// must not keep a scraper out. Each scrape must be answered within
+/// Prometheus's default scrape timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scrapes_are_answered_within_ten_seconds_while_others_hold_idle_and_dripping_connections() {
+    const HOLDERS: usize = 64;
     let (issuer, mut daemon) =
         setup("metrics_listen = \"127.0.0.1:0\"\nmetrics_allow_uids = [0]").await;
     let endpoint = endpoint(&mut daemon);
-    let http = reqwest::Client::new();
-    // Eight connections that never send a request take every slot.
-    let mut idle = Vec::new();
-    for _ in 0..8 {
-        idle.push(
-            tokio::net::TcpStream::connect(&endpoint)
-                .await
-                .expect("connect"),
-        );
+    let stop = tokio_util::sync::CancellationToken::new();
+    let closed = Arc::new(AtomicUsize::new(0));
+    let (connected, mut first_connects) = tokio::sync::mpsc::channel(2 * HOLDERS);
+    let mut attackers = Vec::new();
+    for drip in [false, true] {
+        for _ in 0..HOLDERS {
+            attackers.push(tokio::spawn(hold_connections(
+                endpoint.clone(),
+                drip,
+                connected.clone(),
+                closed.clone(),
+                stop.clone(),
+            )));
+        }
     }
-    // A ninth scrape waits in the backlog until the header timeout (5 s)
-    // frees the slots, then is served.
-    let started = std::time::Instant::now();
-    let text = tokio::time::timeout(std::time::Duration::from_secs(15), scrape(&http, &endpoint))
-        .await
-        .expect("served once the idle connections were cut off");
-    let waited = started.elapsed();
-    assert!(text.contains("tokend_build_info"), "{text}");
+    // Every holder has its first connection open before anyone scrapes.
+    for _ in 0..2 * HOLDERS {
+        first_connects.recv().await.expect("a holder connected");
+    }
+
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .expect("client");
+    for round in 1..=3 {
+        let text = tokio::time::timeout(Duration::from_secs(10), scrape(&http, &endpoint))
+            .await
+            .unwrap_or_else(|_| {
+                panic!("scrape {round} not answered within 10 s while connections were held")
+            });
+        assert!(text.contains("tokend_build_info"), "{text}");
+    }
     assert!(
-        waited >= std::time::Duration::from_secs(4),
-        "served after {waited:?}: more than eight connections were taken at once"
+        attackers.iter().all(|a| !a.is_finished()),
+        "a holder gave up: the scrapes did not run under the whole load"
     );
-    // The idle ones were closed by the daemon.
-    for mut stream in idle {
-        let mut byte = [0u8; 1];
-        let read = tokio::time::timeout(
-            std::time::Duration::from_secs(1),
-            tokio::io::AsyncReadExt::read(&mut stream, &mut byte),
-        )
-        .await
-        .expect("closed, not still waiting");
-        assert!(!matches!(read, Ok(n) if n > 0), "{read:?}");
+    assert!(
+        closed.load(Ordering::Relaxed) > 0,
+        "the daemon never closed a held connection"
+    );
+    stop.cancel();
+    for attacker in attackers {
+        attacker.await.expect("holder");
     }
     daemon.stop_and_check_log(&secrets(&[&issuer], &[SECRET, OTHER_SECRET]));
+}
+
+/// One hostile holder: keeps a connection to `endpoint` open, sending
+/// nothing or (`drip`) a never-ending header a byte at a time, and opens
+/// another as soon as the daemon closes it, until `stop`. Reports its
+/// first connection on `connected` and counts each close in `closed`.
+async fn hold_connections(
+    endpoint: String,
+    drip: bool,
+    connected: tokio::sync::mpsc::Sender<()>,
+    closed: Arc<AtomicUsize>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    use tokio::io::AsyncReadExt;
+    let mut first = Some(connected);
+    loop {
+        let stream = tokio::select! {
+            stream = tokio::net::TcpStream::connect(&endpoint) => match stream {
+                Ok(stream) => stream,
+                // The daemon is gone: the test is ending.
+                Err(_) => return,
+            },
+            () = stop.cancelled() => return,
+        };
+        if let Some(connected) = first.take() {
+            connected
+                .send(())
+                .await
+                .expect("report the first connection");
+        }
+        let (mut read, mut write) = stream.into_split();
+        let header = b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Drip: ";
+        let mut sent = 0usize;
+        let mut ticks = tokio::time::interval(Duration::from_millis(200));
+        let mut byte = [0u8; 1];
+        loop {
+            tokio::select! {
+                // EOF or a reset: the daemon closed it.
+                _ = read.read(&mut byte) => break,
+                _ = ticks.tick(), if drip => {
+                    let next = header.get(sent).copied().unwrap_or(b'a');
+                    sent += 1;
+                    if write.write_all(&[next]).await.is_err() {
+                        break;
+                    }
+                }
+                () = stop.cancelled() => return,
+            }
+        }
+        closed.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Item 12a of issue 19: a web page in a browser on the host must not read
+/// the metrics through DNS rebinding, which reaches the endpoint with the
+/// page's own host name in `Host:`. Only the endpoint's address and
+/// `localhost` are answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_endpoint_answers_only_requests_addressed_to_it() {
+    let (issuer, mut daemon) =
+        setup("metrics_listen = \"127.0.0.1:0\"\nmetrics_allow_uids = [0]").await;
+    let address = endpoint(&mut daemon);
+    let port = address.rsplit_once(':').expect("a port").1.to_owned();
+    let ok = |host: &str| format!("GET /metrics HTTP/1.1\r\nHost: {host}\r\n\r\n");
+    for host in [
+        address.clone(),
+        "127.0.0.1".to_owned(),
+        format!("localhost:{port}"),
+        "localhost".to_owned(),
+        format!("LocalHost:{port}"),
+    ] {
+        let (status, body) = raw_request(&address, &ok(&host)).await;
+        assert_eq!(status, 200, "Host: {host}: {body}");
+        assert!(body.contains("tokend_build_info"), "Host: {host}");
+    }
+    for host in [
+        format!("attacker.example:{port}"),
+        "attacker.example".to_owned(),
+        format!("127.0.0.2:{port}"),
+        format!("localhost:{}", port.parse::<u16>().expect("port") ^ 1),
+        format!("localhost.attacker.example:{port}"),
+        format!("user@127.0.0.1:{port}"),
+        format!("[::1]:{port}"),
+    ] {
+        let (status, body) = raw_request(&address, &ok(&host)).await;
+        assert_eq!(status, 421, "Host: {host}: {body}");
+        assert!(
+            !body.contains("tokend_") && body.len() < 200,
+            "Host: {host}: {body}"
+        );
+    }
+    // The authority of an absolute-form target is the one that counts.
+    let (status, _) = raw_request(
+        &address,
+        &format!("GET http://attacker.example:{port}/metrics HTTP/1.1\r\nHost: {address}\r\n\r\n"),
+    )
+    .await;
+    assert_eq!(status, 421);
+    // HTTP/1.1 requires Host (RFC 9112, 3.2); a browser always sends one,
+    // so an HTTP/1.0 request without it is no browser's and is answered.
+    let (status, _) = raw_request(&address, "GET /metrics HTTP/1.1\r\n\r\n").await;
+    assert_eq!(status, 400);
+    let (status, body) = raw_request(&address, "GET /metrics HTTP/1.0\r\n\r\n").await;
+    assert_eq!(status, 200, "{body}");
+    let (status, _) = raw_request(
+        &address,
+        &format!("GET /metrics HTTP/1.1\r\nHost: {address}\r\nHost: attacker.example\r\n\r\n"),
+    )
+    .await;
+    assert_eq!(status, 400);
+    daemon.stop_and_check_log(&secrets(&[&issuer], &[SECRET, OTHER_SECRET]));
+
+    // On IPv6 the address is bracketed, with or without the port.
+    let (issuer, mut daemon) = setup("metrics_listen = \"[::1]:0\"").await;
+    let v6 = endpoint(&mut daemon);
+    let port = v6.rsplit_once(':').expect("a port").1.to_owned();
+    for host in [v6.clone(), "[::1]".to_owned(), format!("localhost:{port}")] {
+        let (status, _) = raw_request(&v6, &ok(&host)).await;
+        assert_eq!(status, 200, "Host: {host}");
+    }
+    for host in [
+        format!("127.0.0.1:{port}"),
+        "::1".to_owned(),
+        format!("[::2]:{port}"),
+    ] {
+        let (status, _) = raw_request(&v6, &ok(&host)).await;
+        assert_eq!(status, 421, "Host: {host}");
+    }
+    daemon.stop_and_check_log(&secrets(&[&issuer], &[SECRET, OTHER_SECRET]));
+}
+
+/// Sends `request` as it is on a fresh connection to `endpoint` and reads
+/// the answer to its end (the endpoint closes after one): its status code
+/// and body.
+async fn raw_request(endpoint: &str, request: &str) -> (u16, String) {
+    use tokio::io::AsyncReadExt;
+    let mut stream = tokio::net::TcpStream::connect(endpoint)
+        .await
+        .expect("connect");
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .expect("send the request");
+    let mut answer = Vec::new();
+    tokio::time::timeout(PATIENCE, stream.read_to_end(&mut answer))
+        .await
+        .expect("an answer in time")
+        .expect("read the answer");
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    let status = answer
+        .strip_prefix("HTTP/1.1 ")
+        .or_else(|| answer.strip_prefix("HTTP/1.0 "))
+        .and_then(|rest| rest.get(..3))
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer: {answer:?}"));
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map_or(String::new(), |(_, body)| body.to_owned());
+    (status, body)
 }
 
 #[tokio::test]

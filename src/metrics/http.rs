@@ -1,234 +1,283 @@
-//! The HTTP `/metrics` endpoint (`[daemon] metrics_listen`): a bound TCP
-//! listener, its accept loop, and one HTTP/1 exchange per connection.
+//! The HTTP `/metrics` endpoint (`[daemon] metrics_listen`): binding its
+//! address, and saying whether it could.
 //!
-//! It serves the metrics and nothing else: any other path is 404, any
-//! other method 405. Whoever can connect may read them (there is no peer
-//! uid over TCP), which is why the configuration keeps the address on
-//! loopback unless the operator says otherwise.
+//! It serves the metrics and nothing else (see [`answer`]). Whoever can
+//! connect may read them (there is no peer uid over TCP), which is why the
+//! configuration keeps the address on loopback unless the operator says
+//! otherwise; [`host`] keeps web pages out, [`connections`] keeps holders
+//! of connections from locking scrapers out.
 //!
-//! A scraper gets no more of the daemon than a few connections' worth:
-//! at most [`MAX_SCRAPERS`] at once (the next waits in the kernel's
-//! backlog until one ends), headers must arrive within
-//! [`HEADER_READ_TIMEOUT`] and fit in [`MAX_BUFFER`], and a whole
-//! connection ends after [`CONNECTION_LIMIT`]. One request per
-//! connection: an idle keep-alive connection would hold a slot for nothing.
-//! HTTP itself is hyper's; this module only decides what to answer.
+//! The endpoint is an extra: its address being taken must not cost token
+//! service. Any local user can bind a free port above 1023 before tokend
+//! does, so a failure to bind is not fatal. It is logged once, shown by
+//! [`Health`] (in `status` and on systemd's status line), and the bind is
+//! tried again with backoff, [`FIRST_RETRY`] doubling up to
+//! [`MAX_RETRY`]. When an attempt succeeds, that is logged once and the
+//! health says so. Attempts go on until the daemon stops: what holds the
+//! port may let go at any time.
 
-use std::convert::Infallible;
+mod answer;
+mod connections;
+mod host;
+
+use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper::header::{ALLOW, CONTENT_TYPE};
-use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::config::DaemonConfig;
+use crate::protocol::{EndpointState, EndpointStatus};
 use crate::service::Service;
 
-/// Scrapers served at once. Prometheus keeps one scrape per target in
-/// flight; a few more leave room for a person with curl.
-const MAX_SCRAPERS: usize = 8;
-/// From a connection's start to its request's last header line.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
-/// A whole connection, request and answer. Rendering takes microseconds;
-/// what this bounds is a scraper that does not read the answer.
-const CONNECTION_LIMIT: Duration = Duration::from_secs(10);
-/// hyper's read buffer, and so the most a request's headers may take: a
-/// scrape request is a few hundred bytes. hyper's floor is 8 KiB.
-const MAX_BUFFER: usize = 16 * 1024;
-/// The only path served.
-const PATH: &str = "/metrics";
+/// The wait after the first failed bind; each failure doubles it.
+const FIRST_RETRY: Duration = Duration::from_secs(1);
+/// The longest wait between two attempts to bind: how long the endpoint
+/// stays away, at most, once its address is free again.
+const MAX_RETRY: Duration = Duration::from_secs(30);
 
-/// Why the endpoint could not be set up.
-#[derive(Debug, thiserror::Error)]
-pub(crate) enum EndpointError {
-    #[error("failed to listen on metrics_listen {address}: {cause}")]
-    Bind {
-        address: SocketAddr,
-        cause: std::io::Error,
-    },
+/// The endpoint, bound or waiting to be, until [`Endpoint::run`] serves it.
+pub(crate) struct Endpoint {
+    bound: Result<TcpListener, Retrying>,
+    health: watch::Sender<Health>,
 }
 
-/// The bound listener, until [`Endpoint::run`] serves it.
-pub(crate) struct Endpoint {
-    listener: TcpListener,
-    address: SocketAddr,
+/// Whether the endpoint is serving.
+#[derive(Debug, Clone)]
+pub(crate) enum Health {
+    /// Serving on this address (the port the kernel picked, for port 0).
+    Listening(SocketAddr),
+    /// The address could not be bound; another attempt is due.
+    Retrying(Retrying),
+}
+
+/// Failed attempts to bind, and when the next one is due.
+#[derive(Debug, Clone)]
+pub(crate) struct Retrying {
+    wanted: SocketAddr,
+    /// The last failure, in the system's words.
+    error: String,
+    kind: io::ErrorKind,
+    since: SystemTime,
+    attempts: u32,
+    next_attempt: Instant,
 }
 
 impl Endpoint {
-    /// Binds `metrics_listen`, when set. Done at start-up, before
-    /// readiness, so an address in use fails the start rather than going
-    /// unnoticed.
-    pub(crate) fn bind(daemon: &DaemonConfig) -> Result<Option<Endpoint>, EndpointError> {
-        let Some(wanted) = daemon.metrics_listen else {
-            return Ok(None);
+    /// The endpoint for `metrics_listen`, when set. Its first bind is
+    /// tried here, at start-up, so that a free address serves before
+    /// readiness; a taken one is logged and tried again by
+    /// [`Endpoint::run`] while tokens are served.
+    pub(crate) fn open(daemon: &DaemonConfig) -> Option<Endpoint> {
+        let wanted = daemon.metrics_listen?;
+        let (bound, health) = match bind(wanted) {
+            Ok(listener) => {
+                let address = listener.local_addr().unwrap_or(wanted);
+                (Ok(listener), Health::Listening(address))
+            }
+            Err(cause) => {
+                tracing::error!(
+                    metrics_listen = %wanted,
+                    "failed to listen on metrics_listen {wanted}: {cause}; serving tokens \
+                     without the metrics endpoint and trying again, at most {} apart, until \
+                     the address is free",
+                    humantime::format_duration(MAX_RETRY)
+                );
+                let retrying = Retrying::new(wanted, &cause);
+                (Err(retrying.clone()), Health::Retrying(retrying))
+            }
         };
-        let bind_error = |cause| EndpointError::Bind {
-            address: wanted,
-            cause,
-        };
-        let listener = std::net::TcpListener::bind(wanted).map_err(bind_error)?;
-        listener.set_nonblocking(true).map_err(bind_error)?;
-        // The port the kernel picked, when the configuration said 0.
-        let address = listener.local_addr().map_err(bind_error)?;
-        let listener = TcpListener::from_std(listener).map_err(bind_error)?;
-        Ok(Some(Endpoint { listener, address }))
+        Some(Endpoint {
+            bound,
+            health: watch::Sender::new(health),
+        })
     }
 
-    /// Serves scrapes until `stop`, answering each from the service in
-    /// force then; connections still open at `stop` are dropped.
+    /// The endpoint's health from now on.
+    pub(crate) fn health(&self) -> watch::Receiver<Health> {
+        self.health.subscribe()
+    }
+
+    /// Binds the address when it was taken at start-up, then serves
+    /// scrapes until `stop`, answering each from the service in force then.
     pub(crate) async fn run(
         self,
         services: watch::Receiver<Arc<Service>>,
         stop: CancellationToken,
     ) {
-        tracing::info!(metrics_listen = %self.address, "serving metrics over HTTP");
-        let slots = Arc::new(Semaphore::new(MAX_SCRAPERS));
-        let connections = TaskTracker::new();
-        while let Some((stream, slot)) = self.next(&slots, &stop).await {
-            connections.spawn(exchange(stream, slot, services.clone(), stop.clone()));
-        }
-        connections.close();
-        connections.wait().await;
+        let listener = match self.bound {
+            Ok(listener) => {
+                if let Health::Listening(address) = &*self.health.borrow() {
+                    tracing::info!(metrics_listen = %address, "serving metrics over HTTP");
+                }
+                listener
+            }
+            Err(retrying) => match bind_when_free(retrying, &self.health, &stop).await {
+                Some(listener) => listener,
+                None => return,
+            },
+        };
+        connections::serve(listener, services, stop).await;
     }
+}
 
-    /// The next connection with its slot; `None` once `stop` is cancelled.
-    async fn next(
-        &self,
-        slots: &Arc<Semaphore>,
-        stop: &CancellationToken,
-    ) -> Option<(TcpStream, OwnedSemaphorePermit)> {
-        loop {
-            // A slot first: at the limit, further scrapers wait in the
-            // backlog instead of costing a task each.
-            let slot = tokio::select! {
-                slot = slots.clone().acquire_owned() => slot.ok()?,
-                () = stop.cancelled() => return None,
-            };
-            tokio::select! {
-                accepted = self.listener.accept() => match accepted {
-                    Ok((stream, _)) => return Some((stream, slot)),
-                    Err(e) => {
-                        // EMFILE and friends: back off rather than spin.
-                        tracing::warn!("failed to accept a metrics connection: {e}");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                },
-                () = stop.cancelled() => return None,
+/// Tries to bind `retrying.wanted` whenever an attempt is due, publishing
+/// each outcome in `health`, until it binds (`Some`) or `stop` (`None`).
+/// A failure like the last one is not logged again.
+async fn bind_when_free(
+    mut retrying: Retrying,
+    health: &watch::Sender<Health>,
+    stop: &CancellationToken,
+) -> Option<TcpListener> {
+    let wanted = retrying.wanted;
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep_until(retrying.next_attempt) => {}
+            () = stop.cancelled() => return None,
+        }
+        match bind(wanted) {
+            Ok(listener) => {
+                let address = listener.local_addr().unwrap_or(wanted);
+                health.send_replace(Health::Listening(address));
+                tracing::info!(
+                    metrics_listen = %address,
+                    failed_attempts = retrying.attempts,
+                    "metrics_listen is free again after {} failed attempts: serving metrics over HTTP",
+                    retrying.attempts
+                );
+                return Some(listener);
+            }
+            Err(cause) => {
+                if cause.kind() != retrying.kind {
+                    tracing::warn!(
+                        metrics_listen = %wanted,
+                        "still failing to listen on metrics_listen {wanted}, now: {cause}"
+                    );
+                }
+                retrying.failed_again(&cause);
+                health.send_replace(Health::Retrying(retrying.clone()));
             }
         }
     }
 }
 
-/// Serves one connection, one request, within the limits.
-async fn exchange(
-    stream: TcpStream,
-    slot: OwnedSemaphorePermit,
-    services: watch::Receiver<Arc<Service>>,
-    stop: CancellationToken,
-) {
-    let answer = hyper::service::service_fn(move |request: Request<Incoming>| {
-        let response = respond(&request, &services);
-        async move { Ok::<_, Infallible>(response) }
-    });
-    let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
-        .max_buf_size(MAX_BUFFER)
-        .keep_alive(false);
-    let connection = http.serve_connection(TokioIo::new(stream), answer);
-    tokio::select! {
-        served = tokio::time::timeout(CONNECTION_LIMIT, connection) => match served {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::debug!("metrics connection failed: {e}"),
-            Err(_) => tracing::debug!("closing a metrics connection that took too long"),
-        },
-        () = stop.cancelled() => {}
+/// A listener on `wanted`, registered with the runtime, that is handed
+/// connections once their first bytes arrived (see [`connections`]).
+fn bind(wanted: SocketAddr) -> io::Result<TcpListener> {
+    let listener = std::net::TcpListener::bind(wanted)?;
+    if let Err(e) = defer_accept(&listener) {
+        // Scrapes are still answered; holders of silent connections then
+        // reach the accept loop sooner, which displaces them anyway.
+        tracing::debug!("failed to set TCP_DEFER_ACCEPT on metrics_listen: {e}");
     }
-    drop(slot);
+    listener.set_nonblocking(true)?;
+    TcpListener::from_std(listener)
 }
 
-/// What a request gets: the metrics for `GET /metrics`, 404 for another
-/// path, 405 for another method.
-fn respond<B>(
-    request: &Request<B>,
-    services: &watch::Receiver<Arc<Service>>,
-) -> Response<Full<Bytes>> {
-    match route(request.method(), request.uri().path()) {
-        Route::Metrics => {}
-        Route::NotFound => {
-            return plain(
-                StatusCode::NOT_FOUND,
-                "not found: only /metrics is served\n",
-            )
-        }
-        Route::NotAllowed => {
-            let mut response = plain(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method not allowed: use GET\n",
-            );
-            response
-                .headers_mut()
-                .insert(ALLOW, hyper::header::HeaderValue::from_static("GET"));
-            return response;
-        }
-    }
-    // Cloned out so the watch's lock is not held while rendering.
-    let service = services.borrow().clone();
-    match service.render_metrics() {
-        Ok(text) => {
-            let mut response = Response::new(Full::new(Bytes::from(text)));
-            response.headers_mut().insert(
-                CONTENT_TYPE,
-                hyper::header::HeaderValue::from_static(super::CONTENT_TYPE),
-            );
-            response
-        }
-        Err(e) => {
-            tracing::warn!("{e}");
-            plain(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "failed to render the metrics\n",
-            )
-        }
-    }
-}
+/// How long the kernel keeps a connection that has sent nothing from the
+/// accept loop (`TCP_DEFER_ACCEPT`, in whole seconds).
+const DEFER_ACCEPT: libc::c_int = 2;
 
-/// What a request is for, by its method and path.
-#[derive(Debug, PartialEq, Eq)]
-enum Route {
-    Metrics,
-    NotFound,
-    NotAllowed,
-}
-
-/// The path decides first: another path is not found whatever the method.
-fn route(method: &Method, path: &str) -> Route {
-    if path != PATH {
-        Route::NotFound
-    } else if method != Method::GET {
-        Route::NotAllowed
+/// Sets `TCP_DEFER_ACCEPT` on `listener`: a connection reaches `accept`
+/// only once data arrived on it (or after [`DEFER_ACCEPT`]), so a scrape
+/// arrives with its request already readable. nix has no wrapper for this
+/// option on Linux.
+fn defer_accept(listener: &std::net::TcpListener) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let seconds = DEFER_ACCEPT;
+    // SAFETY: the descriptor is the listener's, open for the whole call;
+    // the kernel reads exactly `size_of::<c_int>()` bytes from a pointer to
+    // `seconds`, which lives until the call returns.
+    let set = unsafe {
+        libc::setsockopt(
+            listener.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            std::ptr::from_ref(&seconds).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if set == 0 {
+        Ok(())
     } else {
-        Route::Metrics
+        Err(io::Error::last_os_error())
     }
 }
 
-fn plain(status: StatusCode, text: &'static str) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from_static(text.as_bytes())));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    response
+impl Retrying {
+    /// After the first failure, `cause`.
+    fn new(wanted: SocketAddr, cause: &io::Error) -> Retrying {
+        Retrying {
+            wanted,
+            error: cause.to_string(),
+            kind: cause.kind(),
+            since: SystemTime::now(),
+            attempts: 1,
+            next_attempt: Instant::now() + retry_delay(1),
+        }
+    }
+
+    /// After another failure, `cause`.
+    fn failed_again(&mut self, cause: &io::Error) {
+        self.attempts = self.attempts.saturating_add(1);
+        self.error = cause.to_string();
+        self.kind = cause.kind();
+        self.next_attempt = Instant::now() + retry_delay(self.attempts);
+    }
+}
+
+/// The wait after `attempts` failed attempts: [`FIRST_RETRY`] doubled for
+/// each failure after the first, at most [`MAX_RETRY`].
+fn retry_delay(attempts: u32) -> Duration {
+    let doublings = attempts.saturating_sub(1).min(16);
+    (FIRST_RETRY * 2u32.pow(doublings)).min(MAX_RETRY)
+}
+
+impl Health {
+    /// What the `status` answer says of the endpoint, now.
+    pub(crate) fn report(&self) -> EndpointStatus {
+        match self {
+            Health::Listening(address) => EndpointStatus {
+                address: address.to_string(),
+                state: EndpointState::Listening,
+                error: None,
+                failing_since: None,
+                attempts: None,
+                next_attempt_in: None,
+            },
+            Health::Retrying(retrying) => {
+                let left = retrying
+                    .next_attempt
+                    .saturating_duration_since(Instant::now());
+                EndpointStatus {
+                    address: retrying.wanted.to_string(),
+                    state: EndpointState::Retrying,
+                    error: Some(retrying.error.clone()),
+                    failing_since: Some(crate::service::rfc3339(retrying.since)),
+                    attempts: Some(retrying.attempts),
+                    // Rounded up: an attempt in 0.3 s is not due "now".
+                    next_attempt_in: Some(left.as_secs() + u64::from(left.subsec_nanos() > 0)),
+                }
+            }
+        }
+    }
+
+    /// What systemd's status line adds while the endpoint is not serving.
+    /// Attempts and times are left out, so the line changes only when the
+    /// trouble does.
+    pub(crate) fn status_note(&self) -> Option<String> {
+        match self {
+            Health::Listening(_) => None,
+            Health::Retrying(retrying) => Some(format!(
+                "metrics endpoint {} not listening ({}), retrying",
+                retrying.wanted, retrying.error
+            )),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -236,14 +285,45 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_get_metrics_is_served() {
-        assert_eq!(route(&Method::GET, "/metrics"), Route::Metrics);
-        for path in ["/", "/metrics/", "/Metrics", "/metrics2", "/debug", ""] {
-            assert_eq!(route(&Method::GET, path), Route::NotFound, "{path}");
-        }
-        for method in [Method::POST, Method::PUT, Method::DELETE, Method::HEAD] {
-            assert_eq!(route(&method, "/metrics"), Route::NotAllowed, "{method}");
-        }
-        assert_eq!(route(&Method::POST, "/other"), Route::NotFound);
+    fn retries_double_from_one_second_up_to_thirty() {
+        let waits: Vec<u64> = (1..=8).map(|n| retry_delay(n).as_secs()).collect();
+        assert_eq!(waits, [1, 2, 4, 8, 16, 30, 30, 30]);
+        assert_eq!(retry_delay(u32::MAX), MAX_RETRY);
+    }
+
+    // The clock is paused: the waits between attempts pass at once.
+    #[tokio::test(start_paused = true)]
+    async fn a_taken_address_is_reported_and_retried_until_it_is_free() {
+        let squatter = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let wanted = squatter.local_addr().unwrap();
+        let text = format!("[daemon]\nmetrics_listen = \"{wanted}\"\n");
+        let config = crate::config::parse(&text, std::path::Path::new("t")).unwrap();
+        let endpoint = Endpoint::open(&config.daemon).unwrap();
+        let mut health = endpoint.health();
+        let report = health.borrow().report();
+        assert_eq!(report.state, EndpointState::Retrying);
+        assert_eq!(report.attempts, Some(1));
+        assert_eq!(report.address, wanted.to_string());
+        assert!(health.borrow().status_note().is_some());
+
+        let stop = CancellationToken::new();
+        let Err(retrying) = endpoint.bound else {
+            panic!("bound a taken address");
+        };
+        let binding = tokio::spawn({
+            let stop = stop.clone();
+            async move { bind_when_free(retrying, &endpoint.health, &stop).await }
+        });
+        health.changed().await.unwrap();
+        assert_eq!(health.borrow_and_update().report().attempts, Some(2));
+        drop(squatter);
+        health.changed().await.unwrap();
+        let listening = health.borrow_and_update().clone();
+        assert!(
+            matches!(listening, Health::Listening(a) if a == wanted),
+            "{listening:?}"
+        );
+        assert_eq!(listening.status_note(), None);
+        assert!(binding.await.unwrap().is_some());
     }
 }
