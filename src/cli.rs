@@ -503,7 +503,7 @@ The proxy to issuers, as curl reads them, for keys without a \fBproxy\fR of thei
 Replace the system trust store (\fI/etc/ssl/certs\fR) that issuers' certificates are checked against, beside tokend's built-in roots and each key's \fBca_file\fR.
 .TP
 \fBJOURNAL_STREAM\fR
-When stderr is the journal, tokend logs to journald with the fields KEY, SCOPES, PEER_UID, PEER_GID, PEER_PID, PEER_EXE, PEER_COMM (the last two informational: a pid can be reused) and ISSUER_STATUS.
+When stderr is the journal, tokend logs to journald with the fields KEY, SCOPES, PEER_UID, PEER_GID, PEER_PID, PEER_EXE, PEER_COMM (the last two informational: a pid can be reused), FINGERPRINT, REPEATS and WINDOW_MS (on audit summaries), ASKED_BY and OUTCOME (on reloads) and ISSUER_STATUS.
 .SH EXIT STATUS
 \fBserve\fR: 0 after a clean stop, 1 on a start-up error. \fBget\fR: 0 token printed, 1 refused or not printed (a control character in the answer, a token that is not visible ASCII), 2 usage error, 3 unreachable. \fBstatus\fR: 0 every prefetch set fresh and not failing, 1 otherwise, 3 unreachable. \fBkeys\fR, \fBmetrics\fR and \fBreload\fR: 0 done, 1 refused, 3 unreachable. For every subcommand that talks to the daemon, no whole answer within \fB--timeout\fR counts as unreachable (3), and a \fB--timeout\fR of 0 is a usage error (2). \fBcheck\fR: 0 valid, 1 invalid (with \fB--online\fR, also when a discovery document cannot be read or used).
 .SH SEE ALSO
