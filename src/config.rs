@@ -47,6 +47,10 @@ const MAX_DURATION: Duration = Duration::from_secs(365 * 86400);
 const MAX_DURATION_TEXT: &str = "365d";
 const MAX_CONNECTIONS: usize = 1_000_000;
 const MAX_REQUEST_BYTES: usize = 16 << 20;
+/// The byte bounds on unread answers: below a few KiB even a short status
+/// would be cut from every batch; past 1 GiB they bound nothing.
+const MIN_UNREAD_BYTES: usize = 4 << 10;
+const MAX_UNREAD_BYTES: usize = 1 << 30;
 const MAX_SCOPE_SETS: usize = 100_000;
 
 /// Settings of the whole daemon.
@@ -70,6 +74,12 @@ pub struct DaemonConfig {
     /// A request line must arrive whole within this of its first byte.
     pub request_timeout_client: Duration,
     pub max_request_bytes: usize,
+    /// Answer bytes one connection may make tokend hold before its next
+    /// request is read (its first answer always goes).
+    pub max_unread_bytes: usize,
+    /// Answer bytes a uid's connections may make tokend hold while their
+    /// callers do not read; past it each gets one answer at a time.
+    pub max_unread_bytes_per_uid: usize,
     /// The log level when `RUST_LOG` does not set one.
     pub log_level: LevelFilter,
     /// Whether token handouts are audit lines at info (`true`) or only
@@ -628,6 +638,10 @@ struct RawDaemon {
     request_timeout_client: Duration,
     #[serde(deserialize_with = "request_bytes")]
     max_request_bytes: usize,
+    #[serde(deserialize_with = "unread_bytes")]
+    max_unread_bytes: usize,
+    #[serde(deserialize_with = "unread_bytes")]
+    max_unread_bytes_per_uid: usize,
     #[serde(deserialize_with = "log_level")]
     log_level: LevelFilter,
     audit: bool,
@@ -651,6 +665,13 @@ impl Default for RawDaemon {
             idle_timeout: Duration::from_secs(30),
             request_timeout_client: Duration::from_secs(10),
             max_request_bytes: 65536,
+            // A batch of 64 gets, the most one write carries, is far
+            // smaller; a status of many keys fills it with a few answers.
+            max_unread_bytes: 256 << 10,
+            // Sixteen connections' full batches; with one answer more per
+            // connection past it, the most one local user can make tokend
+            // hold for callers that do not read.
+            max_unread_bytes_per_uid: 4 << 20,
             log_level: LevelFilter::INFO,
             audit: true,
             credentials_directory: PathBuf::from(DEFAULT_CREDENTIALS_DIRECTORY),
@@ -684,6 +705,8 @@ impl RawDaemon {
             idle_timeout: self.idle_timeout,
             request_timeout_client: self.request_timeout_client,
             max_request_bytes: self.max_request_bytes,
+            max_unread_bytes: self.max_unread_bytes,
+            max_unread_bytes_per_uid: self.max_unread_bytes_per_uid,
             log_level: self.log_level,
             audit: self.audit,
             credentials_directory: self.credentials_directory,
@@ -1301,6 +1324,10 @@ fn request_bytes<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
     count(d, 256, MAX_REQUEST_BYTES)
 }
 
+fn unread_bytes<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    count(d, MIN_UNREAD_BYTES, MAX_UNREAD_BYTES)
+}
+
 fn log_level<'de, D: Deserializer<'de>>(d: D) -> Result<LevelFilter, D::Error> {
     let text = String::deserialize(d)?;
     match text.as_str() {
@@ -1468,6 +1495,8 @@ socket_mode = "0600"
 max_connections = 8
 idle_timeout = "5s"
 max_request_bytes = 4096
+max_unread_bytes = 65536
+max_unread_bytes_per_uid = 1048576
 log_level = "debug"
 audit = false
 
@@ -1554,6 +1583,8 @@ allow_groups = ["billing"]
         assert_eq!(config.daemon.socket_mode, 0o600);
         assert_eq!(config.daemon.max_connections, 8);
         assert_eq!(config.daemon.idle_timeout, Duration::from_secs(5));
+        assert_eq!(config.daemon.max_unread_bytes, 65536);
+        assert_eq!(config.daemon.max_unread_bytes_per_uid, 1 << 20);
         assert_eq!(config.daemon.log_level, LevelFilter::DEBUG);
         assert!(!config.daemon.audit);
         let key = &config.keys["payments"];
@@ -1577,6 +1608,8 @@ allow_groups = ["billing"]
         assert_eq!(config.daemon.max_connections, 1024);
         assert_eq!(config.daemon.max_request_bytes, 65536);
         assert_eq!(config.daemon.max_connections_per_uid, 512);
+        assert_eq!(config.daemon.max_unread_bytes, 256 << 10);
+        assert_eq!(config.daemon.max_unread_bytes_per_uid, 4 << 20);
         assert_eq!(
             config.daemon.request_timeout_client,
             Duration::from_secs(10)
@@ -1702,6 +1735,9 @@ allow_groups = ["billing"]
         );
         assert!(err("[daemon]\nmax_connections = -3\n").contains("from 1 to 1000000"));
         assert!(err("[daemon]\nmax_request_bytes = 1000000000\n").contains("from 256 to 16777216"));
+        assert!(err("[daemon]\nmax_unread_bytes = 100\n").contains("from 4096 to 1073741824"));
+        assert!(err("[daemon]\nmax_unread_bytes_per_uid = 1073741825\n")
+            .contains("from 4096 to 1073741824"));
         let e = err(&format!("{KEY}client_secret = \"s\"\nmax_scope_sets = 0\n"));
         assert!(e.contains("from 1 to 100000"), "{e}");
     }

@@ -467,6 +467,14 @@ impl Reloader {
                 "max_request_bytes",
                 old.max_request_bytes != new.max_request_bytes,
             ),
+            (
+                "max_unread_bytes",
+                old.max_unread_bytes != new.max_unread_bytes,
+            ),
+            (
+                "max_unread_bytes_per_uid",
+                old.max_unread_bytes_per_uid != new.max_unread_bytes_per_uid,
+            ),
             ("metrics_listen", old.metrics_listen != new.metrics_listen),
         ]
         .into_iter()

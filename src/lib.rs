@@ -20,6 +20,7 @@
 //! - [`audit`]: the log of handouts, denials and reloads, and its bound on repeats.
 //! - [`metrics`]: counters and gauges in the Prometheus text format, who may read them, and the HTTP `/metrics` endpoint.
 //! - [`server`]: the socket, the accept loop, per-connection handlers and limits.
+//! - [`unread`]: answer bytes held for callers that have not read them, per uid, and returning freed memory.
 //! - [`shutdown`]: the two phases of a shutdown, as one value.
 //! - [`daemon`]: `tokend serve`: start-up, signals, reload and shutdown.
 //! - [`logging`]: journald or stderr, and the filter over both.
@@ -44,7 +45,8 @@
 //! are counted), and the answer is written into a buffer of its own (a token
 //! straight from the cache's copy) that is wiped once the handler has
 //! written it, within `request_timeout_client`; the answers to pipelined
-//! requests already read go out together, in one `writev`.
+//! requests already read go out together, in one `writev`, in batches
+//! bounded in bytes per connection and per uid ([`unread`]).
 
 pub mod assertion;
 pub(crate) mod audit;
@@ -71,3 +73,4 @@ pub(crate) mod service;
 pub(crate) mod shutdown;
 pub(crate) mod systemd;
 pub mod transport;
+pub(crate) mod unread;

@@ -410,6 +410,10 @@ pub(crate) fn clip(s: &str) -> &str {
     }
 }
 
+/// Unused room an answer may keep: below this, giving it back costs more
+/// than it saves.
+const SLACK_KEPT: usize = 1024;
+
 /// Serialises one answer as a line, `\n` included.
 pub fn encode(id: Option<&Value>, response: &Response) -> Zeroizing<Vec<u8>> {
     #[derive(Serialize)]
@@ -461,6 +465,13 @@ pub fn encode(id: Option<&Value>, response: &Response) -> Zeroizing<Vec<u8>> {
             out.extend_from_slice(INTERNAL_ERROR);
         }
         out.push(b'\n');
+        // Grown by doubling, a long answer (`status`, `metrics`) can hold
+        // nearly twice its length, and it may wait in memory for a caller
+        // that does not read: given back, in place. Never a token's line,
+        // which was made at its size (a move would leave a copy behind).
+        if !secret && out.capacity() - out.len() > SLACK_KEPT {
+            out.shrink_to_fit();
+        }
         out
     }
     match response {

@@ -4,7 +4,9 @@
 //!
 //! Every wait on a caller is bounded, reading and writing alike: a caller
 //! that sends nothing, drips a line, or stops reading its answers is closed,
-//! and its connection slots go to others.
+//! and its connection slots go to others. What a caller can make tokend
+//! hold is bounded in bytes too, per connection and per uid
+//! ([`crate::unread`] says how).
 //!
 //! What a request means is [`crate::service`]'s business; this module moves
 //! bytes and enforces limits. The service is looked up afresh for every
@@ -35,6 +37,7 @@ use crate::peer::{self, Caller};
 use crate::protocol::{self, ErrorBody, ErrorCode, Response};
 use crate::service::Service;
 use crate::shutdown::Shutdown;
+use crate::unread::{Held, Trimmer, Unread};
 
 /// Why the socket could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -180,6 +183,12 @@ pub(crate) struct Limits {
     /// whole: a slow-drip client, or one that stops reading, is closed.
     pub(crate) request_timeout: Duration,
     pub(crate) max_request_bytes: usize,
+    /// Answer bytes one connection's batch may hold beyond its first
+    /// answer: a batch is cut here and written before more requests are read.
+    pub(crate) max_unread_bytes: usize,
+    /// Answer bytes a uid's connections may hold while their writes wait;
+    /// past it each connection of the uid gets one answer per batch.
+    pub(crate) max_unread_bytes_per_uid: usize,
 }
 
 impl From<&DaemonConfig> for Limits {
@@ -190,36 +199,60 @@ impl From<&DaemonConfig> for Limits {
             idle_timeout: daemon.idle_timeout,
             request_timeout: daemon.request_timeout_client,
             max_request_bytes: daemon.max_request_bytes,
+            max_unread_bytes: daemon.max_unread_bytes,
+            max_unread_bytes_per_uid: daemon.max_unread_bytes_per_uid,
         }
     }
 }
 
-/// Open connections per uid. Entries leave the map when their count drops
-/// to zero, so it holds at most one entry per open connection.
-#[derive(Default)]
-struct PerUid(std::sync::Mutex<std::collections::HashMap<u32, usize>>);
+/// Open connections per uid, and the answer bytes they hold unwritten.
+/// Entries leave the map when their count drops to zero, so it holds at
+/// most one entry per open connection.
+struct PerUid {
+    counts: std::sync::Mutex<std::collections::HashMap<u32, UidEntry>>,
+    /// Given to each uid's count, which asks it to return freed memory.
+    trimmer: Arc<Trimmer>,
+}
+
+struct UidEntry {
+    connections: usize,
+    unread: Arc<Unread>,
+}
 
 /// One connection's place in [`PerUid`]; gives it back on drop.
 struct UidSlot {
-    counts: Arc<PerUid>,
+    per_uid: Arc<PerUid>,
     uid: u32,
+    /// The uid's count of held answer bytes, shared by its connections.
+    unread: Arc<Unread>,
 }
 
 impl PerUid {
+    fn new(trimmer: Arc<Trimmer>) -> PerUid {
+        PerUid {
+            counts: std::sync::Mutex::default(),
+            trimmer,
+        }
+    }
+
     /// A place for `uid`, unless it already holds `limit` connections.
     fn take(self: &Arc<Self>, uid: u32, limit: usize) -> Option<UidSlot> {
         let mut counts = self
-            .0
+            .counts
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let count = counts.entry(uid).or_insert(0);
-        if *count >= limit {
+        let entry = counts.entry(uid).or_insert_with(|| UidEntry {
+            connections: 0,
+            unread: Arc::new(Unread::new(self.trimmer.clone())),
+        });
+        if entry.connections >= limit {
             return None;
         }
-        *count += 1;
+        entry.connections += 1;
         Some(UidSlot {
-            counts: self.clone(),
+            per_uid: self.clone(),
             uid,
+            unread: entry.unread.clone(),
         })
     }
 }
@@ -227,13 +260,13 @@ impl PerUid {
 impl Drop for UidSlot {
     fn drop(&mut self) {
         let mut counts = self
+            .per_uid
             .counts
-            .0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(count) = counts.get_mut(&self.uid) {
-            *count -= 1;
-            if *count == 0 {
+        if let Some(entry) = counts.get_mut(&self.uid) {
+            entry.connections -= 1;
+            if entry.connections == 0 {
                 counts.remove(&self.uid);
             }
         }
@@ -257,12 +290,18 @@ pub(crate) async fn run(
     shutdown: Shutdown,
 ) {
     let connections = TaskTracker::new();
+    let trimmer = Arc::new(Trimmer::default());
+    connections.spawn(trimmer.clone().run({
+        let shutdown = shutdown.clone();
+        async move { shutdown.stopping().await }
+    }));
     Acceptor {
         listener,
         services,
         limits,
         shutdown: shutdown.clone(),
         connections: connections.clone(),
+        per_uid: Arc::new(PerUid::new(trimmer)),
     }
     .run()
     .await;
@@ -286,6 +325,7 @@ struct Acceptor {
     limits: Limits,
     shutdown: Shutdown,
     connections: TaskTracker,
+    per_uid: Arc<PerUid>,
 }
 
 impl Acceptor {
@@ -293,7 +333,6 @@ impl Acceptor {
     /// tracked by `connections`.
     async fn run(self) {
         let slots = Arc::new(Semaphore::new(self.limits.max_connections));
-        let per_uid = Arc::new(PerUid::default());
         loop {
             let stream = tokio::select! {
                 accepted = self.listener.accept() => match accepted {
@@ -319,7 +358,7 @@ impl Acceptor {
                 }
             };
             let uid = caller.uid;
-            let Some(uid_slot) = per_uid.take(uid, self.limits.max_connections_per_uid) else {
+            let Some(uid_slot) = self.per_uid.take(uid, self.limits.max_connections_per_uid) else {
                 // Debug, not info: a hostile caller must not be able to
                 // flood the journal by reconnecting.
                 tracing::debug!(
@@ -350,11 +389,12 @@ impl Acceptor {
                 services: self.services.clone(),
                 limits: self.limits,
                 shutdown: self.shutdown.clone(),
+                uid_slot,
             };
             let open = metrics::connection_opened();
             self.connections.spawn(async move {
                 handler.run(stream, caller).await;
-                drop((permit, uid_slot, open));
+                drop((permit, open));
             });
         }
     }
@@ -379,6 +419,9 @@ struct Handler {
     services: watch::Receiver<Arc<Service>>,
     limits: Limits,
     shutdown: Shutdown,
+    /// The connection's place among its uid's, with the uid's count of
+    /// answer bytes held for callers that have not read them.
+    uid_slot: UidSlot,
 }
 
 /// The most answers written with one `writev`: enough that a pipelining
@@ -389,7 +432,27 @@ const MAX_BATCH: usize = 64;
 /// Answers made but not yet written, oldest first. Each is its own wiped
 /// buffer, written in place by a vectored write: gathering them into one
 /// growing buffer would leave copies of tokens behind in freed memory.
-type Outbox = Vec<Zeroizing<Vec<u8>>>;
+#[derive(Default)]
+struct Outbox {
+    answers: Vec<Zeroizing<Vec<u8>>>,
+    /// The memory they hold, summed as they come: the batch's size against
+    /// the byte bounds without a second pass.
+    bytes: usize,
+}
+
+impl Outbox {
+    fn push(&mut self, answer: Zeroizing<Vec<u8>>) {
+        // Capacity, not length: what the answer keeps from the system.
+        self.bytes += answer.capacity();
+        self.answers.push(answer);
+    }
+
+    /// Wipes and frees the answers, keeping the list's few pointers of room.
+    fn clear(&mut self) {
+        self.answers.clear();
+        self.bytes = 0;
+    }
+}
 
 /// Why a connection ends while answers are written.
 enum Closed {
@@ -406,7 +469,7 @@ impl Handler {
         tracing::debug!(peer_uid = uid, peer_pid = caller.pid, "connection opened");
         let (read, mut write) = stream.into_split();
         let mut lines = LineReader::new(read, self.limits.max_request_bytes);
-        let mut outbox = Outbox::new();
+        let mut outbox = Outbox::default();
         // Both shutdown phases are watched through one future each for the
         // whole connection: registered once, not once per request.
         let stopping = self.shutdown.stopping();
@@ -443,7 +506,11 @@ impl Handler {
             };
             // This request and every whole one already read behind it are
             // answered in order, and the answers written together: a
-            // pipelining caller costs one write per batch.
+            // pipelining caller costs one write per batch. The batch is
+            // also cut at its byte room, and no request is read while it
+            // waits to be written: that is the bound on what one caller
+            // can make tokend hold.
+            let room = self.room();
             let mut close = false;
             loop {
                 let line = match frame {
@@ -475,14 +542,14 @@ impl Handler {
                     }
                 };
                 outbox.push(answer);
+                if outbox.answers.len() >= MAX_BATCH || outbox.bytes >= room {
+                    break;
+                }
                 // A buffered request costs no I/O, so nothing else would
                 // count it against the task's cooperative budget: one
                 // connection's flood would then keep its worker for
                 // thousands of answers while other connections wait.
-                tokio::task::consume_budget().await;
-                if outbox.len() >= MAX_BATCH {
-                    break;
-                }
+                self.take_turns(&outbox).await;
                 if now_or_never(stopping.as_mut()).await.is_some() {
                     // Answer what was answered, then stop between requests.
                     close = true;
@@ -516,6 +583,18 @@ impl Handler {
         service.answer(caller, line).await
     }
 
+    /// The bytes this connection's next batch may hold beyond its first
+    /// answer: its own bound, or what is left of its uid's, whichever is
+    /// less. With none left the batch is one answer, which the caller must
+    /// read before its next request is read.
+    fn room(&self) -> usize {
+        let left = self
+            .limits
+            .max_unread_bytes_per_uid
+            .saturating_sub(self.uid_slot.unread.held());
+        self.limits.max_unread_bytes.min(left)
+    }
+
     fn too_large(&self) -> Zeroizing<Vec<u8>> {
         let message = format!(
             "request line is longer than max_request_bytes ({})",
@@ -536,25 +615,14 @@ impl Handler {
         expired: Pin<&mut impl Future<Output = ()>>,
         uid: u32,
     ) -> bool {
-        if outbox.is_empty() {
+        if outbox.answers.is_empty() {
             return true;
         }
-        // The answers must be taken whole within `request_timeout`: a
-        // caller that pipelines requests and never reads would otherwise
-        // keep its slots (and its uid's) for as long as it liked, since we
-        // stop reading its requests while its answers wait.
-        // The write is tried first, so an answer made at the deadline
-        // (`unavailable`) still reaches a caller that reads; only one that
-        // would block gives up once the deadline has passed.
-        let written = tokio::select! {
-            biased;
-            written = tokio::time::timeout(
-                self.limits.request_timeout,
-                write_answers(write, outbox),
-            ) => written.unwrap_or(Err(Closed::Stalled)),
-            () = expired => Err(Closed::Expired),
-        };
+        let (written, held) = self.write_or_wait(outbox, write, expired).await;
         outbox.clear();
+        // Released after the answers are freed: its drop may ask for the
+        // freed memory to be returned to the system.
+        drop(held);
         match written {
             Ok(()) => true,
             Err(Closed::Io(e)) => {
@@ -576,6 +644,49 @@ impl Handler {
                 false
             }
         }
+    }
+
+    /// Counts one unit of the task's cooperative budget, and when it is
+    /// spent gives the worker to other tasks. The answers in hand count
+    /// against the uid while this task waits for its turn: like a write
+    /// that waits, this is a wait on which other connections may answer.
+    async fn take_turns(&self, outbox: &Outbox) {
+        let mut spend = std::pin::pin!(tokio::task::consume_budget());
+        if now_or_never(spend.as_mut()).await.is_none() {
+            let _held = self.uid_slot.unread.hold(outbox.bytes);
+            spend.await;
+        }
+    }
+
+    /// Writes the batch at once if the socket takes it; otherwise counts it
+    /// against the uid (the returned guard) while the write waits, and
+    /// gives up after `request_timeout` or at the drain's deadline.
+    async fn write_or_wait<'a>(
+        &'a self,
+        outbox: &Outbox,
+        write: &mut OwnedWriteHalf,
+        expired: Pin<&mut impl Future<Output = ()>>,
+    ) -> (Result<(), Closed>, Option<Held<'a>>) {
+        let writing = write_answers(write, &outbox.answers);
+        tokio::pin!(writing);
+        if let Some(written) = now_or_never(writing.as_mut()).await {
+            return (written, None);
+        }
+        let held = self.uid_slot.unread.hold(outbox.bytes);
+        // The answers must be taken whole within `request_timeout`: a
+        // caller that pipelines requests and never reads would otherwise
+        // keep its slots (and its uid's) for as long as it liked, since we
+        // stop reading its requests while its answers wait.
+        // The write was tried first, so an answer made at the deadline
+        // (`unavailable`) still reaches a caller that reads; only one that
+        // would block gives up once the deadline has passed.
+        let written = tokio::select! {
+            biased;
+            written = tokio::time::timeout(self.limits.request_timeout, writing)
+                => written.unwrap_or(Err(Closed::Stalled)),
+            () = expired => Err(Closed::Expired),
+        };
+        (written, Some(held))
     }
 }
 

@@ -113,13 +113,14 @@ async fn garbage_gets_bad_request_and_the_daemon_keeps_serving() {
     daemon.stop_and_check_log(&secrets(&[&issuer], &[SECRET]));
 }
 
-/// Peak resident memory, from /proc.
-fn vm_hwm_kib(pid: u32) -> u64 {
+/// A line of /proc/PID/status, in KiB: `VmRSS` (resident now) or `VmHWM`
+/// (the peak).
+fn proc_status_kib(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
     let line = status
         .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .expect("VmHWM");
+        .find(|l| l.split(':').next() == Some(field))
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"));
     line.split_whitespace()
         .nth(1)
         .expect("value")
@@ -131,7 +132,7 @@ fn vm_hwm_kib(pid: u32) -> u64 {
 async fn an_endless_line_is_cut_off_at_the_limit_without_growing_memory() {
     let issuer = issuer().await;
     let daemon = Daemon::start("", &keys(&issuer));
-    let before = vm_hwm_kib(daemon.pid());
+    let before = proc_status_kib(daemon.pid(), "VmHWM");
     let mut conn = daemon.connect().await;
     let writer_half = tokio::spawn({
         let mut conn_writer = support::daemon::Conn::open(&daemon.socket).await;
@@ -162,7 +163,7 @@ async fn an_endless_line_is_cut_off_at_the_limit_without_growing_memory() {
     );
     // The same daemon still answers others.
     assert_eq!(conn.call(json!({"op":"ping"})).await["ok"], true);
-    let after = vm_hwm_kib(daemon.pid());
+    let after = proc_status_kib(daemon.pid(), "VmHWM");
     println!("VmHWM {before} KiB before, {after} KiB after");
     assert!(
         after.saturating_sub(before) < 4096,
@@ -682,4 +683,145 @@ async fn a_caller_that_stops_reading_does_not_hold_up_shutdown() {
         log.contains("not taken by the end of the drain"),
         "the handler should close the connection itself: {log}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_that_pipeline_large_answers_and_never_read_are_bounded_in_bytes() {
+    use std::time::{Duration, Instant};
+    use tokio::io::AsyncWriteExt;
+    const HOGS: usize = 200;
+    const PIPELINED: usize = 64;
+    // The defaults under test (README: Configuration).
+    const PER_CONNECTION: usize = 256 << 10;
+    const PER_UID: usize = 4 << 20;
+    let bob = test_user("tokend-test-bob");
+    let issuer = issuer().await;
+    // 300 keys bob (and root) may read, with names of 64 characters: each
+    // `status` answer lists them all, about 26 KB from a 16-byte request,
+    // the largest answer a caller of this configuration can ask for.
+    let keys: String = (0..300)
+        .map(|i| {
+            Key::new(&format!("{i:03}-{}", "k".repeat(60)))
+                .issuer(&issuer, Dialect::Checkout)
+                .client("c", SECRET)
+                .allow_uids(&[0, bob.uid])
+                .toml()
+        })
+        .collect();
+    // The hogs are closed by the test, not by request_timeout_client: they
+    // must all still be held while the readers below are answered. The
+    // default per-uid connection limit (512) admits all of them.
+    let limits = "request_timeout_client = \"120s\"\nsocket_mode = \"0666\"";
+    let mut daemon = Daemon::start(limits, &keys);
+    let pid = daemon.pid();
+    let status = json!({"op":"status"});
+    let answer_bytes = {
+        let answer = daemon.call(status.clone()).await;
+        assert_eq!(answer["ok"], true, "{answer}");
+        answer.0.to_string().len() + 1
+    };
+    let start_kib = proc_status_kib(pid, "VmRSS");
+
+    let hogged_at = Instant::now();
+    let mut hogs =
+        support::foreign::connect_as(&daemon.socket, bob.uid, bob.gid, &bob.groups, HOGS);
+    let pipelined = format!("{status}\n").repeat(PIPELINED);
+    for hog in &mut hogs {
+        hog.write_all(pipelined.as_bytes()).await.expect("pipeline");
+    }
+    // Every hog has been answered: the daemon has made each one's first
+    // batch and holds what its socket did not take. The first sixteen
+    // such batches fill the uid's bound, and none is released before the
+    // test closes the hogs.
+    for hog in &hogs {
+        tokio::time::timeout(support::daemon::PATIENCE * 4, hog.readable())
+            .await
+            .expect("an answer on every hog connection")
+            .expect("readable");
+    }
+    let held_kib = proc_status_kib(pid, "VmRSS");
+    println!(
+        "every hog was answered {:?} after the first connected",
+        hogged_at.elapsed()
+    );
+
+    // Meanwhile a caller of the same uid that reads, and one of another
+    // uid, get their answers, pipelined too.
+    let same_uid = support::foreign::connect_as(&daemon.socket, bob.uid, bob.gid, &bob.groups, 1);
+    let mut same_uid =
+        support::daemon::Conn::from_stream(same_uid.into_iter().next().expect("one"));
+    let mut other_uid = daemon.connect().await;
+    for (who, conn) in [("uid bob", &mut same_uid), ("root", &mut other_uid)] {
+        let started = Instant::now();
+        conn.send_raw(format!("{status}\n").repeat(4).as_bytes())
+            .await;
+        for _ in 0..4 {
+            let answer = conn.recv().await;
+            assert_eq!(answer["ok"], true, "{who}: {answer}");
+        }
+        println!(
+            "{who}, reading while the hogs held their answers: 4 answers in {:?}",
+            started.elapsed()
+        );
+    }
+    let closed = format!("connection closed peer_uid={}", bob.uid);
+    assert_eq!(
+        daemon.log().matches(&closed).count(),
+        0,
+        "a hog was let go before the readers were answered"
+    );
+
+    // A hog that starts reading is read again, and gets every answer.
+    let mut reformed = support::daemon::Conn::from_stream(hogs.pop().expect("a hog"));
+    for n in 0..PIPELINED {
+        let answer = reformed.recv().await;
+        assert_eq!(
+            answer["ok"], true,
+            "answer {n} to a hog that reads: {answer}"
+        );
+    }
+
+    drop((hogs, reformed, same_uid));
+    daemon.wait_for_log_count(&closed, HOGS + 1);
+    let peak_kib = proc_status_kib(pid, "VmHWM").max(held_kib);
+    let unbounded_mib = (HOGS * PIPELINED * answer_bytes) >> 20;
+    println!(
+        "{HOGS} callers of one uid each pipelined {PIPELINED} status requests ({answer_bytes} \
+         bytes per answer, {unbounded_mib} MiB in all) and read nothing: VmRSS {start_kib} KiB \
+         before, {held_kib} KiB once each was answered, peak {peak_kib} KiB"
+    );
+    // The bound: what the uid may hold; one answer more per connection (a
+    // caller is never refused its next answer outright) and the 8 KiB read
+    // buffer that keeps its unread requests; one batch per runtime worker
+    // begun before another's hold was counted; and 8 MiB for the
+    // allocator's own overhead and each connection's task and state.
+    let workers = std::thread::available_parallelism().map_or(2, usize::from);
+    let bound_kib = ((PER_UID
+        + HOGS * (answer_bytes + 8192)
+        + workers * (PER_CONNECTION + answer_bytes)
+        + (8 << 20))
+        >> 10) as u64;
+    assert!(
+        peak_kib.saturating_sub(start_kib) < bound_kib,
+        "RSS grew {} KiB over the start, more than the {bound_kib} KiB bound",
+        peak_kib.saturating_sub(start_kib)
+    );
+
+    // Once they are closed, the memory goes back to the system: all but a
+    // few MiB, what the allocator keeps for reuse at the top of its heaps
+    // and the code and data the attack touched first.
+    let near = start_kib + (4 << 10);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut rss_kib = proc_status_kib(pid, "VmRSS");
+    while rss_kib > near && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        rss_kib = proc_status_kib(pid, "VmRSS");
+    }
+    println!("after the hogs were closed: VmRSS {rss_kib} KiB");
+    assert!(
+        rss_kib <= near,
+        "RSS stayed at {rss_kib} KiB, {} KiB over the start",
+        rss_kib - start_kib
+    );
+    daemon.stop_and_check_log(&secrets(&[&issuer], &[SECRET]));
 }
