@@ -1,8 +1,9 @@
 //! The configuration file: TOML into typed, validated settings.
 //!
-//! [`load`] does the I/O (the file, who may read it, secret files and
-//! systemd credentials, through [`crate::secret_file`], and `ca_file`s and
-//! client certificates, through [`crate::transport`]); [`parse`] is pure
+//! [`load`] does the I/O (the file, who may read it and who could change
+//! it, secret files and systemd credentials, through
+//! [`crate::secret_file`], and `ca_file`s and client certificates, through
+//! [`crate::transport`], under the same rules); [`parse`] is pure
 //! and turns text into a [`Config`] or an error that names the file, line
 //! and column. Errors about a secret-bearing setting name the setting and
 //! what it expects, never its value. Nothing here talks to an issuer or

@@ -5,7 +5,7 @@
 //! # Layout
 //! - [`config`]: the TOML file into typed, validated settings.
 //! - [`secret`]: client secrets and access tokens, wiped on drop, redacted in `Debug`.
-//! - [`secret_file`]: reading files that hold secrets, and who else may read them.
+//! - [`secret_file`]: reading the configuration and the files it names: who else may read them, and who else could change or replace them.
 //! - [`assertion`]: signed client assertions for `auth = "private_key_jwt"`.
 //! - [`scope`]: canonical scope sets.
 //! - [`issuer`]: the token-endpoint client and the parser of its answers.

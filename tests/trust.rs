@@ -617,6 +617,19 @@ async fn check_refuses_every_way_another_user_could_change_what_tokend_reads() {
         ],
     );
 
+    // The same file by a relative path, from inside that directory.
+    let mut relative = tokend();
+    relative
+        .args(["check", "--config", "tokend.toml"])
+        .current_dir(&wide);
+    assert_refused(
+        &run(relative, b"").await,
+        &[&format!(
+            "tokend.toml can be replaced by others: directory {} is writable",
+            shown(&wide)
+        )],
+    );
+
     // The sticky bit makes the same directory safe for root's file...
     chmod(&wide, 0o1777);
     assert_eq!(check_file(&link).await.code, Some(0));
