@@ -693,8 +693,9 @@ async fn check_refuses_every_way_another_user_could_change_what_tokend_reads() {
 /// Issue 19 item 12b: no core dump and no debugger of the same uid from
 /// before the first secret is read. tokend runs as tokend-test-alice, so
 /// /proc/PID's files are hers while it is dumpable and root's once it is
-/// not; the test holds it, by ptrace, at the moment it opens its
-/// configuration (which may hold inline secrets) and its secret file.
+/// not. The test runs it by ptrace one system call at a time and looks at
+/// each `openat`: none may open the configuration (which may hold inline
+/// secrets) or the secret file before tokend is non-dumpable.
 #[test]
 fn tokend_is_out_of_reach_of_debuggers_before_it_reads_a_secret() {
     let alice = test_user("tokend-test-alice");
@@ -737,26 +738,31 @@ fn tokend_is_out_of_reach_of_debuggers_before_it_reads_a_secret() {
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     let mut traced = Traced::spawn(command);
-    let environ = format!("/proc/{}/environ", traced.pid());
-    for path in [&config, &secret] {
-        traced.run_until_open(path);
-        let owner = std::fs::metadata(&environ).expect("stat /proc/PID").uid();
-        assert_eq!(
-            owner,
-            0,
-            "tokend opens {} while still dumpable: {environ} belongs to uid {owner}, \
-             so any process of that uid could read its memory",
-            path.display()
+    // Root's once the process is not dumpable, whoever runs it.
+    let owner = |pid: libc::pid_t| {
+        let environ = format!("/proc/{pid}/environ");
+        std::fs::metadata(environ).expect("stat /proc/PID").uid()
+    };
+    let opened = traced.run_until_open(&[&config, &secret], |pid| owner(pid) == 0);
+    if let Some(path) = opened {
+        panic!(
+            "tokend opens {} while still dumpable: /proc/{}/environ belongs to uid {}, so \
+             any process of that uid could read its memory",
+            path.display(),
+            traced.pid(),
+            owner(traced.pid())
         );
     }
+    let pid = traced.pid();
     let mut child = traced.release();
     let stderr = child.stderr.take().expect("piped stderr");
     let listening = std::io::BufReader::new(stderr)
         .lines()
         .map_while(Result::ok)
         .find(|line| line.contains(" listening "));
+    assert_eq!(owner(pid), 0, "still non-dumpable while serving");
     // SAFETY: kill(2) on our own child, not yet reaped.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    unsafe { libc::kill(pid, libc::SIGTERM) };
     let status = child.wait().expect("wait");
     assert!(listening.is_some(), "tokend did not start once released");
     assert!(status.success(), "{status}");

@@ -1,8 +1,9 @@
 //! Holds a child process at a system call, to look at it there: the child
 //! asks to be traced before it execs, and [`Traced::run_until_open`] lets
 //! it run one system call at a time until its main thread is about to open
-//! a given path. That is how a test sees the state a daemon is in at the
-//! moment it reads a file, with no pause written into the daemon for it.
+//! a given path, or until a condition holds. That is how a test sees the
+//! state a daemon is in when it opens a file, with no pause written into
+//! the daemon for it.
 //!
 //! ptrace lets only the thread that spawned the child trace it, so a
 //! [`Traced`] is driven from that thread, synchronously. Only the main
@@ -12,7 +13,7 @@
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 
 /// A child stopped under ptrace, until [`Traced::release`].
@@ -53,25 +54,39 @@ impl Traced {
         traced
     }
 
-    /// Runs the child until its main thread enters `openat` on `path`
-    /// (spelled as the child spells it), and leaves it stopped there,
-    /// before the kernel has opened anything. Panics if it exits first.
-    pub fn run_until_open(&mut self, path: &Path) {
-        let wanted = path.as_os_str().as_bytes();
+    /// Runs the child until its main thread is about to open one of
+    /// `paths` (spelled as the child spells them) and returns that path,
+    /// the child stopped there before the kernel has opened anything. Or,
+    /// when `settled` holds at an `openat` first, returns `None`, the child
+    /// stopped at that one. `settled` is asked at each `openat` before its
+    /// path is read: once the child has made itself non-dumpable, only a
+    /// tracer with CAP_SYS_PTRACE may read its memory. Panics if the child
+    /// exits first.
+    pub fn run_until_open(
+        &mut self,
+        paths: &[&Path],
+        settled: impl Fn(libc::pid_t) -> bool,
+    ) -> Option<PathBuf> {
         let mut signal = 0;
         loop {
             self.request(libc::PTRACE_SYSCALL, 0, signal);
             let status = self.wait();
             assert!(
                 libc::WIFSTOPPED(status),
-                "the child ended (status {status:#x}) before it opened {}",
-                path.display()
+                "the child ended (status {status:#x}) before it opened any of {paths:?}"
             );
             let stop = libc::WSTOPSIG(status);
             if stop == libc::SIGTRAP | 0x80 {
                 signal = 0;
-                if self.entering_openat_of(wanted) {
-                    return;
+                let Some(path_at) = self.entering_openat() else {
+                    continue;
+                };
+                if settled(self.pid) {
+                    return None;
+                }
+                let opened = self.string_at(path_at, 4096);
+                if let Some(path) = paths.iter().find(|p| p.as_os_str().as_bytes() == opened) {
+                    return Some(path.to_path_buf());
                 }
                 continue;
             }
@@ -95,8 +110,9 @@ impl Traced {
         self.pid
     }
 
-    /// Whether the child is stopped entering `openat(_, wanted, …)`.
-    fn entering_openat_of(&self, wanted: &[u8]) -> bool {
+    /// The address of the path, when the child is stopped entering
+    /// `openat`.
+    fn entering_openat(&self) -> Option<u64> {
         // SAFETY: all zeroes is a valid ptrace_syscall_info (plain data).
         let mut info: libc::ptrace_syscall_info = unsafe { std::mem::zeroed() };
         let size = std::mem::size_of::<libc::ptrace_syscall_info>();
@@ -115,16 +131,15 @@ impl Traced {
             io::Error::last_os_error()
         );
         if info.op != libc::PTRACE_SYSCALL_INFO_ENTRY {
-            return false;
+            return None;
         }
         // SAFETY: `op` says the entry member is the one filled in.
         let entry = unsafe { info.u.entry };
-        entry.nr == libc::SYS_openat as u64 && self.string_at(entry.args[1], wanted.len()) == wanted
+        (entry.nr == libc::SYS_openat as u64).then_some(entry.args[1])
     }
 
     /// The NUL-terminated string at `addr` in the child, read a word at a
-    /// time (as the tracer, which the child's dumpable flag does not stop),
-    /// cut after `max` bytes plus one so a longer one never equals.
+    /// time, cut after `max` bytes.
     fn string_at(&self, addr: u64, max: usize) -> Vec<u8> {
         let mut bytes = Vec::new();
         let mut at = addr as usize;
