@@ -1,8 +1,9 @@
 //! `tokend serve`: puts the pieces together and runs them until a signal,
 //! reloading the configuration on SIGHUP.
 //!
-//! Start-up order matters: the configuration and secrets are validated
-//! before the socket exists, the socket is listening before prefetch starts
+//! Start-up order matters: the process is hardened before the
+//! configuration or any secret is read, they are validated before the
+//! socket exists, the socket is listening before prefetch starts
 //! and before systemd hears `READY=1` (a slow issuer must not hold up boot
 //! or callers of other keys), and on shutdown the socket file goes last,
 //! after every answer in flight was written. A socket systemd passed is
@@ -54,13 +55,17 @@ const STATUS_GAP: Duration = Duration::from_secs(2);
 const RELOAD_READ_LIMIT: Duration = Duration::from_secs(5);
 
 pub async fn serve(config_path: &Path) -> anyhow::Result<()> {
+    // Before the configuration is read: it may hold an inline secret.
+    let unhardened = hardening::apply();
     let config = config::load_serving(config_path)?;
     let logging = Logging::init(config.daemon.log_level);
+    for failure in &unhardened {
+        tracing::warn!("{failure}");
+    }
     warn_unusable(&config);
     // Watched before anything is announced: the default action of each of
     // these signals would kill the daemon.
     let mut signals = Signals::new()?;
-    hardening::apply();
     let notifier = Arc::new(Notifier::from_env());
     let mut socket = Socket::open(&config.daemon)?;
     let metrics_endpoint = Endpoint::bind(&config.daemon)?;

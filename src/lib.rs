@@ -21,7 +21,7 @@
 //! - [`shutdown`]: the two phases of a shutdown, as one value.
 //! - [`daemon`]: `tokend serve`: start-up, signals, reload and shutdown.
 //! - [`logging`]: journald or stderr, and the filter over both.
-//! - [`hardening`]: no core dumps, no same-uid debuggers, room for connections.
+//! - [`hardening`]: no core dumps, no same-uid debuggers (before anything secret is read), room for connections.
 //! - [`systemd`]: sd_notify, the watchdog, socket activation, journald detection.
 //! - [`cli`]: the command line both programs parse, and the subcommands that only talk to a running daemon.
 //! - [`client`]: the CLI's side of the socket (`get`, `reload`, `status`, `keys`, `metrics`).
@@ -52,7 +52,7 @@ pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod discovery;
-pub(crate) mod hardening;
+pub mod hardening;
 pub mod issuer;
 pub(crate) mod logging;
 pub(crate) mod metrics;

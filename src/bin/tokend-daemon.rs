@@ -12,6 +12,7 @@ use clap::Parser;
 
 use tokend::cli::{self, Cli, DaemonCommand};
 use tokend::config;
+use tokend::hardening;
 use tokend::issuer::IssuerClient;
 
 fn main() -> ExitCode {
@@ -40,6 +41,10 @@ fn serve(config: &Path) -> anyhow::Result<ExitCode> {
 }
 
 fn check(path: &Path, online: bool) -> ExitCode {
+    // It reads the secrets the daemon reads: they get the same protection.
+    for failure in hardening::protect_secrets() {
+        eprintln!("tokend: warning: {failure}");
+    }
     match config::load(path) {
         Ok(config) => {
             for (name, key) in &config.keys {
