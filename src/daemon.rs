@@ -363,9 +363,10 @@ impl Reloader {
         tracing::info!(config = %self.path.display(), "{why}: reloading");
         self.notifier.notify(&systemd::reloading()).await;
         let path = self.path.clone();
+        let running = self.current.borrow().config().clone();
         // The HTTP clients read the system trust store: off the runtime too.
         let loading = tokio::task::spawn_blocking(move || {
-            let config = config::load(&path).map_err(|e| e.to_string())?;
+            let config = config::reload(&path, &running).map_err(|e| e.to_string())?;
             let issuer = IssuerClient::for_config(&config)
                 .map_err(|e| format!("failed to set up the HTTP clients: {e}"))?;
             Ok::<_, String>((config, issuer))
