@@ -605,7 +605,7 @@ fn load_signing_key(
 }
 
 /// The loaded signing keys of the configuration in force, if any.
-fn running_keys<'a>(running: Option<&'a Config>) -> impl Iterator<Item = &'a SigningKey> {
+fn running_keys(running: Option<&Config>) -> impl Iterator<Item = &SigningKey> {
     running
         .into_iter()
         .flat_map(|config| config.keys.values())

@@ -465,7 +465,7 @@ fn judge_dir(dir: &Path, meta: &Metadata, own: &[u32]) -> Result<Passage, Walked
         None => Ok(Passage::Closed),
         // Its owner may chmod it, sticky or not.
         Some(by @ Exposure::Owner { .. }) => Err(refused(by)),
-        Some(_) if meta.mode() & u32::from(libc::S_ISVTX) != 0 => Ok(Passage::Sticky),
+        Some(_) if meta.mode() & libc::S_ISVTX != 0 => Ok(Passage::Sticky),
         Some(by) => Err(refused(by)),
     }
 }
