@@ -26,13 +26,20 @@
 //! signature) and of the assertion while they build it, in memory they do
 //! not zero. tokend's own copies (the PEM text, the finished assertion, the
 //! form it goes into) are wiped; `hardening` keeps core dumps and
-//! debuggers away from the rest.
+//! debuggers away from the rest. So that the unwiped DER is not multiplied,
+//! a loaded key is shared, never copied: every clone of a [`SigningKey`]
+//! (the daemon clones a key's configuration into each cache and service) is
+//! the same `Arc`, and a reload that finds the file's text unchanged keeps
+//! the running key ([`SigningKey::was_read_from`]) instead of parsing it
+//! again. One `EncodingKey` exists per distinct key text in force; it is
+//! freed, unwiped, when no configuration in force holds it any longer.
 //!
 //! Testing: debug builds read [`SKEW_ENV`], a number of seconds added to the
 //! clock `iat` and `exp` are computed from, so a test can make the issuer
 //! see an expired assertion. Release builds never read it.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
@@ -156,13 +163,22 @@ pub enum AssertionError {
     NotLoaded,
 }
 
-/// A private key that has signed once, so it can sign.
+/// A private key that has signed once, so it can sign. Clones share the
+/// one loaded copy.
 #[derive(Clone)]
 pub struct SigningKey {
+    loaded: Arc<Loaded>,
+}
+
+/// A key as read and parsed, held once behind the `Arc` of every
+/// [`SigningKey`] made from it.
+struct Loaded {
     /// The file's text: what reload compares to notice a changed key.
     pem: Zeroizing<String>,
     kind: KeyKind,
     alg: SigningAlg,
+    /// The key's DER, in the JOSE crate's buffer, which it does not wipe:
+    /// why this is shared rather than copied.
     encoding: EncodingKey,
 }
 
@@ -181,10 +197,12 @@ impl SigningKey {
             None => kind.alg(),
         };
         let key = SigningKey {
-            pem,
-            kind,
-            alg,
-            encoding,
+            loaded: Arc::new(Loaded {
+                pem,
+                kind,
+                alg,
+                encoding,
+            }),
         };
         let trial = Claims {
             iss: "tokend",
@@ -204,11 +222,22 @@ impl SigningKey {
     }
 
     pub fn kind(&self) -> KeyKind {
-        self.kind
+        self.loaded.kind
     }
 
     pub fn alg(&self) -> SigningAlg {
-        self.alg
+        self.loaded.alg
+    }
+
+    /// Whether `other` is this very copy of the key, not an equal one.
+    pub fn is_same_copy(&self, other: &SigningKey) -> bool {
+        Arc::ptr_eq(&self.loaded, &other.loaded)
+    }
+
+    /// Whether this key is what [`SigningKey::from_pem`] would make of
+    /// `pem` and `alg`: a reload keeps it rather than parse another copy.
+    pub fn was_read_from(&self, pem: &str, alg: Option<SigningAlg>) -> bool {
+        *self.loaded.pem == pem && alg.map_or(true, |alg| alg == self.loaded.alg)
     }
 
     fn sign_claims(
@@ -216,9 +245,9 @@ impl SigningKey {
         key_id: Option<&str>,
         claims: &Claims<'_>,
     ) -> Result<Jws, jsonwebtoken::errors::Error> {
-        let mut header = Header::new(self.alg.jose());
+        let mut header = Header::new(self.loaded.alg.jose());
         header.kid = key_id.map(str::to_owned);
-        let text = jsonwebtoken::encode(&header, claims, &self.encoding)?;
+        let text = jsonwebtoken::encode(&header, claims, &self.loaded.encoding)?;
         Ok(Jws(Zeroizing::new(text)))
     }
 }
@@ -226,15 +255,16 @@ impl SigningKey {
 /// The same key, as read from the file: reload's "did the key change".
 impl PartialEq for SigningKey {
     fn eq(&self, other: &SigningKey) -> bool {
-        self.pem == other.pem && self.alg == other.alg
+        self.is_same_copy(other)
+            || (self.loaded.pem == other.loaded.pem && self.loaded.alg == other.loaded.alg)
     }
 }
 
 impl fmt::Debug for SigningKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SigningKey")
-            .field("kind", &self.kind)
-            .field("alg", &self.alg)
+            .field("kind", &self.loaded.kind)
+            .field("alg", &self.loaded.alg)
             .finish_non_exhaustive()
     }
 }

@@ -1,8 +1,9 @@
 //! The configuration file: TOML into typed, validated settings.
 //!
-//! [`load`] does the I/O (the file, who may read it, secret files and
-//! systemd credentials, through [`crate::secret_file`], and `ca_file`s and
-//! client certificates, through [`crate::transport`]); [`parse`] is pure
+//! [`load`] does the I/O (the file, who may read it and who could change
+//! it, secret files and systemd credentials, through
+//! [`crate::secret_file`], and `ca_file`s and client certificates, through
+//! [`crate::transport`], under the same rules); [`parse`] is pure
 //! and turns text into a [`Config`] or an error that names the file, line
 //! and column. Errors about a secret-bearing setting name the setting and
 //! what it expects, never its value. Nothing here talks to an issuer or
@@ -329,7 +330,14 @@ pub enum ConfigError {
 /// Reads and validates the configuration at `path`, secret files and
 /// credentials included.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    read(path, false)
+    read(path, false, None)
+}
+
+/// Like [`load`], for a daemon running `running`: a private key file that
+/// still holds the same text keeps the running key, shared, rather than a
+/// new copy of it (see [`crate::assertion`] for why copies matter).
+pub fn reload(path: &Path, running: &Config) -> Result<Config, ConfigError> {
+    read(path, false, Some(running))
 }
 
 /// Like [`load`], for a daemon that is starting: a key whose secret cannot
@@ -337,10 +345,10 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 /// a restart loop from failing the socket unit). It is kept with the
 /// reason in [`KeyConfig::unusable`]. Every other error still is one.
 pub fn load_serving(path: &Path) -> Result<Config, ConfigError> {
-    read(path, true)
+    read(path, true, None)
 }
 
-fn read(path: &Path, lenient: bool) -> Result<Config, ConfigError> {
+fn read(path: &Path, lenient: bool, running: Option<&Config>) -> Result<Config, ConfigError> {
     // The file may hold an inline secret: its text lives in memory that is
     // wiped, and who else may read it is judged from the same descriptor.
     let file = secret_file::read(path, MAX_CONFIG_BYTES)?;
@@ -352,6 +360,7 @@ fn read(path: &Path, lenient: bool) -> Result<Config, ConfigError> {
         read_key: Some(read_private_key),
         read_ca: Some(CaFile::read),
         read_identity: Some(ClientIdentity::read),
+        running,
     };
     build(&file.text, path, sources, read_secret_file)
 }
@@ -380,6 +389,8 @@ struct Sources<'a> {
     /// Reads `client_cert_file` and `client_key_file`; `None` leaves them
     /// unread.
     read_identity: Option<ReadIdentity>,
+    /// The configuration in force, whose loaded keys a reload keeps.
+    running: Option<&'a Config>,
 }
 
 /// Reads a private key file's text, or says why not.
@@ -475,7 +486,7 @@ fn build(
             .map_err(at)?;
         key.ca_file = ca_file;
         if let Some(read_key) = sources.read_key {
-            load_signing_key(&name, &mut key, read_key, sources.lenient).map_err(at)?;
+            load_signing_key(&name, &mut key, read_key, sources).map_err(at)?;
         }
         if let (Some(cert), Some(key_file)) = identity_files {
             let located = |offset: usize, message| locate(text, path, offset, message);
@@ -574,28 +585,41 @@ fn read_secret_file(path: &Path) -> Result<ClientSecret, String> {
     Ok(ClientSecret::new(std::mem::take(&mut *text)))
 }
 
-/// Reads `private_key_file` into `key` and proves it signs. A key that
-/// cannot is an error, or in lenient mode the reason the key is unusable.
+/// Reads `private_key_file` into `key` and proves it signs, unless the
+/// running configuration holds a key read from the same text, which is
+/// kept. A key that cannot sign is an error, or in lenient mode the reason
+/// the key is unusable.
 fn load_signing_key(
     name: &str,
     key: &mut KeyConfig,
     read_key: ReadKey,
-    lenient: bool,
+    sources: Sources<'_>,
 ) -> Result<(), String> {
     let Some(assertion) = &mut key.assertion else {
         return Ok(());
     };
     let path = &assertion.key_file;
+    let alg = assertion.signing_alg;
     let loaded = read_key(path).and_then(|pem| {
-        SigningKey::from_pem(pem, assertion.signing_alg)
-            .map_err(|e| format!("{} {e}", path.display()))
+        if let Some(kept) = running_keys(sources.running).find(|k| k.was_read_from(&pem, alg)) {
+            return Ok(kept.clone());
+        }
+        SigningKey::from_pem(pem, alg).map_err(|e| format!("{} {e}", path.display()))
     });
     match loaded {
         Ok(signing) => assertion.key = Some(signing),
-        Err(e) if lenient => key.unusable = Some(format!("private_key_file: {e}")),
+        Err(e) if sources.lenient => key.unusable = Some(format!("private_key_file: {e}")),
         Err(e) => return Err(format!("key {name:?}: private_key_file: {e}")),
     }
     Ok(())
+}
+
+/// The loaded signing keys of the configuration in force, if any.
+fn running_keys(running: Option<&Config>) -> impl Iterator<Item = &SigningKey> {
+    running
+        .into_iter()
+        .flat_map(|config| config.keys.values())
+        .filter_map(|key| key.assertion.as_ref()?.key.as_ref())
 }
 
 /// Reads a private key file under the same rule as a secret file. The
@@ -2231,5 +2255,54 @@ allow_groups = ["billing"]
         )));
         assert!(!before.same_credential(&key("resource = \"urn:a\"\naudience = \"y\"\n")));
         assert!(!before.same_credential(&key("resource = \"urn:a\"\n")));
+    }
+
+    /// Writes a fresh EC P-256 private key to `path`, mode 0600.
+    fn write_signing_key(path: &Path) {
+        use std::os::unix::fs::PermissionsExt;
+        let pem = rcgen::KeyPair::generate().unwrap().serialize_pem();
+        std::fs::write(path, pem).unwrap();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+
+    #[test]
+    fn a_reload_and_the_daemons_clones_share_the_signing_key_rather_than_copy_it() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let key_file = dir.path().join("a.pem");
+        write_signing_key(&key_file);
+        let path = dir.path().join("t.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "{JWT_KEY}private_key_file = {:?}\n",
+                key_file.display().to_string()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let signing = |config: &Config| {
+            config.keys["a"]
+                .assertion
+                .as_ref()
+                .unwrap()
+                .key
+                .clone()
+                .unwrap()
+        };
+        let first = load(&path).unwrap();
+        // Each cache and each service holds its own clone of a key's
+        // configuration: the same copy of the key.
+        let cloned = first.keys["a"].clone();
+        let cloned = cloned.assertion.unwrap().key.unwrap();
+        assert!(cloned.is_same_copy(&signing(&first)));
+        // A reload of an unchanged file keeps the running key.
+        let again = reload(&path, &first).unwrap();
+        assert!(signing(&again).is_same_copy(&signing(&first)));
+        // A changed file is read and parsed anew.
+        write_signing_key(&key_file);
+        let changed = reload(&path, &again).unwrap();
+        assert!(!signing(&changed).is_same_copy(&signing(&again)));
+        assert_ne!(signing(&changed), signing(&again));
     }
 }

@@ -1,8 +1,9 @@
 //! `tokend serve`: puts the pieces together and runs them until a signal,
 //! reloading the configuration on SIGHUP.
 //!
-//! Start-up order matters: the configuration and secrets are validated
-//! before the socket exists, the socket is listening before prefetch starts
+//! Start-up order matters: the process is hardened before the
+//! configuration or any secret is read, they are validated before the
+//! socket exists, the socket is listening before prefetch starts
 //! and before systemd hears `READY=1` (a slow issuer must not hold up boot
 //! or callers of other keys), and on shutdown the socket file goes last,
 //! after every answer in flight was written (a start that fails after
@@ -58,13 +59,17 @@ const STATUS_GAP: Duration = Duration::from_secs(2);
 const RELOAD_READ_LIMIT: Duration = Duration::from_secs(5);
 
 pub async fn serve(config_path: &Path) -> anyhow::Result<()> {
+    // Before the configuration is read: it may hold an inline secret.
+    let unhardened = hardening::apply();
     let config = config::load_serving(config_path)?;
     let logging = Logging::init(config.daemon.log_level);
+    for failure in &unhardened {
+        tracing::warn!("{failure}");
+    }
     warn_unusable(&config);
     // Watched before anything is announced: the default action of each of
     // these signals would kill the daemon.
     let mut signals = Signals::new()?;
-    hardening::apply();
     let notifier = Arc::new(Notifier::from_env());
     // From here on, a failed start removes the socket file it made (see
     // `Socket`'s drop).
@@ -380,9 +385,10 @@ impl Reloader {
         tracing::info!(config = %self.path.display(), "{why}: reloading");
         self.notifier.notify(&systemd::reloading()).await;
         let path = self.path.clone();
+        let running = self.current.borrow().config().clone();
         // The HTTP clients read the system trust store: off the runtime too.
         let loading = tokio::task::spawn_blocking(move || {
-            let config = config::load(&path).map_err(|e| e.to_string())?;
+            let config = config::reload(&path, &running).map_err(|e| e.to_string())?;
             let issuer = IssuerClient::for_config(&config)
                 .map_err(|e| format!("failed to set up the HTTP clients: {e}"))?;
             Ok::<_, String>((config, issuer))

@@ -5,7 +5,7 @@
 //! # Layout
 //! - [`config`]: the TOML file into typed, validated settings.
 //! - [`secret`]: client secrets and access tokens, wiped on drop, redacted in `Debug`.
-//! - [`secret_file`]: reading files that hold secrets, and who else may read them.
+//! - [`secret_file`]: reading the configuration and the files it names: who else may read them, and who else could change or replace them.
 //! - [`assertion`]: signed client assertions for `auth = "private_key_jwt"`.
 //! - [`scope`]: canonical scope sets.
 //! - [`issuer`]: the token-endpoint client and the parser of its answers.
@@ -24,7 +24,7 @@
 //! - [`shutdown`]: the two phases of a shutdown, as one value.
 //! - [`daemon`]: `tokend serve`: start-up, signals, reload and shutdown.
 //! - [`logging`]: journald or stderr, and the filter over both.
-//! - [`hardening`]: no core dumps, no same-uid debuggers, room for connections.
+//! - [`hardening`]: no core dumps, no same-uid debuggers (before anything secret is read), room for connections.
 //! - [`systemd`]: sd_notify, the watchdog, socket activation, journald detection.
 //! - [`cli`]: the command line both programs parse, and the subcommands that only talk to a running daemon.
 //! - [`client`]: the CLI's side of the socket (`get`, `reload`, `status`, `keys`, `metrics`).
@@ -56,7 +56,7 @@ pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod discovery;
-pub(crate) mod hardening;
+pub mod hardening;
 pub mod issuer;
 pub(crate) mod logging;
 pub(crate) mod metrics;

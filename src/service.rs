@@ -103,6 +103,11 @@ impl Service {
         &self.cache
     }
 
+    /// The configuration this service answers by.
+    pub(crate) fn config(&self) -> &Arc<Config> {
+        &self.config
+    }
+
     /// Answers one request line with one answer line.
     /// The answer lives in memory that is wiped once it is dropped.
     pub(crate) async fn answer(&self, caller: &Caller, line: &[u8]) -> Zeroizing<Vec<u8>> {

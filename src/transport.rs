@@ -102,7 +102,9 @@ impl fmt::Debug for CaFile {
 impl CaFile {
     /// Reads and checks the PEM file at `path`. The file holds nothing
     /// secret; it is opened like one all the same (without blocking, a
-    /// regular file, bounded), so a FIFO cannot hang a reload.
+    /// regular file, bounded), so a FIFO cannot hang a reload, and refused
+    /// when anyone but root and tokend's own user could change or replace
+    /// it: whoever could would choose whom tokend trusts.
     pub fn read(path: &Path) -> Result<CaFile, String> {
         let file = secret_file::read(path, MAX_CA_FILE_BYTES).map_err(|e| e.to_string())?;
         CaFile::parse(path, file.text.as_bytes())

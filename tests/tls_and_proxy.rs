@@ -16,7 +16,7 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 use serde_json::{json, Value};
 use support::cli::{check, check_error, run, tokend};
-use support::daemon::{assert_same_token, write_private, Answer, Daemon};
+use support::daemon::{assert_same_token, write_private, write_public, Answer, Daemon};
 use support::issuer::{holds_part_of, ClientSpec, Dialect, Echo, Issuer};
 use support::keys::{secrets, Key};
 use support::proxy::ConnectProxy;
@@ -167,7 +167,7 @@ async fn a_changed_ca_file_is_a_changed_credential() {
 
     // Another CA added to the same file: a new token.
     let other = TestCa::new("another CA");
-    std::fs::write(&ca_file, format!("{}{}", ca.pem(), other.pem())).expect("rewrite");
+    write_public(&ca_file, &format!("{}{}", ca.pem(), other.pem()));
     assert!(daemon.reload_and_wait());
     let fresh = daemon.call(get("k")).await;
     assert_served(&fresh);
@@ -381,7 +381,7 @@ async fn check_names_bad_ca_files_and_proxies_by_line_and_column() {
     );
 
     let empty = dir.join("empty.pem");
-    std::fs::write(&empty, "no certificate here\n").expect("write");
+    write_public(&empty, "no certificate here\n");
     let text = format!("{head}ca_file = {}\n", quoted(&empty));
     let message = check_error(dir, &text, 0o600, 6, 11).await;
     assert!(message.contains("holds no certificate"), "{message}");

@@ -2,21 +2,30 @@
 //! distribution would (issue 9): an issuer that echoes the secret in every
 //! form we send it, or re-encoded with its own encoder (issue 19), secret files as systemd 254 and later write them,
 //! mistyped secrets and absurd values in `tokend check`, FIFOs where a
-//! secret file should be, and a reload that cannot read its files.
+//! secret file should be, and a reload that cannot read its files; and
+//! (issue 19) a configuration, `ca_file` or client certificate another
+//! user could change or replace, and a daemon that must be out of reach of
+//! debuggers before it reads a secret.
 
 mod support;
 
+use std::io::BufRead;
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 use serde_json::json;
 use support::cli::{as_caller, run, tokend, Ran};
-use support::daemon::{test_user, tokend_for_anyone, write_private, Daemon};
+use support::daemon::{
+    test_user, token_of, tokend_for_anyone, write_private, Answer, Daemon, TestUser,
+};
 use support::issuer::{holds_part_of, ClientSpec, Dialect, Echo, Fault, Issuer};
 use support::keys::{secrets, Key};
+use support::tls::TestCa;
+use support::trace::Traced;
 
 /// A secret whose form-urlencoded and Basic forms differ from it.
 const SECRET: &str = "Echo+Secret/with=chars and:colon 42";
@@ -449,4 +458,408 @@ async fn a_reload_on_a_fifo_keeps_the_daemon_serving_and_sigterm_still_stops_it(
     assert_eq!(again.token(), first.token(), "the same cached token");
     println!("a reload on a FIFO failed in {took:?}");
     daemon.stop_and_check_log(&secrets(&[&issuer], &[SECRET]));
+}
+
+fn chown(path: &Path, user: &TestUser) {
+    std::os::unix::fs::lchown(path, Some(user.uid), Some(user.gid)).expect("chown");
+}
+
+fn shown(path: &Path) -> String {
+    path.display().to_string()
+}
+
+/// Writes `text` to `path` as `user` would, with a process of theirs.
+async fn write_as(user: &TestUser, path: &Path, text: &str) {
+    let mut command = as_caller("/bin/sh", user.uid, user.gid, &user.groups);
+    command.args(["-c", "cat > \"$0\""]).arg(path);
+    let ran = run(command, text.as_bytes()).await;
+    assert_eq!(ran.code, Some(0), "{} could not write: {ran:?}", user.name);
+}
+
+/// Asserts that `tokend check`, `tokend serve` and a reload of the running
+/// `daemon` each refuse its configuration as it now is, saying each of
+/// `says`, and that the daemon still serves `first`'s token from the old
+/// configuration, without a word to `lure`.
+async fn refused_everywhere(daemon: &Daemon, first: &Answer, lure: &Issuer, says: &[String]) {
+    let config = &daemon.config_path;
+    let mut check = tokend();
+    check.args(["check", "--config"]).arg(config);
+    let ran = run(check, b"").await;
+    assert_eq!(ran.code, Some(1), "check: {ran:?}");
+    assert!(ran.stdout.is_empty(), "check: {ran:?}");
+    assert_eq!(ran.stderr.lines().count(), 1, "check: one line: {ran:?}");
+    let mut serve = tokend();
+    serve.args(["serve", "--config"]).arg(config);
+    let served = run(serve, b"").await;
+    assert_eq!(served.code, Some(1), "serve: {served:?}");
+    let mut reload = tokend();
+    reload.arg("reload").arg("--socket").arg(&daemon.socket);
+    let reloaded = run(reload, b"").await;
+    assert_eq!(reloaded.code, Some(1), "reload: {reloaded:?}");
+    assert!(
+        reloaded.stderr.contains("reload refused"),
+        "reload: {reloaded:?}"
+    );
+    for words in says {
+        assert!(
+            ran.stderr.contains(words.as_str()),
+            "check: {words:?} in {ran:?}"
+        );
+        assert!(
+            served.stderr.contains(words.as_str()),
+            "serve: {words:?} in {served:?}"
+        );
+        assert!(
+            reloaded.stderr.contains(words.as_str()),
+            "reload: {words:?} in {reloaded:?}"
+        );
+    }
+    let again = daemon.call(json!({"op": "get", "key": "k"})).await;
+    support::daemon::assert_same_token(
+        &token_of(&again),
+        first.token(),
+        true,
+        "the old configuration still serves",
+    );
+    assert!(
+        lure.requests().is_empty(),
+        "the secret was sent where the changed configuration said"
+    );
+}
+
+/// The attack of issue 19 item 2, as each way in: tokend-test-bob makes
+/// the configuration send the key's secret to a listener of his and allow
+/// him to read its tokens, through a 0666 file, a file of his own, a
+/// `ca_file` he may write (his CA would be trusted for the issuer), and a
+/// directory he may write, where he could put another file in its place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configuration_another_user_could_change_is_refused_and_the_old_one_stays() {
+    let bob = test_user("tokend-test-bob");
+    let root = TestUser {
+        name: "root",
+        uid: 0,
+        gid: 0,
+        groups: vec![0],
+    };
+    let issuer = Issuer::start(vec![ClientSpec::checkout(CLIENT, SECRET, &[])]).await;
+    let lure = Issuer::start(vec![ClientSpec::checkout(CLIENT, SECRET, &[])]).await;
+    let files = tempfile::tempdir().expect("dir");
+    let secret = files.path().join("secret");
+    write_private(&secret, SECRET);
+    let ca_file = TestCa::new("the operator's CA").write(files.path(), "ca.pem");
+    let key = |to: &Issuer, uids: &[u32]| {
+        Key::new("k")
+            .issuer(to, Dialect::Checkout)
+            .client_id(CLIENT)
+            .secret_file(&secret)
+            .allow_uids(uids)
+            .toml()
+    };
+    let daemon = Daemon::start(
+        &format!("ca_file = {:?}", shown(&ca_file)),
+        &key(&issuer, &[0]),
+    );
+    let first = daemon.call(json!({"op": "get", "key": "k"})).await;
+    token_of(&first);
+    let honest = daemon.config_text(&key(&issuer, &[0]));
+    let hijacked = daemon.config_text(&key(&lure, &[0, bob.uid]));
+    let config = daemon.config_path.clone();
+    let dir = daemon.dir.path().to_owned();
+
+    // Mode 0666: bob rewrites it himself.
+    chmod(&config, 0o666);
+    write_as(&bob, &config, &hijacked).await;
+    let says = [
+        shown(&config),
+        "writable by others (mode 0666)".to_owned(),
+        format!("chmod go-w {}", shown(&config)),
+    ];
+    refused_everywhere(&daemon, &first, &lure, &says).await;
+
+    // Mode 0600, but bob's file.
+    write_private(&config, &hijacked);
+    chown(&config, &bob);
+    let says = [
+        shown(&config),
+        "owned by user tokend-test-bob".to_owned(),
+        format!("chown root {}", shown(&config)),
+    ];
+    refused_everywhere(&daemon, &first, &lure, &says).await;
+    chown(&config, &root);
+
+    // The configuration root's and private, its ca_file writable by all.
+    chmod(&ca_file, 0o666);
+    let says = [
+        shown(&ca_file),
+        "writable by others (mode 0666)".to_owned(),
+        format!("chmod go-w {}", shown(&ca_file)),
+    ];
+    refused_everywhere(&daemon, &first, &lure, &says).await;
+    chmod(&ca_file, 0o644);
+
+    // Its directory writable by all, without the sticky bit.
+    chmod(&dir, 0o777);
+    let says = [
+        shown(&config),
+        format!(
+            "directory {} is writable by others (mode 0777) without the sticky bit",
+            shown(&dir)
+        ),
+        format!("chmod go-w {}", shown(&dir)),
+    ];
+    refused_everywhere(&daemon, &first, &lure, &says).await;
+    chmod(&dir, 0o755);
+
+    // Put right, a reload goes through again.
+    daemon.write_config(&honest);
+    let mut reload = tokend();
+    reload.arg("reload").arg("--socket").arg(&daemon.socket);
+    let ran = run(reload, b"").await;
+    assert_eq!(ran.code, Some(0), "{ran:?}");
+    assert!(lure.requests().is_empty());
+    daemon.stop_and_check_log(&secrets(&[&issuer, &lure], &[SECRET]));
+}
+
+/// `tokend check` on the configuration at `config`.
+async fn check_file(config: &Path) -> Ran {
+    let mut command = tokend();
+    command.args(["check", "--config"]).arg(config);
+    let ran = run(command, b"").await;
+    assert!(!ran.stderr.contains(SECRET) && !ran.stdout.contains(SECRET));
+    ran
+}
+
+#[track_caller]
+fn assert_refused(ran: &Ran, says: &[&str]) {
+    assert_eq!(ran.code, Some(1), "{ran:?}");
+    assert_eq!(ran.stderr.lines().count(), 1, "one line: {ran:?}");
+    for words in says {
+        assert!(ran.stderr.contains(words), "{words:?} in {ran:?}");
+    }
+}
+
+/// The other ways a file could be changed or swapped by someone else: an
+/// ACL entry, the group bits, a symlink into a directory anyone may write,
+/// a symlink of another user's in a sticky directory, a directory another
+/// user owns, and a client certificate anyone may write. What is safe
+/// passes: a configuration others may only read, and a root-owned one in
+/// a sticky directory such as /tmp.
+#[tokio::test]
+async fn check_refuses_every_way_another_user_could_change_what_tokend_reads() {
+    let bob = test_user("tokend-test-bob");
+    let base = tempfile::tempdir().expect("dir");
+    let dir = base.path();
+    chmod(dir, 0o755);
+    let config = dir.join("tokend.toml");
+    let text = Key::new("k")
+        .url("http://127.0.0.1:9/t")
+        .client_id("c")
+        .secret("s")
+        .allow_uids(&[0])
+        .toml();
+    write_private(&config, &text);
+    assert_eq!(check_file(&config).await.code, Some(0));
+
+    // A named ACL entry that lets bob write.
+    setfacl(&config, &format!("u:{}:rw", bob.name));
+    assert_refused(
+        &check_file(&config).await,
+        &[
+            &shown(&config),
+            "has an ACL entry user:user tokend-test-bob",
+            "that lets another user write it",
+        ],
+    );
+    write_private(&config, &text);
+    let cleared = Command::new("setfacl").arg("-b").arg(&config).status();
+    assert!(cleared.expect("setfacl").success());
+
+    // Writable by its group (readable is not the point: no inline secret).
+    let public = Key::new("k")
+        .url("http://127.0.0.1:9/t")
+        .client_id("c")
+        .secret_file(&dir.join("nothing"))
+        .allow_uids(&[0])
+        .toml();
+    let open = dir.join("public.toml");
+    support::daemon::write_public(&open, &public);
+    let ran = check_file(&open).await;
+    assert!(
+        !ran.stderr.contains("writable"),
+        "a configuration others may only read is fine: {ran:?}"
+    );
+    chmod(&open, 0o664);
+    assert_refused(
+        &check_file(&open).await,
+        &[&shown(&open), "is writable by its group (mode 0664)"],
+    );
+
+    // A symlink to a configuration in a directory anyone may write.
+    let wide = dir.join("wide");
+    std::fs::create_dir(&wide).expect("mkdir");
+    chmod(&wide, 0o777);
+    let inner = wide.join("tokend.toml");
+    write_private(&inner, &text);
+    let link = dir.join("linked.toml");
+    std::os::unix::fs::symlink(&inner, &link).expect("symlink");
+    assert_refused(
+        &check_file(&link).await,
+        &[
+            &shown(&link),
+            &format!(
+                "directory {} is writable by others (mode 0777) without",
+                shown(&wide)
+            ),
+        ],
+    );
+
+    // The same file by a relative path, from inside that directory.
+    let mut relative = tokend();
+    relative
+        .args(["check", "--config", "tokend.toml"])
+        .current_dir(&wide);
+    assert_refused(
+        &run(relative, b"").await,
+        &[&format!(
+            "tokend.toml can be replaced by others: directory {} is writable",
+            shown(&wide)
+        )],
+    );
+
+    // The sticky bit makes the same directory safe for root's file...
+    chmod(&wide, 0o1777);
+    assert_eq!(check_file(&link).await.code, Some(0));
+    // ...but not for a symlink of bob's in it, which bob may replace.
+    let safe = dir.join("safe.toml");
+    write_private(&safe, &text);
+    let bobs = wide.join("bobs.toml");
+    std::os::unix::fs::symlink(&safe, &bobs).expect("symlink");
+    chown(&bobs, &bob);
+    assert_refused(
+        &check_file(&bobs).await,
+        &[
+            &shown(&bobs),
+            "owned by user tokend-test-bob",
+            &format!("in the sticky directory {}", shown(&wide)),
+        ],
+    );
+
+    // A directory of bob's, though only he may write it: he may chmod it.
+    let his = dir.join("his");
+    std::fs::create_dir(&his).expect("mkdir");
+    chown(&his, &bob);
+    let in_his = his.join("tokend.toml");
+    write_private(&in_his, &text);
+    assert_refused(
+        &check_file(&in_his).await,
+        &[
+            &shown(&in_his),
+            &format!("directory {} is owned by user tokend-test-bob", shown(&his)),
+        ],
+    );
+
+    // A client certificate anyone may write: they could put theirs in.
+    let client = TestCa::new("clients").client_pem("mtls-client");
+    let (cert, key) = client.write(dir, "client");
+    chmod(&cert, 0o666);
+    let mtls = dir.join("mtls.toml");
+    write_private(
+        &mtls,
+        &Key::new("m")
+            .url("https://127.0.0.1:9/t")
+            .client_id("c")
+            .allow_uids(&[0])
+            .extra(&format!(
+                "auth = \"tls_client_auth\"\nclient_cert_file = {:?}\nclient_key_file = {:?}",
+                shown(&cert),
+                shown(&key)
+            ))
+            .toml(),
+    );
+    assert_refused(
+        &check_file(&mtls).await,
+        &[
+            &format!("{}:6:20: key \"m\": client_cert_file: ", shown(&mtls)),
+            "writable by others (mode 0666)",
+            &format!("chmod go-w {}", shown(&cert)),
+        ],
+    );
+}
+
+/// Issue 19 item 12b: no core dump and no debugger of the same uid from
+/// before the first secret is read. tokend runs as tokend-test-alice, so
+/// /proc/PID's files are hers while it is dumpable and root's once it is
+/// not. The test runs it by ptrace one system call at a time and looks at
+/// each `openat`: none may open the configuration (which may hold inline
+/// secrets) or the secret file before tokend is non-dumpable.
+#[test]
+fn tokend_is_out_of_reach_of_debuggers_before_it_reads_a_secret() {
+    let alice = test_user("tokend-test-alice");
+    let base = tempfile::tempdir().expect("dir");
+    let dir = base.path();
+    let secret = dir.join("secret");
+    write_private(&secret, SECRET);
+    let config = dir.join("tokend.toml");
+    write_private(
+        &config,
+        &format!(
+            "[daemon]\nsocket = {:?}\n\n{}",
+            shown(&dir.join("tokend.sock")),
+            Key::new("k")
+                .url("http://127.0.0.1:9/t")
+                .client_id(CLIENT)
+                .secret_file(&secret)
+                .allow_uids(&[0])
+                .toml()
+        ),
+    );
+    for path in [dir, secret.as_path(), config.as_path()] {
+        chown(path, &alice);
+    }
+    let mut command = as_caller(
+        &tokend_for_anyone().to_string_lossy(),
+        alice.uid,
+        alice.gid,
+        &alice.groups,
+    );
+    command
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "info")
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("LISTEN_FDS")
+        .env_remove("LISTEN_PID")
+        .env_remove("JOURNAL_STREAM")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut traced = Traced::spawn(command);
+    // Root's once the process is not dumpable, whoever runs it.
+    let owner = |pid: libc::pid_t| {
+        let environ = format!("/proc/{pid}/environ");
+        std::fs::metadata(environ).expect("stat /proc/PID").uid()
+    };
+    let opened = traced.run_until_open(&[&config, &secret], |pid| owner(pid) == 0);
+    if let Some(path) = opened {
+        panic!(
+            "tokend opens {} while still dumpable: /proc/{}/environ belongs to uid {}, so \
+             any process of that uid could read its memory",
+            path.display(),
+            traced.pid(),
+            owner(traced.pid())
+        );
+    }
+    let pid = traced.pid();
+    let mut child = traced.release();
+    let stderr = child.stderr.take().expect("piped stderr");
+    let listening = std::io::BufReader::new(stderr)
+        .lines()
+        .map_while(Result::ok)
+        .find(|line| line.contains(" listening "));
+    assert_eq!(owner(pid), 0, "still non-dumpable while serving");
+    // SAFETY: kill(2) on our own child, not yet reaped.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let status = child.wait().expect("wait");
+    assert!(listening.is_some(), "tokend did not start once released");
+    assert!(status.success(), "{status}");
 }

@@ -11,6 +11,7 @@ use std::process::ExitCode;
 
 use tokend::cli::{self, DaemonCommand};
 use tokend::config;
+use tokend::hardening;
 use tokend::issuer::{IssuerClient, MAX_WORDS};
 use tokend::printable;
 
@@ -41,6 +42,10 @@ fn serve(config: &Path) -> anyhow::Result<ExitCode> {
 }
 
 fn check(path: &Path, online: bool) -> ExitCode {
+    // It reads the secrets the daemon reads: they get the same protection.
+    for failure in hardening::protect_secrets() {
+        eprintln!("tokend: warning: {failure}");
+    }
     match config::load(path) {
         Ok(config) => {
             for (name, key) in &config.keys {

@@ -747,10 +747,33 @@ pub fn assert_issued(issued: &[String], expected: &[&str]) {
     );
 }
 
-/// Writes `text` to `path` with mode 0600.
+/// Writes `text` to `path` with mode 0600, whatever the umask.
 pub fn write_private(path: &Path, text: &str) {
-    std::fs::write(path, text).expect("write file");
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).expect("chmod file");
+    write_with_mode(path, text, 0o600);
+}
+
+/// Writes `text` to `path` with mode 0644, whatever the umask: for files
+/// that hold nothing secret but steer whom tokend trusts (a CA bundle, a
+/// client certificate), which tokend refuses when others may write them.
+pub fn write_public(path: &Path, text: &str) {
+    write_with_mode(path, text, 0o644);
+}
+
+/// Creates the file with `mode` (an existing one is set to it) before a
+/// byte is written, so it is never open to others, even for a moment.
+fn write_with_mode(path: &Path, text: &str, mode: u32) {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(path)
+        .unwrap_or_else(|e| panic!("failed to write {}: {e}", path.display()));
+    file.set_permissions(std::fs::Permissions::from_mode(mode))
+        .expect("chmod file");
+    file.write_all(text.as_bytes()).expect("write file");
 }
 
 /// A client connection speaking protocol v1.

@@ -1,7 +1,8 @@
 //! Test support: the loopback issuer (over TLS with a test CA too), the
 //! oidc-provider server, the daemon harness (plain or as systemd runs it,
 //! with systemd's stand-ins), a stand-in daemon that lies to the CLI, the
-//! key builder, a CONNECT proxy, and containers booting a real systemd.
+//! key builder, a CONNECT proxy, containers booting a real systemd, and a
+//! tracer that holds a child at a system call.
 #![allow(dead_code, unreachable_pub)]
 
 pub mod cli;
@@ -15,6 +16,7 @@ pub mod oidc;
 pub mod proxy;
 pub mod systemd;
 pub mod tls;
+pub mod trace;
 
 /// Ends a child a harness owns: kills and reaps it, and when the test is
 /// failing prints what it said (`name` and `output`), the one place a

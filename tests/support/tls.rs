@@ -68,7 +68,7 @@ impl TestCa {
     /// and returns the path.
     pub fn write(&self, dir: &Path, name: &str) -> PathBuf {
         let path = dir.join(name);
-        std::fs::write(&path, &self.pem).expect("write the CA certificate");
+        super::daemon::write_public(&path, &self.pem);
         path
     }
 
@@ -156,10 +156,8 @@ impl CertAndKey {
     pub fn write(&self, dir: &Path, name: &str) -> (PathBuf, PathBuf) {
         let cert = dir.join(format!("{name}.crt"));
         let key = dir.join(format!("{name}.key"));
-        std::fs::write(&cert, &self.cert).expect("write the certificate");
-        std::fs::write(&key, &self.key).expect("write the key");
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        super::daemon::write_public(&cert, &self.cert);
+        super::daemon::write_private(&key, &self.key);
         (cert, key)
     }
 
