@@ -450,3 +450,79 @@ async fn a_reload_on_a_fifo_keeps_the_daemon_serving_and_sigterm_still_stops_it(
     println!("a reload on a FIFO failed in {took:?}");
     daemon.stop_and_check_log(&secrets(&[&issuer], &[SECRET]));
 }
+
+/// Attack on issue 19 item 1: a 401 whose body is JSON but not an RFC 6749
+/// error (`{"message": …}`, `{"detail": …}`) or HTML is shown as written,
+/// and the scrubber decodes only percent escapes and `+`. The JSON and
+/// HTML encoders servers use re-encode a quoted secret in ways it does not
+/// undo: PHP's `json_encode` writes `/` as `\/`, Python's `json.dumps`
+/// writes non-ASCII as `\u00fc`, and an HTML error page writes `&` as
+/// `&amp;`. Each case's key has its own secret so each can be told apart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_secret_in_a_json_or_html_escape_never_reaches_the_get_answer_or_status() {
+    // (case, the key's secret, content type, body the issuer answers)
+    let cases: [(&str, &str, &str, String); 3] = [
+        (
+            "PHP json_encode (\\/)",
+            "php/Json/Escapes/sl4shes-0123",
+            "application/json",
+            r#"{"message":"invalid client secret php\/Json\/Escapes\/sl4shes-0123"}"#.to_owned(),
+        ),
+        (
+            "Python json.dumps (\\u00fc)",
+            "gr\u{fc}ne-python-secret-0a1b2c",
+            "application/json",
+            r#"{"detail":"invalid client secret gr\u00fcne-python-secret-0a1b2c"}"#.to_owned(),
+        ),
+        (
+            "HTML (&amp;)",
+            "Amp&Secret-Part-One&Two-0b0b",
+            "text/html",
+            "<html><body><p>Invalid client_secret Amp&amp;Secret-Part-One&amp;Two-0b0b</p></body></html>"
+                .to_owned(),
+        ),
+    ];
+    let issuer = Issuer::start(vec![ClientSpec::checkout(CLIENT, SECRET, &[])]).await;
+    let keys: String = cases
+        .iter()
+        .enumerate()
+        .map(|(i, (_, secret, _, _))| {
+            Key::new(&format!("k{i}"))
+                .issuer(&issuer, Dialect::Checkout)
+                .client(CLIENT, secret)
+                .allow_uids(&[0])
+                .toml()
+        })
+        .collect();
+    let daemon = Daemon::builder().keys(&keys).start();
+    let mut leaked = Vec::new();
+    for (i, (what, secret, content_type, body)) in cases.iter().enumerate() {
+        issuer.set_fault(Some(Fault::Status {
+            status: 401,
+            content_type: (*content_type).to_owned(),
+            body: body.clone(),
+        }));
+        let answer = daemon
+            .call(json!({"op": "get", "key": format!("k{i}")}))
+            .await;
+        assert_eq!(answer["error"]["code"], "unavailable", "{what}");
+        let status = daemon.call(json!({"op": "status"})).await.0.to_string();
+        if holds_part_of(&answer.0.to_string(), secret) || holds_part_of(&status, secret) {
+            leaked.push(*what);
+        }
+    }
+    let log = daemon.log();
+    let in_log: Vec<&str> = cases
+        .iter()
+        .filter(|(_, secret, _, _)| holds_part_of(&log, secret))
+        .map(|(what, _, _, _)| *what)
+        .collect();
+    // Stopped before any assertion: the harness prints the log of a
+    // daemon alive at a panic, and this log holds the secrets.
+    drop(daemon);
+    assert!(
+        leaked.is_empty() && in_log.is_empty(),
+        "8 bytes or more of the client secret, unredacted, when the issuer quotes it as \
+         {leaked:?} (get answer or status) and {in_log:?} (log)"
+    );
+}
