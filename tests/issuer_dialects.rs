@@ -655,3 +655,40 @@ async fn a_bare_403_or_an_html_401_is_rejected_credentials_and_pauses_the_key() 
     assert_eq!(issuer.requests().len(), 2, "one request for the second key");
     daemon.stop_and_check_log(&used_secrets(&issuer));
 }
+
+/// Attack on issue 19 item 3, as a careless (or careful) operator: the
+/// grant is judged only when it arrives. A key lists `gateway` and
+/// `vault`; a caller asks for `gateway` and the issuer grants both, which
+/// the key allows then. The operator narrows `scopes` to `gateway` (the
+/// README's advice for a grant wider than the key should allow is to fix
+/// the lists and reload) and reloads. The reload carries the `gateway`
+/// set's entry over, with its token granted `vault`, and that token is
+/// still handed out, with `"scopes": ["gateway","vault"]`, until its
+/// lifetime ends: wider than the key now allows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_granted_wider_than_the_scopes_a_reload_narrowed_to_is_not_handed_out() {
+    let issuer = issuer().await;
+    issuer.set_fault(Some(Fault::Members(vec![(
+        "scope".into(),
+        json!("gateway vault"),
+    )])));
+    let mut daemon = Daemon::start("", &checkout_key(&issuer, "scopes = [\"gateway\", \"vault\"]"));
+    let ask = json!({"op":"get","key":"payments","scopes":["gateway"]});
+    let before = daemon.call(ask.clone()).await;
+    assert_eq!(before["ok"], true, "{before}");
+    assert_eq!(before["scopes"], json!(["gateway", "vault"]), "{before}");
+
+    daemon.rewrite_keys(&checkout_key(&issuer, "scopes = [\"gateway\"]"));
+    assert!(daemon.reload_and_wait(), "the narrowed configuration is accepted");
+    let after = daemon.call(ask).await;
+    let handed_out_wide = after["ok"] == true
+        && after["scopes"]
+            .as_array()
+            .is_some_and(|s| s.iter().any(|s| s == "vault"));
+    assert!(
+        !handed_out_wide,
+        "after a reload narrowed `scopes` to [gateway], a token granted vault is still \
+         handed out: {after}"
+    );
+    daemon.stop_and_check_log(&used_secrets(&issuer));
+}
