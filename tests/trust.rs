@@ -526,3 +526,67 @@ async fn the_secret_in_a_json_or_html_escape_never_reaches_the_get_answer_or_sta
          {leaked:?} (get answer or status) and {in_log:?} (log)"
     );
 }
+
+/// Attack on issue 19 item 1, the edges of the matcher. Each case is an
+/// RFC 6749 `invalid_client` whose description quotes the key's secret:
+/// - a short secret (under 8 bytes) between typographic quotes or
+///   guillemets, which the README says is redacted (no letter, digit or
+///   `_` against either side) but which the matcher takes for part of a
+///   word, since it counts every non-ASCII byte as a letter;
+/// - the end of a long secret after an ellipsis, as an issuer that masks
+///   all but the tail writes it: only a secret's start is looked for at
+///   a cut;
+/// - the standard base64 of the bare secret, which only the Basic pair's
+///   base64 is scrubbed in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_quoted_typographically_by_its_tail_or_in_base64_never_reaches_the_get_answer() {
+    const LONG: &str = "tail-secret-0123456789-abcdefghij";
+    let tail = &LONG[LONG.len() - 16..];
+    let cases: Vec<(&str, &str, String)> = vec![
+        ("short, “curly quotes”", "hunt3r", "wrong client_secret “hunt3r”".to_owned()),
+        ("short, «guillemets»", "s3cr7t", "client_secret «s3cr7t» rejected".to_owned()),
+        ("the tail after an ellipsis", LONG, format!("wrong client_secret ...{tail}")),
+        (
+            "base64 of the secret",
+            "b64-bare-secret-0f0f0f",
+            format!("wrong client_secret (base64 {})", STANDARD.encode("b64-bare-secret-0f0f0f")),
+        ),
+    ];
+    let issuer = Issuer::start(vec![ClientSpec::checkout(CLIENT, SECRET, &[])]).await;
+    let keys: String = cases
+        .iter()
+        .enumerate()
+        .map(|(i, (_, secret, _))| {
+            Key::new(&format!("k{i}"))
+                .issuer(&issuer, Dialect::Checkout)
+                .client(CLIENT, secret)
+                .allow_uids(&[0])
+                .toml()
+        })
+        .collect();
+    let daemon = Daemon::builder().keys(&keys).start();
+    let mut leaked = Vec::new();
+    for (i, (what, secret, description)) in cases.iter().enumerate() {
+        issuer.set_fault(Some(json_error(401, description)));
+        let answer = daemon
+            .call(json!({"op": "get", "key": format!("k{i}")}))
+            .await;
+        assert_eq!(answer["error"]["code"], "unavailable", "{what}");
+        let text = answer.0.to_string();
+        let shown = match *what {
+            "the tail after an ellipsis" => text.contains(tail),
+            "base64 of the secret" => text.contains(&STANDARD.encode(secret)),
+            _ => text.contains(secret),
+        };
+        if shown {
+            leaked.push(*what);
+        }
+    }
+    // Stopped before the assertion: the harness prints the log of a
+    // daemon alive at a panic, and this log holds the secrets.
+    drop(daemon);
+    assert!(
+        leaked.is_empty(),
+        "the get answer quotes the secret, unredacted, for {leaked:?}"
+    );
+}
