@@ -692,3 +692,46 @@ async fn a_token_granted_wider_than_the_scopes_a_reload_narrowed_to_is_not_hande
     );
     daemon.stop_and_check_log(&used_secrets(&issuer));
 }
+
+/// Attack on issue 19 items 8 and 9: the daemon and the CLI judge a
+/// granted scope by different rules. The daemon refuses a scope with a
+/// control character (`char::is_control`), the CLI refuses to print a
+/// token answer holding any character of the one printable rule
+/// (`printable::is_unsafe`), which also takes the bidirectional isolates
+/// and overrides. An issuer that grants `read\u{2066}` on a key without a
+/// `scopes` list has its token cached and handed out raw over the socket
+/// (serde_json leaves U+2066 as it is, so any JSON reader shows it), while
+/// `tokend get` of the same key exits 1 with "a line with a control
+/// character in it" on every call until the token is refreshed: the
+/// daemon should refuse such a grant by the same rule as its CLI.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_granted_scope_the_cli_will_not_print_is_not_handed_out() {
+    let issuer = issuer().await;
+    issuer.set_fault(Some(Fault::Members(vec![(
+        "scope".into(),
+        json!("read\u{2066}"),
+    )])));
+    let open = Key::new("open")
+        .issuer(&issuer, Dialect::Checkout)
+        .client(CK_ID, CK_SECRET)
+        .allow_uids(&[0])
+        .toml();
+    let daemon = Daemon::start("", &open);
+    let answer = daemon.call(get("open")).await;
+    let mut get_cli = support::cli::tokend();
+    get_cli
+        .args(["get", "open", "--format", "token", "--socket"])
+        .arg(&daemon.socket);
+    let ran = support::cli::run(get_cli, b"").await;
+    let cli_printed = ran.code == Some(0);
+    let served = answer["ok"] == true;
+    daemon.stop_and_check_log(&used_secrets(&issuer));
+    assert!(
+        cli_printed || !served,
+        "the daemon handed the token out over the socket (granted scopes {:?}) while \
+         `tokend get` refused it: exit {:?}, stderr {:?}",
+        answer["scopes"].to_string(),
+        ran.code,
+        ran.stderr
+    );
+}
