@@ -735,3 +735,38 @@ async fn a_granted_scope_the_cli_will_not_print_is_not_handed_out() {
         ran.stderr
     );
 }
+
+/// Attack on issue 19 item 13, as a caller of one scope set: any 401 or
+/// 403 now pauses the whole key, even when its JSON body names a failure
+/// of the set alone. An issuer (or the gateway in front of it) that
+/// answers a scope its client may not have with `403
+/// {"error":"invalid_scope"}` lets any caller allowed to ask for that
+/// scope pause the key for every other caller and set: the README says
+/// `invalid_scope` "is final for its set", and an `error` code that says
+/// what failed should decide over the status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_403_naming_invalid_scope_fails_its_set_and_does_not_pause_the_key() {
+    let issuer = issuer().await;
+    issuer.set_fault(Some(Fault::ForScope {
+        scope: "vault".into(),
+        fault: Box::new(Fault::Status {
+            status: 403,
+            content_type: "application/json".into(),
+            body: json!({"error": "invalid_scope", "error_description": "vault is not granted"})
+                .to_string(),
+        }),
+    }));
+    let daemon = Daemon::start("", &checkout_key(&issuer, "scopes = [\"gateway\", \"vault\"]"));
+    let vault = daemon
+        .call(json!({"op":"get","key":"payments","scopes":["vault"]}))
+        .await;
+    assert_eq!(vault["ok"], false, "{vault}");
+    let gateway = daemon
+        .call(json!({"op":"get","key":"payments","scopes":["gateway"]}))
+        .await;
+    daemon.stop_and_check_log(&used_secrets(&issuer));
+    assert_eq!(
+        gateway["ok"], true,
+        "one caller's 403 invalid_scope for `vault` paused the key for `gateway` too: {gateway}"
+    );
+}
