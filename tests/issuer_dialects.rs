@@ -770,3 +770,43 @@ async fn a_403_naming_invalid_scope_fails_its_set_and_does_not_pause_the_key() {
         "one caller's 403 invalid_scope for `vault` paused the key for `gateway` too: {gateway}"
     );
 }
+
+/// Attack on issue 19 item 10: every issuer-supplied string in an answer,
+/// `status` or the log is to be cut to the limit of issuer error text.
+/// The granted `scope` is not: on a key without a `scopes` list (which
+/// takes whatever the issuer grants), every get answer lists every scope
+/// the issuer granted. 75,000 short scopes fit in the issuer's 1 MiB
+/// answer, and make tokend's get answer larger than the 1 MiB that
+/// `tokend get` reads: the daemon hands the token out over the socket,
+/// and `tokend get` calls tokend's own answer "not protocol v1".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_with_a_huge_granted_scope_is_handed_out_by_the_daemon_and_by_tokend_get_alike() {
+    let issuer = issuer().await;
+    let granted: Vec<String> = (0..75_000).map(|i| format!("scope-{i:06}")).collect();
+    issuer.set_fault(Some(Fault::Members(vec![(
+        "scope".into(),
+        json!(granted.join(" ")),
+    )])));
+    let open = Key::new("open")
+        .issuer(&issuer, Dialect::Checkout)
+        .client(CK_ID, CK_SECRET)
+        .allow_uids(&[0])
+        .toml();
+    let daemon = Daemon::start("", &open);
+    let answer = daemon.call(get("open")).await;
+    let served = answer["ok"] == true;
+    let size = answer.0.to_string().len();
+    let mut get_cli = support::cli::tokend();
+    get_cli
+        .args(["get", "open", "--format", "token", "--socket"])
+        .arg(&daemon.socket);
+    let ran = support::cli::run(get_cli, b"").await;
+    daemon.stop_and_check_log(&used_secrets(&issuer));
+    assert!(
+        !served || ran.code == Some(0),
+        "the daemon handed the token out over the socket in a {size}-byte answer, \
+         but `tokend get` exited {:?}: {:?}",
+        ran.code,
+        ran.stderr
+    );
+}
