@@ -810,3 +810,42 @@ async fn a_token_with_a_huge_granted_scope_is_handed_out_by_the_daemon_and_by_to
         ran.stderr
     );
 }
+
+/// Attack on issue 19 item 8: VSCHAR includes the space, so a token of
+/// spaces alone, or with a leading or trailing one, passes the new check
+/// and is cached and handed out. A field value's surrounding whitespace
+/// is not part of it (RFC 9110, section 5.5), so `Authorization: Bearer
+/// <token>` never carries such a token as issued, and one of spaces alone
+/// is as unusable as the empty token the daemon already refuses; RFC 6750
+/// section 2.1 allows no space in a Bearer token at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bearer_token_of_spaces_or_with_surrounding_spaces_is_not_handed_out() {
+    let issuer = issuer().await;
+    let cases = ["   ", " leading-space", "trailing-space "];
+    let keys: String = (0..cases.len())
+        .map(|i| {
+            Key::new(&format!("k{i}"))
+                .issuer(&issuer, Dialect::Checkout)
+                .client(CK_ID, CK_SECRET)
+                .allow_uids(&[0])
+                .toml()
+        })
+        .collect();
+    let daemon = Daemon::start("", &keys);
+    let mut handed_out = Vec::new();
+    for (i, token) in cases.iter().enumerate() {
+        issuer.set_fault(Some(Fault::Members(vec![(
+            "access_token".into(),
+            json!(token),
+        )])));
+        let answer = daemon.call(get(&format!("k{i}"))).await;
+        if answer["ok"] == true {
+            handed_out.push(format!("case {i} ({} bytes)", token.len()));
+        }
+    }
+    daemon.stop_and_check_log(&used_secrets(&issuer));
+    assert!(
+        handed_out.is_empty(),
+        "Bearer tokens with surrounding or only spaces were handed out: {handed_out:?}"
+    );
+}
