@@ -590,3 +590,39 @@ async fn a_secret_quoted_typographically_by_its_tail_or_in_base64_never_reaches_
         "the get answer quotes the secret, unredacted, for {leaked:?}"
     );
 }
+
+/// Attack on issue 19 item 1, tokend's own re-encoding: an `error` (or
+/// `error_description`) that is a JSON object, as Google-style APIs write
+/// it (`{"error":{"code":401,"message":"…"}}`), is shown as tokend
+/// serialises it again, which escapes `"` and `\` in its strings. A
+/// secret holding either, quoted in the message, then no longer matches
+/// and is shown around the escape.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_quoted_in_a_nested_json_error_never_reaches_the_get_answer() {
+    const QUOTED: &str = r#"nested-secret-0a0a"and\back-slash-1b1b"#;
+    let issuer = Issuer::start(vec![ClientSpec::checkout(CLIENT, SECRET, &[])]).await;
+    let key = Key::new("k")
+        .issuer(&issuer, Dialect::Checkout)
+        .client(CLIENT, QUOTED)
+        .allow_uids(&[0])
+        .toml();
+    issuer.set_fault(Some(Fault::Status {
+        status: 401,
+        content_type: "application/json".into(),
+        body: json!({"error": {"code": 401, "message": format!("Invalid client secret {QUOTED}")}})
+            .to_string(),
+    }));
+    let daemon = Daemon::builder().keys(&key).start();
+    let answer = daemon.call(json!({"op": "get", "key": "k"})).await;
+    assert_eq!(answer["error"]["code"], "unavailable");
+    let message = answer["error"]["message"].as_str().unwrap_or("").to_owned();
+    let leaked = holds_part_of(&message, QUOTED);
+    let redacted = message.contains("[redacted]");
+    // Stopped before the assertion: the log holds the secret.
+    drop(daemon);
+    assert!(
+        !leaked,
+        "the get answer's message holds 8 bytes or more of the client secret (redacted \
+         anywhere: {redacted})"
+    );
+}
