@@ -672,14 +672,20 @@ async fn a_token_granted_wider_than_the_scopes_a_reload_narrowed_to_is_not_hande
         "scope".into(),
         json!("gateway vault"),
     )])));
-    let mut daemon = Daemon::start("", &checkout_key(&issuer, "scopes = [\"gateway\", \"vault\"]"));
+    let mut daemon = Daemon::start(
+        "",
+        &checkout_key(&issuer, "scopes = [\"gateway\", \"vault\"]"),
+    );
     let ask = json!({"op":"get","key":"payments","scopes":["gateway"]});
     let before = daemon.call(ask.clone()).await;
     assert_eq!(before["ok"], true, "{before}");
     assert_eq!(before["scopes"], json!(["gateway", "vault"]), "{before}");
 
     daemon.rewrite_keys(&checkout_key(&issuer, "scopes = [\"gateway\"]"));
-    assert!(daemon.reload_and_wait(), "the narrowed configuration is accepted");
+    assert!(
+        daemon.reload_and_wait(),
+        "the narrowed configuration is accepted"
+    );
     let after = daemon.call(ask).await;
     let handed_out_wide = after["ok"] == true
         && after["scopes"]
@@ -756,7 +762,10 @@ async fn a_403_naming_invalid_scope_fails_its_set_and_does_not_pause_the_key() {
                 .to_string(),
         }),
     }));
-    let daemon = Daemon::start("", &checkout_key(&issuer, "scopes = [\"gateway\", \"vault\"]"));
+    let daemon = Daemon::start(
+        "",
+        &checkout_key(&issuer, "scopes = [\"gateway\", \"vault\"]"),
+    );
     let vault = daemon
         .call(json!({"op":"get","key":"payments","scopes":["vault"]}))
         .await;

@@ -543,13 +543,28 @@ async fn a_secret_quoted_typographically_by_its_tail_or_in_base64_never_reaches_
     const LONG: &str = "tail-secret-0123456789-abcdefghij";
     let tail = &LONG[LONG.len() - 16..];
     let cases: Vec<(&str, &str, String)> = vec![
-        ("short, “curly quotes”", "hunt3r", "wrong client_secret “hunt3r”".to_owned()),
-        ("short, «guillemets»", "s3cr7t", "client_secret «s3cr7t» rejected".to_owned()),
-        ("the tail after an ellipsis", LONG, format!("wrong client_secret ...{tail}")),
+        (
+            "short, “curly quotes”",
+            "hunt3r",
+            "wrong client_secret “hunt3r”".to_owned(),
+        ),
+        (
+            "short, «guillemets»",
+            "s3cr7t",
+            "client_secret «s3cr7t» rejected".to_owned(),
+        ),
+        (
+            "the tail after an ellipsis",
+            LONG,
+            format!("wrong client_secret ...{tail}"),
+        ),
         (
             "base64 of the secret",
             "b64-bare-secret-0f0f0f",
-            format!("wrong client_secret (base64 {})", STANDARD.encode("b64-bare-secret-0f0f0f")),
+            format!(
+                "wrong client_secret (base64 {})",
+                STANDARD.encode("b64-bare-secret-0f0f0f")
+            ),
         ),
     ];
     let issuer = Issuer::start(vec![ClientSpec::checkout(CLIENT, SECRET, &[])]).await;
