@@ -674,3 +674,34 @@ async fn forking_callers_cost_a_bounded_number_of_lines_per_uid_and_key() {
         "{announced} announcements"
     );
 }
+
+/// Attack on issue 19 item 7 (what one caller can write to the log): a
+/// caller allowed to read a key asks for thousands of made-up scopes. The
+/// denial's audit line carries the scopes as the caller wrote them, all of
+/// them, at info: one 64 KiB line (`max_request_bytes`) per caller, key
+/// and window, though the service's own comment says "an audit line
+/// carries configured values only" and a made-up key name is cut to 64
+/// characters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callers_made_up_scopes_reach_the_audit_line_bounded() {
+    let issuer = Issuer::start(vec![ClientSpec::checkout("audit-id", SECRET, &["gateway"])]).await;
+    let key = Key::new("payments")
+        .issuer(&issuer, Dialect::Checkout)
+        .client("audit-id", SECRET)
+        .allow_uids(&[0])
+        .extra("scopes = [\"gateway\"]")
+        .toml();
+    let mut daemon = Daemon::builder().keys(&key).start();
+    let made_up: Vec<String> = (0..4_000).map(|i| format!("made-up-{i:05}")).collect();
+    let answer = daemon
+        .call(json!({"op":"get","key":"payments","scopes": made_up}))
+        .await;
+    assert_eq!(answer["error"]["code"], "scope_not_allowed", "{answer}");
+    let line = daemon.wait_for_log_line("denied: scopes not allowed");
+    let length = line.len();
+    daemon.stop_and_check_log(&secrets(&[&issuer], &[SECRET]));
+    assert!(
+        length <= 1024,
+        "one denial wrote a {length}-byte audit line of the caller's scopes"
+    );
+}

@@ -655,3 +655,206 @@ async fn a_bare_403_or_an_html_401_is_rejected_credentials_and_pauses_the_key() 
     assert_eq!(issuer.requests().len(), 2, "one request for the second key");
     daemon.stop_and_check_log(&used_secrets(&issuer));
 }
+
+/// Attack on issue 19 item 3, as a careless (or careful) operator: the
+/// grant is judged only when it arrives. A key lists `gateway` and
+/// `vault`; a caller asks for `gateway` and the issuer grants both, which
+/// the key allows then. The operator narrows `scopes` to `gateway` (the
+/// README's advice for a grant wider than the key should allow is to fix
+/// the lists and reload) and reloads. The reload carries the `gateway`
+/// set's entry over, with its token granted `vault`, and that token is
+/// still handed out, with `"scopes": ["gateway","vault"]`, until its
+/// lifetime ends: wider than the key now allows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_granted_wider_than_the_scopes_a_reload_narrowed_to_is_not_handed_out() {
+    let issuer = issuer().await;
+    issuer.set_fault(Some(Fault::Members(vec![(
+        "scope".into(),
+        json!("gateway vault"),
+    )])));
+    let mut daemon = Daemon::start(
+        "",
+        &checkout_key(&issuer, "scopes = [\"gateway\", \"vault\"]"),
+    );
+    let ask = json!({"op":"get","key":"payments","scopes":["gateway"]});
+    let before = daemon.call(ask.clone()).await;
+    assert_eq!(before["ok"], true, "{before}");
+    assert_eq!(before["scopes"], json!(["gateway", "vault"]), "{before}");
+
+    daemon.rewrite_keys(&checkout_key(&issuer, "scopes = [\"gateway\"]"));
+    assert!(
+        daemon.reload_and_wait(),
+        "the narrowed configuration is accepted"
+    );
+    let after = daemon.call(ask).await;
+    let handed_out_wide = after["ok"] == true
+        && after["scopes"]
+            .as_array()
+            .is_some_and(|s| s.iter().any(|s| s == "vault"));
+    assert!(
+        !handed_out_wide,
+        "after a reload narrowed `scopes` to [gateway], a token granted vault is still \
+         handed out: {after}"
+    );
+    daemon.stop_and_check_log(&used_secrets(&issuer));
+}
+
+/// Attack on issue 19 items 8 and 9: the daemon and the CLI judge a
+/// granted scope by different rules. The daemon refuses a scope with a
+/// control character (`char::is_control`), the CLI refuses to print a
+/// token answer holding any character of the one printable rule
+/// (`printable::is_unsafe`), which also takes the bidirectional isolates
+/// and overrides. An issuer that grants `read\u{2066}` on a key without a
+/// `scopes` list has its token cached and handed out raw over the socket
+/// (serde_json leaves U+2066 as it is, so any JSON reader shows it), while
+/// `tokend get` of the same key exits 1 with "a line with a control
+/// character in it" on every call until the token is refreshed: the
+/// daemon should refuse such a grant by the same rule as its CLI.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_granted_scope_the_cli_will_not_print_is_not_handed_out() {
+    let issuer = issuer().await;
+    issuer.set_fault(Some(Fault::Members(vec![(
+        "scope".into(),
+        json!("read\u{2066}"),
+    )])));
+    let open = Key::new("open")
+        .issuer(&issuer, Dialect::Checkout)
+        .client(CK_ID, CK_SECRET)
+        .allow_uids(&[0])
+        .toml();
+    let daemon = Daemon::start("", &open);
+    let answer = daemon.call(get("open")).await;
+    let mut get_cli = support::cli::tokend();
+    get_cli
+        .args(["get", "open", "--format", "token", "--socket"])
+        .arg(&daemon.socket);
+    let ran = support::cli::run(get_cli, b"").await;
+    let cli_printed = ran.code == Some(0);
+    let served = answer["ok"] == true;
+    daemon.stop_and_check_log(&used_secrets(&issuer));
+    assert!(
+        cli_printed || !served,
+        "the daemon handed the token out over the socket (granted scopes {:?}) while \
+         `tokend get` refused it: exit {:?}, stderr {:?}",
+        answer["scopes"].to_string(),
+        ran.code,
+        ran.stderr
+    );
+}
+
+/// Attack on issue 19 item 13, as a caller of one scope set: any 401 or
+/// 403 now pauses the whole key, even when its JSON body names a failure
+/// of the set alone. An issuer (or the gateway in front of it) that
+/// answers a scope its client may not have with `403
+/// {"error":"invalid_scope"}` lets any caller allowed to ask for that
+/// scope pause the key for every other caller and set: the README says
+/// `invalid_scope` "is final for its set", and an `error` code that says
+/// what failed should decide over the status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_403_naming_invalid_scope_fails_its_set_and_does_not_pause_the_key() {
+    let issuer = issuer().await;
+    issuer.set_fault(Some(Fault::ForScope {
+        scope: "vault".into(),
+        fault: Box::new(Fault::Status {
+            status: 403,
+            content_type: "application/json".into(),
+            body: json!({"error": "invalid_scope", "error_description": "vault is not granted"})
+                .to_string(),
+        }),
+    }));
+    let daemon = Daemon::start(
+        "",
+        &checkout_key(&issuer, "scopes = [\"gateway\", \"vault\"]"),
+    );
+    let vault = daemon
+        .call(json!({"op":"get","key":"payments","scopes":["vault"]}))
+        .await;
+    assert_eq!(vault["ok"], false, "{vault}");
+    let gateway = daemon
+        .call(json!({"op":"get","key":"payments","scopes":["gateway"]}))
+        .await;
+    daemon.stop_and_check_log(&used_secrets(&issuer));
+    assert_eq!(
+        gateway["ok"], true,
+        "one caller's 403 invalid_scope for `vault` paused the key for `gateway` too: {gateway}"
+    );
+}
+
+/// Attack on issue 19 item 10: every issuer-supplied string in an answer,
+/// `status` or the log is to be cut to the limit of issuer error text.
+/// The granted `scope` is not: on a key without a `scopes` list (which
+/// takes whatever the issuer grants), every get answer lists every scope
+/// the issuer granted. 75,000 short scopes fit in the issuer's 1 MiB
+/// answer, and make tokend's get answer larger than the 1 MiB that
+/// `tokend get` reads: the daemon hands the token out over the socket,
+/// and `tokend get` calls tokend's own answer "not protocol v1".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_with_a_huge_granted_scope_is_handed_out_by_the_daemon_and_by_tokend_get_alike() {
+    let issuer = issuer().await;
+    let granted: Vec<String> = (0..75_000).map(|i| format!("scope-{i:06}")).collect();
+    issuer.set_fault(Some(Fault::Members(vec![(
+        "scope".into(),
+        json!(granted.join(" ")),
+    )])));
+    let open = Key::new("open")
+        .issuer(&issuer, Dialect::Checkout)
+        .client(CK_ID, CK_SECRET)
+        .allow_uids(&[0])
+        .toml();
+    let daemon = Daemon::start("", &open);
+    let answer = daemon.call(get("open")).await;
+    let served = answer["ok"] == true;
+    let size = answer.0.to_string().len();
+    let mut get_cli = support::cli::tokend();
+    get_cli
+        .args(["get", "open", "--format", "token", "--socket"])
+        .arg(&daemon.socket);
+    let ran = support::cli::run(get_cli, b"").await;
+    daemon.stop_and_check_log(&used_secrets(&issuer));
+    assert!(
+        !served || ran.code == Some(0),
+        "the daemon handed the token out over the socket in a {size}-byte answer, \
+         but `tokend get` exited {:?}: {:?}",
+        ran.code,
+        ran.stderr
+    );
+}
+
+/// Attack on issue 19 item 8: VSCHAR includes the space, so a token of
+/// spaces alone, or with a leading or trailing one, passes the new check
+/// and is cached and handed out. A field value's surrounding whitespace
+/// is not part of it (RFC 9110, section 5.5), so `Authorization: Bearer
+/// <token>` never carries such a token as issued, and one of spaces alone
+/// is as unusable as the empty token the daemon already refuses; RFC 6750
+/// section 2.1 allows no space in a Bearer token at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bearer_token_of_spaces_or_with_surrounding_spaces_is_not_handed_out() {
+    let issuer = issuer().await;
+    let cases = ["   ", " leading-space", "trailing-space "];
+    let keys: String = (0..cases.len())
+        .map(|i| {
+            Key::new(&format!("k{i}"))
+                .issuer(&issuer, Dialect::Checkout)
+                .client(CK_ID, CK_SECRET)
+                .allow_uids(&[0])
+                .toml()
+        })
+        .collect();
+    let daemon = Daemon::start("", &keys);
+    let mut handed_out = Vec::new();
+    for (i, token) in cases.iter().enumerate() {
+        issuer.set_fault(Some(Fault::Members(vec![(
+            "access_token".into(),
+            json!(token),
+        )])));
+        let answer = daemon.call(get(&format!("k{i}"))).await;
+        if answer["ok"] == true {
+            handed_out.push(format!("case {i} ({} bytes)", token.len()));
+        }
+    }
+    daemon.stop_and_check_log(&used_secrets(&issuer));
+    assert!(
+        handed_out.is_empty(),
+        "Bearer tokens with surrounding or only spaces were handed out: {handed_out:?}"
+    );
+}
