@@ -11,6 +11,12 @@
 //! are `?`. They are read once per connection, when its first line is
 //! written ([`crate::peer::Caller::process`]), never for counted repeats.
 //!
+//! Text a caller chose reaches a line only cut short and printable
+//! ([`crate::printable::shown`]): a name that is not a key, and the scope
+//! set of a `scope_not_allowed` denial, which holds what the key does not
+//! list ([`SHOWN_SCOPES`], with `refused_scopes` counting them). Every other
+//! scope set in a line is within its key's configured list.
+//!
 //! Every handout and every denial belongs to a *subject*:
 //! - a handout: the caller's uid and pid, the key, the scope set and the
 //!   token's fingerprint (so: the first time a process gets a token);
@@ -99,6 +105,13 @@ pub(crate) const MAX_SUBJECTS: usize = 10_000;
 /// at 51 in 30 s, half a percent of journald's default rate limit.
 pub(crate) const ITEMISED_PER_UID_AND_KEY: usize = 16;
 
+/// How many characters of a caller's scope set a `scope_not_allowed` line
+/// shows. The set is the caller's text, as long as `max_request_bytes`
+/// lets it be (4,000 made-up scopes in 64 KiB); cut here, a denial's line
+/// stays a few hundred bytes, while a set of a dozen real scopes still
+/// shows whole. `refused_scopes` counts what the cut hides.
+pub(crate) const SHOWN_SCOPES: usize = 256;
+
 /// One handout or denial, as [`crate::service`] saw it.
 pub(crate) enum Event<'a> {
     HandedOut {
@@ -119,10 +132,14 @@ pub(crate) enum Event<'a> {
     Forbidden {
         key: &'a str,
     },
-    /// Scopes, or a resource, the key does not list.
+    /// Scopes, or a resource, the key does not list. `asked` is the
+    /// caller's set, as long as its request line allowed: its line shows
+    /// [`SHOWN_SCOPES`] characters of it and `refused`, how many of them
+    /// the key does not list (0 when only the resource was refused).
     ScopesNotAllowed {
         key: &'a str,
-        scopes: &'a ScopeSet,
+        asked: &'a ScopeSet,
+        refused: usize,
         resource: Option<&'a str>,
     },
     /// The cache had no token to give: unavailable, shutting down, or busy
@@ -759,13 +776,16 @@ fn log_event(caller: &Caller, event: &Event<'_>, level: Level) {
     // text log quotes them (a path may hold spaces or `key=`), the journal
     // takes them as they are.
     macro_rules! at_level {
-        ([$($field:tt)+] $($message:tt)+) => {
+        // Fields after `then` follow the process's: fields added later go
+        // last, so a line's earlier text reads as it always did.
+        ([$($field:tt)+] then [$($after:tt)*] $($message:tt)+) => {
             if level == Level::INFO {
                 tracing::info!(
                     $($field)+
                     peer_gid = caller.gid,
                     peer_exe = process.exe.as_str(),
                     peer_comm = process.comm.as_str(),
+                    $($after)*
                     $($message)+
                 )
             } else {
@@ -774,9 +794,13 @@ fn log_event(caller: &Caller, event: &Event<'_>, level: Level) {
                     peer_gid = caller.gid,
                     peer_exe = process.exe.as_str(),
                     peer_comm = process.comm.as_str(),
+                    $($after)*
                     $($message)+
                 )
             }
+        };
+        ([$($field:tt)+] $($message:tt)+) => {
+            at_level!([$($field)+] then [] $($message)+)
         };
     }
     let (uid, pid) = (caller.uid, caller.pid);
@@ -808,14 +832,17 @@ fn log_event(caller: &Caller, event: &Event<'_>, level: Level) {
         ] "denied: caller is not on the key's allow lists"),
         Event::ScopesNotAllowed {
             key,
-            scopes,
+            asked,
+            refused,
             resource,
         } => at_level!([
             key = %key,
-            scopes = %scopes,
+            scopes = %CallerScopes(asked),
             resource = *resource,
             peer_uid = uid,
             peer_pid = pid,
+        ] then [
+            refused_scopes = *refused,
         ] "denied: scopes not allowed"),
         Event::NoToken {
             key,
@@ -833,6 +860,19 @@ fn log_event(caller: &Caller, event: &Event<'_>, level: Level) {
             peer_uid = uid,
             peer_pid = pid,
         ] "denied: reload (only root and tokend's own user may ask)"),
+    }
+}
+
+/// A caller's scope set as a denial's line shows it: `[admin gateway]`,
+/// cut after [`SHOWN_SCOPES`] characters with `…`, each character a
+/// terminal would act on as `?` (RFC 6749 keeps those out of a scope
+/// already; the rule holds here too, whatever let a set in).
+struct CallerScopes<'a>(&'a ScopeSet);
+
+impl std::fmt::Display for CallerScopes<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let shown = crate::printable::shown(self.0.joined(), SHOWN_SCOPES);
+        write!(f, "[{shown}]")
     }
 }
 
@@ -1089,6 +1129,55 @@ mod tests {
             self.0.lock().unwrap().clear();
             lines
         }
+    }
+
+    #[test]
+    fn a_denial_shows_a_callers_scopes_bounded_and_printable() {
+        let (log, _capturing) = Captured::start();
+        let audit = Audit::new();
+        let deny = |asked: &ScopeSet, refused| {
+            let event = Event::ScopesNotAllowed {
+                key: "k",
+                asked,
+                refused,
+                resource: None,
+            };
+            audit.record(&caller(1000, 1), event);
+            let lines = log.take();
+            assert_eq!(lines.len(), 1, "{lines:#?}");
+            lines[0].clone()
+        };
+        let few = ScopeSet::new(["gateway", "admin"]).unwrap();
+        let line = deny(&few, 1);
+        assert!(
+            line.contains("denied: scopes not allowed key=k scopes=[admin gateway] peer_uid=1000"),
+            "{line}"
+        );
+        assert!(line.ends_with(" refused_scopes=1"), "{line}");
+        // A request could not carry these control characters (RFC 6749),
+        // but the rule holds whatever let them into a set.
+        let mut made_up: Vec<String> = (0..4_000).map(|i| format!("made-up-{i:05}")).collect();
+        made_up.push("\u{1b}[2J\u{202e}forged".to_owned());
+        let many = ScopeSet::from_granted(&made_up.join(" "));
+        // Another uid: a first, so at info.
+        let event = Event::ScopesNotAllowed {
+            key: "k",
+            asked: &many,
+            refused: 4_001,
+            resource: None,
+        };
+        audit.record(&caller(1001, 1), event);
+        let lines = log.take();
+        assert_eq!(lines.len(), 1, "{lines:#?}");
+        let line = &lines[0];
+        assert!(line.len() < 1024, "a {}-byte line", line.len());
+        assert!(
+            line.contains("scopes=[?[2J?forged made-up-00000 made-up-00001 "),
+            "{line}"
+        );
+        assert!(line.contains("…] peer_uid=1001 "), "{line}");
+        assert!(line.ends_with(" refused_scopes=4001"), "{line}");
+        assert!(!line.chars().any(crate::printable::is_unsafe), "{line:?}");
     }
 
     #[test]
@@ -1443,7 +1532,8 @@ mod tests {
                 &caller(1, 6),
                 Event::ScopesNotAllowed {
                     key: "k",
-                    scopes: &fx,
+                    asked: &fx,
+                    refused: 1,
                     resource: None,
                 },
                 start,

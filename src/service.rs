@@ -23,7 +23,7 @@ use crate::protocol::{
     self, ErrorBody, ErrorCode, KeyInfo, KeyStatus, MetricsAnswer, Op, ReloadAnswer, Response,
     SetHealth, SetState, SetStatus, StatusAnswer, TokenLine,
 };
-use crate::scope::ScopeSet;
+use crate::scope::{ScopeError, ScopeSet};
 
 /// The daemon's answering logic over its configuration and cache.
 pub(crate) struct Service {
@@ -318,8 +318,7 @@ impl Service {
                 format!("uid {} may not read key {name:?}", caller.uid),
             ));
         }
-        let scopes = ScopeSet::new(scopes)
-            .map_err(|e| ErrorBody::new(ErrorCode::BadRequest, e.to_string()))?;
+        let scopes = ScopeSet::new(scopes).map_err(bad_scope)?;
         let outside = key.scopes_not_allowed(&scopes);
         // A resource the key does not list is refused like a scope it does
         // not list: both ask for more than the key was configured to give.
@@ -327,11 +326,12 @@ impl Service {
             Some(resource) if !key.allows_resource(&resource) => {
                 self.audit.record(
                     caller,
-                    // Not the refused resource: it is the caller's text, and
-                    // an audit line carries configured values only.
+                    // Not the refused resource: the caller's text, which
+                    // the audit log leaves out (README, Audit log).
                     Event::ScopesNotAllowed {
                         key: name,
-                        scopes: &scopes,
+                        asked: &scopes,
+                        refused: outside.len(),
                         resource: None,
                     },
                 );
@@ -352,13 +352,14 @@ impl Service {
                 caller,
                 Event::ScopesNotAllowed {
                     key: name,
-                    scopes: &scopes,
+                    asked: &scopes,
+                    refused: outside.len(),
                     resource: resource.as_deref(),
                 },
             );
             return Err(ErrorBody::new(
                 ErrorCode::ScopeNotAllowed,
-                format!("key {name:?} does not allow scopes {outside:?}"),
+                format!("key {name:?} does not allow scopes {}", refused(&outside)),
             ));
         }
         let id = SetId {
@@ -400,6 +401,40 @@ impl Service {
         );
         Ok((token, expires_in))
     }
+}
+
+/// How many characters of the refused scopes an answer quotes: they are
+/// the caller's own, so the answer shows enough to spot a typo but does
+/// not grow with the request (a 64 KiB line holds 4,000 made-up scopes).
+const REFUSED_SHOWN: usize = 256;
+
+/// The refused scopes as an answer quotes them, `[fx zz]`: whole when they
+/// fit in [`REFUSED_SHOWN`] characters, else cut with `…` and counted.
+fn refused(outside: &[&str]) -> String {
+    let joined = outside.join(" ");
+    let shown = crate::printable::shown(&joined, REFUSED_SHOWN);
+    if joined.chars().nth(REFUSED_SHOWN).is_none() {
+        format!("[{shown}]")
+    } else {
+        format!("[{shown}] ({} in all)", outside.len())
+    }
+}
+
+/// A scope that cannot go on the wire, as the answer says it: the error's
+/// own words with the caller's scope cut to [`protocol::clip`]'s length
+/// and `…`, so a 60,000-character scope does not come back whole.
+fn bad_scope(error: ScopeError) -> ErrorBody {
+    let error = match error {
+        ScopeError::BadCharacter(scope) => {
+            let mut shown = protocol::clip(&scope).to_owned();
+            if shown.len() < scope.len() {
+                shown.push('…');
+            }
+            ScopeError::BadCharacter(shown)
+        }
+        ScopeError::Empty => ScopeError::Empty,
+    };
+    ErrorBody::new(ErrorCode::BadRequest, error.to_string())
 }
 
 fn set_status(entry: crate::cache::EntryStatus) -> SetStatus {
@@ -451,4 +486,42 @@ fn set_status(entry: crate::cache::EntryStatus) -> SetStatus {
 /// `2026-11-25T10:00:00Z`: whole seconds, UTC.
 pub(crate) fn rfc3339(time: SystemTime) -> String {
     humantime::format_rfc3339_seconds(time).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refused_scopes_are_quoted_whole_or_cut_and_counted() {
+        assert_eq!(refused(&["admin", "zz"]), "[admin zz]");
+        let made_up: Vec<String> = (0..4_000).map(|i| format!("made-up-{i:05}")).collect();
+        let made_up: Vec<&str> = made_up.iter().map(String::as_str).collect();
+        let quoted = refused(&made_up);
+        assert!(
+            quoted.starts_with("[made-up-00000 made-up-00001 "),
+            "{quoted}"
+        );
+        assert!(quoted.ends_with("…] (4000 in all)"), "{quoted}");
+        assert_eq!(
+            quoted.chars().count(),
+            REFUSED_SHOWN + "[…] (4000 in all)".chars().count()
+        );
+    }
+
+    #[test]
+    fn a_bad_scope_is_quoted_cut() {
+        let long = format!("{} b", "a".repeat(30_000));
+        let body = bad_scope(ScopeError::BadCharacter(long));
+        assert!(body.message.len() < 200, "{}", body.message);
+        assert!(body
+            .message
+            .starts_with(&format!("scope \"{}…\" has", "a".repeat(64))));
+        let short = bad_scope(ScopeError::BadCharacter("a b".to_owned()));
+        assert!(
+            short.message.starts_with("scope \"a b\" has"),
+            "{}",
+            short.message
+        );
+    }
 }

@@ -355,3 +355,43 @@ async fn printed_answers_show_fingerprints_not_tokens() {
     }
     daemon.stop_and_check_log(&secrets(&[&issuer], &[SECRET]));
 }
+
+/// The answer to a get quotes the caller's own scopes back, so it is
+/// bounded like the audit line: 4,000 made-up scopes, or one scope of
+/// 60,000 characters with a space in it, must not come back whole.
+#[tokio::test]
+async fn a_callers_own_scopes_come_back_bounded() {
+    let (issuer, daemon) = setup("").await;
+    let mut conn = daemon.connect().await;
+    let made_up: Vec<String> = (0..4_000).map(|i| format!("made-up-{i:05}")).collect();
+    let answer = conn
+        .call(json!({"op":"get","key":"payments","scopes": made_up}))
+        .await;
+    assert_eq!(answer["error"]["code"], "scope_not_allowed", "{answer}");
+    let message = answer["error"]["message"].as_str().expect("a message");
+    assert!(message.len() <= 512, "a {}-byte answer", message.len());
+    assert!(
+        message.contains("made-up-00000") && message.contains("4000"),
+        "{message}"
+    );
+
+    let spaced = format!("{} {}", "a".repeat(30_000), "b".repeat(30_000));
+    let answer = conn
+        .call(json!({"op":"get","key":"payments","scopes": [spaced]}))
+        .await;
+    assert_eq!(answer["error"]["code"], "bad_request", "{answer}");
+    let message = answer["error"]["message"].as_str().expect("a message");
+    assert!(message.len() <= 512, "a {}-byte answer", message.len());
+
+    // A scope or two still comes back whole.
+    let answer = conn
+        .call(json!({"op":"get","key":"payments","scopes":["admin","gateway","zz"]}))
+        .await;
+    let message = answer["error"]["message"].as_str().expect("a message");
+    assert!(
+        message.contains("admin") && message.contains("zz") && !message.contains('…'),
+        "{message}"
+    );
+    assert!(issuer.requests().is_empty());
+    daemon.stop_and_check_log(&[SECRET]);
+}
