@@ -284,7 +284,10 @@ impl Drop for Owner {
     }
 }
 
-/// The issuer refused this scope set itself (RFC 6749 5.2 `invalid_scope`).
+/// The issuer refused this scope set itself (RFC 6749 5.2 `invalid_scope`),
+/// or its resource (RFC 8707 `invalid_target`, the same verdict on the
+/// other half of what an entry asks for).
 fn refuses_scope(error: &IssuerError) -> bool {
-    matches!(&error.kind, FailureKind::Refused { words, .. } if words.starts_with("invalid_scope"))
+    matches!(&error.kind, FailureKind::Refused { words, .. }
+        if words.starts_with("invalid_scope") || words.starts_with("invalid_target"))
 }
