@@ -27,11 +27,12 @@ use crate::secret::AccessToken;
 /// holds of the issuer's comes from an answer of at most
 /// [`MAX_ANSWER_BYTES`]: the token, whose JSON escapes (`\"`, `\\`) cost
 /// the issuer as much as they cost us, and the granted scopes, at most
-/// [`MAX_GRANTED_BYTES`] of text that each take at most about twice that
-/// as a JSON list. Add the token type (300 bytes, escapes doubling them),
-/// the key name (64) and the times, and the largest answer tokend sends
-/// `tokend get` (which sends no `id`) is about 1.13 MiB; twice the
-/// issuer's limit leaves room to spare (a test below builds that answer).
+/// [`MAX_GRANTED_BYTES`] of text, which takes at most about twice that as
+/// a JSON list. Add the token type (300 bytes, escapes doubling them), the
+/// key name (64) and the times, and the largest answer tokend sends
+/// `tokend get` (which sends no `id`) is under 1.13 MiB, even counting the
+/// token and the scopes each at their own maximum; twice the issuer's
+/// limit leaves room to spare (a test below builds that answer).
 const MAX_TOKEN_ANSWER: u64 = 2 * MAX_ANSWER_BYTES as u64;
 /// Other answers longer than this are not tokend's. Status and metrics
 /// grow with the cached scope sets, a few hundred bytes each, and
