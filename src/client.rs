@@ -13,15 +13,27 @@ use nix::errno::Errno;
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr};
 use zeroize::{Zeroize, Zeroizing};
 
+use crate::issuer::MAX_ANSWER_BYTES;
 use crate::printable;
 use crate::protocol::{
     self, ErrorBody, KeyInfo, KeysAnswer, MetricsAnswer, Op, ReloadAnswer, Request, StatusAnswer,
     TokenAnswer,
 };
+#[cfg(doc)]
+use crate::scope::MAX_GRANTED_BYTES;
 use crate::secret::AccessToken;
 
-/// Token answers longer than this are not tokend's.
-const MAX_TOKEN_ANSWER: u64 = 1 << 20;
+/// Token answers longer than this are not tokend's. What a get answer
+/// holds of the issuer's comes from an answer of at most
+/// [`MAX_ANSWER_BYTES`]: the token, whose JSON escapes (`\"`, `\\`) cost
+/// the issuer as much as they cost us, and the granted scopes, at most
+/// [`MAX_GRANTED_BYTES`] of text, which takes at most about twice that as
+/// a JSON list. Add the token type (300 bytes, escapes doubling them), the
+/// key name (64) and the times, and the largest answer tokend sends
+/// `tokend get` (which sends no `id`) is under 1.13 MiB, even counting the
+/// token and the scopes each at their own maximum; twice the issuer's
+/// limit leaves room to spare (a test below builds that answer).
+const MAX_TOKEN_ANSWER: u64 = 2 * MAX_ANSWER_BYTES as u64;
 /// Other answers longer than this are not tokend's. Status and metrics
 /// grow with the cached scope sets, a few hundred bytes each, and
 /// `max_scope_sets` allows up to 100,000 per key.
@@ -66,7 +78,9 @@ pub enum ClientError {
 /// program.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum Unprintable {
-    #[error("a token that is not visible ASCII (RFC 6749 A.12: 1*VSCHAR)")]
+    #[error(
+        "a token that is not visible ASCII (RFC 6749 A.12: 1*VSCHAR) without spaces around it"
+    )]
     Token,
     #[error("a token_type that is not visible ASCII without spaces (RFC 6749 A.7)")]
     TokenType,
@@ -124,8 +138,9 @@ pub fn get(
 /// and none of them may carry a control character, so the answer is
 /// judged whole whatever the format.
 fn unprintable(line: &str, answer: &TokenAnswer) -> Option<Unprintable> {
-    let token = answer.access_token.expose();
-    if token.is_empty() || !token.bytes().all(|b| (0x20..=0x7e).contains(&b)) {
+    // The rule the daemon holds issuers' tokens to: a token it would not
+    // hand out is not printed from another program on `--socket` either.
+    if !answer.access_token.is_well_formed() {
         return Some(Unprintable::Token);
     }
     let token_type = &answer.token_type;
@@ -353,5 +368,68 @@ fn read_line(
         if line.len() > limit {
             return Ok(None);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{encode, Response};
+    use crate::scope::MAX_GRANTED_BYTES;
+
+    fn answer(token: &str, token_type: &str, scopes: Vec<String>) -> TokenAnswer {
+        TokenAnswer {
+            key: "k".repeat(64),
+            access_token: AccessToken::new(token.to_owned()),
+            token_type: token_type.to_owned(),
+            expires_in: u64::MAX,
+            expires_at: "2026-11-25T10:00:00Z".into(),
+            scopes,
+        }
+    }
+
+    #[test]
+    fn the_largest_token_answer_tokend_sends_is_read() {
+        // A token of quotes fills the issuer's answer at two bytes each;
+        // one-letter scopes take the most room per granted byte.
+        let token = "\"".repeat(MAX_ANSWER_BYTES / 2);
+        let scopes = vec!["a".to_owned(); MAX_GRANTED_BYTES / 2];
+        let largest = answer(&token, &"\"".repeat(300), scopes);
+        let line = encode(None, &Response::Token(largest));
+        assert!(
+            (line.len() as u64) < MAX_TOKEN_ANSWER,
+            "{} bytes",
+            line.len()
+        );
+    }
+
+    #[test]
+    fn a_token_the_daemon_would_not_hand_out_is_not_printed() {
+        let judged = |token: &str| {
+            let line = encode(None, &Response::Token(answer(token, "Bearer", vec![])));
+            // As `exchange` returns it: without its `\n`.
+            let line = String::from_utf8(line.to_vec()).unwrap();
+            unprintable(
+                line.trim_end_matches('\n'),
+                &answer(token, "Bearer", vec![]),
+            )
+        };
+        for token in [
+            "",
+            " ",
+            "   ",
+            " x",
+            "x ",
+            "x\u{1b}[2J",
+            "x\r\nX-Injected: yes",
+        ] {
+            assert_eq!(
+                judged(token),
+                Some(Unprintable::Token),
+                "a token of {} bytes",
+                token.len()
+            );
+        }
+        assert_eq!(judged("eyJ.a b"), None);
     }
 }

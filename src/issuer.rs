@@ -657,10 +657,11 @@ pub fn parse_answer(
 }
 
 /// A 401 or 403 from the token endpoint: rejected credentials whatever the
-/// body's shape. Real issuers answer a wrong secret with a JSON error, an
-/// HTML page, or a bare status with no body at all; each must pause the
-/// key, and each says what it can: the error's words, else the body's,
-/// else the status's reason.
+/// body's shape, unless its error code names a failure of the set alone
+/// ([`fails_the_set_only`]). Real issuers answer a wrong secret with a
+/// JSON error, an HTML page, or a bare status with no body at all; each
+/// must pause the key, and each says what it can: the error's words, else
+/// the body's, else the status's reason.
 fn rejected(
     status: u16,
     answer: Option<&RawAnswer>,
@@ -681,9 +682,11 @@ fn rejected(
 /// The failure an answer describes, in any of the shapes issuers use. A 200
 /// that carries an error is a failure too.
 fn error_in(status: u16, answer: &RawAnswer, scrubber: &Scrubber) -> Option<FailureKind> {
+    let mut set_only = false;
     let words = if let Some(code) = &answer.error {
         // RFC 6749 5.2: {"error": "...", "error_description": "..."}
         let code = text_of(code);
+        set_only = fails_the_set_only(&code);
         match answer.error_description.as_ref().map(text_of) {
             Some(description) if !description.is_empty() => format!("{code}: {description}"),
             _ => code,
@@ -702,17 +705,38 @@ fn error_in(status: u16, answer: &RawAnswer, scrubber: &Scrubber) -> Option<Fail
         return None;
     };
     let words = scrubber.sanitize(&words);
-    let denied = matches!(status, 401 | 403) || {
-        let lower = words.to_ascii_lowercase();
-        lower.starts_with("invalid_client")
-            || lower.starts_with("unauthorized_client")
-            || lower.contains("access denied")
-    };
+    // An error code that names what failed decides over the status: a
+    // 403 `invalid_scope` fails its set, and must not let a caller allowed
+    // one set pause the key for every other (see `fails_the_set_only`).
+    let denied = !set_only
+        && (matches!(status, 401 | 403) || {
+            let lower = words.to_ascii_lowercase();
+            lower.starts_with("invalid_client")
+                || lower.starts_with("unauthorized_client")
+                || lower.contains("access denied")
+        });
     Some(if denied {
         FailureKind::Denied { status, words }
     } else {
         FailureKind::Refused { status, words }
     })
+}
+
+/// RFC 6749 5.2 and RFC 8707 error codes that name a failure of one
+/// request's scope set or resource, not of the client: `invalid_scope`,
+/// `invalid_target`, and `invalid_request` (a parameter missing, repeated
+/// or malformed: the scope and resource are what differ between a key's
+/// requests, and a client-authentication problem has its own code,
+/// `invalid_client`). Such an answer fails its set, retried with the
+/// set's backoff, whatever the HTTP status; rejected credentials pause
+/// the whole key. Codes are matched exactly (RFC 6749 A.7 fixes them);
+/// `invalid_client`, `unauthorized_client`, `invalid_grant`,
+/// `unsupported_grant_type` and unknown codes are not set failures.
+fn fails_the_set_only(code: &str) -> bool {
+    matches!(
+        code.trim(),
+        "invalid_scope" | "invalid_target" | "invalid_request"
+    )
 }
 
 fn grant_from(status: u16, answer: RawAnswer, scrubber: &Scrubber) -> Result<Grant, FailureKind> {
@@ -722,10 +746,11 @@ fn grant_from(status: u16, answer: RawAnswer, scrubber: &Scrubber) -> Result<Gra
     };
     // Whatever is wrong with a token, the message never repeats it.
     let access_token = match answer.access_token {
-        Some(TokenField::Text(token)) if is_access_token(token.expose()) => token,
+        Some(TokenField::Text(token)) if token.is_well_formed() => token,
         Some(_) => {
             return Err(malformed(
-                "access_token is not a non-empty string of visible ASCII (RFC 6749 A.12)",
+                "access_token is not a non-empty string of visible ASCII without \
+                 surrounding spaces (RFC 6749 A.12)",
             ))
         }
         None => return Err(malformed("no access_token")),
@@ -748,13 +773,12 @@ fn grant_from(status: u16, answer: RawAnswer, scrubber: &Scrubber) -> Result<Gra
         ),
     };
     let scope = match &answer.scope {
-        // Granted scopes reach callers and the log as they are: a control
-        // character in one would reach a terminal that prints them.
-        Some(Value::String(s)) if s.chars().any(char::is_control) => {
-            return Err(malformed("scope holds a control character"))
+        // Granted scopes reach callers, `tokend get` and the log as they
+        // are, so they are held to the scope-token rule and a size bound
+        // ([`ScopeSet::granted`]). Scrubbed like any issuer text first.
+        Some(Value::String(s)) => {
+            Some(ScopeSet::granted(&scrubber.scrub(s)).map_err(|e| malformed(&e.to_string()))?)
         }
-        // Scrubbed like any issuer text.
-        Some(Value::String(s)) => Some(ScopeSet::from_granted(&scrubber.scrub(s))),
         Some(Value::Null) | None => None,
         Some(_) => return Err(malformed("scope is not a string")),
     };
@@ -764,12 +788,6 @@ fn grant_from(status: u16, answer: RawAnswer, scrubber: &Scrubber) -> Result<Gra
         expires_in,
         scope,
     })
-}
-
-/// RFC 6749 A.12: `access-token = 1*VSCHAR`, 0x20 to 0x7E. Anything else
-/// (ESC, CR, LF) would reach a header or a terminal as a command.
-fn is_access_token(token: &str) -> bool {
-    !token.is_empty() && token.bytes().all(|b| (0x20..=0x7e).contains(&b))
 }
 
 /// RFC 6749 A.13: a type name or a URI, both visible ASCII without spaces.
@@ -1052,12 +1070,15 @@ mod tests {
             "a\r\nX-Injected: yes",
             "t\u{7f}",
             "tök",
+            "   ",
+            " leading",
+            "trailing ",
         ] {
             let Err(FailureKind::Malformed { problem, .. }) = answer(bad, "Bearer") else {
                 panic!("token {bad:?} was taken");
             };
             assert!(problem.contains("access_token"), "{problem}");
-            assert!(bad.is_empty() || !problem.contains(bad), "{problem}");
+            assert!(bad.trim().is_empty() || !problem.contains(bad), "{problem}");
         }
         // A.12 allows the space and every visible character.
         let grant = answer("a b~!\"#", "Bearer").unwrap();
@@ -1085,11 +1106,77 @@ mod tests {
         else {
             panic!("taken");
         };
-        assert_eq!(problem, "scope holds a control character");
-        // Odd but printable scopes are reported as granted.
-        let body = r#"{"access_token":"t","scope":"gateway vault:é"}"#;
-        let grant = parse_answer(200, JSON, body.as_bytes(), &Scrubber::none()).unwrap();
-        assert_eq!(grant.scope.unwrap().joined(), "gateway vault:é");
+        assert!(problem.starts_with("scope is not"), "{problem}");
+        assert!(!problem.contains("]0;"), "{problem}");
+    }
+
+    #[test]
+    fn a_granted_scope_is_held_to_the_scope_token_rule_and_bounded() {
+        let scope_of = |scope: &str| {
+            let body = serde_json::json!({"access_token": "t", "scope": scope});
+            parse_answer(200, JSON, body.to_string().as_bytes(), &Scrubber::none())
+        };
+        // What `tokend get` would refuse to print, and what could not be
+        // sent as a scope, is no grant.
+        for bad in ["read\u{2066}", "gateway vault:é", "a\u{a0}b", "quo\"te"] {
+            let Err(FailureKind::Malformed { problem, .. }) = scope_of(bad) else {
+                panic!("scope {bad:?} was taken");
+            };
+            assert!(problem.starts_with("scope is not"), "{problem}");
+        }
+        let huge: Vec<String> = (0..75_000).map(|i| format!("scope-{i:06}")).collect();
+        let Err(FailureKind::Malformed { problem, .. }) = scope_of(&huge.join(" ")) else {
+            panic!("a scope of 1 MB was taken");
+        };
+        assert!(problem.starts_with("scope is longer than"), "{problem}");
+        let grant = scope_of(" read:all  https://api.example/x ").unwrap();
+        assert_eq!(
+            grant.scope.unwrap().joined(),
+            "https://api.example/x read:all"
+        );
+    }
+
+    #[test]
+    fn an_error_code_naming_the_set_decides_over_401_and_403() {
+        for status in [400, 401, 403, 200] {
+            for code in ["invalid_scope", "invalid_target", "invalid_request"] {
+                let body = serde_json::json!({
+                    "error": code,
+                    "error_description": "access denied to this one"
+                });
+                let failure =
+                    parse_answer(status, JSON, body.to_string().as_bytes(), &Scrubber::none());
+                assert!(
+                    matches!(&failure, Err(FailureKind::Refused { status: s, words })
+                        if *s == status && words.starts_with(code)),
+                    "{status} {code}: {failure:?}"
+                );
+            }
+            for code in ["invalid_client", "unauthorized_client"] {
+                let body = serde_json::json!({ "error": code });
+                assert!(
+                    matches!(
+                        parse_answer(status, JSON, body.to_string().as_bytes(), &Scrubber::none()),
+                        Err(FailureKind::Denied { .. })
+                    ),
+                    "{status} {code}"
+                );
+            }
+        }
+        // Other codes and bodies without one: any 401 or 403 still pauses.
+        for body in [
+            r#"{"error":"invalid_grant"}"#,
+            r#"{"error":"invalid_scopes"}"#,
+            r#"{"errors":["invalid_scope"]}"#,
+        ] {
+            assert!(
+                matches!(
+                    parse_answer(403, JSON, body.as_bytes(), &Scrubber::none()),
+                    Err(FailureKind::Denied { .. })
+                ),
+                "{body}"
+            );
+        }
     }
 
     fn grant_of(scope: Option<&str>) -> Grant {

@@ -31,6 +31,25 @@ pub enum ScopeError {
     BadCharacter(String),
 }
 
+/// The longest granted `scope` (the issuer's text, in bytes) a token is
+/// handed out with. Far beyond any real grant (a few hundred bytes), and
+/// small enough that a get answer listing it stays well inside the line
+/// `tokend get` reads (src/client.rs, `MAX_TOKEN_ANSWER`).
+pub const MAX_GRANTED_BYTES: usize = 64 << 10;
+
+/// Why an issuer's granted `scope` is not one. Never repeats it: it is the
+/// issuer's text, and may hold what a terminal obeys.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum GrantedScopeError {
+    #[error("scope is longer than {MAX_GRANTED_BYTES} bytes")]
+    TooLong,
+    #[error(
+        "scope is not space-separated scope-tokens of visible ASCII without quote or \
+         backslash (RFC 6749 3.3)"
+    )]
+    BadCharacter,
+}
+
 impl ScopeSet {
     /// Canonicalises `scopes`, rejecting any that could not be sent as an
     /// RFC 6749 scope-token.
@@ -48,10 +67,29 @@ impl ScopeSet {
         Ok(ScopeSet::canonical(set))
     }
 
-    /// The set an issuer reports in its space-delimited `scope` field.
-    /// Tokens the issuer sends that we could not send ourselves are kept:
-    /// we report what was granted, we do not judge it.
-    pub fn from_granted(scope: &str) -> ScopeSet {
+    /// The set an issuer reports in its `scope` field: RFC 6749 3.3
+    /// scope-tokens separated by spaces (runs of them, and spaces around,
+    /// are tolerated). Each must pass the rule our own scopes pass: a
+    /// granted scope reaches callers, `tokend get` and the log, and one
+    /// that could not be sent as a scope (a control, a bidirectional
+    /// isolate, a quote) is no scope but a malformed answer. At most
+    /// [`MAX_GRANTED_BYTES`], so a token answer stays within what
+    /// `tokend get` reads.
+    pub fn granted(scope: &str) -> Result<ScopeSet, GrantedScopeError> {
+        if scope.len() > MAX_GRANTED_BYTES {
+            return Err(GrantedScopeError::TooLong);
+        }
+        let tokens: Vec<&str> = scope.split(' ').filter(|t| !t.is_empty()).collect();
+        if tokens.iter().any(|token| check_token(token).is_err()) {
+            return Err(GrantedScopeError::BadCharacter);
+        }
+        Ok(ScopeSet::canonical(tokens))
+    }
+
+    /// A granted set without the checks of [`ScopeSet::granted`], for
+    /// tests of what shows a set (sorting, encoding) whatever it holds.
+    #[cfg(test)]
+    pub(crate) fn from_granted(scope: &str) -> ScopeSet {
         ScopeSet::canonical(scope.split_whitespace().collect())
     }
 
@@ -178,6 +216,41 @@ mod tests {
         );
         assert_eq!(granted, ScopeSet::new(["vault", "gateway", "fx"]).unwrap());
         assert!(ScopeSet::from_granted("").is_empty());
+    }
+
+    #[test]
+    fn a_granted_scope_follows_the_rule_our_own_scopes_follow() {
+        let granted = ScopeSet::granted(" vault  fx gateway fx ").unwrap();
+        assert_eq!(granted, ScopeSet::new(["vault", "gateway", "fx"]).unwrap());
+        assert!(ScopeSet::granted("").unwrap().is_empty());
+        assert!(ScopeSet::granted("   ").unwrap().is_empty());
+        for bad in [
+            "read\u{2066}",
+            "gateway \u{1b}]0;x\u{7}",
+            "a\tb",
+            "a\u{a0}b",
+            "vault:é",
+            "quo\"te",
+            "back\\slash",
+            "a\nb",
+        ] {
+            assert_eq!(
+                ScopeSet::granted(bad),
+                Err(GrantedScopeError::BadCharacter),
+                "{bad:?}"
+            );
+        }
+        let message = GrantedScopeError::BadCharacter.to_string();
+        assert!(message.starts_with("scope "), "{message}");
+    }
+
+    #[test]
+    fn a_granted_scope_is_bounded() {
+        let at_limit = "a ".repeat(MAX_GRANTED_BYTES / 2);
+        assert_eq!(at_limit.len(), MAX_GRANTED_BYTES);
+        assert_eq!(ScopeSet::granted(&at_limit).unwrap().iter().count(), 1);
+        let over = format!("{at_limit}b");
+        assert_eq!(ScopeSet::granted(&over), Err(GrantedScopeError::TooLong));
     }
 
     #[test]

@@ -45,6 +45,24 @@ impl AccessToken {
         &self.0
     }
 
+    /// Whether the token can be used as sent, the one rule the daemon
+    /// (for an issuer's answer) and `tokend get` (for whatever answers on
+    /// `--socket`) both apply. RFC 6749 A.12 makes it `1*VSCHAR`, 0x20 to
+    /// 0x7E: anything else (ESC, CR, LF) would reach a header or a terminal
+    /// as a command. And no space at either end, whatever the token type:
+    /// HTTP drops whitespace around a field value (RFC 9110 5.5), so such
+    /// a token never reaches a resource server as issued, and one of
+    /// spaces alone is as empty as the empty token. Spaces inside are
+    /// VSCHAR and stay allowed (RFC 6750's Bearer syntax has none, but
+    /// other token types may).
+    pub fn is_well_formed(&self) -> bool {
+        let token = self.0.as_bytes();
+        let edges = [token.first(), token.last()];
+        !token.is_empty()
+            && token.iter().all(|b| (0x20..=0x7e).contains(b))
+            && !edges.contains(&Some(&b' '))
+    }
+
     /// The first 8 hex digits of the token's SHA-256: enough for an
     /// operator to tell tokens apart in a log, useless for using one.
     pub fn fingerprint(&self) -> Fingerprint {
@@ -116,6 +134,28 @@ mod tests {
         assert!(!shown.contains("hunter2"), "{shown}");
         assert!(!shown.contains("eyJ"), "{shown}");
         assert!(shown.contains("[redacted]"));
+    }
+
+    #[test]
+    fn a_well_formed_token_is_visible_ascii_without_spaces_around() {
+        let ok = |t: &str| AccessToken::new(t.into()).is_well_formed();
+        assert!(ok("eyJ.x.y"));
+        assert!(ok("a b"), "a space inside is VSCHAR");
+        assert!(ok("x"));
+        for bad in [
+            "",
+            " ",
+            "   ",
+            " x",
+            "x ",
+            "x\r\n",
+            "\u{1b}[2J",
+            "t\u{7f}",
+            "é",
+            "x\t",
+        ] {
+            assert!(!ok(bad), "{:?}", bad.len());
+        }
     }
 
     #[test]

@@ -360,7 +360,8 @@ fn token_answer(token: &str, token_type: &str) -> String {
 /// `tokend get --socket` may be pointed at any program: what it prints is
 /// what a shell pastes into a header or a terminal shows, so an answer
 /// that is not visible ASCII where a token is printed (RFC 6749 A.12:
-/// `1*VSCHAR`), or that holds a control character anywhere, is refused
+/// `1*VSCHAR`, without spaces around it, as the daemon requires of an
+/// issuer's token), or that holds a control character anywhere, is refused
 /// in every format, by both programs, without the token in the message.
 #[tokio::test]
 async fn get_refuses_to_print_control_characters_from_any_daemon() {
@@ -378,6 +379,10 @@ async fn get_refuses_to_print_control_characters_from_any_daemon() {
         ),
         ("a non-ASCII token", token_answer("eyJ.ok\u{e9}", "Bearer")),
         ("an empty token", token_answer("", "Bearer")),
+        // What the daemon refuses from an issuer: HTTP would drop them.
+        ("a token of spaces", token_answer("   ", "Bearer")),
+        ("a leading space", token_answer(" eyJ.ok", "Bearer")),
+        ("a trailing space", token_answer("eyJ.ok ", "Bearer")),
         (
             "CR LF in the token_type",
             token_answer("eyJ.ok", "Bearer\r\nX-Injected: yes"),

@@ -489,7 +489,10 @@ impl TokenCache {
             (key.warned_min_valid).store(warned(&old_key.warned_min_valid), Ordering::Relaxed);
             let mut sets = lock(&key.sets);
             for (id, entry) in old_key.entries() {
-                if !still_allowed(&key.config, &id) {
+                // A token granted more than the new list allows stays
+                // behind with its owner, which the old cache's stop ends:
+                // the new cache asks afresh, and judges the new grant.
+                if !still_allowed(&key.config, &id) || !entry.token_fits(&key.config) {
                     continue;
                 }
                 entry.touch(now);
@@ -511,6 +514,17 @@ impl TokenCache {
     pub(crate) fn stop(&self) {
         self.stop.cancel();
     }
+}
+
+/// Whether a token granted `scopes` may be handed out under `config`:
+/// within its `scopes` list, when it has one (a key without one takes
+/// what the issuer grants). The issuer client judges each grant as it
+/// arrives; this judges a held one again when a reload changes the list.
+fn grant_fits(config: &KeyConfig, scopes: &ScopeSet) -> bool {
+    config
+        .scopes
+        .as_ref()
+        .map_or(true, |allowed| scopes.outside(allowed).is_empty())
 }
 
 /// Whether a reload may carry `id`'s entry over to a key configured as
@@ -693,6 +707,15 @@ impl Entry {
         self.wake.notify_one();
     }
 
+    /// Whether its token, if it has one, may be handed out under `config`.
+    fn token_fits(&self, config: &KeyConfig) -> bool {
+        let state = self.state.borrow();
+        state
+            .token
+            .as_ref()
+            .map_or(true, |token| grant_fits(config, &token.scopes))
+    }
+
     /// Whether its owner still runs.
     fn alive(&self) -> bool {
         !self.state.is_closed()
@@ -854,6 +877,58 @@ mod tests {
         cache.stop();
         tasks.close();
         tasks.wait().await;
+    }
+
+    /// A reload that narrows `scopes` under a token granted wider than the
+    /// new list leaves that entry behind: the new cache asks afresh and
+    /// judges the new grant by the new list.
+    #[tokio::test]
+    async fn a_reload_narrowing_scopes_leaves_a_wider_grant_behind() {
+        let client = issuer::ClientSpec::checkout("c", "s3cret", &["gateway", "vault"]);
+        let issuer = issuer::Issuer::start(vec![client]).await;
+        let config = |scopes: &str| {
+            let text = format!(
+                "[keys.k]\ntoken_url = {:?}\nclient_id = \"c\"\nclient_secret = \"s3cret\"\n\
+                 scopes = {scopes}\n",
+                issuer.token_url(issuer::Dialect::Checkout)
+            );
+            crate::config::parse(&text, std::path::Path::new("t")).unwrap()
+        };
+        let cache_of = |config: &Config| {
+            TokenCache::new(
+                config,
+                IssuerClient::new().unwrap(),
+                TaskTracker::new(),
+                CancellationToken::new(),
+            )
+        };
+        issuer.set_fault(Some(issuer::Fault::Members(vec![(
+            "scope".into(),
+            serde_json::json!("gateway vault"),
+        )])));
+        let wide = config(r#"["gateway", "vault"]"#);
+        let old = cache_of(&wide);
+        let gateway = SetId::scopes_only(ScopeSet::new(["gateway"]).unwrap());
+        let token = old.get("k", &gateway).await.unwrap();
+        assert_eq!(token.scopes.joined(), "gateway vault");
+
+        let narrowed = cache_of(&config(r#"["gateway"]"#));
+        assert_eq!(narrowed.adopt(&old), 0, "the wide grant was carried over");
+        assert!(matches!(
+            narrowed.get("k", &gateway).await,
+            Err(GetError::Unavailable(_))
+        ));
+        assert_eq!(
+            issuer.requests().len(),
+            2,
+            "the narrowed cache asked afresh"
+        );
+        // A list that still allows the grant carries it.
+        let same = cache_of(&wide);
+        assert_eq!(same.adopt(&old), 1);
+        for cache in [old, narrowed, same] {
+            cache.stop();
+        }
     }
 
     /// Owners wait on one doorbell, and learn of their cache stopping from

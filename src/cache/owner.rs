@@ -10,7 +10,7 @@ use rand::Rng;
 
 use super::budget::pauses_key;
 use super::schedule::{backoff, next_step, Next};
-use super::{Entry, Key};
+use super::{grant_fits, Entry, Key};
 use crate::issuer::{FailureKind, Grant, IssuerError};
 
 /// Owns one entry: the only task that asks the issuer for its token. It
@@ -153,6 +153,24 @@ impl Owner {
         };
         // A reload during the request: the outcome is the new key's.
         self.take_move();
+        let narrowed = !Arc::ptr_eq(&key, &self.key)
+            && result.as_ref().is_ok_and(|grant| {
+                !grant
+                    .scope
+                    .as_ref()
+                    .map_or(true, |granted| grant_fits(&self.key.config, granted))
+            });
+        if narrowed {
+            // Judged against the list the key had when it asked; a reload
+            // narrowed it meanwhile. The credentials worked, so a probe's
+            // pause is over; ask again, under the new list, whose
+            // answer the issuer client judges by it.
+            if probe {
+                self.key.lift_pause();
+            }
+            self.entry.state.send_modify(|state| state.fetching = false);
+            return Box::pin(self.attempt()).await;
+        }
         self.settle(result, started.elapsed(), probe);
         self.key.changes.notify_one();
         true
@@ -230,9 +248,13 @@ impl Owner {
         let kept = self.entry.id.prefetched(&key.config);
         self.entry.state.send_if_modified(|state| {
             state.kept = kept;
+            // A token granted wider than the new `scopes` list is not
+            // handed out again (the reload left such entries behind; this
+            // is one granted while it ran).
             state.token = state
                 .token
                 .as_ref()
+                .filter(|token| grant_fits(&key.config, &token.scopes))
                 .map(|token| Arc::new(token.under(&key.config, state.latency)));
             false
         });
@@ -262,7 +284,10 @@ impl Drop for Owner {
     }
 }
 
-/// The issuer refused this scope set itself (RFC 6749 5.2 `invalid_scope`).
+/// The issuer refused this scope set itself (RFC 6749 5.2 `invalid_scope`),
+/// or its resource (RFC 8707 `invalid_target`, the same verdict on the
+/// other half of what an entry asks for).
 fn refuses_scope(error: &IssuerError) -> bool {
-    matches!(&error.kind, FailureKind::Refused { words, .. } if words.starts_with("invalid_scope"))
+    matches!(&error.kind, FailureKind::Refused { words, .. }
+        if words.starts_with("invalid_scope") || words.starts_with("invalid_target"))
 }
