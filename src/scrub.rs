@@ -371,18 +371,39 @@ fn borders_of(len: usize, at: impl Fn(usize) -> u8) -> Vec<usize> {
 }
 
 /// Whether a cut lies at the start of `rest`: the end of the text or an
-/// ellipsis, maybe after the start of an escape the cut split (`%`, `%2`).
-/// Returns the length of that start, which belongs to the cut run.
+/// ellipsis, maybe after the start of an escape the cut split (`%2`,
+/// `\u00`, `&am`, `&#x4`). Returns the length of that start, which
+/// belongs to the cut run.
 fn cut_at(rest: &[u8]) -> Option<usize> {
-    let partial = match rest {
-        [b'%', digit, ..] if digit.is_ascii_hexdigit() => 2,
-        [b'%', ..] => 1,
-        _ => 0,
+    // An escape's start then more text is not one the cut split: `%2`
+    // then `x` is a `%` that was never an escape.
+    (0..WIDEST.min(rest.len() + 1))
+        .filter(|&partial| partial == 0 || opens_escape(&rest[..partial]))
+        .find(|&partial| {
+            let after = &rest[partial..];
+            after.is_empty() || ELLIPSES.iter().any(|e| after.starts_with(e))
+        })
+}
+
+/// Whether `start` is the start of an escape of some [`Scheme`], short of
+/// its end.
+fn opens_escape(start: &[u8]) -> bool {
+    let hex = |digits: &[u8], most: usize| {
+        digits.len() <= most && digits.iter().all(u8::is_ascii_hexdigit)
     };
-    let after = &rest[partial..];
-    // `%2` then more text is a `%` that was never an escape, not a cut.
-    let cut = after.is_empty() || ELLIPSES.iter().any(|e| after.starts_with(e));
-    cut.then_some(partial)
+    match start {
+        [b'%', digits @ ..] => hex(digits, 1),
+        [b'\\'] => true,
+        [b'\\', b'u', digits @ ..] => hex(digits, 3),
+        [b'&', b'#', b'x' | b'X', digits @ ..] => hex(digits, MAX_DIGITS),
+        [b'&', b'#', digits @ ..] => {
+            digits.len() <= MAX_DIGITS && digits.iter().all(u8::is_ascii_digit)
+        }
+        [b'&', name @ ..] => ["amp", "lt", "gt", "quot", "apos"]
+            .iter()
+            .any(|known| known.as_bytes().starts_with(name)),
+        _ => false,
+    }
 }
 
 /// Whether a cut lies at the end of `head`: the start of the text or an
@@ -773,6 +794,19 @@ mod tests {
         assert_eq!(encoded.scrub("was s3cret%20pass%2"), "was [redacted]");
         assert_eq!(encoded.scrub("was s3cret%20pass%"), "was [redacted]");
         assert_eq!(encoded.scrub("was s3cret+pass%2…"), "was [redacted]…");
+        // Inside a JSON escape or an HTML reference.
+        for (text, shown) in [
+            ("x 0123456789\\", "x [redacted]"),
+            ("x 0123456789\\u00", "x [redacted]"),
+            ("x 0123456789&am", "x [redacted]"),
+            ("x 0123456789&#x4…", "x [redacted]…"),
+            ("x 0123456789&#6...", "x [redacted]..."),
+            // Not a cut: the escape's start, then more text.
+            ("x 0123456789&am y", "x 0123456789&am y"),
+            ("x 0123456789\\q", "x 0123456789\\q"),
+        ] {
+            assert_eq!(scrubber.scrub(text), shown, "{text}");
+        }
     }
 
     #[test]
