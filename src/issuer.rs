@@ -856,6 +856,9 @@ fn lifetime(value: &Value) -> Option<Duration> {
     (secs.is_finite() && secs >= 1.0).then(|| Duration::from_secs(secs.min(MAX) as u64))
 }
 
+/// A string as it is; anything else (a Google-style `{"code":401,
+/// "message":"…"}` error) as JSON text, whose escapes the scrubber's JSON
+/// reading undoes, so a secret they split is still found.
 fn text_of(value: &Value) -> String {
     match value {
         Value::String(s) => s.clone(),

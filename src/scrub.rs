@@ -1,36 +1,52 @@
 //! Finding a secret in text an issuer or a proxy wrote, whatever encoding
 //! it chose, and redacting it.
 //!
-//! A server that quotes what it received (in an error description, a
-//! content type) may re-encode it with its own encoder: JavaScript's
-//! `encodeURIComponent`, Python's `quote_plus`, lowercase hex. Matching
-//! only the encodings tokend itself sends misses those, so the rule is
-//! that any text that decodes to a secret is the secret. Text is read
-//! as written, and decoded (`Decoded`: `%XX` in either case is the byte,
-//! `+` a space), once and twice, each decoding with a map from its bytes
-//! back to where their encodings start, so that what is redacted is the
-//! text as written. Each secret is looked for as written and decoded, in
-//! every reading.
+//! A server that quotes what it received (in an error description, an
+//! error page, a content type) may re-encode it with its own encoder:
+//! JavaScript's `encodeURIComponent`, Python's `quote_plus` or
+//! `json.dumps`, PHP's `json_encode`, an HTML template. Matching only the
+//! encodings tokend itself sends misses those, so the rule is that any
+//! text that decodes to a secret is the secret.
+//!
+//! Two sides meet. The text is read as written and through *readings*
+//! ([`Decoded`]): one of three decoders ([`Scheme`]: percent escapes and
+//! `+`; JSON string escapes; HTML character references) applied once, or
+//! two applied one after the other in either order (a JSON string quoted
+//! in a URL, a percent-encoded body in an HTML page). Each reading keeps a
+//! map from its bytes back to where their encodings start, so that what is
+//! redacted is the text as written. The secret is looked for in *forms*
+//! ([`Scrubber::add_secret`]): as written, composed and decomposed
+//! (Unicode NFC and NFD, which a normalising framework rewrites accented
+//! letters into), as tokend form-encodes it, and in base64 and base64url.
+//! Each form is looked for in every reading, so the two multiply: a
+//! decomposed secret in `\u0065\u0301` JSON escapes is found too.
 //!
 //! Two rules keep ordinary words readable:
 //! - a needle shorter than [`SHORT`] bytes is redacted only where it stands
-//!   alone, with no letter, digit or `_` against either end (a secret
-//!   `abc` is redacted in `secret=abc` but not in `abcdef`);
+//!   alone, with no letter, digit or `_` (in any script) against either
+//!   end (a secret `abc` is redacted in `secret=abc` and `“abc”` but not in
+//!   `abcdef` or `déjàabc`);
 //! - a run cut off by the end of the text, or by an ellipsis (`…`, `...`)
 //!   that marks a cut, counts when it holds at least [`SHORT`] bytes of
 //!   the secret itself: a server that bounds its text may cut a quoted
-//!   secret short, and what is left of it is still redacted.
+//!   secret short, and what is left of it is still redacted. The mirror
+//!   too: a run at the start of the text, or just after an ellipsis, that
+//!   holds the last [`SHORT`] bytes or more of a secret, as a server that
+//!   masks all but a secret's tail writes it.
 //!
-//! Each needle is matched with Knuth–Morris–Pratt, so the work is linear in
-//! the text's length times the number of needles, whatever the text holds,
-//! and the matcher's state at a cut says how much of the needle ends there.
+//! Each needle is matched with Knuth–Morris–Pratt, forwards for whole
+//! needles and cut starts, backwards for cut tails, so the work is linear
+//! in the text's length times the number of needles times the (at most
+//! 13) readings, whatever the text holds.
 //!
 //! This module knows nothing of keys or of HTTP: [`crate::issuer`] and
 //! [`crate::transport`] say which secrets a request carries.
 
 use std::ops::Range;
 
+use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE_NO_PAD};
 use base64::Engine as _;
+use icu_normalizer::{ComposingNormalizerBorrowed, DecomposingNormalizerBorrowed};
 use zeroize::Zeroizing;
 
 /// Needles shorter than this many bytes match only as words of their own,
@@ -40,9 +56,21 @@ pub const SHORT: usize = 8;
 
 const REDACTED: &str = "[redacted]";
 
-/// How many times text is decoded: once for a server that re-encodes what
-/// it received, twice for one that quotes a request it encoded again.
+/// How many decoders a reading applies one after the other: one for a
+/// server that re-encodes what it received, two for one that quotes a
+/// request it encoded again (a request body quoted inside a URL, a JSON
+/// string inside an HTML page).
 const DEPTH: u32 = 2;
+
+/// The most digits an HTML numeric reference is read with: enough for any
+/// code point in decimal (1114111) and a leading zero or two in hex. An
+/// encoder writes the shortest form; a longer one is left as written, and
+/// the bound keeps [`WIDEST`] small.
+const MAX_DIGITS: usize = 7;
+
+/// The longest encoding of one decoded byte in any [`Scheme`]: an HTML
+/// reference with [`MAX_DIGITS`] digits, `&#x0000041;` for `A`.
+const WIDEST: usize = "&#x;".len() + MAX_DIGITS;
 
 /// What marks a cut in the middle of a text: ours (`…`) and the one many
 /// servers write.
@@ -61,14 +89,33 @@ impl Scrubber {
         Scrubber::default()
     }
 
-    /// `secret` and everything that decodes to it. The two encodings
-    /// tokend sends (form-urlencoded, with `+` and with `%20` for a space)
-    /// are also matched as written, for a text whose decoding starts
-    /// mid-escape just before them.
+    /// `secret` and everything that decodes to it: as written, in Unicode's
+    /// composed and decomposed forms, in the two encodings tokend sends
+    /// (form-urlencoded, with `+` and with `%20` for a space; matched as
+    /// written for a text whose decoding starts mid-escape just before
+    /// them), and in base64 and base64url.
     pub fn add_secret(&mut self, secret: &str) {
         if secret.is_empty() {
             return;
         }
+        for normal in [Normal::Composed, Normal::Decomposed] {
+            let form = normal.of(secret);
+            if *form != secret {
+                self.add_sent_forms(&form);
+            }
+        }
+        self.add_sent_forms(secret);
+        // Padding only follows the characters: without it, the needle is
+        // found in the padded text as well.
+        for engine in [STANDARD_NO_PAD, URL_SAFE_NO_PAD] {
+            let mut encoded = Zeroizing::new(String::with_capacity(base64_len(secret.len())));
+            engine.encode_string(secret, &mut encoded);
+            self.add_form(&encoded, 0);
+        }
+    }
+
+    /// `secret` as written and as tokend form-encodes it.
+    fn add_sent_forms(&mut self, secret: &str) {
         // Sized up front: a growing buffer would leave copies unwiped.
         let mut encoded = Zeroizing::new(String::with_capacity(3 * secret.len()));
         encoded.extend(form_urlencoded::byte_serialize(secret.as_bytes()));
@@ -86,7 +133,7 @@ impl Scrubber {
 
     /// A text that holds a secret after `public` leading bytes that are
     /// not (a client id and its `:`, a JWS header and its `.`): found
-    /// whole, or cut short once past them. Also as it decodes.
+    /// whole, or cut short once past them. Also as it percent-decodes.
     pub fn add_form(&mut self, form: &str, public: usize) {
         let public = public.min(form.len());
         self.push(Needle::new(
@@ -103,8 +150,8 @@ impl Scrubber {
     /// The standard base64 of `bytes`, as an HTTP Basic credential carries
     /// it, the first `public` of them not secret (the user and its `:`).
     pub fn add_base64(&mut self, bytes: &[u8], public: usize) {
-        let mut encoded = Zeroizing::new(String::with_capacity(4 * bytes.len().div_ceil(3)));
-        base64::engine::general_purpose::STANDARD.encode_string(bytes, &mut encoded);
+        let mut encoded = Zeroizing::new(String::with_capacity(base64_len(bytes.len())));
+        STANDARD.encode_string(bytes, &mut encoded);
         // Each 4 characters encode 3 bytes: only whole groups of public
         // bytes give characters that are not secret.
         self.add_form(&encoded, public / 3 * 4);
@@ -116,10 +163,10 @@ impl Scrubber {
 
     /// The longest stretch of raw text one match can cover: a needle
     /// whose every byte took the longest encoding [`DEPTH`] decodings undo
-    /// (`%25%34%31` for `A`).
+    /// ([`WIDEST`] bytes for a byte, each of them escaped so again).
     fn reach(&self) -> usize {
         let longest = self.needles.iter().map(|n| n.bytes.len()).max();
-        longest.unwrap_or(0) * 3usize.pow(DEPTH)
+        longest.unwrap_or(0) * WIDEST.pow(DEPTH)
     }
 
     fn push(&mut self, needle: Needle) {
@@ -137,28 +184,34 @@ impl Scrubber {
         }
         let raw = text.as_bytes();
         let mut spans = Vec::new();
-        for needle in &self.needles {
-            needle.find(raw, &mut |span| spans.push(span));
-        }
-        // Each reading decodes the one before, so that text encoded twice
-        // (a request body quoted inside a URL) is found too. Without an
-        // escape or a `+`, a reading is the same as the one before.
-        let mut reading: Option<Decoded> = None;
-        for _ in 0..DEPTH {
-            let bytes = reading.as_ref().map_or(raw, |r| &r.bytes[..]);
-            if !bytes.iter().any(|&b| b == b'%' || b == b'+') {
-                break;
+        self.find(raw, &mut |span| spans.push(span));
+        // Each reading decodes the one before with each scheme, so that
+        // text encoded twice, the same way or two ways, is found too. A
+        // scheme that finds nothing to decode makes no reading.
+        let mut readings: Vec<Decoded> = SCHEMES
+            .iter()
+            .filter_map(|&scheme| Decoded::new(raw, scheme))
+            .collect();
+        for depth in 1..=DEPTH {
+            let mut next = Vec::new();
+            for reading in &readings {
+                self.find(&reading.bytes, &mut |span| {
+                    spans.push(reading.raw_span(span))
+                });
+                if depth < DEPTH {
+                    next.extend(SCHEMES.iter().filter_map(|&scheme| reading.again(scheme)));
+                }
             }
-            let next = match &reading {
-                None => Decoded::new(raw),
-                Some(previous) => previous.again(),
-            };
-            for needle in &self.needles {
-                needle.find(&next.bytes, &mut |span| spans.push(next.raw_span(span)));
-            }
-            reading = Some(next);
+            readings = next;
         }
         redact(text, spans)
+    }
+
+    fn find(&self, stream: &[u8], found: &mut impl FnMut(Range<usize>)) {
+        for needle in &self.needles {
+            needle.find(stream, found);
+            needle.find_tails(stream, found);
+        }
     }
 
     /// The start of `text` scrubbed, reading no more than it must to show
@@ -178,6 +231,38 @@ impl Scrubber {
     }
 }
 
+fn base64_len(bytes: usize) -> usize {
+    4 * bytes.div_ceil(3)
+}
+
+/// The Unicode normal forms a secret is also looked for in.
+#[derive(Clone, Copy)]
+enum Normal {
+    /// NFC: `e` and a combining acute accent written as `é`.
+    Composed,
+    /// NFD: `é` written as `e` and a combining acute accent.
+    Decomposed,
+}
+
+impl Normal {
+    fn of(self, secret: &str) -> Zeroizing<String> {
+        // Unicode's normalization FAQ: neither form is more than three
+        // times as long in UTF-8, so the buffer never grows (and leaves no
+        // unwiped copy).
+        let mut out = Zeroizing::new(String::with_capacity(3 * secret.len()));
+        // Writing to a String cannot fail.
+        let _ = match self {
+            Normal::Composed => {
+                ComposingNormalizerBorrowed::new_nfc().normalize_to(secret, &mut *out)
+            }
+            Normal::Decomposed => {
+                DecomposingNormalizerBorrowed::new_nfd().normalize_to(secret, &mut *out)
+            }
+        };
+        out
+    }
+}
+
 /// One byte string to look for.
 struct Needle {
     bytes: Zeroizing<Vec<u8>>,
@@ -187,25 +272,20 @@ struct Needle {
     /// `i + 1`, the length of its longest proper prefix that is also its
     /// suffix. Says nothing of the secret but how it overlaps itself.
     borders: Vec<usize>,
+    /// The same for the needle read backwards, to find its tails.
+    tail_borders: Vec<usize>,
 }
 
 impl Needle {
     fn new(bytes: Zeroizing<Vec<u8>>, public: usize) -> Needle {
-        let mut borders = vec![0; bytes.len()];
-        let mut k = 0;
-        for i in 1..bytes.len() {
-            while k > 0 && bytes[i] != bytes[k] {
-                k = borders[k - 1];
-            }
-            if bytes[i] == bytes[k] {
-                k += 1;
-            }
-            borders[i] = k;
-        }
+        let len = bytes.len();
+        let borders = borders_of(len, |i| bytes[i]);
+        let tail_borders = borders_of(len, |i| bytes[len - 1 - i]);
         Needle {
             bytes,
             public,
             borders,
+            tail_borders,
         }
     }
 
@@ -243,91 +323,314 @@ impl Needle {
             found(stream.len() - matched..stream.len());
         }
     }
+
+    /// Reports each run just after a cut (the start of the stream, an
+    /// ellipsis) that is the last [`SHORT`] bytes or more of this needle:
+    /// [`Needle::find`] mirrored, matching the needle backwards from the
+    /// stream's end, so the matcher's state at each position is the
+    /// longest tail of the needle that starts there.
+    fn find_tails(&self, stream: &[u8], found: &mut impl FnMut(Range<usize>)) {
+        let len = self.bytes.len();
+        if len.saturating_sub(self.public) < SHORT {
+            return;
+        }
+        let from_end = |i: usize| self.bytes[len - 1 - i];
+        let mut matched = 0;
+        for (i, &byte) in stream.iter().enumerate().rev() {
+            while matched > 0 && from_end(matched) != byte {
+                matched = self.tail_borders[matched - 1];
+            }
+            if from_end(matched) == byte {
+                matched += 1;
+            }
+            // A whole needle is `find`'s.
+            if (SHORT..len).contains(&matched) && cut_before(&stream[..i]) {
+                found(i..i + matched);
+            }
+            if matched == len {
+                matched = self.tail_borders[len - 1];
+            }
+        }
+    }
+}
+
+/// Knuth–Morris–Pratt's failure function of the `len` bytes `at` gives.
+fn borders_of(len: usize, at: impl Fn(usize) -> u8) -> Vec<usize> {
+    let mut borders = vec![0; len];
+    let mut k = 0;
+    for i in 1..len {
+        while k > 0 && at(i) != at(k) {
+            k = borders[k - 1];
+        }
+        if at(i) == at(k) {
+            k += 1;
+        }
+        borders[i] = k;
+    }
+    borders
 }
 
 /// Whether a cut lies at the start of `rest`: the end of the text or an
-/// ellipsis, maybe after the start of an escape the cut split (`%`, `%2`).
-/// Returns the length of that start, which belongs to the cut run.
+/// ellipsis, maybe after the start of an escape the cut split (`%2`,
+/// `\u00`, `&am`, `&#x4`). Returns the length of that start, which
+/// belongs to the cut run.
 fn cut_at(rest: &[u8]) -> Option<usize> {
-    let partial = match rest {
-        [b'%', digit, ..] if digit.is_ascii_hexdigit() => 2,
-        [b'%', ..] => 1,
-        _ => 0,
-    };
-    let after = &rest[partial..];
-    // `%2` then more text is a `%` that was never an escape, not a cut.
-    let cut = after.is_empty() || ELLIPSES.iter().any(|e| after.starts_with(e));
-    cut.then_some(partial)
+    // An escape's start then more text is not one the cut split: `%2`
+    // then `x` is a `%` that was never an escape.
+    (0..WIDEST.min(rest.len() + 1))
+        .filter(|&partial| partial == 0 || opens_escape(&rest[..partial]))
+        .find(|&partial| {
+            let after = &rest[partial..];
+            after.is_empty() || ELLIPSES.iter().any(|e| after.starts_with(e))
+        })
 }
 
-/// Whether `span` of `stream` has no word byte against either end.
+/// Whether `start` is the start of an escape of some [`Scheme`], short of
+/// its end.
+fn opens_escape(start: &[u8]) -> bool {
+    let hex = |digits: &[u8], most: usize| {
+        digits.len() <= most && digits.iter().all(u8::is_ascii_hexdigit)
+    };
+    match start {
+        [b'%', digits @ ..] => hex(digits, 1),
+        [b'\\'] => true,
+        [b'\\', b'u', digits @ ..] => hex(digits, 3),
+        [b'&', b'#', b'x' | b'X', digits @ ..] => hex(digits, MAX_DIGITS),
+        [b'&', b'#', digits @ ..] => {
+            digits.len() <= MAX_DIGITS && digits.iter().all(u8::is_ascii_digit)
+        }
+        [b'&', name @ ..] => ["amp", "lt", "gt", "quot", "apos"]
+            .iter()
+            .any(|known| known.as_bytes().starts_with(name)),
+        _ => false,
+    }
+}
+
+/// Whether a cut lies at the end of `head`: the start of the text or an
+/// ellipsis.
+fn cut_before(head: &[u8]) -> bool {
+    head.is_empty() || ELLIPSES.iter().any(|e| head.ends_with(e))
+}
+
+/// Whether `span` of `stream` has no word character (a letter or digit of
+/// any script, or `_`) against either end. A byte that is no character
+/// (a reading may hold any byte) is not a word's.
 fn stands_alone(stream: &[u8], span: &Range<usize>) -> bool {
-    let word = |b: &u8| b.is_ascii_alphanumeric() || *b == b'_' || !b.is_ascii();
-    let before = span.start.checked_sub(1).and_then(|i| stream.get(i));
-    !before.is_some_and(word) && !stream.get(span.end).is_some_and(word)
+    let word = |c: char| c.is_alphanumeric() || c == '_';
+    !char_before(&stream[..span.start]).is_some_and(word)
+        && !char_after(&stream[span.end..]).is_some_and(word)
+}
+
+/// The UTF-8 character `head` ends with, if it ends with one.
+fn char_before(head: &[u8]) -> Option<char> {
+    // The shortest valid end is one character: a longer one would have a
+    // shorter valid end.
+    (1..=head.len().min(4)).find_map(|width| {
+        std::str::from_utf8(&head[head.len() - width..])
+            .ok()
+            .and_then(|s| s.chars().next())
+    })
+}
+
+/// The UTF-8 character `rest` starts with, if it starts with one.
+fn char_after(rest: &[u8]) -> Option<char> {
+    let head = &rest[..rest.len().min(4)];
+    let valid = match std::str::from_utf8(head) {
+        Ok(all) => all,
+        Err(e) => std::str::from_utf8(&head[..e.valid_up_to()]).ok()?,
+    };
+    valid.chars().next()
 }
 
 /// `%XX` (either case) as its byte and `+` as a space; a `%` without two
 /// hex digits after it stays as it is.
 fn decode(raw: &[u8]) -> Zeroizing<Vec<u8>> {
-    Decoded::new(raw).bytes
+    match Decoded::new(raw, Scheme::Percent) {
+        Some(decoded) => decoded.bytes,
+        None => Zeroizing::new(raw.to_vec()),
+    }
+}
+
+/// An encoding servers re-encode quoted text with.
+#[derive(Clone, Copy, Debug)]
+enum Scheme {
+    /// `%XX` in either case of hex, and `+` for a space: URLs and form
+    /// bodies.
+    Percent,
+    /// JSON string escapes (RFC 8259 7): `\"`, `\\`, `\/`, `\b`, `\f`,
+    /// `\n`, `\r`, `\t`, and `\uXXXX`, a surrogate pair as one character.
+    Json,
+    /// HTML character references: `&amp;`, `&lt;`, `&gt;`, `&quot;`,
+    /// `&apos;`, and `&#NNN;` or `&#xHH;` of up to [`MAX_DIGITS`] digits.
+    Html,
+}
+
+const SCHEMES: [Scheme; 3] = [Scheme::Percent, Scheme::Json, Scheme::Html];
+
+impl Scheme {
+    /// Whether `text` has the byte every escape of this scheme starts with.
+    fn may_escape(self, text: &[u8]) -> bool {
+        let starts: &[u8] = match self {
+            Scheme::Percent => b"%+",
+            Scheme::Json => b"\\",
+            Scheme::Html => b"&",
+        };
+        text.iter().any(|b| starts.contains(b))
+    }
+
+    /// If `rest` starts with an escape, pushes what it stands for onto
+    /// `out` and returns its length. Each escape is shorter than what it
+    /// stands for, so a decoding is never longer than its text.
+    fn decode_at(self, rest: &[u8], out: &mut Vec<u8>) -> Option<usize> {
+        match self {
+            Scheme::Percent => percent_at(rest, out),
+            Scheme::Json => json_at(rest, out),
+            Scheme::Html => html_at(rest, out),
+        }
+    }
+}
+
+fn percent_at(rest: &[u8], out: &mut Vec<u8>) -> Option<usize> {
+    match rest {
+        [b'%', digits @ ..] => {
+            let byte = u8::try_from(number(digits.get(..2)?, 16)?).ok()?;
+            out.push(byte);
+            Some(3)
+        }
+        [b'+', ..] => {
+            out.push(b' ');
+            Some(1)
+        }
+        _ => None,
+    }
+}
+
+fn json_at(rest: &[u8], out: &mut Vec<u8>) -> Option<usize> {
+    let [b'\\', kind, ..] = rest else {
+        return None;
+    };
+    let byte = match kind {
+        b'"' | b'\\' | b'/' => *kind,
+        b'b' => 0x08,
+        b'f' => 0x0c,
+        b'n' => b'\n',
+        b'r' => b'\r',
+        b't' => b'\t',
+        b'u' => return json_unicode_at(rest, out),
+        _ => return None,
+    };
+    out.push(byte);
+    Some(2)
+}
+
+/// `\uXXXX`, or a UTF-16 surrogate pair of two as one character. A lone
+/// surrogate is no character and stays as written.
+fn json_unicode_at(rest: &[u8], out: &mut Vec<u8>) -> Option<usize> {
+    let unit = |at: usize| {
+        let escape = rest.get(at..at + 6)?;
+        escape
+            .starts_with(b"\\u")
+            .then(|| number(&escape[2..], 16))
+            .flatten()
+    };
+    let first = unit(0)?;
+    let (code, width) = match first {
+        0xd800..=0xdbff => {
+            let second = unit(6).filter(|low| (0xdc00..=0xdfff).contains(low))?;
+            (0x10000 + ((first - 0xd800) << 10) + (second - 0xdc00), 12)
+        }
+        _ => (first, 6),
+    };
+    push_char(char::from_u32(code)?, out);
+    Some(width)
+}
+
+fn html_at(rest: &[u8], out: &mut Vec<u8>) -> Option<usize> {
+    if rest.first() != Some(&b'&') {
+        return None;
+    }
+    let end = rest.iter().take(WIDEST).position(|&b| b == b';')?;
+    let c = match &rest[1..end] {
+        b"amp" => '&',
+        b"lt" => '<',
+        b"gt" => '>',
+        b"quot" => '"',
+        b"apos" => '\'',
+        [b'#', b'x' | b'X', hex @ ..] => char::from_u32(number(hex, 16)?)?,
+        [b'#', decimal @ ..] => char::from_u32(number(decimal, 10)?)?,
+        _ => return None,
+    };
+    push_char(c, out);
+    Some(end + 1)
+}
+
+/// `digits` as a number in `radix`: one to [`MAX_DIGITS`] digits and
+/// nothing else (no sign, which `from_str_radix` would take).
+fn number(digits: &[u8], radix: u32) -> Option<u32> {
+    if digits.is_empty() || digits.len() > MAX_DIGITS {
+        return None;
+    }
+    digits.iter().try_fold(0u32, |value, &d| {
+        Some(value * radix + char::from(d).to_digit(radix)?)
+    })
+}
+
+fn push_char(c: char, out: &mut Vec<u8>) {
+    out.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes());
 }
 
 /// A text decoded, and where in the text each decoded byte came from.
 struct Decoded {
     /// Never grown past its first allocation, so no copy is left unwiped.
     bytes: Zeroizing<Vec<u8>>,
-    /// The text offset each decoded byte's encoding starts at, and the
+    /// The text offset each decoded byte's encoding starts at (every byte
+    /// of a character one escape stands for maps to that escape), and the
     /// text's length last.
     starts: Vec<usize>,
 }
 
 impl Decoded {
-    fn new(raw: &[u8]) -> Decoded {
+    /// `raw` decoded by `scheme`, or `None` when it holds no escape of it.
+    fn new(raw: &[u8], scheme: Scheme) -> Option<Decoded> {
+        if !scheme.may_escape(raw) {
+            return None;
+        }
         let mut bytes = Zeroizing::new(Vec::with_capacity(raw.len()));
         let mut starts = Vec::with_capacity(raw.len() + 1);
+        let mut escaped = false;
         let mut i = 0;
         while i < raw.len() {
-            starts.push(i);
-            let (byte, width) = match raw[i] {
-                b'%' => match raw.get(i + 1..i + 3).and_then(hex_byte) {
-                    Some(byte) => (byte, 3),
-                    None => (b'%', 1),
-                },
-                b'+' => (b' ', 1),
-                byte => (byte, 1),
+            let before = bytes.len();
+            let width = match scheme.decode_at(&raw[i..], &mut bytes) {
+                Some(width) => {
+                    escaped = true;
+                    width
+                }
+                None => {
+                    bytes.push(raw[i]);
+                    1
+                }
             };
-            bytes.push(byte);
+            starts.resize(starts.len() + bytes.len() - before, i);
             i += width;
         }
         starts.push(raw.len());
-        Decoded { bytes, starts }
+        escaped.then_some(Decoded { bytes, starts })
     }
 
-    /// This reading decoded once more, its map still into the text.
-    fn again(&self) -> Decoded {
-        let mut next = Decoded::new(&self.bytes);
+    /// This reading decoded once more by `scheme`, its map still into the
+    /// text.
+    fn again(&self, scheme: Scheme) -> Option<Decoded> {
+        let mut next = Decoded::new(&self.bytes, scheme)?;
         for start in &mut next.starts {
             *start = self.starts[*start];
         }
-        next
+        Some(next)
     }
 
     /// The text that `decoded` (a range of decoded bytes) came from.
     fn raw_span(&self, decoded: Range<usize>) -> Range<usize> {
         self.starts[decoded.start]..self.starts[decoded.end]
-    }
-}
-
-fn hex_byte(digits: &[u8]) -> Option<u8> {
-    let value = |d: u8| {
-        char::from(d)
-            .to_digit(16)
-            .and_then(|v| u8::try_from(v).ok())
-    };
-    match digits {
-        [high, low] => Some(value(*high)? << 4 | value(*low)?),
-        _ => None,
     }
 }
 
@@ -395,7 +698,7 @@ mod tests {
 
     #[test]
     fn the_decoder_maps_each_byte_back_to_its_encoding() {
-        let decoded = Decoded::new(b"x%41+y");
+        let decoded = Decoded::new(b"x%41+y", Scheme::Percent).unwrap();
         assert_eq!(*decoded.bytes, b"xA y");
         assert_eq!(decoded.starts, [0, 1, 4, 5, 6]);
         assert_eq!(decoded.raw_span(1..3), 1..5);
@@ -436,7 +739,9 @@ mod tests {
                 "body=[redacted]&x"
             );
         }
-        let decoded = Decoded::new(b"%2541+").again();
+        let decoded = Decoded::new(b"%2541+", Scheme::Percent)
+            .and_then(|d| d.again(Scheme::Percent))
+            .unwrap();
         assert_eq!(*decoded.bytes, b"A ");
         assert_eq!(decoded.starts, [0, 5, 6]);
     }
@@ -489,6 +794,19 @@ mod tests {
         assert_eq!(encoded.scrub("was s3cret%20pass%2"), "was [redacted]");
         assert_eq!(encoded.scrub("was s3cret%20pass%"), "was [redacted]");
         assert_eq!(encoded.scrub("was s3cret+pass%2…"), "was [redacted]…");
+        // Inside a JSON escape or an HTML reference.
+        for (text, shown) in [
+            ("x 0123456789\\", "x [redacted]"),
+            ("x 0123456789\\u00", "x [redacted]"),
+            ("x 0123456789&am", "x [redacted]"),
+            ("x 0123456789&#x4…", "x [redacted]…"),
+            ("x 0123456789&#6...", "x [redacted]..."),
+            // Not a cut: the escape's start, then more text.
+            ("x 0123456789&am y", "x 0123456789&am y"),
+            ("x 0123456789\\q", "x 0123456789\\q"),
+        ] {
+            assert_eq!(scrubber.scrub(text), shown, "{text}");
+        }
     }
 
     #[test]
@@ -573,7 +891,9 @@ mod tests {
             head.starts_with(&format!("{}[redacted]", "x".repeat(15))),
             "{head}"
         );
-        assert!(head.len() < 200, "{}", head.len());
+        // Read only as far as a needle's widest encoding reaches.
+        assert!(head.len() <= 20 + scrubber.reach(), "{}", head.len());
+        assert!(head.len() < text.len() / 2, "{}", head.len());
         let (all, more) = scrubber.scrub_head("short", 20);
         assert_eq!((all.as_str(), more), ("short", false));
     }
@@ -588,5 +908,182 @@ mod tests {
         // A cut at the end: the last 999 bytes are a long part of it.
         assert!(shown.ends_with("[redacted]"));
         assert!(started.elapsed() < std::time::Duration::from_secs(2));
+    }
+
+    fn read(raw: &[u8], scheme: Scheme) -> Vec<u8> {
+        Decoded::new(raw, scheme).map_or(raw.to_vec(), |d| d.bytes.to_vec())
+    }
+
+    #[test]
+    fn the_json_reading_undoes_every_string_escape() {
+        assert_eq!(
+            read(br#"a\/b\"c\\d\b\f\n\r\te"#, Scheme::Json),
+            b"a/b\"c\\d\x08\x0c\n\r\te"
+        );
+        assert_eq!(
+            read(br"gr\u00fcne \u00FC", Scheme::Json),
+            "grüne ü".as_bytes()
+        );
+        // A surrogate pair is one character.
+        assert_eq!(read(br"\ud83d\ude00!", Scheme::Json), "😀!".as_bytes());
+        // Not escapes: a lone surrogate, short or non-hex digits, an
+        // unknown letter.
+        for kept in [
+            &br"\ud83d!"[..],
+            br"\ude00",
+            br"\u00f",
+            br"\u00fg",
+            br"\u+0fc",
+            br"\x41",
+            br"end\",
+        ] {
+            assert_eq!(read(kept, Scheme::Json), kept);
+        }
+        // `\\` is one escape: what follows it is text.
+        assert_eq!(read(br"\\u0041", Scheme::Json), br"\u0041");
+    }
+
+    #[test]
+    fn the_json_reading_maps_each_byte_back_to_its_escape() {
+        let decoded = Decoded::new(br"x\/\u00fcy", Scheme::Json).unwrap();
+        assert_eq!(*decoded.bytes, "x/üy".as_bytes());
+        // Both bytes of `ü` come from the one escape at 3.
+        assert_eq!(decoded.starts, [0, 1, 3, 3, 9, 10]);
+        assert_eq!(decoded.raw_span(1..4), 1..9);
+    }
+
+    #[test]
+    fn the_html_reading_undoes_named_and_numeric_references() {
+        assert_eq!(
+            read(
+                b"a&amp;b&lt;c&gt;d&quot;e&apos;f&#39;g&#039;h",
+                Scheme::Html
+            ),
+            b"a&b<c>d\"e'f'g'h"
+        );
+        assert_eq!(
+            read(b"&#x41;&#X42;&#x00fc;&#252;", Scheme::Html),
+            "ABüü".as_bytes()
+        );
+        assert_eq!(read(b"&#128512;", Scheme::Html), "😀".as_bytes());
+        // Not references: no `;`, an unknown name, too many digits, no
+        // character (a surrogate, past U+10FFFF), empty, a sign.
+        for kept in [
+            &b"&amp"[..],
+            b"&nbsp;",
+            b"&#00000065;",
+            b"&#xd800;",
+            b"&#x110000;",
+            b"&#;",
+            b"&#x;",
+            b"&#+65;",
+            b"AT&T; &",
+        ] {
+            assert_eq!(read(kept, Scheme::Html), kept);
+        }
+        let decoded = Decoded::new(b"a&amp;&#x41;", Scheme::Html).unwrap();
+        assert_eq!(*decoded.bytes, b"a&A");
+        assert_eq!(decoded.starts, [0, 1, 6, 12]);
+    }
+
+    #[test]
+    fn a_scheme_with_nothing_to_decode_makes_no_reading() {
+        for scheme in SCHEMES {
+            assert!(Decoded::new(b"plain text", scheme).is_none(), "{scheme:?}");
+        }
+        assert!(Decoded::new(b"100%", Scheme::Percent).is_none());
+        assert!(Decoded::new(br"a\b", Scheme::Json).is_some());
+        assert!(Decoded::new(br"a\q", Scheme::Json).is_none());
+        assert!(Decoded::new(b"AT&T", Scheme::Html).is_none());
+    }
+
+    #[test]
+    fn a_secret_in_json_or_html_escapes_is_redacted_as_written() {
+        let scrubber = for_secret("s3cr\"t/v\\al&ue<ü>42");
+        for echoed in [
+            // PHP json_encode, Python json.dumps, serde_json.
+            r#"s3cr\"t\/v\\al&ue<\u00fc>42"#,
+            r#"s3cr\"t/v\\al&ue<\u00FC>42"#,
+            r#"s3cr\"t/v\\al&ue<ü>42"#,
+            // html.escape, htmlspecialchars, numeric references.
+            "s3cr&quot;t/v\\al&amp;ue&lt;ü&gt;42",
+            "s3cr&#34;t/v\\al&#x26;ue&#60;&#252;&#62;42",
+            // JSON inside HTML, and percent-encoded JSON.
+            r#"s3cr\&quot;t\/v\\al&amp;ue&lt;\u00fc&gt;42"#,
+            "s3cr%5C%22t%5C%2Fv%5C%5Cal%26ue%3C%5Cu00fc%3E42",
+        ] {
+            let shown = scrubber.scrub(&format!("got {echoed}, refused"));
+            assert_eq!(shown, "got [redacted], refused", "{echoed}");
+        }
+    }
+
+    #[test]
+    fn a_secret_in_unicode_composed_or_decomposed_form_is_redacted() {
+        let composed = "caf\u{e9}-s3cret";
+        let decomposed = "cafe\u{301}-s3cret";
+        for (secret, echoed) in [
+            (composed, decomposed),
+            (decomposed, composed),
+            (composed, r"cafe\u0301-s3cret"),
+        ] {
+            let shown = for_secret(secret).scrub(&format!("got {echoed}."));
+            assert_eq!(shown, "got [redacted].", "{echoed}");
+        }
+    }
+
+    #[test]
+    fn a_secret_in_base64_is_redacted_padded_or_not() {
+        use base64::engine::general_purpose::URL_SAFE;
+        // Bytes whose base64 holds `+` and `/`, and `-`, `_` in base64url.
+        let secret = "s3cret>>>???~~~";
+        let scrubber = for_secret(secret);
+        for echoed in [
+            STANDARD.encode(secret),
+            STANDARD_NO_PAD.encode(secret),
+            URL_SAFE.encode(secret),
+            URL_SAFE_NO_PAD.encode(secret),
+        ] {
+            let shown = scrubber.scrub(&format!("got {echoed} here"));
+            assert!(
+                shown == "got [redacted] here" || shown == "got [redacted]= here",
+                "{echoed}: {shown}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_tail_of_a_secret_after_a_cut_is_redacted_from_a_long_part() {
+        let scrubber = for_secret("0123456789abcdef-xyz");
+        assert_eq!(scrubber.scrub("was ...89abcdef-xyz"), "was ...[redacted]");
+        assert_eq!(scrubber.scrub("was …cdef-xyz!"), "was …[redacted]!");
+        assert_eq!(
+            scrubber.scrub("cdef-xyz at the start"),
+            "[redacted] at the start"
+        );
+        // Exactly SHORT bytes of it is enough; one fewer is not.
+        assert_eq!(scrubber.scrub("...def-xyz"), "...def-xyz");
+        // Only after a cut: the same run mid-text is ordinary text.
+        assert_eq!(scrubber.scrub("was 89abcdef-xyz"), "was 89abcdef-xyz");
+        // Not past a form's public start.
+        let mut form = Scrubber::none();
+        form.add_form("a-public-client-id:secret7", "a-public-client-id:".len());
+        assert_eq!(form.scrub("...-client-id:secret7"), "...-client-id:secret7");
+    }
+
+    #[test]
+    fn a_short_secret_stands_alone_beside_any_non_letter() {
+        let scrubber = for_secret("hunt3r");
+        for (text, shown) in [
+            ("“hunt3r”", "“[redacted]”"),
+            ("«hunt3r»", "«[redacted]»"),
+            ("‘hunt3r’ — no", "‘[redacted]’ — no"),
+            ("\\u201chunt3r\\u201d", "\\u201c[redacted]\\u201d"),
+            // Letters and digits of any script make a word.
+            ("éhunt3r", "éhunt3r"),
+            ("hunt3rж", "hunt3rж"),
+            ("hunt3r٣", "hunt3r٣"),
+        ] {
+            assert_eq!(scrubber.scrub(text), shown, "{text}");
+        }
     }
 }
