@@ -130,33 +130,45 @@ impl Exposure {
 impl fmt::Display for Exposure {
     /// A phrase that follows the file's name: "… is readable by others".
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Exposure::Owner { uid } => write!(
-                f,
-                "is owned by {}; it must belong to root or to tokend's own user ({})",
-                user_name(*uid),
-                user_name(nix::unistd::geteuid().as_raw())
-            ),
-            Exposure::Others { mode } => write!(f, "is readable by others (mode {mode:04o})"),
-            Exposure::Group { mode } => {
-                write!(f, "is readable by group or others (mode {mode:04o})")
-            }
-            Exposure::AclOwningGroup { gid } => write!(
-                f,
-                "has an ACL whose owning-group entry lets {} read it",
-                group_name(*gid)
-            ),
-            Exposure::AclUser { uid } => write!(
-                f,
-                "has an ACL entry user:{} that lets another user read it",
-                user_name(*uid)
-            ),
-            Exposure::AclGroup { gid } => write!(
-                f,
-                "has an ACL entry group:{} that lets a group read it",
-                group_name(*gid)
-            ),
-        }
+        f.write_str(&describe(self, Access::Read))
+    }
+}
+
+/// The access an [`Exposure`] was found for: reading a file that holds
+/// secrets, or writing (changing) a file or directory tokend trusts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    Read,
+    Write,
+}
+
+/// What `by` lets others do, as a phrase after a file's name. The owner
+/// case reads the same for either access: the owner can do anything.
+fn describe(by: &Exposure, access: Access) -> String {
+    let (able, verb, group) = match access {
+        Access::Read => ("readable", "read", "group or others"),
+        Access::Write => ("writable", "write", "its group"),
+    };
+    match by {
+        Exposure::Owner { uid } => format!(
+            "is owned by {}; it must belong to root or to tokend's own user ({})",
+            user_name(*uid),
+            user_name(nix::unistd::geteuid().as_raw())
+        ),
+        Exposure::Others { mode } => format!("is {able} by others (mode {mode:04o})"),
+        Exposure::Group { mode } => format!("is {able} by {group} (mode {mode:04o})"),
+        Exposure::AclOwningGroup { gid } => format!(
+            "has an ACL whose owning-group entry lets {} {verb} it",
+            group_name(*gid)
+        ),
+        Exposure::AclUser { uid } => format!(
+            "has an ACL entry user:{} that lets another user {verb} it",
+            user_name(*uid)
+        ),
+        Exposure::AclGroup { gid } => format!(
+            "has an ACL entry group:{} that lets a group {verb} it",
+            group_name(*gid)
+        ),
     }
 }
 
@@ -204,38 +216,17 @@ fn write_advice(by: &Exposure, path: &Path) -> String {
     }
 }
 
-/// What `by` lets others do, as a phrase after a file's name.
-fn writers(by: &Exposure) -> String {
-    match by {
-        Exposure::Owner { .. } => by.to_string(),
-        Exposure::Others { mode } => format!("is writable by others (mode {mode:04o})"),
-        Exposure::Group { mode } => format!("is writable by its group (mode {mode:04o})"),
-        Exposure::AclOwningGroup { gid } => format!(
-            "has an ACL whose owning-group entry lets {} write it",
-            group_name(*gid)
-        ),
-        Exposure::AclUser { uid } => format!(
-            "has an ACL entry user:{} that lets another user write it",
-            user_name(*uid)
-        ),
-        Exposure::AclGroup { gid } => format!(
-            "has an ACL entry group:{} that lets a group write it",
-            group_name(*gid)
-        ),
-    }
-}
-
 impl fmt::Display for Tampering {
     /// A phrase that follows the file's name: "… is writable by others".
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Tampering::File(by) => f.write_str(&writers(by)),
+            Tampering::File(by) => f.write_str(&describe(by, Access::Write)),
             Tampering::Directory { dir, by } => {
                 write!(
                     f,
                     "can be replaced by others: directory {} {}",
                     dir.display(),
-                    writers(by)
+                    describe(by, Access::Write)
                 )?;
                 if !matches!(by, Exposure::Owner { .. }) {
                     f.write_str(" without the sticky bit")?;

@@ -675,13 +675,11 @@ async fn forking_callers_cost_a_bounded_number_of_lines_per_uid_and_key() {
     );
 }
 
-/// Attack on issue 19 item 7 (what one caller can write to the log): a
-/// caller allowed to read a key asks for thousands of made-up scopes. The
-/// denial's audit line carries the scopes as the caller wrote them, all of
-/// them, at info: one 64 KiB line (`max_request_bytes`) per caller, key
-/// and window, though the service's own comment says "an audit line
-/// carries configured values only" and a made-up key name is cut to 64
-/// characters.
+/// Issue 19, item 7 (what one caller can write to the log): a caller
+/// allowed to read a key who asks for thousands of made-up scopes gets a
+/// denial whose audit line stays under 1 KiB. An attacker found the scopes
+/// copied whole, up to `max_request_bytes` of one info line per caller,
+/// key and window, though an audit line is to carry configured values only.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_callers_made_up_scopes_reach_the_audit_line_bounded() {
     let issuer = Issuer::start(vec![ClientSpec::checkout("audit-id", SECRET, &["gateway"])]).await;

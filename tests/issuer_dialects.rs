@@ -656,15 +656,11 @@ async fn a_bare_403_or_an_html_401_is_rejected_credentials_and_pauses_the_key() 
     daemon.stop_and_check_log(&used_secrets(&issuer));
 }
 
-/// Attack on issue 19 item 3, as a careless (or careful) operator: the
-/// grant is judged only when it arrives. A key lists `gateway` and
-/// `vault`; a caller asks for `gateway` and the issuer grants both, which
-/// the key allows then. The operator narrows `scopes` to `gateway` (the
-/// README's advice for a grant wider than the key should allow is to fix
-/// the lists and reload) and reloads. The reload carries the `gateway`
-/// set's entry over, with its token granted `vault`, and that token is
-/// still handed out, with `"scopes": ["gateway","vault"]`, until its
-/// lifetime ends: wider than the key now allows.
+/// Issue 19, item 3: a grant is judged again when a reload narrows the
+/// key's `scopes`. A token granted `gateway` and `vault` while the key
+/// allowed both is not handed out once a reload narrows it to `gateway`,
+/// as the README advises for a grant too wide; an attacker found the cached
+/// token still handed out, wider than the key allows, until it expired.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_granted_wider_than_the_scopes_a_reload_narrowed_to_is_not_handed_out() {
     let issuer = issuer().await;
@@ -699,17 +695,11 @@ async fn a_token_granted_wider_than_the_scopes_a_reload_narrowed_to_is_not_hande
     daemon.stop_and_check_log(&used_secrets(&issuer));
 }
 
-/// Attack on issue 19 items 8 and 9: the daemon and the CLI judge a
-/// granted scope by different rules. The daemon refuses a scope with a
-/// control character (`char::is_control`), the CLI refuses to print a
-/// token answer holding any character of the one printable rule
-/// (`printable::is_unsafe`), which also takes the bidirectional isolates
-/// and overrides. An issuer that grants `read\u{2066}` on a key without a
-/// `scopes` list has its token cached and handed out raw over the socket
-/// (serde_json leaves U+2066 as it is, so any JSON reader shows it), while
-/// `tokend get` of the same key exits 1 with "a line with a control
-/// character in it" on every call until the token is refreshed: the
-/// daemon should refuse such a grant by the same rule as its CLI.
+/// Issue 19, items 8 and 9: the daemon and the CLI judge a granted scope
+/// by one rule. An issuer that grants `read\u{2066}` (a bidirectional
+/// isolate, not a control character) on a key without a `scopes` list does
+/// not get its token handed out raw over the socket while `tokend get`
+/// refuses to print it on every call until the token is refreshed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_granted_scope_the_cli_will_not_print_is_not_handed_out() {
     let issuer = issuer().await;
@@ -742,14 +732,11 @@ async fn a_granted_scope_the_cli_will_not_print_is_not_handed_out() {
     );
 }
 
-/// Attack on issue 19 item 13, as a caller of one scope set: any 401 or
-/// 403 now pauses the whole key, even when its JSON body names a failure
-/// of the set alone. An issuer (or the gateway in front of it) that
-/// answers a scope its client may not have with `403
-/// {"error":"invalid_scope"}` lets any caller allowed to ask for that
-/// scope pause the key for every other caller and set: the README says
-/// `invalid_scope` "is final for its set", and an `error` code that says
-/// what failed should decide over the status.
+/// Issue 19, item 13, as a caller of one scope set: a 403 whose JSON body
+/// names `invalid_scope` fails that set alone (the README says it "is final
+/// for its set") and leaves the key serving other sets. Were it to pause
+/// the key, as any 401 or 403 once did, any caller allowed to ask for a
+/// scope the issuer refuses could take the key from every other caller.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_403_naming_invalid_scope_fails_its_set_and_does_not_pause_the_key() {
     let issuer = issuer().await;
@@ -780,14 +767,10 @@ async fn a_403_naming_invalid_scope_fails_its_set_and_does_not_pause_the_key() {
     );
 }
 
-/// Attack on issue 19 item 10: every issuer-supplied string in an answer,
-/// `status` or the log is to be cut to the limit of issuer error text.
-/// The granted `scope` is not: on a key without a `scopes` list (which
-/// takes whatever the issuer grants), every get answer lists every scope
-/// the issuer granted. 75,000 short scopes fit in the issuer's 1 MiB
-/// answer, and make tokend's get answer larger than the 1 MiB that
-/// `tokend get` reads: the daemon hands the token out over the socket,
-/// and `tokend get` calls tokend's own answer "not protocol v1".
+/// Issue 19, item 10: a granted `scope` is issuer-supplied text, bounded
+/// like the rest. 75,000 short scopes fit in the issuer's 1 MiB answer; a
+/// token the daemon hands out over the socket with them is one `tokend get`
+/// reads too, rather than calling tokend's own answer "not protocol v1".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_with_a_huge_granted_scope_is_handed_out_by_the_daemon_and_by_tokend_get_alike() {
     let issuer = issuer().await;
@@ -820,13 +803,11 @@ async fn a_token_with_a_huge_granted_scope_is_handed_out_by_the_daemon_and_by_to
     );
 }
 
-/// Attack on issue 19 item 8: VSCHAR includes the space, so a token of
-/// spaces alone, or with a leading or trailing one, passes the new check
-/// and is cached and handed out. A field value's surrounding whitespace
-/// is not part of it (RFC 9110, section 5.5), so `Authorization: Bearer
-/// <token>` never carries such a token as issued, and one of spaces alone
-/// is as unusable as the empty token the daemon already refuses; RFC 6750
-/// section 2.1 allows no space in a Bearer token at all.
+/// Issue 19, item 8: a Bearer token of spaces alone, or with a space at
+/// either end, is refused like the empty token, though VSCHAR includes the
+/// space. A field value's surrounding whitespace is not part of it (RFC
+/// 9110, section 5.5), so `Authorization: Bearer <token>` never carries
+/// such a token as issued; RFC 6750 section 2.1 allows no space at all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bearer_token_of_spaces_or_with_surrounding_spaces_is_not_handed_out() {
     let issuer = issuer().await;

@@ -863,13 +863,12 @@ fn tokend_is_out_of_reach_of_debuggers_before_it_reads_a_secret() {
     assert!(listening.is_some(), "tokend did not start once released");
     assert!(status.success(), "{status}");
 }
-/// Attack on issue 19 item 1: a 401 whose body is JSON but not an RFC 6749
-/// error (`{"message": …}`, `{"detail": …}`) or HTML is shown as written,
-/// and the scrubber decodes only percent escapes and `+`. The JSON and
-/// HTML encoders servers use re-encode a quoted secret in ways it does not
-/// undo: PHP's `json_encode` writes `/` as `\/`, Python's `json.dumps`
-/// writes non-ASCII as `\u00fc`, and an HTML error page writes `&` as
-/// `&amp;`. Each case's key has its own secret so each can be told apart.
+/// Issue 19, item 1: a 401 body that is JSON but not an RFC 6749 error, or
+/// HTML, and quotes the secret through a server's encoder is redacted in
+/// the get answer, `status` and the log: PHP's `json_encode` (`\/`),
+/// Python's `json.dumps` (`\u00fc`) and an HTML page (`&amp;`). An attacker
+/// found that the scrubber undid only percent escapes and `+`. Each case's
+/// key has its own secret so each can be told apart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_secret_in_a_json_or_html_escape_never_reaches_the_get_answer_or_status() {
     // (case, the key's secret, content type, body the issuer answers)
@@ -939,17 +938,14 @@ async fn the_secret_in_a_json_or_html_escape_never_reaches_the_get_answer_or_sta
     );
 }
 
-/// Attack on issue 19 item 1, the edges of the matcher. Each case is an
-/// RFC 6749 `invalid_client` whose description quotes the key's secret:
+/// Issue 19, item 1, the edges of the matcher: an RFC 6749 `invalid_client`
+/// description that quotes the key's secret in any of these ways does not
+/// show it in the get answer:
 /// - a short secret (under 8 bytes) between typographic quotes or
-///   guillemets, which the README says is redacted (no letter, digit or
-///   `_` against either side) but which the matcher takes for part of a
-///   word, since it counts every non-ASCII byte as a letter;
+///   guillemets, which the README says is redacted;
 /// - the end of a long secret after an ellipsis, as an issuer that masks
-///   all but the tail writes it: only a secret's start is looked for at
-///   a cut;
-/// - the standard base64 of the bare secret, which only the Basic pair's
-///   base64 is scrubbed in.
+///   all but the tail writes it;
+/// - the standard base64 of the bare secret.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_secret_quoted_typographically_by_its_tail_or_in_base64_never_reaches_the_get_answer() {
     const LONG: &str = "tail-secret-0123456789-abcdefghij";
@@ -1018,12 +1014,12 @@ async fn a_secret_quoted_typographically_by_its_tail_or_in_base64_never_reaches_
     );
 }
 
-/// Attack on issue 19 item 1, tokend's own re-encoding: an `error` (or
-/// `error_description`) that is a JSON object, as Google-style APIs write
-/// it (`{"error":{"code":401,"message":"…"}}`), is shown as tokend
-/// serialises it again, which escapes `"` and `\` in its strings. A
-/// secret holding either, quoted in the message, then no longer matches
-/// and is shown around the escape.
+/// Issue 19, item 1, tokend's own re-encoding: an `error` that is a JSON
+/// object, as Google-style APIs write it
+/// (`{"error":{"code":401,"message":"…"}}`), is shown as tokend
+/// serialises it again, which escapes `"` and `\`. A secret holding
+/// either, quoted in the message, is redacted all the same, not shown
+/// around the escape.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_secret_quoted_in_a_nested_json_error_never_reaches_the_get_answer() {
     const QUOTED: &str = r#"nested-secret-0a0a"and\back-slash-1b1b"#;
@@ -1054,12 +1050,13 @@ async fn a_secret_quoted_in_a_nested_json_error_never_reaches_the_get_answer() {
     );
 }
 
-/// Attack on issue 19 item 1, two more re-encodings: a secret with an
-/// accented letter quoted in Unicode's decomposed form (NFD, as macOS file
-/// names and some normalising frameworks write it), and a secret
-/// percent-encoded three times (a request quoted in a URL quoted in a
-/// URL; the scrubber decodes twice, and matches the form-encoded secret
-/// after that, so this case holds today and guards it).
+/// Issue 19, item 1, two more re-encodings: a secret with an accented
+/// letter quoted in Unicode's decomposed form (NFD, as macOS file names and
+/// some normalising frameworks write it), and a secret percent-encoded
+/// three times (a request quoted in a URL quoted in a URL), are redacted
+/// in the get answer. The second already held before the attack's fixes
+/// (the scrubber decodes twice, then matches the form-encoded secret) and
+/// is kept as a guard.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_secret_decomposed_or_encoded_three_times_never_reaches_the_get_answer() {
     const ACCENTED: &str = "caf\u{e9}-secret-0123456789";
