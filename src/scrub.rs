@@ -98,10 +98,15 @@ impl Scrubber {
         if secret.is_empty() {
             return;
         }
-        for normal in [Normal::Composed, Normal::Decomposed] {
-            let form = normal.of(secret);
-            if *form != secret {
-                self.add_sent_forms(&form);
+        // ASCII is its own NFC and NFD: only a secret with other
+        // characters has other forms, and only then is the normaliser's
+        // code and data touched.
+        if !secret.is_ascii() {
+            for normal in [Normal::Composed, Normal::Decomposed] {
+                let form = normal.of(secret);
+                if *form != secret {
+                    self.add_sent_forms(&form);
+                }
             }
         }
         self.add_sent_forms(secret);
