@@ -16,7 +16,7 @@ use zeroize::Zeroizing;
 use crate::audit::{self, Audit, Event, ReloadAsker, ReloadOutcome};
 use crate::cache::{CachedToken, GetError, SetId, TokenCache};
 use crate::config::{Config, KeyConfig};
-use crate::metrics::http::Health;
+use crate::metrics::http::health::Health;
 use crate::metrics::{self, MetricsError};
 use crate::peer::{self, Caller};
 use crate::protocol::{

@@ -11,60 +11,32 @@
 //! service. Any local user can bind a free port above 1023 before tokend
 //! does, so a failure to bind is not fatal. It is logged once, shown by
 //! [`Health`] (in `status` and on systemd's status line), and the bind is
-//! tried again with backoff, [`FIRST_RETRY`] doubling up to
-//! [`MAX_RETRY`]. When an attempt succeeds, that is logged once and the
+//! tried again with backoff, [`health::FIRST_RETRY`] doubling up to
+//! [`health::MAX_RETRY`]. When an attempt succeeds, that is logged once and the
 //! health says so. Attempts go on until the daemon stops: what holds the
 //! port may let go at any time.
 
 mod answer;
 mod connections;
+pub(crate) mod health;
 mod host;
 
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::DaemonConfig;
-use crate::protocol::{EndpointState, EndpointStatus};
 use crate::service::Service;
-
-/// The wait after the first failed bind; each failure doubles it.
-const FIRST_RETRY: Duration = Duration::from_secs(1);
-/// The longest wait between two attempts to bind: how long the endpoint
-/// stays away, at most, once its address is free again.
-const MAX_RETRY: Duration = Duration::from_secs(30);
+use health::{Health, Retrying, MAX_RETRY};
 
 /// The endpoint, bound or waiting to be, until [`Endpoint::run`] serves it.
 pub(crate) struct Endpoint {
     bound: Result<TcpListener, Retrying>,
     health: watch::Sender<Health>,
-}
-
-/// Whether the endpoint is serving.
-#[derive(Debug, Clone)]
-pub(crate) enum Health {
-    /// Serving on this address (the port the kernel picked, for port 0).
-    Listening(SocketAddr),
-    /// The address could not be bound; another attempt is due.
-    Retrying(Retrying),
-}
-
-/// Failed attempts to bind, and when the next one is due.
-#[derive(Debug, Clone)]
-pub(crate) struct Retrying {
-    wanted: SocketAddr,
-    /// The last failure, in the system's words.
-    error: String,
-    kind: io::ErrorKind,
-    since: SystemTime,
-    attempts: u32,
-    next_attempt: Instant,
 }
 
 impl Endpoint {
@@ -208,88 +180,10 @@ fn defer_accept(listener: &std::net::TcpListener) -> io::Result<()> {
     }
 }
 
-impl Retrying {
-    /// After the first failure, `cause`.
-    fn new(wanted: SocketAddr, cause: &io::Error) -> Retrying {
-        Retrying {
-            wanted,
-            error: cause.to_string(),
-            kind: cause.kind(),
-            since: SystemTime::now(),
-            attempts: 1,
-            next_attempt: Instant::now() + retry_delay(1),
-        }
-    }
-
-    /// After another failure, `cause`.
-    fn failed_again(&mut self, cause: &io::Error) {
-        self.attempts = self.attempts.saturating_add(1);
-        self.error = cause.to_string();
-        self.kind = cause.kind();
-        self.next_attempt = Instant::now() + retry_delay(self.attempts);
-    }
-}
-
-/// The wait after `attempts` failed attempts: [`FIRST_RETRY`] doubled for
-/// each failure after the first, at most [`MAX_RETRY`].
-fn retry_delay(attempts: u32) -> Duration {
-    let doublings = attempts.saturating_sub(1).min(16);
-    (FIRST_RETRY * 2u32.pow(doublings)).min(MAX_RETRY)
-}
-
-impl Health {
-    /// What the `status` answer says of the endpoint, now.
-    pub(crate) fn report(&self) -> EndpointStatus {
-        match self {
-            Health::Listening(address) => EndpointStatus {
-                address: address.to_string(),
-                state: EndpointState::Listening,
-                error: None,
-                failing_since: None,
-                attempts: None,
-                next_attempt_in: None,
-            },
-            Health::Retrying(retrying) => {
-                let left = retrying
-                    .next_attempt
-                    .saturating_duration_since(Instant::now());
-                EndpointStatus {
-                    address: retrying.wanted.to_string(),
-                    state: EndpointState::Retrying,
-                    error: Some(retrying.error.clone()),
-                    failing_since: Some(crate::service::rfc3339(retrying.since)),
-                    attempts: Some(retrying.attempts),
-                    // Rounded up: an attempt in 0.3 s is not due "now".
-                    next_attempt_in: Some(left.as_secs() + u64::from(left.subsec_nanos() > 0)),
-                }
-            }
-        }
-    }
-
-    /// What systemd's status line adds while the endpoint is not serving.
-    /// Attempts and times are left out, so the line changes only when the
-    /// trouble does.
-    pub(crate) fn status_note(&self) -> Option<String> {
-        match self {
-            Health::Listening(_) => None,
-            Health::Retrying(retrying) => Some(format!(
-                "metrics endpoint {} not listening ({}), retrying",
-                retrying.wanted, retrying.error
-            )),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn retries_double_from_one_second_up_to_thirty() {
-        let waits: Vec<u64> = (1..=8).map(|n| retry_delay(n).as_secs()).collect();
-        assert_eq!(waits, [1, 2, 4, 8, 16, 30, 30, 30]);
-        assert_eq!(retry_delay(u32::MAX), MAX_RETRY);
-    }
+    use crate::protocol::EndpointState;
 
     // The clock is paused: the waits between attempts pass at once.
     #[tokio::test(start_paused = true)]
